@@ -1,0 +1,28 @@
+"""rhmapper: map a function, or a method of a stateful class, over a pool of Ray actors."""
+
+from rhmapper.env import Env
+from rhmapper.errors import (
+    MapCancelledError,
+    NoReplicasError,
+    ReplicaLostError,
+    RhmapperError,
+    UnschedulableError,
+)
+from rhmapper.mapper import Mapper, mapper
+from rhmapper.module import Module, module
+from rhmapper.retries import Retries
+
+__all__ = [
+    "Env",
+    "MapCancelledError",
+    "Mapper",
+    "Module",
+    "NoReplicasError",
+    "ReplicaLostError",
+    "Retries",
+    "RhmapperError",
+    "UnschedulableError",
+    "mapper",
+    "module",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,59 @@
+"""The exception types rhmapper raises besides the user's own."""
+
+from __future__ import annotations
+
+
+class RhmapperError(Exception):
+    """Base class of the errors rhmapper raises itself.
+
+    Example:
+        >>> import rhmapper as rm
+        >>> issubclass(rm.NoReplicasError, rm.RhmapperError)
+        True
+    """
+
+
+class NoReplicasError(RhmapperError):
+    """No live replica is left to run the remaining work.
+
+    Raised when every replica in the pool has died (or could not be placed again)
+    while inputs were still waiting.
+
+    Example:
+        >>> import rhmapper as rm
+        >>> str(rm.NoReplicasError("all 2 replicas died"))
+        'all 2 replicas died'
+    """
+
+
+class ReplicaLostError(RhmapperError):
+    """A replica died while it was running an item.
+
+    The scheduler normally re-runs such items elsewhere; this error reaches the caller
+    only when an item killed its replica on every one of its allowed attempts.
+
+    Example:
+        >>> import rhmapper as rm
+        >>> issubclass(rm.ReplicaLostError, rm.RhmapperError)
+        True
+    """
+
+
+class UnschedulableError(RhmapperError):
+    """The resources an :class:`Env` asks for can never be granted by the cluster.
+
+    Example:
+        >>> import rhmapper as rm
+        >>> issubclass(rm.UnschedulableError, rm.RhmapperError)
+        True
+    """
+
+
+class MapCancelledError(RhmapperError):
+    """The map was cancelled by :meth:`Mapper.cancel` before it finished.
+
+    Example:
+        >>> import rhmapper as rm
+        >>> issubclass(rm.MapCancelledError, rm.RhmapperError)
+        True
+    """

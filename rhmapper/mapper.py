@@ -1,0 +1,447 @@
+"""Mapper and mapper(): the user-facing verbs, wiring env, replicas, scheduler and progress."""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+import threading
+import warnings
+from typing import Any, Callable, Iterable, Iterator
+
+import ray
+
+from rhmapper.env import Env
+from rhmapper.module import FunctionReplica, Module, module, plain_class
+from rhmapper.progress import Progress
+from rhmapper.replicas import ReplicaPool, check_picklable
+from rhmapper.retries import Retries
+from rhmapper.scheduler import DEFAULT_WINDOW, CallSpec, MapPlan, MapRun, MapStats, add_note
+
+
+def _ensure_ray() -> None:
+    """``ray.init()`` if needed: the cluster of ``RAY_ADDRESS`` or of this head node, else a
+    local Ray. A stale record of a dead cluster falls back to a local Ray, with a warning."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init()
+    except ConnectionError as error:
+        if os.environ.get("RAY_ADDRESS"):
+            raise
+        warnings.warn(f"no running Ray cluster answered ({error}); starting a local Ray",
+                      RuntimeWarning, stacklevel=3)
+        ray.init(address="local")
+
+
+def _default_name(obj: Any) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(obj, "__name__", type(obj).__name__)).strip("_")
+    return name or "mapper"
+
+
+class Mapper:
+    """Maps a function, or a method of a stateful class, over inputs on a pool of Ray actors.
+
+    Build one with :func:`mapper`. A ``Mapper`` holds its replicas until :meth:`shutdown` (or the
+    end of a ``with`` block); every map verb shares them.
+
+    Example:
+        >>> import rhmapper as rm
+        >>> def double(x):
+        ...     return 2 * x
+        >>> with rm.mapper(double, replicas=2) as m:
+        ...     m.map([1, 2, 3])
+        [2, 4, 6]
+    """
+
+    def __init__(
+        self,
+        obj: Callable | type | Module,
+        method: str | None = None,
+        replicas: int | list = 1,
+        env: Env | None = None,
+        concurrency: int = 1,
+        ready_timeout: float | None = None,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+        if env is not None and not isinstance(env, Env):
+            raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
+        target, self._class = self._target_of(obj)
+        self.method = self._check_method(method)
+        self.env = (env or Env()).named((env and env.name) or _default_name(self._class or obj))
+        self.concurrency = concurrency
+        if self._class is None:
+            check_picklable(target, f"the function {getattr(obj, '__qualname__', obj)!r}")
+        else:
+            check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
+        _ensure_ray()
+        self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout)
+        self._cancel_events: set[threading.Event] = set()
+        self.add_replicas(replicas)
+
+    @staticmethod
+    def _target_of(obj: Any) -> tuple[Any, type | None]:
+        if isinstance(obj, Module):
+            return obj, obj.cls
+        if isinstance(obj, type) or hasattr(obj, "__ray_metadata__"):
+            cls = plain_class(obj)
+            return module(cls), cls
+        if callable(obj):
+            return obj, None
+        raise TypeError(f"rm.mapper() maps a function, a class or rm.module(...), got {obj!r}")
+
+    def _check_method(self, method: str | None) -> str | None:
+        if self._class is None:
+            if method is not None:
+                raise ValueError(f"method={method!r} applies to a class; a function is called as is")
+            return None
+        if method is None:
+            if callable(getattr(self._class, "__call__", None)) and "__call__" in dir(self._class):
+                method = "__call__"
+            else:
+                raise ValueError(
+                    f"say which method of {self._class.__name__} to map: rm.mapper(..., method='name')")
+        self._method_of(method)
+        return method
+
+    def _method_of(self, method: str) -> Callable:
+        cls = self._class or FunctionReplica
+        attribute = getattr(cls, method, None)
+        if attribute is None or not callable(attribute):
+            what = f"class {cls.__name__}" if self._class else "a function mapper (it has no methods)"
+            raise AttributeError(f"{what} has no method {method!r}; check the method name")
+        return attribute
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    def add_replicas(self, replicas: int | list) -> None:
+        """Add ``replicas`` auto replicas (an int), or the given Ray actor handles (a list).
+
+        Auto replicas are created in parallel and take work as soon as each is ready.
+
+        Example:
+            >>> m = rm.mapper(double, replicas=1)  # doctest: +SKIP
+            >>> m.add_replicas(2); m.num_replicas  # doctest: +SKIP
+            3
+        """
+        if isinstance(replicas, bool):
+            raise TypeError("replicas must be a count or a list of Ray actor handles, not a bool")
+        if isinstance(replicas, int):
+            if replicas < 0:
+                raise ValueError(f"replicas must be >= 0, got {replicas}")
+            self._pool.add_auto(replicas)
+        elif isinstance(replicas, (list, tuple)):
+            if self._class is None and replicas:
+                raise TypeError(
+                    "your own actors join a mapper of a class: rm.mapper(Model, method='predict', "
+                    "replicas=[actor, ...]); a function mapper runs only on auto replicas")
+            for handle in replicas:
+                if hasattr(handle, "__ray_call__") and not hasattr(handle, self.method):
+                    raise AttributeError(f"actor {handle!r} has no method {self.method!r} to map")
+            self._pool.add_user(list(replicas))
+        else:
+            raise TypeError(
+                f"replicas must be a count or a list of Ray actor handles, got {type(replicas).__name__}")
+
+    def wait_ready(self, timeout: float | None = None) -> "Mapper":
+        """Block until every replica has started (maps do not need this: each replica takes work
+        as soon as it is ready). Raises ``TimeoutError`` after ``timeout`` seconds.
+
+        Example:
+            >>> m = rm.mapper(double, replicas=4).wait_ready(timeout=60)  # doctest: +SKIP
+        """
+        self._pool.wait_ready(timeout)
+        return self
+
+    def drop_replicas(self, count: int) -> None:
+        """Remove ``count`` replicas: auto replicas first (they are killed), then your actors
+        (removed from the pool, never killed).
+
+        Example:
+            >>> m.drop_replicas(1)  # doctest: +SKIP
+        """
+        self._pool.drop(count)
+
+    @property
+    def replicas(self) -> list:
+        """The Ray actor handles of the pool, in pool order.
+
+        Example:
+            >>> [type(h).__name__ for h in m.replicas]  # doctest: +SKIP
+            ['ActorHandle', 'ActorHandle']
+        """
+        return [replica.handle for replica in self._pool.replicas]
+
+    @property
+    def replica_names(self) -> list[str]:
+        """The names of the pool's replicas (``<env>_replica_<i>`` for auto replicas).
+
+        Example:
+            >>> m.replica_names  # doctest: +SKIP
+            ['double_replica_0', 'double_replica_1']
+        """
+        return [replica.name for replica in self._pool.replicas]
+
+    @property
+    def num_replicas(self) -> int:
+        """How many replicas the pool has (ready or starting).
+
+        Example:
+            >>> m.num_replicas  # doctest: +SKIP
+            2
+        """
+        return len(self._pool.replicas)
+
+    # -- the verbs --------------------------------------------------------------------------
+
+    def map(self, *iterables: Iterable, method: str | None = None, kwargs: dict | None = None,
+            retries: int | Retries = 0, return_exceptions: bool = False,
+            timeout: float | None = None, batch_size: int | str = "auto",
+            progress: bool | None = None, max_replica_crashes: int = 3) -> list:
+        """Like builtin ``map(fn, *iterables)`` on the replicas: a list of results in input order.
+
+        Args:
+            iterables: one iterable per positional argument; their lengths must be equal.
+            method: map this method instead of the mapper's own.
+            kwargs: constant keyword arguments for every call, sent to the replicas once.
+            retries: re-runs of a failed item (an int, or :class:`~rhmapper.Retries`).
+            return_exceptions: put an item's exception in its place instead of raising it.
+            timeout: seconds an item may run; a slower item fails with ``TimeoutError``.
+            batch_size: ``"auto"`` adapts to item durations; an int fixes items per call.
+            progress: show a tqdm bar (``None``: when stderr is a terminal).
+            max_replica_crashes: an item that was running each time a replica died this many
+                times fails with :class:`~rhmapper.ReplicaLostError`.
+
+        Example:
+            >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
+            ...     m.map([2, 3], [2, 2])
+            [4, 9]
+        """
+        if not iterables:
+            raise TypeError("map() needs at least one iterable of inputs")
+        columns = [list(iterable) for iterable in iterables]
+        lengths = [len(column) for column in columns]
+        if len(set(lengths)) > 1:
+            raise ValueError(f"map() inputs have unequal lengths {lengths}; pass equally long iterables")
+        items = columns[0] if len(columns) == 1 else list(zip(*columns))
+        return self._collect(items, len(columns) > 1, method, kwargs, retries, return_exceptions,
+                             timeout, batch_size, progress, max_replica_crashes)
+
+    def starmap(self, iterable: Iterable[Iterable], method: str | None = None,
+                kwargs: dict | None = None, retries: int | Retries = 0,
+                return_exceptions: bool = False, timeout: float | None = None,
+                batch_size: int | str = "auto", progress: bool | None = None,
+                max_replica_crashes: int = 3) -> list:
+        """Like ``itertools.starmap``: each input is a tuple of arguments. Options as in :meth:`map`.
+
+        Example:
+            >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
+            ...     m.starmap([(2, 2), (3, 2)])
+            [4, 9]
+        """
+        items = list(iterable)
+        return self._collect(items, True, method, kwargs, retries, return_exceptions,
+                             timeout, batch_size, progress, max_replica_crashes)
+
+    def imap(self, *iterables: Iterable, method: str | None = None, kwargs: dict | None = None,
+             retries: int | Retries = 0, return_exceptions: bool = False,
+             timeout: float | None = None, batch_size: int | str = "auto",
+             progress: bool | None = None, max_replica_crashes: int = 3,
+             window: int = DEFAULT_WINDOW) -> Iterator:
+        """Lazy, ordered :meth:`map`: pulls inputs only as slots free, yields results in input order.
+
+        At most ``window`` items are pulled from the input and not yet yielded, so memory stays
+        bounded for endless inputs. Other options as in :meth:`map`.
+
+        Example:
+            >>> with rm.mapper(double, replicas=2) as m:  # doctest: +SKIP
+            ...     list(m.imap(range(4)))
+            [0, 2, 4, 6]
+        """
+        return self._stream(iterables, True, method, kwargs, retries, return_exceptions, timeout,
+                            batch_size, progress, max_replica_crashes, window)
+
+    def imap_unordered(self, *iterables: Iterable, method: str | None = None,
+                       kwargs: dict | None = None, retries: int | Retries = 0,
+                       return_exceptions: bool = False, timeout: float | None = None,
+                       batch_size: int | str = "auto", progress: bool | None = None,
+                       max_replica_crashes: int = 3, window: int = DEFAULT_WINDOW) -> Iterator:
+        """Lazy :meth:`map` that yields each result as soon as it is ready. Options as in :meth:`imap`.
+
+        Example:
+            >>> with rm.mapper(double, replicas=2) as m:  # doctest: +SKIP
+            ...     sorted(m.imap_unordered(range(4)))
+            [0, 2, 4, 6]
+        """
+        return self._stream(iterables, False, method, kwargs, retries, return_exceptions, timeout,
+                            batch_size, progress, max_replica_crashes, window)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one call on the least-loaded replica (ties taken in turn) and return its result.
+
+        Example:
+            >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
+            ...     m.call(2, 10)
+            1024
+        """
+        return self._collect([args], True, None, kwargs or None, 0, False, None, 1, False, 3)[0]
+
+    def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list:
+        """Call ``method`` once on every replica; a list of results in replica order.
+
+        Example:
+            >>> with rm.mapper(rm.module(Model), method="predict", replicas=2) as m:  # doctest: +SKIP
+            ...     m.broadcast("load", "weights.bin")
+            [None, None]
+        """
+        self._method_of(method)
+        replicas = list(self._pool.replicas)
+        refs = [getattr(replica.handle, method).remote(*args, **kwargs) for replica in replicas]
+        results = []
+        for replica, ref in zip(replicas, refs):
+            try:
+                results.append(ray.get(ref))
+            except Exception as error:  # noted with the replica, then raised as it is
+                add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
+                raise
+        return results
+
+    def cancel(self) -> None:
+        """Cancel every map running on this mapper (from another thread): in-flight calls are
+        cancelled and the map raises :class:`~rhmapper.MapCancelledError`.
+
+        Example:
+            >>> threading.Timer(1.0, m.cancel).start(); m.map(range(10**6))  # doctest: +SKIP
+            Traceback (most recent call last):
+            MapCancelledError: ...
+        """
+        for event in list(self._cancel_events):
+            event.set()
+
+    def shutdown(self) -> None:
+        """Kill the auto replicas and empty the pool; your own actors stay alive.
+
+        Example:
+            >>> m.shutdown(); m.num_replicas  # doctest: +SKIP
+            0
+        """
+        self._pool.shutdown()
+
+    def __enter__(self) -> "Mapper":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        return (f"Mapper(env={self.env.name!r}, method={self.method!r}, "
+                f"replicas={self.num_replicas}, concurrency={self.concurrency})")
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _plan(self, star: bool, method: str | None, kwargs: dict | None,
+              retries: int | Retries, return_exceptions: bool, timeout: float | None,
+              batch_size: int | str, max_replica_crashes: int, **shape: Any) -> MapPlan:
+        method = method or self.method
+        if method is not None and method != self.method:
+            self._method_of(method)
+        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                     or batch_size < 1):
+            raise ValueError(f"batch_size must be 'auto' or a whole number >= 1, got {batch_size!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if max_replica_crashes < 1:
+            raise ValueError(f"max_replica_crashes must be >= 1, got {max_replica_crashes!r}")
+        kwargs_box = None
+        if kwargs:
+            if not isinstance(kwargs, dict):
+                raise TypeError(f"kwargs must be a dict of constant keyword arguments, got {kwargs!r}")
+            for key, value in kwargs.items():
+                check_picklable(value, f"kwargs[{key!r}]")
+            kwargs_box = [ray.put(kwargs)]
+        call = CallSpec(method=method or "fn", star=star, kwargs_box=kwargs_box)
+        return MapPlan(call=call, retries=Retries.of(retries), return_exceptions=return_exceptions,
+                       timeout=timeout, batch_size=batch_size,
+                       max_replica_crashes=max_replica_crashes, **shape)
+
+    def _run(self, plan: MapPlan, source: Iterator, progress: bool | None,
+             total: int | None) -> Iterator[list]:
+        bar = Progress(progress, total, self.env.name)
+        cancelled = threading.Event()
+        self._cancel_events.add(cancelled)
+
+        def on_progress(done: int, stats: MapStats) -> None:
+            bar.update(done, stats, len(self._pool.dispatchable()))
+
+        run = MapRun(self._pool, plan, source, on_progress, cancelled)
+        try:
+            yield from run.chunks()
+            if plan.collect:
+                yield run.results
+        finally:
+            self._cancel_events.discard(cancelled)
+            bar.close()
+
+    def _collect(self, items: list, star: bool, method: str | None, kwargs: dict | None,
+                 retries: int | Retries, return_exceptions: bool, timeout: float | None,
+                 batch_size: int | str, progress: bool | None, max_replica_crashes: int) -> list:
+        if not items:
+            return []
+        plan = self._plan(star, method, kwargs, retries, return_exceptions, timeout, batch_size,
+                          max_replica_crashes, collect=True, total=len(items), window=None)
+        *_, results = self._run(plan, iter(items), progress, len(items))
+        return results
+
+    def _stream(self, iterables: tuple, ordered: bool, method: str | None, kwargs: dict | None,
+                retries: int | Retries, return_exceptions: bool, timeout: float | None,
+                batch_size: int | str, progress: bool | None, max_replica_crashes: int,
+                window: int) -> Iterator:
+        if not iterables:
+            raise TypeError("imap() needs at least one iterable of inputs")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window!r}")
+        star = len(iterables) > 1
+        source = zip(*iterables, strict=True) if star else iter(iterables[0])
+        total = min((operator.length_hint(it, -1) for it in iterables), default=-1)
+        plan = self._plan(star, method, kwargs, retries, return_exceptions, timeout, batch_size,
+                          max_replica_crashes, ordered=ordered, total=total if total >= 0 else None,
+                          window=window)
+        return self._values(self._run(plan, source, progress, plan.total))
+
+    @staticmethod
+    def _values(chunks: Iterator[list]) -> Iterator:
+        for chunk in chunks:
+            yield from chunk
+
+
+def mapper(
+    obj: Callable | type | Module,
+    method: str | None = None,
+    replicas: int | list = 1,
+    env: Env | None = None,
+    concurrency: int = 1,
+    ready_timeout: float | None = None,
+) -> Mapper:
+    """Create a :class:`Mapper` of ``obj`` over a pool of replicas (Ray actors).
+
+    Args:
+        obj: a function; a class (each replica builds it with no arguments) or its
+            ``@ray.remote`` class; or :func:`rhmapper.module` ``(cls, *args, **kwargs)``.
+        method: for a class, the method to map.
+        replicas: how many auto replicas to create, or a list of existing Ray actor handles.
+        env: the :class:`~rhmapper.Env` auto replicas run in (named after ``obj`` if unnamed).
+        concurrency: calls in flight per replica (auto replicas get ``max_concurrency``).
+        ready_timeout: with no replica ready, fail after this many seconds of waiting for
+            replicas to start (``None``: wait as long as it takes).
+
+    Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
+
+    Example:
+        >>> import rhmapper as rm
+        >>> with rm.mapper(abs, replicas=2, env=rm.Env(name="abs", compute={"CPU": 0.5})) as m:
+        ...     m.map([-1, -2, 3])
+        [1, 2, 3]
+    """
+    return Mapper(obj, method=method, replicas=replicas, env=env, concurrency=concurrency,
+                  ready_timeout=ready_timeout)

@@ -1,0 +1,369 @@
+"""Replicas: creating, naming, health-checking and killing the Ray actors a mapper runs on.
+
+Auto replicas are created by the pool from an :class:`~rhmapper.env.Env` and owned by it (killed on
+shutdown, replaced when they die). User replicas are Ray actor handles the user passes in: they
+join the pool, and are dropped from it when they die, but are never killed by it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import warnings
+from typing import Any
+
+import cloudpickle
+import ray
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RuntimeEnvSetupError,
+    WorkerCrashedError,
+)
+
+from rhmapper.env import Env
+from rhmapper.errors import NoReplicasError, RhmapperError, UnschedulableError
+from rhmapper.module import BatchReply, FunctionReplica, Module, replica_info, run_batch
+from rhmapper.scheduler import CallSpec, ReplicaDied
+
+NAMESPACE = "rhmapper"
+"""The Ray namespace of every auto replica."""
+
+_REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+
+
+class RayReplica:
+    """One replica of a pool: a Ray actor handle with its slot count and state.
+
+    Example:
+        >>> replica = RayReplica("embed_replica_0", handle, owned=True, capacity=2)  # doctest: +SKIP
+        >>> replica.state  # doctest: +SKIP
+        'starting'
+    """
+
+    def __init__(self, name: str, handle: Any, owned: bool, capacity: int) -> None:
+        self.name = name
+        self.handle = handle
+        self.owned = owned
+        self.capacity = capacity
+        self.in_flight = 0
+        self.state = "starting"
+        self.node_id: str | None = None
+        self.started_at = time.monotonic()
+        self.ready_ref = handle.__ray_call__.remote(replica_info)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RayReplica({self.name!r}, {self.state}, {'auto' if self.owned else 'user'})"
+
+    def submit(self, call: CallSpec, start: int, items: list) -> ray.ObjectRef:
+        """Start one call of :func:`~rhmapper.module.run_batch` on ``items``; return its ref."""
+        try:
+            ref = self.handle.__ray_call__.remote(
+                run_batch, (call.method, items, call.star, call.kwargs_box))
+        except TypeError as error:
+            raise _unpicklable_item(start, items, error) from error
+        with self._lock:
+            self.in_flight += 1
+        return ref
+
+    def release(self) -> None:
+        """Give back the slot a finished call held."""
+        with self._lock:
+            self.in_flight -= 1
+
+
+def _unpicklable_item(start: int, items: list, error: TypeError) -> TypeError:
+    for position, item in enumerate(items):
+        try:
+            cloudpickle.dumps(item)
+        except Exception as cause:  # the first item that cannot be pickled is the one to name
+            return TypeError(
+                f"input item {start + position} ({item!r:.80}) cannot be pickled to send it to a "
+                f"replica: {cause}. Pass picklable values (or build the object inside the replica)."
+            )
+    return error
+
+
+def check_picklable(obj: Any, what: str) -> None:
+    """Raise a ``TypeError`` naming ``what`` when ``obj`` cannot be pickled for the replicas.
+
+    Example:
+        >>> import threading
+        >>> check_picklable(threading.Lock(), "kwargs['lock']")
+        Traceback (most recent call last):
+        ...
+        TypeError: kwargs['lock'] cannot be pickled to send it to the replicas: cannot pickle '_thread.lock' object
+    """
+    try:
+        cloudpickle.dumps(obj)
+    except Exception as error:  # any pickling failure is the user's to fix; name the object
+        raise TypeError(f"{what} cannot be pickled to send it to the replicas: {error}") from error
+
+
+def check_feasible(env: Env) -> None:
+    """Raise :class:`UnschedulableError` when no node of the cluster can ever host one replica.
+
+    With Ray's autoscaler configured, the largest node type it may add counts as a node.
+
+    Example:
+        >>> check_feasible(Env(name="huge", compute={"CPU": 512}))  # doctest: +SKIP
+        Traceback (most recent call last):
+        UnschedulableError: ...
+    """
+    request = env.resource_request()
+    if not request:
+        return
+    offers = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    autoscaler_max = ray._private.state.state.get_max_resources_from_cluster_config()
+    if autoscaler_max:
+        offers.append(autoscaler_max)
+    for offer in offers:
+        if all(offer.get(key, 0) >= amount for key, amount in request.items()):
+            return
+    short = sorted({key for key, amount in request.items()
+                    if all(offer.get(key, 0) < amount for offer in offers)})
+    described = "; ".join(
+        ", ".join(f"{key}={_amount(offer.get(key, 0), key)}" for key in request) for offer in offers
+    ) or "no live nodes"
+    raise UnschedulableError(
+        f"no node can ever host a replica of env {env.name!r}: it asks for "
+        f"{', '.join(f'{key}={_amount(amount, key)}' for key, amount in request.items())}, "
+        f"and {', '.join(short) or 'that combination'} is more than any node offers "
+        f"(nodes offer: {described}). Lower Env.compute, or add nodes that have it."
+    )
+
+
+def _amount(value: float, key: str) -> str:
+    if key == "memory":
+        return f"{value / 2**30:.2f}GiB"
+    return f"{value:g}"
+
+
+class ReplicaPool:
+    """The replicas of one mapper: auto replicas built from an Env, plus the user's actors.
+
+    Example:
+        >>> pool = ReplicaPool(Env(name="double"), target=lambda x: 2 * x, concurrency=2)  # doctest: +SKIP
+        >>> pool.add_auto(2); [r.name for r in pool.replicas]  # doctest: +SKIP
+        ['double_replica_0', 'double_replica_1']
+    """
+
+    def __init__(
+        self,
+        env: Env,
+        target: Module | Any,
+        concurrency: int,
+        ready_timeout: float | None = None,
+    ) -> None:
+        self.env = env
+        self.concurrency = concurrency
+        self.ready_timeout = ready_timeout
+        self.replicas: list[RayReplica] = []
+        self._turns = itertools.count()
+        self._lock = threading.RLock()
+        if isinstance(target, Module):
+            self._actor_class = ray.remote(target.cls)
+            self._init_args, self._init_kwargs = target.args, target.kwargs
+        else:
+            self._actor_class = ray.remote(FunctionReplica)
+            self._init_args, self._init_kwargs = (ray.put(target),), {}
+
+    # -- membership -------------------------------------------------------------------------
+
+    def add_auto(self, count: int) -> list[RayReplica]:
+        """Create ``count`` auto replicas at once; each joins the pool as soon as it is ready."""
+        check_feasible(self.env)
+        added = [self._create(self._free_index()) for _ in range(count)]
+        return added
+
+    def add_user(self, handles: list) -> list[RayReplica]:
+        """Add the user's Ray actor handles; they are never killed by the pool."""
+        added = []
+        with self._lock:
+            for handle in handles:
+                name = _actor_name(handle)
+                if any(replica.handle == handle for replica in self.replicas):
+                    raise ValueError(f"actor {name} is already in the pool")
+                replica = RayReplica(name, handle, owned=False, capacity=self.concurrency)
+                self.replicas.append(replica)
+                added.append(replica)
+        return added
+
+    def drop(self, count: int) -> list[RayReplica]:
+        """Remove ``count`` replicas, the newest auto replicas first (killed), then user actors."""
+        with self._lock:
+            if count > len(self.replicas):
+                raise ValueError(f"cannot drop {count} replicas: the pool has {len(self.replicas)}")
+            order = [r for r in reversed(self.replicas) if r.owned] + [
+                r for r in reversed(self.replicas) if not r.owned]
+            dropped = order[:count]
+            for replica in dropped:
+                self._remove(replica)
+        return dropped
+
+    def shutdown(self) -> None:
+        """Kill every auto replica and forget every replica (the user's actors stay alive)."""
+        with self._lock:
+            for replica in list(self.replicas):
+                self._remove(replica)
+
+    def _remove(self, replica: RayReplica) -> None:
+        if replica in self.replicas:
+            self.replicas.remove(replica)
+        replica.state = "dead"
+        if replica.owned:
+            ray.kill(replica.handle, no_restart=True)
+
+    def _free_index(self, start: int = 0) -> int:
+        taken = {replica.name for replica in self.replicas}
+        return next(index for index in itertools.count(start)
+                    if f"{self.env.name}_replica_{index}" not in taken)
+
+    def _create(self, index: int) -> RayReplica:
+        """Start the auto replica ``<env>_replica_<index>``, or the next free name if Ray still
+        holds that one (a killed actor's name is released asynchronously)."""
+        options = {
+            **self.env.actor_options(),
+            "namespace": NAMESPACE,
+            "max_concurrency": self.concurrency,
+            "max_restarts": 0,
+        }
+        with self._lock:
+            while True:
+                name = f"{self.env.name}_replica_{index}"
+                try:
+                    handle = self._actor_class.options(name=name, **options).remote(
+                        *self._init_args, **self._init_kwargs)
+                    break
+                except ValueError as error:
+                    if "already" not in str(error):
+                        raise
+                    index = self._free_index(index + 1)
+            replica = RayReplica(name, handle, owned=True, capacity=self.concurrency)
+            self.replicas.append(replica)
+        return replica
+
+    # -- the scheduler's view ---------------------------------------------------------------
+
+    def dispatchable(self) -> list[RayReplica]:
+        """Replicas ready to take calls."""
+        return [replica for replica in self.replicas if replica.state == "ready"]
+
+    def next_turn(self) -> int:
+        """A counter that rotates ties between equally loaded replicas."""
+        return next(self._turns)
+
+    def wait(self, tokens: list, timeout: float) -> list:
+        """Wait for calls and starting replicas; return the done call tokens."""
+        starting = {r.ready_ref: r for r in self.replicas if r.state == "starting"}
+        if not tokens and not self.dispatchable():
+            self._check_alive(starting)
+        refs = [*tokens, *starting]
+        if not refs:
+            time.sleep(timeout)
+            return []
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if done:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        finished = []
+        for ref in done:
+            replica = starting.get(ref)
+            if replica is None:
+                finished.append(ref)
+            else:
+                self._started(replica)
+        return finished
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every starting replica is ready (or has failed and been handled)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            starting = {r.ready_ref: r for r in self.replicas if r.state == "starting"}
+            if not starting:
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if left == 0.0:
+                raise TimeoutError(
+                    f"{len(starting)} replica(s) of env {self.env.name!r} not ready after {timeout}s")
+            done, _ = ray.wait(list(starting), num_returns=1, timeout=left)
+            for ref in done:
+                self._started(starting[ref])
+
+    def _started(self, replica: RayReplica) -> None:
+        try:
+            info = ray.get(replica.ready_ref)
+        except RuntimeEnvSetupError as error:
+            raise RhmapperError(
+                f"replica {replica.name} could not set up its runtime_env "
+                f"{self.env.runtime_env()}: {error}. Check Env.reqs / working_dir / py_modules."
+            ) from error
+        except RayActorError as error:
+            if error.actor_init_failed:
+                raise RhmapperError(
+                    f"replica {replica.name} failed in its constructor: {error}") from error
+            self.lost(replica, error)
+            return
+        replica.node_id = info["node_id"]
+        if replica.state == "starting":
+            replica.state = "ready"
+
+    def _check_alive(self, starting: dict) -> None:
+        if not self.replicas:
+            raise NoReplicasError(
+                "the pool has no replicas left: every replica died or was dropped. "
+                "Add replicas with Mapper.add_replicas().")
+        if self.ready_timeout is None:
+            return
+        now = time.monotonic()
+        if starting and all(now - r.started_at > self.ready_timeout for r in starting.values()):
+            raise NoReplicasError(
+                f"no replica is ready: {len(starting)} replica(s) of env {self.env.name!r} have not "
+                f"started within ready_timeout={self.ready_timeout}s (not enough free "
+                f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
+
+    def fetch(self, token: ray.ObjectRef) -> BatchReply:
+        """The reply of a done call; :class:`ReplicaDied` if its replica died."""
+        try:
+            return ray.get(token)
+        except _REPLICA_DEATHS as error:
+            raise ReplicaDied(str(error)) from error
+
+    def cancel(self, token: ray.ObjectRef) -> None:
+        """Ask Ray to cancel a call (a no-op when it already finished)."""
+        ray.cancel(token)
+
+    def lost(self, replica: RayReplica, reason: BaseException) -> None:
+        """A replica died: drop it, and start a replacement if the pool owns it."""
+        with self._lock:
+            if replica.state == "dead" or replica not in self.replicas:
+                return
+            index = self.replicas.index(replica)
+            self._remove(replica)
+            if not replica.owned:
+                warnings.warn(
+                    f"replica {replica.name} (your actor) died and was dropped from the pool; its "
+                    f"work goes to the other replicas. Cause: {str(reason).splitlines()[0]}",
+                    RuntimeWarning, stacklevel=2)
+                return
+            replacement = self._create(int(replica.name.rsplit("_", 1)[1]))
+            self.replicas.remove(replacement)
+            self.replicas.insert(index, replacement)
+
+    def restart(self, replica: RayReplica) -> None:
+        """Restart an auto replica that keeps a timed-out call's slot; warn for a user actor."""
+        if replica.owned:
+            self.lost(replica, RhmapperError("restarted: a timed-out call did not give its slot back"))
+        else:
+            warnings.warn(
+                f"replica {replica.name} (your actor) still runs a call that timed out; its slot "
+                "stays busy until the call returns", RuntimeWarning, stacklevel=2)
+
+
+def _actor_name(handle: Any) -> str:
+    if not hasattr(handle, "__ray_call__"):
+        raise TypeError(f"replicas=[...] must hold Ray actor handles, got {handle!r}")
+    actor_id = handle._actor_id.hex()
+    return f"{handle._ray_actor_creation_function_descriptor.class_name}({actor_id[:8]})"

@@ -1,0 +1,502 @@
+"""The dispatch loop: per-replica slots, least-loaded choice, adaptive batches, ordering, retries,
+timeouts and replica loss.
+
+The scheduler knows nothing of Ray, envs or progress bars. It talks to a :class:`Pool` of
+:class:`Replica` objects that know how to submit a call and report its completion, so the same loop
+runs on Ray actors, on replicas of several clusters, or on in-process fakes in the unit tests.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
+from rhmapper.module import BatchReply, RemoteFailure
+from rhmapper.retries import Retries
+
+TARGET_CALL_SECONDS = 0.1
+"""Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
+MAX_BATCH = 100_000
+DEFAULT_WINDOW = 16_384
+"""imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
+STUCK_GRACE_SECONDS = 2.0
+"""A timed-out call whose replica has not given its slot back after this long gets it restarted."""
+WAIT_TICK_SECONDS = 0.2
+_EWMA_WEIGHT = 0.3
+
+
+class ReplicaDied(Exception):
+    """Raised by :meth:`Pool.fetch` when the replica behind a call died before answering."""
+
+
+class Replica(Protocol):
+    """What the scheduler needs of a replica."""
+
+    name: str
+    capacity: int
+    in_flight: int
+
+    def submit(self, call: "CallSpec", start: int, items: list) -> Any:
+        """Start one call on ``items`` (indices from ``start``); return a token to wait on."""
+
+    def release(self) -> None:
+        """Give back the slot a finished call held."""
+
+
+class Pool(Protocol):
+    """What the scheduler needs of the pool of replicas."""
+
+    def dispatchable(self) -> list[Replica]:
+        """The replicas ready to take calls now."""
+
+    def wait(self, tokens: list, timeout: float) -> list:
+        """Wait until some of ``tokens`` are done or the pool changed; return the done tokens.
+
+        Raises :class:`rhmapper.NoReplicasError` when no replica is alive or starting.
+        """
+
+    def fetch(self, token: Any) -> BatchReply:
+        """The reply of a done call; raises :class:`ReplicaDied` if its replica died."""
+
+    def cancel(self, token: Any) -> None:
+        """Ask for a call to stop."""
+
+    def lost(self, replica: Replica, reason: BaseException) -> None:
+        """A replica died: drop it, and replace it if the pool owns it."""
+
+    def restart(self, replica: Replica) -> None:
+        """A replica does not give a timed-out slot back: restart it if the pool owns it."""
+
+    def next_turn(self) -> int:
+        """A counter that rotates ties between equally loaded replicas."""
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What every call of one map runs: the method or function, the item shape, the constants."""
+
+    method: str
+    star: bool = False
+    kwargs_box: list | None = None
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """The options of one map, as the scheduler needs them."""
+
+    call: CallSpec
+    ordered: bool = True
+    collect: bool = False
+    total: int | None = None
+    retries: Retries = field(default_factory=Retries)
+    return_exceptions: bool = False
+    timeout: float | None = None
+    batch_size: int | str = "auto"
+    max_replica_crashes: int = 3
+    window: int | None = DEFAULT_WINDOW
+
+
+@dataclass
+class _Call:
+    replica: Replica
+    start: int
+    items: list
+    is_retry: bool
+    deadline: float | None
+
+
+@dataclass(order=True)
+class _Retry:
+    not_before: float
+    index: int
+    item: Any = field(compare=False)
+    avoid: str | None = field(compare=False)
+
+
+@dataclass
+class MapStats:
+    """Counters of one map, for the progress bar and for callers.
+
+    Example:
+        >>> MapStats().done
+        0
+    """
+
+    done: int = 0
+    retries: int = 0
+    failures: int = 0
+    replicas_lost: int = 0
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Attach a PEP 678 note to ``error`` (also on Python 3.10, which lacks ``add_note``).
+
+    Example:
+        >>> error = ValueError("x"); add_note(error, "item 3"); error.__notes__
+        ['item 3']
+    """
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
+def user_error(failure: RemoteFailure, index: int, replica_name: str) -> BaseException:
+    """The exception the caller sees for an item: the user's own type, noted with where it failed.
+
+    Example:
+        >>> failure = RemoteFailure(ValueError("bad"), "ValueError", "bad", "Traceback ...")
+        >>> error = user_error(failure, 7, "double_replica_0")
+        >>> type(error).__name__, error.__notes__[-1]
+        ('ValueError', 'rhmapper: item 7 failed on replica double_replica_0')
+    """
+    error = failure.error
+    if error is None:
+        error = RhmapperError(f"{failure.type_name}: {failure.message} (the exception could not be pickled)")
+    add_note(error, f"Remote traceback:\n{failure.remote_traceback.rstrip()}")
+    add_note(error, f"rhmapper: item {index} failed on replica {replica_name}")
+    return error
+
+
+class _ListSink:
+    """Results of ``map``: a list in input order, filled in place."""
+
+    def __init__(self, total: int) -> None:
+        self.values: list = [None] * total
+        self.emitted = 0
+
+    def put(self, start: int, values: list, holes: set[int]) -> None:
+        self.values[start:start + len(values)] = values
+
+    def fill(self, index: int, value: Any) -> None:
+        self.values[index] = value
+
+    def drain(self) -> list[list]:
+        return []
+
+
+class _OrderedSink:
+    """Results of ``imap``: chunks wait until every item before them is ready."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, list] = {}
+        self._missing: dict[int, int] = {}
+        self._owner: dict[int, int] = {}
+        self._next = 0
+        self.emitted = 0
+
+    def put(self, start: int, values: list, holes: set[int]) -> None:
+        self._chunks[start] = values
+        self._missing[start] = len(holes)
+        for index in holes:
+            self._owner[index] = start
+
+    def fill(self, index: int, value: Any) -> None:
+        start = self._owner.pop(index)
+        self._chunks[start][index - start] = value
+        self._missing[start] -= 1
+
+    def drain(self) -> list[list]:
+        ready = []
+        while self._missing.get(self._next) == 0:
+            del self._missing[self._next]
+            chunk = self._chunks.pop(self._next)
+            ready.append(chunk)
+            self._next += len(chunk)
+        self.emitted = self._next
+        return ready
+
+
+class _UnorderedSink:
+    """Results of ``imap_unordered``: each value as soon as it is ready."""
+
+    def __init__(self) -> None:
+        self._ready: list = []
+        self.emitted = 0
+
+    def put(self, start: int, values: list, holes: set[int]) -> None:
+        if holes:
+            values = [value for position, value in enumerate(values) if start + position not in holes]
+        self._ready.extend(values)
+
+    def fill(self, index: int, value: Any) -> None:
+        self._ready.append(value)
+
+    def drain(self) -> list[list]:
+        ready, self._ready = self._ready, []
+        self.emitted += len(ready)
+        return [ready] if ready else []
+
+
+class MapRun:
+    """One map's dispatch loop over a pool. Iterate :meth:`chunks` to drive it.
+
+    Example (with the in-process pool of the unit tests):
+        >>> from tests.fakes import FakePool  # doctest: +SKIP
+        >>> run = MapRun(FakePool(2), MapPlan(CallSpec(), collect=True, total=3), iter([1, 2, 3]))  # doctest: +SKIP
+        >>> list(run.chunks()); run.results  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        plan: MapPlan,
+        source: Iterator,
+        on_progress: Callable[[int, MapStats], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> None:
+        self._pool = pool
+        self._plan = plan
+        self._source = source
+        self._on_progress = on_progress
+        self._cancelled = cancelled or threading.Event()
+        self._next_index = 0
+        self._exhausted = False
+        self._in_flight: dict[Any, _Call] = {}
+        self._stuck: dict[Any, tuple[_Call, float]] = {}
+        self._retry_heap: list[_Retry] = []
+        self._attempts: dict[int, int] = {}
+        self._crashes: dict[int, int] = {}
+        self._per_item_seconds: float | None = None
+        self.stats = MapStats()
+        if plan.collect:
+            self._sink: _ListSink | _OrderedSink | _UnorderedSink = _ListSink(plan.total or 0)
+        elif plan.ordered:
+            self._sink = _OrderedSink()
+        else:
+            self._sink = _UnorderedSink()
+
+    @property
+    def results(self) -> list:
+        """The collected results, in input order (``collect=True`` plans only)."""
+        assert isinstance(self._sink, _ListSink)
+        return self._sink.values
+
+    def chunks(self) -> Iterator[list]:
+        """Run the map; yield lists of results as the plan's ordering allows."""
+        try:
+            while True:
+                if self._cancelled.is_set():
+                    raise MapCancelledError("the map was cancelled with Mapper.cancel()")
+                self._dispatch()
+                if not self._in_flight and not self._retry_heap and self._exhausted:
+                    yield from self._sink.drain()
+                    return
+                tokens = [*self._in_flight, *self._stuck]
+                for token in self._pool.wait(tokens, self._wait_seconds()):
+                    self._complete(token)
+                self._expire_deadlines()
+                yield from self._sink.drain()
+        finally:
+            self._cancel_all()
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        replicas = self._pool.dispatchable()
+        if not replicas:
+            return
+        while True:
+            free = [replica for replica in replicas if replica.in_flight < replica.capacity]
+            if not free:
+                return
+            replica = self._least_loaded(free)
+            work = self._take_retry(replica, len(replicas)) or self._take_fresh(replicas)
+            if work is None:
+                return
+            start, items, is_retry = work
+            deadline = None
+            if self._plan.timeout is not None:
+                deadline = time.monotonic() + self._plan.timeout * len(items)
+            token = replica.submit(self._plan.call, start, items)
+            self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
+
+    def _least_loaded(self, free: list[Replica]) -> Replica:
+        lowest = min(replica.in_flight for replica in free)
+        tied = [replica for replica in free if replica.in_flight == lowest]
+        return tied[self._pool.next_turn() % len(tied)]
+
+    def _take_retry(self, replica: Replica, live: int) -> tuple[int, list, bool] | None:
+        now = time.monotonic()
+        for position, retry in enumerate(self._retry_heap):
+            if retry.not_before > now:
+                continue
+            if retry.avoid == replica.name and live > 1:
+                continue
+            self._retry_heap.pop(position)
+            heapq.heapify(self._retry_heap)
+            return retry.index, [retry.item], True
+        return None
+
+    def _take_fresh(self, replicas: list[Replica]) -> tuple[int, list, bool] | None:
+        if self._exhausted:
+            return None
+        size = self._batch_size(sum(replica.capacity for replica in replicas))
+        if size <= 0:
+            return None
+        items = list(itertools.islice(self._source, size))
+        if len(items) < size:
+            self._exhausted = True
+        if not items:
+            return None
+        start = self._next_index
+        self._next_index += len(items)
+        return start, items, False
+
+    def _batch_size(self, slots: int) -> int:
+        plan = self._plan
+        room = MAX_BATCH
+        if plan.window is not None:
+            outstanding = self._next_index - self._sink.emitted
+            room = min(plan.window - outstanding, max(1, plan.window // (2 * slots)))
+        if isinstance(plan.batch_size, int):
+            return min(plan.batch_size, room)
+        if plan.timeout is not None or self._per_item_seconds is None:
+            return min(1, room)
+        size = int(TARGET_CALL_SECONDS / max(self._per_item_seconds, 1e-7))
+        if plan.total is not None:
+            size = min(size, math.ceil((plan.total - self._next_index) / (2 * slots)))
+        return max(1, min(size, room)) if room > 0 else 0
+
+    # -- completion -------------------------------------------------------------------------
+
+    def _complete(self, token: Any) -> None:
+        if token in self._stuck:
+            call, _ = self._stuck.pop(token)
+            call.replica.release()
+            return
+        call = self._in_flight.pop(token)
+        call.replica.release()
+        try:
+            reply = self._pool.fetch(token)
+        except ReplicaDied as died:
+            self._replica_died(call, died)
+            return
+        if call.items:
+            per_item = reply.seconds / len(call.items)
+            previous = self._per_item_seconds
+            self._per_item_seconds = per_item if previous is None else (
+                previous + _EWMA_WEIGHT * (per_item - previous))
+        holes: set[int] = set()
+        for position, failure in (reply.failures or {}).items():
+            index = call.start + position
+            outcome = self._failed(index, call.items[position], failure.error, call.replica.name,
+                                   lambda: user_error(failure, index, call.replica.name))
+            if outcome is _RETRYING:
+                holes.add(index)
+            else:
+                reply.values[position] = outcome
+        self._deliver(call, reply.values, holes)
+
+    def _deliver(self, call: _Call, values: list, holes: set[int]) -> None:
+        if call.is_retry:
+            if not holes:
+                self._sink.fill(call.start, values[0])
+        else:
+            self._sink.put(call.start, values, holes)
+        done = len(values) - len(holes)
+        self.stats.done += done
+        if self._on_progress is not None and done:
+            self._on_progress(done, self.stats)
+
+    def _failed(self, index: int, item: Any, error: BaseException | None, replica_name: str,
+                make_error: Callable[[], BaseException]) -> Any:
+        """Schedule a retry (returns ``_RETRYING``) or return the exception object as the value."""
+        attempt = self._attempts.get(index, 0) + 1
+        self._attempts[index] = attempt
+        if self._plan.retries.should_retry(error, attempt):
+            self.stats.retries += 1
+            not_before = time.monotonic() + self._plan.retries.delay(attempt)
+            heapq.heappush(self._retry_heap, _Retry(not_before, index, item, replica_name))
+            return _RETRYING
+        self.stats.failures += 1
+        exception = make_error()
+        if self._plan.return_exceptions:
+            return exception
+        raise exception
+
+    def _replica_died(self, call: _Call, died: ReplicaDied) -> None:
+        self.stats.replicas_lost += 1
+        self._pool.lost(call.replica, died)
+        holes = set(range(call.start, call.start + len(call.items)))
+        resolved: dict[int, Any] = {}
+        for position, item in enumerate(call.items):
+            index = call.start + position
+            crashes = self._crashes.get(index, 0) + 1
+            self._crashes[index] = crashes
+            if crashes < self._plan.max_replica_crashes:
+                heapq.heappush(self._retry_heap, _Retry(0.0, index, item, call.replica.name))
+                continue
+            self.stats.failures += 1
+            error = ReplicaLostError(
+                f"item {index} was running each time a replica died ({crashes} times, last on "
+                f"{call.replica.name}); it is taken to kill its replica and is not run again. "
+                "Raise max_replica_crashes to allow more attempts."
+            )
+            add_note(error, str(died))
+            if not self._plan.return_exceptions:
+                raise error
+            resolved[index] = error
+            holes.discard(index)
+        if call.is_retry:
+            if resolved:
+                self._sink.fill(call.start, resolved[call.start])
+        else:
+            values = [resolved.get(call.start + position) for position in range(len(call.items))]
+            self._sink.put(call.start, values, holes)
+        if resolved and self._on_progress is not None:
+            self.stats.done += len(resolved)
+            self._on_progress(len(resolved), self.stats)
+
+    # -- time -------------------------------------------------------------------------------
+
+    def _wait_seconds(self) -> float:
+        now = time.monotonic()
+        moments = [call.deadline for call in self._in_flight.values() if call.deadline is not None]
+        moments += [since + STUCK_GRACE_SECONDS for _, since in self._stuck.values()]
+        if self._retry_heap:
+            moments.append(self._retry_heap[0].not_before)
+        soonest = min(moments, default=now + WAIT_TICK_SECONDS)
+        return max(0.0, min(soonest - now, WAIT_TICK_SECONDS))
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for token, call in list(self._in_flight.items()):
+            if call.deadline is None or call.deadline > now:
+                continue
+            del self._in_flight[token]
+            self._pool.cancel(token)
+            self._stuck[token] = (call, now)
+            values = [None] * len(call.items)
+            holes: set[int] = set()
+            for position, item in enumerate(call.items):
+                index = call.start + position
+                error = TimeoutError(
+                    f"item {index} ran longer than timeout={self._plan.timeout}s "
+                    f"on replica {call.replica.name}")
+                outcome = self._failed(index, item, error, call.replica.name, lambda e=error: e)
+                if outcome is _RETRYING:
+                    holes.add(index)
+                else:
+                    values[position] = outcome
+            self._deliver(call, values, holes)
+        for token, (call, since) in list(self._stuck.items()):
+            if now - since > STUCK_GRACE_SECONDS:
+                self._stuck[token] = (call, now)
+                self._pool.restart(call.replica)
+
+    def _cancel_all(self) -> None:
+        for token, call in [*self._in_flight.items(), *((t, c) for t, (c, _) in self._stuck.items())]:
+            self._pool.cancel(token)
+            call.replica.release()
+        self._in_flight.clear()
+        self._stuck.clear()
+
+
+_RETRYING = object()
