@@ -319,14 +319,17 @@ class Mapper:
         for event in list(self._cancel_events):
             event.set()
 
-    def shutdown(self) -> None:
-        """Kill the auto replicas and empty the pool; your own actors stay alive.
+    def shutdown(self, kill: bool | None = None) -> None:
+        """Empty the pool and kill its auto replicas; your own actors stay alive.
+
+        A detached env's replicas (``Env(detached=True)``) are left running for a later driver
+        to attach to, unless ``kill=True``.
 
         Example:
             >>> m.shutdown(); m.num_replicas  # doctest: +SKIP
             0
         """
-        self._pool.shutdown()
+        self._pool.shutdown(kill=not self.env.detached if kill is None else kill)
 
     def __enter__(self) -> "Mapper":
         return self

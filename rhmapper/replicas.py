@@ -204,17 +204,17 @@ class ReplicaPool:
                 self._remove(replica)
         return dropped
 
-    def shutdown(self) -> None:
-        """Kill every auto replica and forget every replica (the user's actors stay alive)."""
+    def shutdown(self, kill: bool = True) -> None:
+        """Forget every replica; kill the auto replicas if ``kill`` (the user's actors stay alive)."""
         with self._lock:
             for replica in list(self.replicas):
-                self._remove(replica)
+                self._remove(replica, kill)
 
-    def _remove(self, replica: RayReplica) -> None:
+    def _remove(self, replica: RayReplica, kill: bool = True) -> None:
         if replica in self.replicas:
             self.replicas.remove(replica)
         replica.state = "dead"
-        if replica.owned:
+        if replica.owned and kill:
             ray.kill(replica.handle, no_restart=True)
 
     def _free_index(self, start: int = 0) -> int:
@@ -230,6 +230,8 @@ class ReplicaPool:
             "namespace": NAMESPACE,
             "max_concurrency": self.concurrency,
             "max_restarts": 0,
+            # A detached pool outlives its driver: a later driver attaches to it by name.
+            "get_if_exists": self.env.detached,
         }
         with self._lock:
             while True:
