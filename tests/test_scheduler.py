@@ -1,0 +1,190 @@
+"""The dispatch loop on an in-process pool: no Ray, so it can run at scales Ray can't here."""
+
+from __future__ import annotations
+
+import pytest
+
+from rhmapper.errors import NoReplicasError, ReplicaLostError
+from rhmapper.retries import Retries
+from rhmapper.scheduler import CallSpec, MapPlan, MapRun
+from tests.fakes import FakePool, ReplicaKiller
+
+
+def collect(pool, items, **options):
+    plan = MapPlan(CallSpec("fn"), collect=True, total=len(items), window=None, **options)
+    run = MapRun(pool, plan, iter(items))
+    for _ in run.chunks():
+        pass
+    return run.results, run
+
+
+def stream(pool, source, ordered=True, window=64, total=None, **options):
+    plan = MapPlan(CallSpec("fn"), ordered=ordered, total=total, window=window, **options)
+    run = MapRun(pool, plan, source)
+    return [value for chunk in run.chunks() for value in chunk], run
+
+
+def test_collect_keeps_input_order_under_shuffled_completion():
+    pool = FakePool(4, fn=lambda x: x * 3, capacity=2, seed=7)
+    results, run = collect(pool, list(range(5000)))
+    assert results == [x * 3 for x in range(5000)]
+    assert run.stats.done == 5000
+
+
+def test_slots_are_never_exceeded_and_every_replica_works():
+    pool = FakePool(5, capacity=3)
+    collect(pool, list(range(2000)), batch_size=1)
+    assert all(replica.peak_in_flight <= 3 for replica in pool.replicas)
+    assert all(replica.peak_in_flight == 3 for replica in pool.replicas)
+    assert all(replica.calls for replica in pool.replicas)
+
+
+def test_auto_batches_grow_for_tiny_items_then_shrink_toward_the_end():
+    pool = FakePool(4)
+    collect(pool, list(range(100_000)))
+    sizes = [len(items) for replica in pool.replicas for _, items in sorted(replica.calls)]
+    calls = sum(len(replica.calls) for replica in pool.replicas)
+    assert calls < 200, f"tiny items should be batched, got {calls} calls"
+    assert max(sizes) >= 10_000
+    last_calls = sorted((start, len(items)) for r in pool.replicas for start, items in r.calls)[-4:]
+    assert all(size <= 50 for _, size in last_calls), last_calls
+
+
+def test_fixed_batch_size_is_respected():
+    pool = FakePool(3)
+    results, _ = collect(pool, list(range(100)), batch_size=7)
+    assert results == list(range(100))
+    sizes = [len(items) for replica in pool.replicas for _, items in replica.calls]
+    assert max(sizes) == 7 and sum(sizes) == 100
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_streams_pull_lazily_within_the_window(ordered):
+    pulled = [0]
+
+    def source():
+        for x in range(10_000):
+            pulled[0] += 1
+            yield x
+
+    pool = FakePool(3, capacity=2, seed=3)
+    run = MapRun(pool, MapPlan(CallSpec("fn"), ordered=ordered, window=50), source())
+    seen = []
+    for chunk in run.chunks():
+        seen.extend(chunk)
+        assert pulled[0] - len(seen) <= 50
+    assert (seen if ordered else sorted(seen)) == list(range(10_000))
+
+
+def test_failures_raise_return_or_retry_per_item_inside_batches():
+    def fn(x):
+        if x % 10 == 3:
+            raise ValueError(f"bad {x}")
+        return x
+
+    with pytest.raises(ValueError, match="bad 3") as raised:
+        collect(FakePool(2, fn=fn), list(range(50)), batch_size=5)
+    assert "rhmapper: item 3 failed on replica fake_replica_" in raised.value.__notes__[-1]
+
+    results, run = collect(FakePool(2, fn=fn), list(range(50)), batch_size=5, return_exceptions=True)
+    assert [r for r in results if not isinstance(r, ValueError)] == [
+        x for x in range(50) if x % 10 != 3]
+    assert [str(r) for r in results if isinstance(r, ValueError)] == [
+        f"bad {x}" for x in range(3, 50, 10)]
+    assert run.stats.failures == 5
+
+
+def test_retries_rerun_on_another_replica_and_give_up_after_max():
+    attempts: dict[int, int] = {}
+
+    def flaky(x):
+        attempts[x] = attempts.get(x, 0) + 1
+        if attempts[x] <= 2:
+            raise RuntimeError(f"attempt {attempts[x]} of {x}")
+        return x
+
+    pool = FakePool(3, fn=flaky)
+    results, run = collect(pool, list(range(20)), batch_size=4,
+                           retries=Retries(max_retries=2, initial_delay=0))
+    assert results == list(range(20))
+    assert run.stats.retries == 40
+    for x in range(20):
+        ran_on = [name for name, _, items in pool.log if x in items]
+        assert len(ran_on) == 3 and ran_on[1] != ran_on[0] and ran_on[2] != ran_on[1], ran_on
+
+    attempts.clear()
+    with pytest.raises(RuntimeError, match="attempt 2"):
+        collect(FakePool(3, fn=flaky), list(range(5)), retries=Retries(max_retries=1, initial_delay=0))
+
+
+def test_retry_on_filters_exception_types():
+    def fn(x):
+        raise KeyError(x)
+
+    with pytest.raises(KeyError):
+        collect(FakePool(2, fn=fn), [1], retries=Retries(max_retries=5, retry_on=(TimeoutError,)))
+
+
+def test_replica_death_requeues_its_items_and_loses_nothing():
+    killed = set()
+
+    def dies_once_per_multiple_of_97(x):
+        if x % 97 == 0 and x not in killed:
+            killed.add(x)
+            raise ReplicaKiller(f"item {x}")
+        return x + 1
+
+    pool = FakePool(4, fn=dies_once_per_multiple_of_97, capacity=2, seed=11)
+    results, run = collect(pool, list(range(3000)), batch_size=10)
+    assert results == [x + 1 for x in range(3000)]
+    assert pool.lost_count == len(killed) == 31
+    assert len(pool.replicas) == 4
+
+
+def test_poison_item_fails_after_bounded_attempts():
+    def poison(x):
+        if x == 42:
+            raise ReplicaKiller("always")
+        return x
+
+    pool = FakePool(3, fn=poison)
+    with pytest.raises(ReplicaLostError, match="item 42 was running each time a replica died"):
+        collect(pool, list(range(100)), batch_size=8, max_replica_crashes=3)
+    assert pool.lost_count == 3
+
+    pool = FakePool(3, fn=poison)
+    results, _ = collect(pool, list(range(100)), batch_size=8, return_exceptions=True)
+    assert isinstance(results[42], ReplicaLostError)
+    assert [r for i, r in enumerate(results) if i != 42] == [x for x in range(100) if x != 42]
+
+
+def test_no_replica_left_raises():
+    def kills(x):
+        raise ReplicaKiller("boom")
+
+    with pytest.raises(NoReplicasError):
+        collect(FakePool(2, fn=kills, replace=False), list(range(10)), max_replica_crashes=100)
+
+
+def test_one_million_items_stream_through_a_small_window():
+    pool = FakePool(8, capacity=4)
+    total = 0
+    count = 0
+    plan = MapPlan(CallSpec("fn"), ordered=True, window=4096)
+    run = MapRun(pool, plan, iter(range(1_000_000)))
+    expected = 0
+    for chunk in run.chunks():
+        for value in chunk:
+            assert value == expected
+            expected += 1
+        count += len(chunk)
+        total += sum(chunk)
+    assert count == 1_000_000 and total == sum(range(1_000_000))
+
+
+def test_unequal_star_items_are_passed_as_arguments():
+    pool = FakePool(2, fn=lambda x, y: x * y)
+    plan = MapPlan(CallSpec("fn", star=True), collect=True, total=3, window=None)
+    run = MapRun(pool, plan, iter([(1, 2), (3, 4), (5, 6)]))
+    list(run.chunks())
+    assert run.results == [2, 12, 30]
