@@ -31,6 +31,9 @@ from rhmapper.scheduler import CallSpec, ReplicaDied
 NAMESPACE = "rhmapper"
 """The Ray namespace of every auto replica."""
 
+_FEASIBILITY_RECHECK_SECONDS = 1.0
+STUCK_GRACE_SECONDS = 2.0
+"""An abandoned call still running after this long gets its auto replica restarted."""
 _REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
 
 
@@ -163,6 +166,8 @@ class ReplicaPool:
         self.ready_timeout = ready_timeout
         self.replicas: list[RayReplica] = []
         self._turns = itertools.count()
+        self._feasible_checked_at = 0.0
+        self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
         self._lock = threading.RLock()
         if isinstance(target, Module):
             self._actor_class = ray.remote(target.cls)
@@ -259,25 +264,29 @@ class ReplicaPool:
         return next(self._turns)
 
     def wait(self, tokens: list, timeout: float) -> list:
-        """Wait for calls and starting replicas; return the done call tokens."""
+        """Wait for calls, starting replicas and abandoned calls; return the done call tokens."""
         starting = {r.ready_ref: r for r in self.replicas if r.state == "starting"}
         if not tokens and not self.dispatchable():
             self._check_alive(starting)
-        refs = [*tokens, *starting]
+        draining = list(self._draining)
+        refs = [*tokens, *starting, *draining]
         if not refs:
             time.sleep(timeout)
             return []
         done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if done:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done_set = set(done)
+        if draining:
+            self._drain(done_set)
         finished = []
         for ref in done:
             replica = starting.get(ref)
-            if replica is None:
-                finished.append(ref)
-            else:
+            if replica is not None:
                 self._started(replica)
-        return finished
+            elif ref not in self._draining:
+                finished.append(ref)
+        return [ref for ref in finished if ref in set(tokens)]
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every starting replica is ready (or has failed and been handled)."""
@@ -313,13 +322,21 @@ class ReplicaPool:
             replica.state = "ready"
 
     def _check_alive(self, starting: dict) -> None:
+        """With nothing ready, fail rather than wait for replicas that can never start."""
         if not self.replicas:
             raise NoReplicasError(
                 "the pool has no replicas left: every replica died or was dropped. "
                 "Add replicas with Mapper.add_replicas().")
+        now = time.monotonic()
+        if starting and now - self._feasible_checked_at > _FEASIBILITY_RECHECK_SECONDS:
+            self._feasible_checked_at = now
+            try:
+                check_feasible(self.env)
+            except UnschedulableError as error:
+                raise NoReplicasError(
+                    f"no replica is ready and none can start again: {error}") from error
         if self.ready_timeout is None:
             return
-        now = time.monotonic()
         if starting and all(now - r.started_at > self.ready_timeout for r in starting.values()):
             raise NoReplicasError(
                 f"no replica is ready: {len(starting)} replica(s) of env {self.env.name!r} have not "
@@ -333,9 +350,27 @@ class ReplicaPool:
         except _REPLICA_DEATHS as error:
             raise ReplicaDied(str(error)) from error
 
-    def cancel(self, token: ray.ObjectRef) -> None:
-        """Ask Ray to cancel a call (a no-op when it already finished)."""
+    def abandon(self, token: ray.ObjectRef, replica: RayReplica) -> None:
+        """Cancel a call nobody waits for; its slot is given back when the replica answers."""
         ray.cancel(token)
+        with self._lock:
+            self._draining[token] = (replica, time.monotonic())
+
+    def _drain(self, done: set) -> None:
+        """Free the slots of abandoned calls that finished. An auto replica still running one
+        after the grace period is restarted (a running call cannot be interrupted); a user's
+        actor keeps the slot until it answers."""
+        now = time.monotonic()
+        with self._lock:
+            for token, (replica, since) in list(self._draining.items()):
+                if token in done:
+                    del self._draining[token]
+                    replica.release()
+                elif now - since > STUCK_GRACE_SECONDS and replica.owned and replica.state != "dead":
+                    del self._draining[token]
+                    replica.release()
+                    self.lost(replica, RhmapperError(
+                        "restarted: a cancelled or timed-out call kept running"))
 
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         """A replica died: drop it, and start a replacement if the pool owns it."""
@@ -353,15 +388,6 @@ class ReplicaPool:
             replacement = self._create(int(replica.name.rsplit("_", 1)[1]))
             self.replicas.remove(replacement)
             self.replicas.insert(index, replacement)
-
-    def restart(self, replica: RayReplica) -> None:
-        """Restart an auto replica that keeps a timed-out call's slot; warn for a user actor."""
-        if replica.owned:
-            self.lost(replica, RhmapperError("restarted: a timed-out call did not give its slot back"))
-        else:
-            warnings.warn(
-                f"replica {replica.name} (your actor) still runs a call that timed out; its slot "
-                "stays busy until the call returns", RuntimeWarning, stacklevel=2)
 
 
 def _actor_name(handle: Any) -> str:

@@ -25,8 +25,6 @@ TARGET_CALL_SECONDS = 0.1
 MAX_BATCH = 100_000
 DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
-STUCK_GRACE_SECONDS = 2.0
-"""A timed-out call whose replica has not given its slot back after this long gets it restarted."""
 WAIT_TICK_SECONDS = 0.2
 _EWMA_WEIGHT = 0.3
 
@@ -64,14 +62,12 @@ class Pool(Protocol):
     def fetch(self, token: Any) -> BatchReply:
         """The reply of a done call; raises :class:`ReplicaDied` if its replica died."""
 
-    def cancel(self, token: Any) -> None:
-        """Ask for a call to stop."""
+    def abandon(self, token: Any, replica: Replica) -> None:
+        """Cancel a call whose result is no longer wanted. Its slot stays taken until the replica
+        gives it back; the pool restarts a replica it owns that does not, in time."""
 
     def lost(self, replica: Replica, reason: BaseException) -> None:
         """A replica died: drop it, and replace it if the pool owns it."""
-
-    def restart(self, replica: Replica) -> None:
-        """A replica does not give a timed-out slot back: restart it if the pool owns it."""
 
     def next_turn(self) -> int:
         """A counter that rotates ties between equally loaded replicas."""
@@ -259,7 +255,6 @@ class MapRun:
         self._next_index = 0
         self._exhausted = False
         self._in_flight: dict[Any, _Call] = {}
-        self._stuck: dict[Any, tuple[_Call, float]] = {}
         self._retry_heap: list[_Retry] = []
         self._attempts: dict[int, int] = {}
         self._crashes: dict[int, int] = {}
@@ -288,8 +283,7 @@ class MapRun:
                 if not self._in_flight and not self._retry_heap and self._exhausted:
                     yield from self._sink.drain()
                     return
-                tokens = [*self._in_flight, *self._stuck]
-                for token in self._pool.wait(tokens, self._wait_seconds()):
+                for token in self._pool.wait(list(self._in_flight), self._wait_seconds()):
                     self._complete(token)
                 self._expire_deadlines()
                 yield from self._sink.drain()
@@ -367,10 +361,6 @@ class MapRun:
     # -- completion -------------------------------------------------------------------------
 
     def _complete(self, token: Any) -> None:
-        if token in self._stuck:
-            call, _ = self._stuck.pop(token)
-            call.replica.release()
-            return
         call = self._in_flight.pop(token)
         call.replica.release()
         try:
@@ -459,7 +449,6 @@ class MapRun:
     def _wait_seconds(self) -> float:
         now = time.monotonic()
         moments = [call.deadline for call in self._in_flight.values() if call.deadline is not None]
-        moments += [since + STUCK_GRACE_SECONDS for _, since in self._stuck.values()]
         if self._retry_heap:
             moments.append(self._retry_heap[0].not_before)
         soonest = min(moments, default=now + WAIT_TICK_SECONDS)
@@ -471,8 +460,7 @@ class MapRun:
             if call.deadline is None or call.deadline > now:
                 continue
             del self._in_flight[token]
-            self._pool.cancel(token)
-            self._stuck[token] = (call, now)
+            self._pool.abandon(token, call.replica)
             values = [None] * len(call.items)
             holes: set[int] = set()
             for position, item in enumerate(call.items):
@@ -486,17 +474,11 @@ class MapRun:
                 else:
                     values[position] = outcome
             self._deliver(call, values, holes)
-        for token, (call, since) in list(self._stuck.items()):
-            if now - since > STUCK_GRACE_SECONDS:
-                self._stuck[token] = (call, now)
-                self._pool.restart(call.replica)
 
     def _cancel_all(self) -> None:
-        for token, call in [*self._in_flight.items(), *((t, c) for t, (c, _) in self._stuck.items())]:
-            self._pool.cancel(token)
-            call.replica.release()
+        for token, call in self._in_flight.items():
+            self._pool.abandon(token, call.replica)
         self._in_flight.clear()
-        self._stuck.clear()
 
 
 _RETRYING = object()

@@ -7,8 +7,10 @@ import os
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-TESTS_RUNTIME_ENV = {"env_vars": {"PYTHONPATH": TESTS_DIR}}
-"""Workers import the test modules by name, as the driver does, to unpickle their functions."""
+REPO_DIR = os.path.dirname(TESTS_DIR)
+TESTS_RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([REPO_DIR, TESTS_DIR])}}
+"""Workers import the test modules by name (``tests.test_x``), as the driver does, to unpickle
+the functions the tests map."""
 
 # Ray's newer releases default to token authentication; the suite runs with it on, deliberately.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -103,8 +103,9 @@ class FakePool:
             raise ReplicaDied(f"{token.replica.name} died earlier")
         return BatchReply(values, failures or None, 1e-6 * len(token.items))
 
-    def cancel(self, token: FakeCall) -> None:
+    def abandon(self, token: FakeCall, replica: FakeReplica) -> None:
         self.cancelled.append(token)
+        replica.release()
 
     def lost(self, replica: FakeReplica, reason: BaseException) -> None:
         if replica not in self.replicas:
@@ -115,6 +116,3 @@ class FakePool:
         self.retired.append(replica)
         if self.replace:
             self.replicas.append(self._new())
-
-    def restart(self, replica: FakeReplica) -> None:
-        self.lost(replica, RuntimeError("restart"))

@@ -1,0 +1,224 @@
+"""Faults injected into running maps on a real local Ray: every result checked, exactly once."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import random
+import threading
+import time
+
+import pytest
+import ray
+
+import rhmapper as rm
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def exit_once(x, marker_dir):
+    time.sleep(0.005)
+    if x == 37:
+        marker = os.path.join(marker_dir, "exited")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+    return x * 2
+
+
+def always_exits_on(x, poison):
+    if x == poison:
+        os._exit(1)
+    time.sleep(0.002)
+    return x
+
+
+def sleep_then(x, seconds=0.01):
+    time.sleep(seconds)
+    return x
+
+
+def slow_item(x, slow, seconds):
+    time.sleep(seconds if x == slow else 0.01)
+    return x
+
+
+def sometimes_fails(x):
+    time.sleep(0.0005)
+    if random.random() < 0.01:
+        raise RuntimeError(f"random failure on {x}")
+    return -x
+
+
+@ray.remote
+class UserWorker:
+    def run(self, x):
+        time.sleep(0.01)
+        return x + 1
+
+
+def kill_when(mapper, progress_at, done_counter, killed):
+    """Kill a live auto replica from outside once ``done_counter`` reaches ``progress_at``."""
+    def killer():
+        while done_counter() < progress_at:
+            time.sleep(0.01)
+        victim = mapper.replicas[0]
+        ray.kill(victim, no_restart=True)
+        killed.append(victim)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_replica_process_exit_mid_map_loses_nothing(tmp_path):
+    with rm.mapper(exit_once, replicas=3, env=rm.Env(name="exiter")).wait_ready() as m:
+        names_before = m.replica_names
+        results = m.map(range(300), kwargs={"marker_dir": str(tmp_path)})
+        assert results == [2 * x for x in range(300)]
+        assert (tmp_path / "exited").exists()
+        assert m.num_replicas == 3
+        assert sorted(m.replica_names) == sorted(names_before)  # replaced under the same names
+        assert m.map(range(10), kwargs={"marker_dir": str(tmp_path)}) == [2 * x for x in range(10)]
+
+
+def test_replica_killed_from_outside_mid_map_loses_nothing():
+    with rm.mapper(sleep_then, replicas=3, env=rm.Env(name="victim"), concurrency=2) as m:
+        m.wait_ready()
+        done = []
+        killed: list = []
+        thread = kill_when(m, 1, lambda: len(done), killed)
+        results = []
+        for value in m.imap(range(400), batch_size=2):
+            results.append(value)
+            done.append(value)
+        thread.join(5)
+        assert killed, "the killer never fired"
+        assert results == list(range(400))
+        assert m.num_replicas == 3
+
+
+def test_dead_user_actor_is_dropped_with_a_warning():
+    users = [UserWorker.remote() for _ in range(2)]
+    m = rm.mapper(UserWorker, method="run", replicas=users)
+    m.wait_ready()
+    ray.kill(users[0])
+    with pytest.warns(RuntimeWarning, match="your actor.*dropped from the pool"):
+        results = m.map(range(100), batch_size=1)
+    assert results == [x + 1 for x in range(100)]
+    assert m.num_replicas == 1
+    ray.kill(users[1])
+    with pytest.raises(rm.NoReplicasError, match="no replicas left"):
+        with pytest.warns(RuntimeWarning):
+            m.map(range(10))
+    m.shutdown()
+
+
+def test_poison_input_fails_after_bounded_attempts_naming_the_item():
+    with rm.mapper(always_exits_on, replicas=2, env=rm.Env(name="poisoned")) as m:
+        started = time.monotonic()
+        with pytest.raises(rm.ReplicaLostError, match="item 13 was running each time"):
+            m.map(range(40), kwargs={"poison": 13}, max_replica_crashes=2)
+        assert time.monotonic() - started < 60
+        results = m.map(range(40), kwargs={"poison": 13}, return_exceptions=True)
+        assert isinstance(results[13], rm.ReplicaLostError)
+        assert [r for i, r in enumerate(results) if i != 13] == [x for x in range(40) if x != 13]
+
+
+def test_timeout_fails_the_item_and_frees_the_slot():
+    with rm.mapper(slow_item, replicas=2, env=rm.Env(name="slowpoke")).wait_ready() as m:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="item 3 ran longer than timeout=0.5s"):
+            m.map(range(8), kwargs={"slow": 3, "seconds": 30}, timeout=0.5)
+        assert time.monotonic() - started < 15
+        started = time.monotonic()
+        results = m.map(range(8), kwargs={"slow": 3, "seconds": 30}, timeout=0.5,
+                        return_exceptions=True)
+        assert isinstance(results[3], TimeoutError)
+        assert [r for i, r in enumerate(results) if i != 3] == [x for x in range(8) if x != 3]
+        assert time.monotonic() - started < 15
+        # the stuck replica was restarted: both slots serve the next map promptly
+        m.wait_ready(timeout=30)
+        assert m.map(range(20), kwargs={"slow": -1, "seconds": 0}) == list(range(20))
+
+
+def test_timeout_with_retries_reruns_the_item():
+    with rm.mapper(slow_item, replicas=2, env=rm.Env(name="slowretry")).wait_ready() as m:
+        with pytest.raises(TimeoutError):
+            m.map(range(4), kwargs={"slow": 1, "seconds": 30}, timeout=0.3,
+                  retries=rm.Retries(max_retries=1, initial_delay=0))
+        results = m.map(range(4), kwargs={"slow": 1, "seconds": 30}, timeout=0.3,
+                        retries=rm.Retries(max_retries=1, initial_delay=0, retry_on=(KeyError,)),
+                        return_exceptions=True)
+        assert isinstance(results[1], TimeoutError)
+
+
+def test_impossible_resources_fail_at_creation_naming_the_resource():
+    started = time.monotonic()
+    with pytest.raises(rm.UnschedulableError, match=r"GPU=1.*nodes offer: .*GPU=0"):
+        rm.mapper(sleep_then, env=rm.Env(name="gpu", compute={"GPU": 1}))
+    with pytest.raises(rm.UnschedulableError, match=r"CPU=64.*CPU=4"):
+        rm.mapper(sleep_then, env=rm.Env(name="huge", compute={"CPU": 64}))
+    with pytest.raises(rm.UnschedulableError, match=r"unicorn"):
+        rm.mapper(sleep_then, env=rm.Env(name="odd", compute={"unicorn": 1}))
+    assert time.monotonic() - started < 10
+    with pytest.raises(ValueError):
+        ray.get_actor("gpu_replica_0", namespace="rhmapper")
+
+
+def test_cancel_from_another_thread_returns_promptly():
+    with rm.mapper(sleep_then, replicas=2, env=rm.Env(name="cancelme")).wait_ready() as m:
+        timer = threading.Timer(0.5, m.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(rm.MapCancelledError):
+            m.map(range(200), kwargs={"seconds": 0.2}, batch_size=1)
+        assert time.monotonic() - started < 3
+        assert m.map(range(4), kwargs={"seconds": 0}) == list(range(4))
+
+
+def test_keyboard_interrupt_cancels_and_context_exit_kills_replicas():
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with rm.mapper(sleep_then, replicas=2, env=rm.Env(name="ctrlc")).wait_ready() as m:
+            timer.start()
+            m.map(range(200), kwargs={"seconds": 0.2}, batch_size=1)
+    assert time.monotonic() - started < 5
+    for name in ("ctrlc_replica_0", "ctrlc_replica_1"):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace="rhmapper")
+            except ValueError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"{name} outlived the with block")
+
+
+def test_stress_random_failures_and_two_kills(capsys):
+    with rm.mapper(sometimes_fails, replicas=8, concurrency=2,
+                   env=rm.Env(name="stress", compute={"CPU": 0.25})).wait_ready() as m:
+        done = [0]
+        killed: list = []
+        first = kill_when(m, 6000, lambda: done[0], killed)
+        second = kill_when(m, 13000, lambda: done[0], killed)
+        results = []
+        for value in m.imap(range(20_000), retries=rm.Retries(max_retries=3, initial_delay=0.01),
+                            progress=True):
+            results.append(value)
+            done[0] += 1
+        first.join(5)
+        second.join(5)
+        assert len(killed) == 2
+        assert results == [-x for x in range(20_000)]
+        assert m.num_replicas == 8
+    err = capsys.readouterr().err
+    assert "20000/20000" in err and "failed=0" in err
+
+
+def test_token_authentication_is_on():
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert is_token_auth_enabled()
