@@ -360,9 +360,12 @@ class Mapper:
         if kwargs:
             if not isinstance(kwargs, dict):
                 raise TypeError(f"kwargs must be a dict of constant keyword arguments, got {kwargs!r}")
-            for key, value in kwargs.items():
-                check_picklable(value, f"kwargs[{key!r}]")
-            kwargs_box = [ray.put(kwargs)]
+            try:
+                kwargs_box = [ray.put(kwargs)]  # serialised once per map, cached by each replica
+            except TypeError:
+                for key, value in kwargs.items():
+                    check_picklable(value, f"kwargs[{key!r}]")
+                raise
         call = CallSpec(method=method or "fn", star=star, kwargs_box=kwargs_box)
         return MapPlan(call=call, retries=Retries.of(retries), return_exceptions=return_exceptions,
                        timeout=timeout, batch_size=batch_size,

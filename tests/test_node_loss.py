@@ -1,0 +1,75 @@
+"""Node loss on a real multi-node cluster (ray.cluster_utils.Cluster): nothing lost, no hang."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+import rhmapper as rm
+from tests.conftest import TESTS_RUNTIME_ENV
+
+pytestmark = pytest.mark.multinode
+
+
+def where(x):
+    time.sleep(0.02)
+    return (x * x, ray.get_runtime_context().get_node_id())
+
+
+@pytest.fixture
+def cluster():
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=2, resources={f"worker_{i}": 1}) for i in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, runtime_env=TESTS_RUNTIME_ENV)
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_map_survives_losing_a_worker_node(cluster):
+    cluster, workers = cluster
+    env = rm.Env(name="spread", compute={"CPU": 0.5})
+    with rm.mapper(where, replicas=6, env=env).wait_ready(timeout=120) as m:
+        doomed = workers[0].node_id
+        nodes = {node for _, node in m.map(range(60), batch_size=1)}
+        assert doomed in nodes and len(nodes) >= 2, "replicas did not spread over the nodes"
+        done = [0]
+
+        def remove_at_a_third():
+            while done[0] < 200:
+                time.sleep(0.01)
+            cluster.remove_node(workers[0])
+
+        remover = threading.Thread(target=remove_at_a_third, daemon=True)
+        remover.start()
+        results = []
+        for value in m.imap(range(600), batch_size=2):
+            results.append(value)
+            done[0] += 1
+        remover.join(30)
+        assert [square for square, _ in results] == [x * x for x in range(600)]
+        late_nodes = {node for _, node in results[400:]}
+        assert doomed not in late_nodes
+        survivors = {node for _, node in m.map(range(60), batch_size=1)}
+        assert doomed not in survivors and survivors
+
+
+def test_replicas_that_cannot_be_placed_again_fail_clearly(cluster):
+    cluster, workers = cluster
+    env = rm.Env(name="pinned", compute={"CPU": 0.5, "worker_1": 0.5})
+    with rm.mapper(where, replicas=2, env=env).wait_ready(timeout=120) as m:
+        assert {node for _, node in m.map(range(4))} == {workers[1].node_id}
+        cluster.remove_node(workers[1])
+        started = time.monotonic()
+        with pytest.raises(rm.NoReplicasError, match="worker_1"):
+            m.map(range(100))
+        assert time.monotonic() - started < 60
