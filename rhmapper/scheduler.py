@@ -353,9 +353,16 @@ class MapRun:
             return min(plan.batch_size, room)
         if plan.timeout is not None or self._per_item_seconds is None:
             return min(1, room)
-        size = int(TARGET_CALL_SECONDS / max(self._per_item_seconds, 1e-7))
+        per_item = max(self._per_item_seconds, 1e-7)
+        size = int(TARGET_CALL_SECONDS / per_item)
         if plan.total is not None:
-            size = min(size, math.ceil((plan.total - self._next_index) / (2 * slots)))
+            remaining = plan.total - self._next_index
+            in_flight = sum(len(call.items) for call in self._in_flight.values())
+            if (remaining + in_flight) * per_item <= TARGET_CALL_SECONDS * slots:
+                # All that is left fits in one call per slot: give each slot an equal share.
+                size = math.ceil((remaining + in_flight) / slots)
+            else:
+                size = min(size, math.ceil(remaining / (2 * slots)))  # guided self-scheduling
         return max(1, min(size, room)) if room > 0 else 0
 
     # -- completion -------------------------------------------------------------------------

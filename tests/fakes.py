@@ -54,8 +54,9 @@ class FakePool:
     """
 
     def __init__(self, replicas: int, fn: Callable = lambda x: x, capacity: int = 1,
-                 seed: int = 0, replace: bool = True) -> None:
+                 seed: int = 0, replace: bool = True, item_seconds: float = 1e-6) -> None:
         self.fn = fn
+        self.item_seconds = item_seconds
         self.capacity = capacity
         self.replace = replace
         self._names = itertools.count()
@@ -101,7 +102,7 @@ class FakePool:
                 values.append(None)
         if not token.replica.alive:
             raise ReplicaDied(f"{token.replica.name} died earlier")
-        return BatchReply(values, failures or None, 1e-6 * len(token.items))
+        return BatchReply(values, failures or None, self.item_seconds * len(token.items))
 
     def abandon(self, token: FakeCall, replica: FakeReplica) -> None:
         self.cancelled.append(token)

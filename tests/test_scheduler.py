@@ -39,15 +39,22 @@ def test_slots_are_never_exceeded_and_every_replica_works():
     assert all(replica.calls for replica in pool.replicas)
 
 
-def test_auto_batches_grow_for_tiny_items_then_shrink_toward_the_end():
-    pool = FakePool(4)
+def test_tiny_items_are_split_evenly_after_one_probe_per_slot():
+    pool = FakePool(4, item_seconds=1e-6)
     collect(pool, list(range(100_000)))
-    sizes = [len(items) for replica in pool.replicas for _, items in sorted(replica.calls)]
-    calls = sum(len(replica.calls) for replica in pool.replicas)
-    assert calls < 200, f"tiny items should be batched, got {calls} calls"
-    assert max(sizes) >= 10_000
-    last_calls = sorted((start, len(items)) for r in pool.replicas for start, items in r.calls)[-4:]
-    assert all(size <= 50 for _, size in last_calls), last_calls
+    sizes = [len(items) for _, _, items in pool.log]
+    assert sizes[:4] == [1, 1, 1, 1], "the first call per slot measures one item"
+    assert len(sizes) <= 12, f"tiny items should take few calls, got {len(sizes)}"
+    assert max(sizes) >= 20_000
+
+
+def test_auto_batches_aim_at_a_tenth_of_a_second_and_end_in_equal_shares():
+    pool = FakePool(4, item_seconds=0.002)
+    collect(pool, list(range(5000)))
+    sizes = [len(items) for _, _, items in pool.log]
+    assert max(sizes) == 50, "0.1 s of 2 ms items is 50 per call"
+    last = sizes[-4:]
+    assert max(last) - min(last) <= 1, f"the last calls should share what is left: {sizes[-8:]}"
 
 
 def test_fixed_batch_size_is_respected():
