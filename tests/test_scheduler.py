@@ -48,13 +48,14 @@ def test_tiny_items_are_split_evenly_after_one_probe_per_slot():
     assert max(sizes) >= 20_000
 
 
-def test_auto_batches_aim_at_a_tenth_of_a_second_and_end_in_equal_shares():
+def test_auto_batches_aim_at_a_tenth_of_a_second_and_shrink_before_the_end():
     pool = FakePool(4, item_seconds=0.002)
     collect(pool, list(range(5000)))
     sizes = [len(items) for _, _, items in pool.log]
+    assert sum(sizes) == 5000
     assert max(sizes) == 50, "0.1 s of 2 ms items is 50 per call"
-    last = sizes[-4:]
-    assert max(last) - min(last) <= 1, f"the last calls should share what is left: {sizes[-8:]}"
+    assert len(sizes) < 5000 / 50 * 1.3, f"{len(sizes)} calls: batches should stay near 50"
+    assert min(sizes[-12:-4]) < 50, f"guided shares should shrink near the end: {sizes[-12:]}"
 
 
 def test_fixed_batch_size_is_respected():
