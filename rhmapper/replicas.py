@@ -268,25 +268,22 @@ class ReplicaPool:
         starting = {r.ready_ref: r for r in self.replicas if r.state == "starting"}
         if not tokens and not self.dispatchable():
             self._check_alive(starting)
-        draining = list(self._draining)
-        refs = [*tokens, *starting, *draining]
+        refs = [*tokens, *starting, *self._draining] if starting or self._draining else tokens
         if not refs:
             time.sleep(timeout)
             return []
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if done:
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if not done:
+            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if refs is tokens:
+            return done
         done_set = set(done)
-        if draining:
+        if self._draining:
             self._drain(done_set)
-        finished = []
         for ref in done:
-            replica = starting.get(ref)
-            if replica is not None:
-                self._started(replica)
-            elif ref not in self._draining:
-                finished.append(ref)
-        return [ref for ref in finished if ref in set(tokens)]
+            if ref in starting:
+                self._started(starting[ref])
+        return [ref for ref in tokens if ref in done_set]
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every starting replica is ready (or has failed and been handled)."""
