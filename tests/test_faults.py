@@ -222,3 +222,55 @@ def test_token_authentication_is_on():
 
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert is_token_auth_enabled()
+
+
+def test_autoscaler_node_types_count_as_nodes(monkeypatch):
+    from rhmapper.replicas import check_feasible
+
+    state = ray._private.state.state
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"GPU": 2, "CPU": 8})
+    check_feasible(rm.Env(name="scales", compute={"GPU": 1, "CPU": 8}))
+    with pytest.raises(rm.UnschedulableError, match="GPU=4"):
+        check_feasible(rm.Env(name="toobig", compute={"GPU": 4}))
+
+
+@ray.remote
+class Hog:
+    def ping(self):
+        return True
+
+
+def test_ready_timeout_fails_a_map_whose_replicas_never_start():
+    free_cpus = ray.available_resources().get("CPU", 0)
+    hog = Hog.options(num_cpus=free_cpus - 0.5).remote()
+    ray.get(hog.ping.remote())
+    try:
+        m = rm.mapper(sleep_then, replicas=2, env=rm.Env(name="starved", compute={"CPU": 1}),
+                      ready_timeout=2)
+        started = time.monotonic()
+        with pytest.raises(rm.NoReplicasError, match="ready_timeout=2"):
+            m.map(range(5))
+        assert time.monotonic() - started < 10
+        m.shutdown()
+    finally:
+        ray.kill(hog)
+
+
+def fails_twice(x, marker_dir):
+    marker = os.path.join(marker_dir, str(x))
+    attempts = len(open(marker).read()) if os.path.exists(marker) else 0
+    with open(marker, "a") as handle:
+        handle.write(".")
+    if attempts < 2:
+        raise ConnectionError(f"attempt {attempts + 1} of {x}")
+    return x
+
+
+def test_retries_back_off_exponentially(tmp_path):
+    policy = rm.Retries(max_retries=2, initial_delay=0.4, backoff=2.0, retry_on=(ConnectionError,))
+    with rm.mapper(fails_twice, replicas=2).wait_ready() as m:
+        started = time.monotonic()
+        assert m.map([7], kwargs={"marker_dir": str(tmp_path)}, retries=policy) == [7]
+        elapsed = time.monotonic() - started
+    assert (tmp_path / "7").read_text() == "..."
+    assert elapsed >= 0.4 + 0.8, f"two retries after 0.4 s and 0.8 s took only {elapsed:.2f} s"
