@@ -7,6 +7,7 @@ import os
 import re
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
@@ -69,7 +70,8 @@ class Mapper:
             raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
         target, self._class = self._target_of(obj)
         self.method = self._check_method(method)
-        self.env = (env or Env()).named((env and env.name) or _default_name(self._class or obj))
+        env = env or Env()
+        self.env = env if env.name else env.named(_default_name(self._class or obj))
         self.concurrency = concurrency
         if self._class is None:
             check_picklable(target, f"the function {getattr(obj, '__qualname__', obj)!r}")
@@ -225,8 +227,9 @@ class Mapper:
         if len(set(lengths)) > 1:
             raise ValueError(f"map() inputs have unequal lengths {lengths}; pass equally long iterables")
         items = columns[0] if len(columns) == 1 else list(zip(*columns))
-        return self._collect(items, len(columns) > 1, method, kwargs, retries, return_exceptions,
-                             timeout, batch_size, progress, max_replica_crashes)
+        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
+                           progress, max_replica_crashes)
+        return self._collect(items, len(columns) > 1, options)
 
     def starmap(self, iterable: Iterable[Iterable], method: str | None = None,
                 kwargs: dict | None = None, retries: int | Retries = 0,
@@ -240,9 +243,9 @@ class Mapper:
             ...     m.starmap([(2, 2), (3, 2)])
             [4, 9]
         """
-        items = list(iterable)
-        return self._collect(items, True, method, kwargs, retries, return_exceptions,
-                             timeout, batch_size, progress, max_replica_crashes)
+        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
+                           progress, max_replica_crashes)
+        return self._collect(list(iterable), True, options)
 
     def imap(self, *iterables: Iterable, method: str | None = None, kwargs: dict | None = None,
              retries: int | Retries = 0, return_exceptions: bool = False,
@@ -259,8 +262,9 @@ class Mapper:
             ...     list(m.imap(range(4)))
             [0, 2, 4, 6]
         """
-        return self._stream(iterables, True, method, kwargs, retries, return_exceptions, timeout,
-                            batch_size, progress, max_replica_crashes, window)
+        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
+                           progress, max_replica_crashes)
+        return self._stream(iterables, True, options, window)
 
     def imap_unordered(self, *iterables: Iterable, method: str | None = None,
                        kwargs: dict | None = None, retries: int | Retries = 0,
@@ -274,8 +278,9 @@ class Mapper:
             ...     sorted(m.imap_unordered(range(4)))
             [0, 2, 4, 6]
         """
-        return self._stream(iterables, False, method, kwargs, retries, return_exceptions, timeout,
-                            batch_size, progress, max_replica_crashes, window)
+        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
+                           progress, max_replica_crashes)
+        return self._stream(iterables, False, options, window)
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
@@ -285,7 +290,8 @@ class Mapper:
             ...     m.call(2, 10)
             1024
         """
-        return self._collect([args], True, None, kwargs or None, 0, False, None, 1, False, 3)[0]
+        return self._collect([args], True, _Options(kwargs=kwargs or None, batch_size=1,
+                                                    progress=False))[0]
 
     def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` once on every replica; a list of results in replica order.
@@ -343,33 +349,38 @@ class Mapper:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _plan(self, star: bool, method: str | None, kwargs: dict | None,
-              retries: int | Retries, return_exceptions: bool, timeout: float | None,
-              batch_size: int | str, max_replica_crashes: int, **shape: Any) -> MapPlan:
-        method = method or self.method
+    def _plan(self, star: bool, options: "_Options", **shape: Any) -> MapPlan:
+        method = options.method or self.method
         if method is not None and method != self.method:
             self._method_of(method)
+        batch_size, timeout = options.batch_size, options.timeout
         if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                      or batch_size < 1):
             raise ValueError(f"batch_size must be 'auto' or a whole number >= 1, got {batch_size!r}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if max_replica_crashes < 1:
-            raise ValueError(f"max_replica_crashes must be >= 1, got {max_replica_crashes!r}")
-        kwargs_box = None
-        if kwargs:
-            if not isinstance(kwargs, dict):
-                raise TypeError(f"kwargs must be a dict of constant keyword arguments, got {kwargs!r}")
-            try:
-                kwargs_box = [ray.put(kwargs)]  # serialised once per map, cached by each replica
-            except TypeError:
-                for key, value in kwargs.items():
-                    check_picklable(value, f"kwargs[{key!r}]")
-                raise
-        call = CallSpec(method=method or "fn", star=star, kwargs_box=kwargs_box)
-        return MapPlan(call=call, retries=Retries.of(retries), return_exceptions=return_exceptions,
-                       timeout=timeout, batch_size=batch_size,
-                       max_replica_crashes=max_replica_crashes, **shape)
+        if options.max_replica_crashes < 1:
+            raise ValueError(
+                f"max_replica_crashes must be >= 1, got {options.max_replica_crashes!r}")
+        call = CallSpec(method=method or "fn", star=star, kwargs_box=self._put_kwargs(options.kwargs))
+        return MapPlan(call=call, retries=Retries.of(options.retries),
+                       return_exceptions=options.return_exceptions, timeout=timeout,
+                       batch_size=batch_size, max_replica_crashes=options.max_replica_crashes,
+                       **shape)
+
+    @staticmethod
+    def _put_kwargs(kwargs: dict | None) -> list | None:
+        """Put the constant keyword arguments in the object store once for the whole map."""
+        if not kwargs:
+            return None
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict of constant keyword arguments, got {kwargs!r}")
+        try:
+            return [ray.put(kwargs)]
+        except TypeError:
+            for key, value in kwargs.items():
+                check_picklable(value, f"kwargs[{key!r}]")
+            raise
 
     def _run(self, plan: MapPlan, source: Iterator, progress: bool | None,
              total: int | None) -> Iterator[list]:
@@ -389,36 +400,43 @@ class Mapper:
             self._cancel_events.discard(cancelled)
             bar.close()
 
-    def _collect(self, items: list, star: bool, method: str | None, kwargs: dict | None,
-                 retries: int | Retries, return_exceptions: bool, timeout: float | None,
-                 batch_size: int | str, progress: bool | None, max_replica_crashes: int) -> list:
+    def _collect(self, items: list, star: bool, options: "_Options") -> list:
         if not items:
             return []
-        plan = self._plan(star, method, kwargs, retries, return_exceptions, timeout, batch_size,
-                          max_replica_crashes, collect=True, total=len(items), window=None)
-        *_, results = self._run(plan, iter(items), progress, len(items))
+        plan = self._plan(star, options, collect=True, total=len(items), window=None)
+        *_, results = self._run(plan, iter(items), options.progress, len(items))
         return results
 
-    def _stream(self, iterables: tuple, ordered: bool, method: str | None, kwargs: dict | None,
-                retries: int | Retries, return_exceptions: bool, timeout: float | None,
-                batch_size: int | str, progress: bool | None, max_replica_crashes: int,
-                window: int) -> Iterator:
+    def _stream(self, iterables: tuple, ordered: bool, options: "_Options", window: int) -> Iterator:
         if not iterables:
             raise TypeError("imap() needs at least one iterable of inputs")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
         star = len(iterables) > 1
         source = zip(*iterables, strict=True) if star else iter(iterables[0])
-        total = min((operator.length_hint(it, -1) for it in iterables), default=-1)
-        plan = self._plan(star, method, kwargs, retries, return_exceptions, timeout, batch_size,
-                          max_replica_crashes, ordered=ordered, total=total if total >= 0 else None,
+        total = min(operator.length_hint(iterable, -1) for iterable in iterables)
+        plan = self._plan(star, options, ordered=ordered, total=total if total >= 0 else None,
                           window=window)
-        return self._values(self._run(plan, source, progress, plan.total))
+        return self._values(self._run(plan, source, options.progress, plan.total))
 
     @staticmethod
     def _values(chunks: Iterator[list]) -> Iterator:
         for chunk in chunks:
             yield from chunk
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options every map verb takes (see :meth:`Mapper.map`)."""
+
+    method: str | None = None
+    kwargs: dict | None = None
+    retries: int | Retries = 0
+    return_exceptions: bool = False
+    timeout: float | None = None
+    batch_size: int | str = "auto"
+    progress: bool | None = None
+    max_replica_crashes: int = 3
 
 
 def mapper(

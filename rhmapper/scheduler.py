@@ -27,6 +27,8 @@ DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
 WAIT_TICK_SECONDS = 0.2
 _EWMA_WEIGHT = 0.3
+_RETRYING = object()
+"""What :meth:`MapRun._failed` returns when the item will run again."""
 
 
 class ReplicaDied(Exception):
@@ -487,5 +489,3 @@ class MapRun:
             self._pool.abandon(token, call.replica)
         self._in_flight.clear()
 
-
-_RETRYING = object()
