@@ -23,7 +23,7 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def parse_memory(value: int | float | str) -> int:
     """Return a memory amount in bytes, from a number of bytes or a string such as "2GiB".
 
-    Example:
+    Examples:
         >>> parse_memory("2GiB"), parse_memory("512MB"), parse_memory(1024)
         (2147483648, 512000000, 1024)
     """
@@ -63,7 +63,7 @@ class Env(BaseModel):
         detached: keep replicas alive after the driver exits (Ray ``lifetime="detached"``),
             so a later driver attaches to them by name instead of creating new ones.
 
-    Example:
+    Examples:
         >>> env = Env(name="embed", reqs=["numpy"], compute={"CPU": 0.5, "memory": "1GiB"})
         >>> env.runtime_env()
         {'pip': ['numpy']}
@@ -123,7 +123,7 @@ class Env(BaseModel):
     def runtime_env(self) -> dict[str, Any]:
         """The Ray ``runtime_env`` dict of this env (the raw ``runtime_env`` merged last).
 
-        Example:
+        Examples:
             >>> Env(reqs=["tqdm"], installer="uv", env_vars={"K": "V"}).runtime_env()
             {'uv': ['tqdm'], 'env_vars': {'K': 'V'}}
         """
@@ -142,7 +142,7 @@ class Env(BaseModel):
     def actor_options(self) -> dict[str, Any]:
         """Options for ``ActorClass.options()``: resources and runtime_env (and detached lifetime).
 
-        Example:
+        Examples:
             >>> Env(compute={"CPU": 1, "GPU": 0, "disk_ssd": 2}).actor_options()
             {'num_cpus': 1, 'num_gpus': 0, 'resources': {'disk_ssd': 2}}
         """
@@ -169,7 +169,7 @@ class Env(BaseModel):
     def resource_request(self) -> dict[str, float]:
         """The resources one replica needs, in Ray's resource names (``CPU``, ``GPU``, ``memory``, …).
 
-        Example:
+        Examples:
             >>> Env(compute={"CPU": 0.5, "memory": "1KiB"}).resource_request()
             {'CPU': 0.5, 'memory': 1024}
         """
@@ -178,7 +178,7 @@ class Env(BaseModel):
     def replica(self, index: int) -> "Env":
         """The same env, named for its replica ``index``: ``<name>_replica_<index>``.
 
-        Example:
+        Examples:
             >>> Env(name="embed").replica(0).name
             'embed_replica_0'
         """
@@ -189,7 +189,7 @@ class Env(BaseModel):
     def named(self, name: str) -> "Env":
         """The same env under another name (used to name an env after its function or class).
 
-        Example:
+        Examples:
             >>> Env(compute={"CPU": 1}).named("double").name
             'double'
         """

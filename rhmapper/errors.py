@@ -6,7 +6,7 @@ from __future__ import annotations
 class RhmapperError(Exception):
     """Base class of the errors rhmapper raises itself.
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> issubclass(rm.NoReplicasError, rm.RhmapperError)
         True
@@ -19,7 +19,7 @@ class NoReplicasError(RhmapperError):
     Raised when every replica in the pool has died (or could not be placed again)
     while inputs were still waiting.
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> str(rm.NoReplicasError("all 2 replicas died"))
         'all 2 replicas died'
@@ -32,7 +32,7 @@ class ReplicaLostError(RhmapperError):
     The scheduler normally re-runs such items elsewhere; this error reaches the caller
     only when an item killed its replica on every one of its allowed attempts.
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> issubclass(rm.ReplicaLostError, rm.RhmapperError)
         True
@@ -40,9 +40,9 @@ class ReplicaLostError(RhmapperError):
 
 
 class UnschedulableError(RhmapperError):
-    """The resources an :class:`Env` asks for can never be granted by the cluster.
+    """The resources an `Env` asks for can never be granted by the cluster.
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> issubclass(rm.UnschedulableError, rm.RhmapperError)
         True
@@ -50,9 +50,9 @@ class UnschedulableError(RhmapperError):
 
 
 class MapCancelledError(RhmapperError):
-    """The map was cancelled by :meth:`Mapper.cancel` before it finished.
+    """The map was cancelled by `Mapper.cancel` before it finished.
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> issubclass(rm.MapCancelledError, rm.RhmapperError)
         True

@@ -43,10 +43,10 @@ def _default_name(obj: Any) -> str:
 class Mapper:
     """Maps a function, or a method of a stateful class, over inputs on a pool of Ray actors.
 
-    Build one with :func:`mapper`. A ``Mapper`` holds its replicas until :meth:`shutdown` (or the
+    Build one with `mapper`. A ``Mapper`` holds its replicas until `shutdown` (or the
     end of a ``with`` block); every map verb shares them.
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> def double(x):
         ...     return 2 * x
@@ -122,7 +122,7 @@ class Mapper:
 
         Auto replicas are created in parallel and take work as soon as each is ready.
 
-        Example:
+        Examples:
             >>> m = rm.mapper(double, replicas=1)  # doctest: +SKIP
             >>> m.add_replicas(2); m.num_replicas  # doctest: +SKIP
             3
@@ -150,7 +150,7 @@ class Mapper:
         """Block until every replica has started (maps do not need this: each replica takes work
         as soon as it is ready). Raises ``TimeoutError`` after ``timeout`` seconds.
 
-        Example:
+        Examples:
             >>> m = rm.mapper(double, replicas=4).wait_ready(timeout=60)  # doctest: +SKIP
         """
         self._pool.wait_ready(timeout)
@@ -160,7 +160,7 @@ class Mapper:
         """Remove ``count`` replicas: auto replicas first (they are killed), then your actors
         (removed from the pool, never killed).
 
-        Example:
+        Examples:
             >>> m.drop_replicas(1)  # doctest: +SKIP
         """
         self._pool.drop(count)
@@ -169,7 +169,7 @@ class Mapper:
     def replicas(self) -> list:
         """The Ray actor handles of the pool, in pool order.
 
-        Example:
+        Examples:
             >>> [type(h).__name__ for h in m.replicas]  # doctest: +SKIP
             ['ActorHandle', 'ActorHandle']
         """
@@ -179,7 +179,7 @@ class Mapper:
     def replica_names(self) -> list[str]:
         """The names of the pool's replicas (``<env>_replica_<i>`` for auto replicas).
 
-        Example:
+        Examples:
             >>> m.replica_names  # doctest: +SKIP
             ['double_replica_0', 'double_replica_1']
         """
@@ -189,7 +189,7 @@ class Mapper:
     def num_replicas(self) -> int:
         """How many replicas the pool has (ready or starting).
 
-        Example:
+        Examples:
             >>> m.num_replicas  # doctest: +SKIP
             2
         """
@@ -207,15 +207,15 @@ class Mapper:
             iterables: one iterable per positional argument; their lengths must be equal.
             method: map this method instead of the mapper's own.
             kwargs: constant keyword arguments for every call, sent to the replicas once.
-            retries: re-runs of a failed item (an int, or :class:`~rhmapper.Retries`).
+            retries: re-runs of a failed item (an int, or `Retries`).
             return_exceptions: put an item's exception in its place instead of raising it.
             timeout: seconds an item may run; a slower item fails with ``TimeoutError``.
             batch_size: ``"auto"`` adapts to item durations; an int fixes items per call.
             progress: show a tqdm bar (``None``: when stderr is a terminal).
             max_replica_crashes: an item that was running each time a replica died this many
-                times fails with :class:`~rhmapper.ReplicaLostError`.
+                times fails with `ReplicaLostError`.
 
-        Example:
+        Examples:
             >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
             ...     m.map([2, 3], [2, 2])
             [4, 9]
@@ -236,9 +236,9 @@ class Mapper:
                 return_exceptions: bool = False, timeout: float | None = None,
                 batch_size: int | str = "auto", progress: bool | None = None,
                 max_replica_crashes: int = 3) -> list:
-        """Like ``itertools.starmap``: each input is a tuple of arguments. Options as in :meth:`map`.
+        """Like ``itertools.starmap``: each input is a tuple of arguments. Options as in `map`.
 
-        Example:
+        Examples:
             >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
             ...     m.starmap([(2, 2), (3, 2)])
             [4, 9]
@@ -252,12 +252,12 @@ class Mapper:
              timeout: float | None = None, batch_size: int | str = "auto",
              progress: bool | None = None, max_replica_crashes: int = 3,
              window: int = DEFAULT_WINDOW) -> Iterator:
-        """Lazy, ordered :meth:`map`: pulls inputs only as slots free, yields results in input order.
+        """Lazy, ordered `map`: pulls inputs only as slots free, yields results in input order.
 
         At most ``window`` items are pulled from the input and not yet yielded, so memory stays
-        bounded for endless inputs. Other options as in :meth:`map`.
+        bounded for endless inputs. Other options as in `map`.
 
-        Example:
+        Examples:
             >>> with rm.mapper(double, replicas=2) as m:  # doctest: +SKIP
             ...     list(m.imap(range(4)))
             [0, 2, 4, 6]
@@ -271,9 +271,9 @@ class Mapper:
                        return_exceptions: bool = False, timeout: float | None = None,
                        batch_size: int | str = "auto", progress: bool | None = None,
                        max_replica_crashes: int = 3, window: int = DEFAULT_WINDOW) -> Iterator:
-        """Lazy :meth:`map` that yields each result as soon as it is ready. Options as in :meth:`imap`.
+        """Lazy `map` that yields each result as soon as it is ready. Options as in `imap`.
 
-        Example:
+        Examples:
             >>> with rm.mapper(double, replicas=2) as m:  # doctest: +SKIP
             ...     sorted(m.imap_unordered(range(4)))
             [0, 2, 4, 6]
@@ -285,7 +285,7 @@ class Mapper:
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
 
-        Example:
+        Examples:
             >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
             ...     m.call(2, 10)
             1024
@@ -296,7 +296,7 @@ class Mapper:
     def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` once on every replica; a list of results in replica order.
 
-        Example:
+        Examples:
             >>> with rm.mapper(rm.module(Model), method="predict", replicas=2) as m:  # doctest: +SKIP
             ...     m.broadcast("load", "weights.bin")
             [None, None]
@@ -315,9 +315,9 @@ class Mapper:
 
     def cancel(self) -> None:
         """Cancel every map running on this mapper (from another thread): in-flight calls are
-        cancelled and the map raises :class:`~rhmapper.MapCancelledError`.
+        cancelled and the map raises `MapCancelledError`.
 
-        Example:
+        Examples:
             >>> threading.Timer(1.0, m.cancel).start(); m.map(range(10**6))  # doctest: +SKIP
             Traceback (most recent call last):
             MapCancelledError: ...
@@ -331,7 +331,7 @@ class Mapper:
         A detached env's replicas (``Env(detached=True)``) are left running for a later driver
         to attach to, unless ``kill=True``.
 
-        Example:
+        Examples:
             >>> m.shutdown(); m.num_replicas  # doctest: +SKIP
             0
         """
@@ -427,7 +427,7 @@ class Mapper:
 
 @dataclass(frozen=True)
 class _Options:
-    """The options every map verb takes (see :meth:`Mapper.map`)."""
+    """The options every map verb takes (see `Mapper.map`)."""
 
     method: str | None = None
     kwargs: dict | None = None
@@ -447,21 +447,21 @@ def mapper(
     concurrency: int = 1,
     ready_timeout: float | None = None,
 ) -> Mapper:
-    """Create a :class:`Mapper` of ``obj`` over a pool of replicas (Ray actors).
+    """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
 
     Args:
         obj: a function; a class (each replica builds it with no arguments) or its
-            ``@ray.remote`` class; or :func:`rhmapper.module` ``(cls, *args, **kwargs)``.
+            ``@ray.remote`` class; or `rhmapper.module` ``(cls, *args, **kwargs)``.
         method: for a class, the method to map.
         replicas: how many auto replicas to create, or a list of existing Ray actor handles.
-        env: the :class:`~rhmapper.Env` auto replicas run in (named after ``obj`` if unnamed).
+        env: the `Env` auto replicas run in (named after ``obj`` if unnamed).
         concurrency: calls in flight per replica (auto replicas get ``max_concurrency``).
         ready_timeout: with no replica ready, fail after this many seconds of waiting for
             replicas to start (``None``: wait as long as it takes).
 
     Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
 
-    Example:
+    Examples:
         >>> import rhmapper as rm
         >>> with rm.mapper(abs, replicas=2, env=rm.Env(name="abs", compute={"CPU": 0.5})) as m:
         ...     m.map([-1, -2, 3])

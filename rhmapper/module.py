@@ -26,9 +26,9 @@ _shared_objects_lock = threading.Lock()
 class Module:
     """A class for replicas to build once each, with the arguments to build it with.
 
-    Create it with :func:`module`.
+    Create it with `module`.
 
-    Example:
+    Examples:
         >>> class Model:
         ...     def __init__(self, scale):
         ...         self.scale = scale
@@ -44,7 +44,7 @@ class Module:
     def build(self) -> Any:
         """Build the user's object, as each replica does once when it starts.
 
-        Example:
+        Examples:
             >>> module(dict, a=1).build()
             {'a': 1}
         """
@@ -54,7 +54,7 @@ class Module:
 def plain_class(cls: Any) -> type:
     """The user's own class, given the class itself or its ``@ray.remote`` actor class.
 
-    Example:
+    Examples:
         >>> class Model: ...
         >>> plain_class(Model) is Model
         True
@@ -74,7 +74,7 @@ def module(cls: type, *args: Any, **kwargs: Any) -> Module:
     ``cls`` may be a plain class or its ``@ray.remote`` actor class. Map one of its methods
     with ``rm.mapper(rm.module(Model, "ckpt"), method="predict", replicas=4)``.
 
-    Example:
+    Examples:
         >>> class Model:
         ...     def __init__(self, ckpt, device="cpu"):
         ...         self.ckpt, self.device = ckpt, device
@@ -88,7 +88,7 @@ def module(cls: type, *args: Any, **kwargs: Any) -> Module:
 class FunctionReplica:
     """The actor class of auto replicas that map a plain function: it holds the function as ``fn``.
 
-    Example:
+    Examples:
         >>> FunctionReplica(abs).fn(-2)
         2
     """
@@ -103,7 +103,7 @@ class RemoteFailure:
 
     ``error`` is the exception itself, or ``None`` when it could not be pickled back.
 
-    Example:
+    Examples:
         >>> failure = RemoteFailure.capture(ValueError("bad"))
         >>> type(failure.error).__name__, failure.type_name
         ('ValueError', 'ValueError')
@@ -118,7 +118,7 @@ class RemoteFailure:
     def capture(cls, error: BaseException) -> "RemoteFailure":
         """Capture ``error`` (inside an ``except`` block, to keep its traceback).
 
-        Example:
+        Examples:
             >>> RemoteFailure.capture(KeyError("k")).message
             "'k'"
         """
@@ -139,7 +139,7 @@ class RemoteFailure:
 class BatchReply:
     """What one call returns: a value per item, the failures by position, and the run time.
 
-    Example:
+    Examples:
         >>> reply = BatchReply(values=[2, None], failures={1: None}, seconds=0.1)
         >>> len(reply.values)
         2
@@ -155,7 +155,7 @@ def shared_object(box: list) -> Any:
 
     ``box`` is ``[ObjectRef]``: wrapping the reference keeps Ray from fetching it on every call.
 
-    Example (inside a replica):
+    Examples:
         >>> import ray  # doctest: +SKIP
         >>> shared_object([ray.put({"k": 1})])  # doctest: +SKIP
         {'k': 1}
@@ -182,7 +182,7 @@ def run_batch(instance: Any, payload: tuple[str, list, bool, list | None]) -> Ba
     (else the single argument), and the map's constant keyword arguments. It travels as one
     argument because Ray serialises each argument of a call separately.
 
-    Example:
+    Examples:
         >>> reply = run_batch(FunctionReplica(abs), ("fn", [-1, 2, "x"], False, None))
         >>> reply.values[:2], type(reply.failures[2].error).__name__
         ([1, 2], 'TypeError')
@@ -211,7 +211,7 @@ def run_batch(instance: Any, payload: tuple[str, list, bool, list | None]) -> Ba
 def replica_info(instance: Any) -> dict[str, Any]:
     """Where a replica runs (node id, pid); also the probe that tells the replica is ready.
 
-    Example (inside a replica):
+    Examples:
         >>> handle.__ray_call__.remote(replica_info)  # doctest: +SKIP
     """
     context = ray.get_runtime_context()

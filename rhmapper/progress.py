@@ -14,7 +14,7 @@ class Progress:
 
     ``enabled=None`` shows the bar when stderr is a terminal.
 
-    Example:
+    Examples:
         >>> bar = Progress(enabled=False, total=10, description="double")
         >>> bar.update(3, MapStats(done=3), live_replicas=2); bar.close()
         >>> bar.bar is None

@@ -1,6 +1,6 @@
 """Replicas: creating, naming, health-checking and killing the Ray actors a mapper runs on.
 
-Auto replicas are created by the pool from an :class:`~rhmapper.env.Env` and owned by it (killed on
+Auto replicas are created by the pool from an `Env` and owned by it (killed on
 shutdown, replaced when they die). User replicas are Ray actor handles the user passes in: they
 join the pool, and are dropped from it when they die, but are never killed by it.
 """
@@ -40,7 +40,7 @@ _REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostE
 class RayReplica:
     """One replica of a pool: a Ray actor handle with its slot count and state.
 
-    Example:
+    Examples:
         >>> replica = RayReplica("embed_replica_0", handle, owned=True, capacity=2)  # doctest: +SKIP
         >>> replica.state  # doctest: +SKIP
         'starting'
@@ -62,7 +62,7 @@ class RayReplica:
         return f"RayReplica({self.name!r}, {self.state}, {'auto' if self.owned else 'user'})"
 
     def submit(self, call: CallSpec, start: int, items: list) -> ray.ObjectRef:
-        """Start one call of :func:`~rhmapper.module.run_batch` on ``items``; return its ref."""
+        """Start one call of `run_batch` on ``items``; return its ref."""
         try:
             ref = self.handle.__ray_call__.remote(
                 run_batch, (call.method, items, call.star, call.kwargs_box))
@@ -93,7 +93,7 @@ def _unpicklable_item(start: int, items: list, error: TypeError) -> TypeError:
 def check_picklable(obj: Any, what: str) -> None:
     """Raise a ``TypeError`` naming ``what`` when ``obj`` cannot be pickled for the replicas.
 
-    Example:
+    Examples:
         >>> import threading
         >>> check_picklable(threading.Lock(), "kwargs['lock']")
         Traceback (most recent call last):
@@ -107,11 +107,11 @@ def check_picklable(obj: Any, what: str) -> None:
 
 
 def check_feasible(env: Env) -> None:
-    """Raise :class:`UnschedulableError` when no node of the cluster can ever host one replica.
+    """Raise `UnschedulableError` when no node of the cluster can ever host one replica.
 
     With Ray's autoscaler configured, the largest node type it may add counts as a node.
 
-    Example:
+    Examples:
         >>> check_feasible(Env(name="huge", compute={"CPU": 512}))  # doctest: +SKIP
         Traceback (most recent call last):
         UnschedulableError: ...
@@ -148,7 +148,7 @@ def _amount(value: float, key: str) -> str:
 class ReplicaPool:
     """The replicas of one mapper: auto replicas built from an Env, plus the user's actors.
 
-    Example:
+    Examples:
         >>> pool = ReplicaPool(Env(name="double"), target=lambda x: 2 * x, concurrency=2)  # doctest: +SKIP
         >>> pool.add_auto(2); [r.name for r in pool.replicas]  # doctest: +SKIP
         ['double_replica_0', 'double_replica_1']
@@ -341,7 +341,7 @@ class ReplicaPool:
                 f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
 
     def fetch(self, token: ray.ObjectRef) -> BatchReply:
-        """The reply of a done call; :class:`ReplicaDied` if its replica died."""
+        """The reply of a done call; `ReplicaDied` if its replica died."""
         try:
             return ray.get(token)
         except _REPLICA_DEATHS as error:

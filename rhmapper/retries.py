@@ -20,7 +20,7 @@ class Retries(BaseModel):
         max_delay: the delay never exceeds this many seconds.
         retry_on: only exceptions of these types are retried; others fail at once.
 
-    Example:
+    Examples:
         >>> policy = Retries(max_retries=3, initial_delay=0.5, backoff=2, max_delay=1.5)
         >>> [policy.delay(attempt) for attempt in (1, 2, 3)]
         [0.5, 1.0, 1.5]
@@ -52,7 +52,7 @@ class Retries(BaseModel):
     def of(cls, retries: "int | Retries") -> "Retries":
         """The policy for a map's ``retries=`` argument (an int or a ``Retries``).
 
-        Example:
+        Examples:
             >>> Retries.of(2).max_retries
             2
         """
@@ -65,18 +65,20 @@ class Retries(BaseModel):
     def should_retry(self, error: BaseException | None, attempt: int) -> bool:
         """Whether an item that failed on its ``attempt``-th run (1 = first) runs again.
 
-        Example:
+        Examples:
             >>> Retries(max_retries=1).should_retry(ValueError(), attempt=2)
             False
         """
         if attempt > self.max_retries:
             return False
-        return error is None or isinstance(error, self.retry_on)
+        if error is None:  # it could not be pickled back: only a catch-all policy retries it
+            return any(issubclass(Exception, kind) for kind in self.retry_on)
+        return isinstance(error, self.retry_on)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before re-running an item that failed on its ``attempt``-th run.
 
-        Example:
+        Examples:
             >>> Retries(initial_delay=1, backoff=3).delay(2)
             3.0
         """

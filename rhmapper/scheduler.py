@@ -1,8 +1,8 @@
 """The dispatch loop: per-replica slots, least-loaded choice, adaptive batches, ordering, retries,
 timeouts and replica loss.
 
-The scheduler knows nothing of Ray, envs or progress bars. It talks to a :class:`Pool` of
-:class:`Replica` objects that know how to submit a call and report its completion, so the same loop
+The scheduler knows nothing of Ray, envs or progress bars. It talks to a `Pool` of
+`Replica` objects that know how to submit a call and report its completion, so the same loop
 runs on Ray actors, on replicas of several clusters, or on in-process fakes in the unit tests.
 """
 
@@ -28,11 +28,11 @@ DEFAULT_WINDOW = 16_384
 WAIT_TICK_SECONDS = 0.2
 _EWMA_WEIGHT = 0.3
 _RETRYING = object()
-"""What :meth:`MapRun._failed` returns when the item will run again."""
+"""What `MapRun._failed` returns when the item will run again."""
 
 
 class ReplicaDied(Exception):
-    """Raised by :meth:`Pool.fetch` when the replica behind a call died before answering."""
+    """Raised by `Pool.fetch` when the replica behind a call died before answering."""
 
 
 class Replica(Protocol):
@@ -58,11 +58,11 @@ class Pool(Protocol):
     def wait(self, tokens: list, timeout: float) -> list:
         """Wait until some of ``tokens`` are done or the pool changed; return the done tokens.
 
-        Raises :class:`rhmapper.NoReplicasError` when no replica is alive or starting.
+        Raises `rhmapper.NoReplicasError` when no replica is alive or starting.
         """
 
     def fetch(self, token: Any) -> BatchReply:
-        """The reply of a done call; raises :class:`ReplicaDied` if its replica died."""
+        """The reply of a done call; raises `ReplicaDied` if its replica died."""
 
     def abandon(self, token: Any, replica: Replica) -> None:
         """Cancel a call whose result is no longer wanted. Its slot stays taken until the replica
@@ -121,7 +121,7 @@ class _Retry:
 class MapStats:
     """Counters of one map, for the progress bar and for callers.
 
-    Example:
+    Examples:
         >>> MapStats().done
         0
     """
@@ -135,7 +135,7 @@ class MapStats:
 def add_note(error: BaseException, note: str) -> None:
     """Attach a PEP 678 note to ``error`` (also on Python 3.10, which lacks ``add_note``).
 
-    Example:
+    Examples:
         >>> error = ValueError("x"); add_note(error, "item 3"); error.__notes__
         ['item 3']
     """
@@ -148,7 +148,7 @@ def add_note(error: BaseException, note: str) -> None:
 def user_error(failure: RemoteFailure, index: int, replica_name: str) -> BaseException:
     """The exception the caller sees for an item: the user's own type, noted with where it failed.
 
-    Example:
+    Examples:
         >>> failure = RemoteFailure(ValueError("bad"), "ValueError", "bad", "Traceback ...")
         >>> error = user_error(failure, 7, "double_replica_0")
         >>> type(error).__name__, error.__notes__[-1]
@@ -233,9 +233,9 @@ class _UnorderedSink:
 
 
 class MapRun:
-    """One map's dispatch loop over a pool. Iterate :meth:`chunks` to drive it.
+    """One map's dispatch loop over a pool. Iterate `chunks` to drive it.
 
-    Example (with the in-process pool of the unit tests):
+    Examples:
         >>> from tests.fakes import FakePool  # doctest: +SKIP
         >>> run = MapRun(FakePool(2), MapPlan(CallSpec(), collect=True, total=3), iter([1, 2, 3]))  # doctest: +SKIP
         >>> list(run.chunks()); run.results  # doctest: +SKIP
