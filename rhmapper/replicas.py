@@ -8,6 +8,7 @@ join the pool, and are dropped from it when they die, but are never killed by it
 from __future__ import annotations
 
 import itertools
+import tempfile
 import threading
 import time
 import warnings
@@ -139,6 +140,31 @@ def check_feasible(env: Env) -> None:
     )
 
 
+def upload_local_dirs(options: dict[str, Any]) -> dict[str, Any]:
+    """Actor options with a local ``working_dir`` / ``py_modules`` uploaded to the cluster.
+
+    Ray uploads local folders only for a whole job; an actor's ``runtime_env`` needs URIs. Uploads
+    are content-hashed, so each folder is sent once.
+
+    Examples:
+        >>> upload_local_dirs({"num_cpus": 1})
+        {'num_cpus': 1}
+    """
+    runtime_env = options.get("runtime_env")
+    if not runtime_env or not {"working_dir", "py_modules"} & runtime_env.keys():
+        return options
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    scratch = tempfile.gettempdir()
+    runtime_env = upload_py_modules_if_needed(dict(runtime_env), include_gitignore=True,
+                                              scratch_dir=scratch)
+    runtime_env = upload_working_dir_if_needed(runtime_env, include_gitignore=True,
+                                               scratch_dir=scratch)
+    runtime_env.pop("excludes", None)
+    return {**options, "runtime_env": runtime_env}
+
+
 def _amount(value: float, key: str) -> str:
     if key == "memory":
         return f"{value / 2**30:.2f}GiB"
@@ -167,6 +193,7 @@ class ReplicaPool:
         self.replicas: list[RayReplica] = []
         self._turns = itertools.count()
         self._feasible_checked_at = 0.0
+        self._actor_options = upload_local_dirs(env.actor_options())
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
         self._lock = threading.RLock()
         if isinstance(target, Module):
@@ -231,7 +258,7 @@ class ReplicaPool:
         """Start the auto replica ``<env>_replica_<index>``, or the next free name if Ray still
         holds that one (a killed actor's name is released asynchronously)."""
         options = {
-            **self.env.actor_options(),
+            **self._actor_options,
             "namespace": NAMESPACE,
             "max_concurrency": self.concurrency,
             "max_restarts": 0,

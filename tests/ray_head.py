@@ -1,0 +1,215 @@
+"""A real Ray head on loopback for tests that need their own cluster (job submission, detached pools).
+
+``start_head()`` runs ``ray start --head --block`` from the venv's ``ray`` as the leader of a new
+session, on free loopback ports and a short temp dir of its own, so it cannot clash with the
+pytest session's local Ray (or any other Ray on the machine). ``RayHead.stop()`` ends exactly that
+head: SIGTERM to the leader (Ray stops its own children), then SIGKILL to whatever is left in its
+session or names its temp dir on its command line. Nothing is killed by name and ``ray stop`` is
+never run, since that would stop every Ray on the machine.
+
+Example:
+    >>> head = start_head(num_cpus=2)  # doctest: +SKIP
+    >>> subprocess.run(["python", "driver.py"], env=head.env, check=True)  # doctest: +SKIP
+    >>> head.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import psutil
+
+VENV_BIN = os.path.dirname(sys.executable)
+RAY = os.path.join(VENV_BIN, "ray")
+RHMAPPER = os.path.join(VENV_BIN, "rhmapper")
+LOOPBACK = "127.0.0.1"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports nobody listens on right now (the OS picks them).
+
+    Example:
+        >>> len(set(free_ports(3)))
+        3
+    """
+    sockets, ports = [], []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((LOOPBACK, 0))
+            sockets.append(sock)
+            ports.append(sock.getsockname()[1])
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def free_port_range(size: int = 100, low: int = 20000, high: int = 32000) -> tuple[int, int]:
+    """A block of ``size`` consecutive free ports below the OS's ephemeral range.
+
+    Example:
+        >>> first, last = free_port_range(10); last - first
+        9
+    """
+    for _ in range(200):
+        first = random.randrange(low, high - size)
+        if all(_port_free(port) for port in range(first, first + size)):
+            return first, first + size - 1
+    raise RuntimeError(f"no {size} consecutive free ports between {low} and {high}")
+
+
+def client_env(**extra: str) -> dict[str, str]:
+    """The environment for Ray clients of a test head: token auth on, no stray RAY_ADDRESS.
+
+    Example:
+        >>> client_env(RAY_ADDRESS="127.0.0.1:6379")["RAY_AUTH_MODE"]
+        'token'
+    """
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_ADDRESS", "RAY_JOB_ID", "PYTEST_CURRENT_TEST")}
+    # The venv's `ray` and `python` come first: a job's entrypoint `python job.py` runs with the
+    # head's PATH.
+    env["PATH"] = os.pathsep.join([VENV_BIN, env.get("PATH", "")])
+    env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class RayHead:
+    """A running test head: its addresses, temp dir, leader pid and client environment."""
+
+    temp_dir: str
+    gcs_address: str
+    dashboard_url: str
+    leader: subprocess.Popen
+    log_path: str
+    env: dict[str, str] = field(default_factory=dict)
+
+    def pids(self) -> set[int]:
+        """Live pids of this head: its session's processes and any naming its temp dir."""
+        found = set()
+        for process in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if process.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                in_session = os.getsid(process.pid) == self.leader.pid
+                cmdline = " ".join(process.info["cmdline"] or [])
+                if in_session or self.temp_dir in cmdline:
+                    found.add(process.pid)
+            except (psutil.Error, ProcessLookupError, PermissionError):
+                continue
+        found.discard(os.getpid())
+        return found
+
+    def log(self) -> str:
+        """What ``ray start`` printed so far."""
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+    def stop(self, timeout: float = 30.0) -> set[int]:
+        """Stop this head (and only it); return the pids that were running. Raises if any stays."""
+        running = self.pids()
+        if self.leader.poll() is None:
+            self.leader.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pids():
+            time.sleep(0.3)
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.leader.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.pids():
+            time.sleep(0.2)
+        left = self.pids()
+        if left:
+            raise RuntimeError(f"processes of the head in {self.temp_dir} still alive: {left}")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return running
+
+
+def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
+    """Start a Ray head with the dashboard (job API) on loopback; see the module docstring.
+
+    Example:
+        >>> head = start_head(); head.dashboard_url  # doctest: +SKIP
+        'http://127.0.0.1:41234'
+    """
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=client_env(),
+                   capture_output=True, check=False)  # creates ~/.ray/auth_token only if missing
+    temp_dir = tempfile.mkdtemp(prefix="rhm-", dir="/tmp")
+    (gcs, client, dashboard, node_manager, object_manager, metrics, agent_http, agent_grpc,
+     runtime_env_agent) = free_ports(9)
+    min_worker, max_worker = free_port_range(100)
+    log_path = os.path.join(temp_dir, "head.log")
+    command = [
+        RAY, "start", "--head", "--block", "--disable-usage-stats",
+        f"--node-ip-address={LOOPBACK}", f"--port={gcs}", f"--ray-client-server-port={client}",
+        "--include-dashboard=true", f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
+        f"--min-worker-port={min_worker}", f"--max-worker-port={max_worker}",
+        f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+        "--object-store-memory=200000000",
+    ]
+    with open(log_path, "w") as log:
+        leader = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, env=client_env(),
+                                  start_new_session=True)
+    gcs_address = f"{LOOPBACK}:{gcs}"
+    head = RayHead(temp_dir=temp_dir, gcs_address=gcs_address,
+                   dashboard_url=f"http://{LOOPBACK}:{dashboard}", leader=leader,
+                   log_path=log_path, env=client_env(RAY_ADDRESS=gcs_address))
+    try:
+        _wait_started(head, timeout)
+    except BaseException:
+        head.stop()
+        raise
+    return head
+
+
+def _wait_started(head: RayHead, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in head.log():
+        if head.leader.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Ray head did not start:\n{head.log()[-3000:]}")
+        time.sleep(0.3)
+    while True:  # the job API answers once the dashboard is up
+        try:
+            urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered (maybe asking for the token): it is up
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard never answered:\n{head.log()[-3000:]}")
+            time.sleep(0.3)
