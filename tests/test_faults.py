@@ -241,9 +241,8 @@ class Hog:
 
 
 def test_ready_timeout_fails_a_map_whose_replicas_never_start():
-    free_cpus = ray.available_resources().get("CPU", 0)
-    hog = Hog.options(num_cpus=free_cpus - 0.5).remote()
-    ray.get(hog.ping.remote())
+    hog = Hog.options(num_cpus=ray.cluster_resources()["CPU"] - 0.5).remote()
+    ray.get(hog.ping.remote(), timeout=60)  # placed once earlier tests' replicas are gone
     try:
         m = rm.mapper(sleep_then, replicas=2, env=rm.Env(name="starved", compute={"CPU": 1}),
                       ready_timeout=2)
