@@ -39,3 +39,15 @@ def ray_local(ray_session):
     """Ray for one test; fails loudly if a multi-node test left it shut down."""
     assert ray_session.is_initialized(), "a multi-node test ran before a local-Ray test"
     return ray_session
+
+
+@pytest.fixture
+def head():
+    """A Ray head of the test's own on loopback (see tests/ray_head.py), stopped by pid after."""
+    from tests.ray_head import start_head
+
+    head = start_head(num_cpus=2)
+    try:
+        yield head
+    finally:
+        head.stop()

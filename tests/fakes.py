@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from rhmapper.errors import NoReplicasError
 from rhmapper.module import BatchReply, RemoteFailure

@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import psutil
 
@@ -156,8 +157,15 @@ class RayHead:
         return running
 
 
-def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
+def start_head(num_cpus: int = 2, timeout: float = 90.0, extra_args: Sequence[str] = (),
+               extra_env: Mapping[str, str] | None = None,
+               gcs_port: int | None = None) -> RayHead:
     """Start a Ray head with the dashboard (job API) on loopback; see the module docstring.
+
+    ``extra_args`` are appended to the ``ray start`` command line (e.g.
+    ``--autoscaling-config=...``); ``extra_env`` is added to the environment of ``ray start``
+    only (its clients get ``head.env`` as usual). ``gcs_port`` fixes the GCS port (for configs
+    that must name the head's address before it starts); by default a free port is picked.
 
     Example:
         >>> head = start_head(); head.dashboard_url  # doctest: +SKIP
@@ -166,8 +174,11 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
     subprocess.run([RAY, "get-auth-token", "--generate"], env=client_env(),
                    capture_output=True, check=False)  # creates ~/.ray/auth_token only if missing
     temp_dir = tempfile.mkdtemp(prefix="rhm-", dir="/tmp")
+    ports = free_ports(9)
+    while gcs_port is not None and gcs_port in ports[1:]:
+        ports = free_ports(9)
     (gcs, client, dashboard, node_manager, object_manager, metrics, agent_http, agent_grpc,
-     runtime_env_agent) = free_ports(9)
+     runtime_env_agent) = [gcs_port or ports[0], *ports[1:]]
     min_worker, max_worker = free_port_range(100)
     log_path = os.path.join(temp_dir, "head.log")
     command = [
@@ -179,11 +190,11 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0) -> RayHead:
         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env_agent}",
         f"--min-worker-port={min_worker}", f"--max-worker-port={max_worker}",
         f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-        "--object-store-memory=200000000",
+        "--object-store-memory=200000000", *extra_args,
     ]
     with open(log_path, "w") as log:
         leader = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, env=client_env(),
+                                  stdin=subprocess.DEVNULL, env=client_env(**(extra_env or {})),
                                   start_new_session=True)
     gcs_address = f"{LOOPBACK}:{gcs}"
     head = RayHead(temp_dir=temp_dir, gcs_address=gcs_address,

@@ -14,22 +14,13 @@ import psutil
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from tests.ray_head import RAY, start_head
+from tests.ray_head import RAY
 
 pytestmark = pytest.mark.slow
 
 JOB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "examples", "job_submit")
 
-
-@pytest.fixture
-def head():
-    head = start_head(num_cpus=2)
-    try:
-        yield head
-    finally:
-        if head.leader.poll() is None or head.pids():
-            head.stop()
 
 
 def ray_job(head, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import ray
 
 import rhmapper as rm
 from rhmapper import cli
-from tests.ray_head import RHMAPPER, client_env, free_ports, start_head
+from tests.ray_head import RHMAPPER, client_env, free_ports
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,14 +55,6 @@ def run_driver(head, step: str) -> dict:
 def rhmapper_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([RHMAPPER, *args], env=env, capture_output=True, text=True, timeout=120)
 
-
-@pytest.fixture
-def head():
-    head = start_head(num_cpus=2)
-    try:
-        yield head
-    finally:
-        head.stop()
 
 
 @pytest.mark.slow
