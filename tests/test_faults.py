@@ -225,13 +225,18 @@ def test_token_authentication_is_on():
 
 
 def test_autoscaler_node_types_count_as_nodes(monkeypatch):
+    from ray.core.generated import autoscaler_pb2
+
     from rhmapper.replicas import check_feasible
 
-    state = ray._private.state.state
-    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"GPU": 2, "CPU": 8})
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"GPU": 1, "CPU": 8}, max_count=2),
+        autoscaler_pb2.NodeGroupConfig(name="off", resources={"GPU": 8}, max_count=0)])
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: config)
     check_feasible(rm.Env(name="scales", compute={"GPU": 1, "CPU": 8}))
-    with pytest.raises(rm.UnschedulableError, match="GPU=4"):
-        check_feasible(rm.Env(name="toobig", compute={"GPU": 4}))
+    # Per node: two 1-GPU nodes do not make a 2-GPU node; a group of max 0 nodes never comes.
+    with pytest.raises(rm.UnschedulableError, match="GPU=2"):
+        check_feasible(rm.Env(name="toobig", compute={"GPU": 2}))
 
 
 @ray.remote
