@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import traceback
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -85,6 +86,10 @@ def module(cls: type, *args: Any, **kwargs: Any) -> Module:
     return Module(plain_class(cls), args, dict(kwargs))
 
 
+def _run_in_replica(self: Any, payload: tuple) -> "BatchReply":
+    return run_batch(self, payload)
+
+
 class FunctionReplica:
     """The actor class of auto replicas that map a plain function: it holds the function as ``fn``.
 
@@ -93,8 +98,29 @@ class FunctionReplica:
         2
     """
 
+    _rhmapper_run = _run_in_replica
+
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
+
+
+def replica_class(cls: type) -> type:
+    """The actor class of a module's auto replicas: the user's class plus ``_rhmapper_run``, the
+    batch entry point (a direct actor method costs less per call than ``__ray_call__``).
+
+    Examples:
+        >>> class Model:
+        ...     def predict(self, x):
+        ...         return x
+        >>> replica = replica_class(Model)()
+        >>> isinstance(replica, Model), replica._rhmapper_run(("predict", [7], False, None)).values
+        (True, [7])
+    """
+    def body(namespace: dict) -> None:
+        namespace.update(_rhmapper_run=_run_in_replica, __module__=__name__,
+                         __qualname__=f"replica_class.<locals>.{cls.__name__}")
+
+    return types.new_class(cls.__name__, (cls,), exec_body=body)
 
 
 @dataclass

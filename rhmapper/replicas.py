@@ -27,7 +27,14 @@ from ray.exceptions import (
 
 from rhmapper.env import Env
 from rhmapper.errors import NoReplicasError, RhmapperError, UnschedulableError
-from rhmapper.module import BatchReply, FunctionReplica, Module, replica_info, run_batch
+from rhmapper.module import (
+    BatchReply,
+    FunctionReplica,
+    Module,
+    replica_class,
+    replica_info,
+    run_batch,
+)
 from rhmapper.scheduler import CallSpec, ReplicaDied
 
 NAMESPACE = "rhmapper"
@@ -65,9 +72,12 @@ class RayReplica:
 
     def submit(self, call: CallSpec, start: int, items: list) -> ray.ObjectRef:
         """Start one call of `run_batch` on ``items``; return its ref."""
+        payload = (call.method, items, call.star, call.kwargs_box)
         try:
-            ref = self.handle.__ray_call__.remote(
-                run_batch, (call.method, items, call.star, call.kwargs_box))
+            if self.owned:
+                ref = self.handle._rhmapper_run.remote(payload)
+            else:
+                ref = self.handle.__ray_call__.remote(run_batch, payload)
         except TypeError as error:
             raise _unpicklable_item(start, items, error) from error
         with self._lock:
@@ -275,7 +285,7 @@ class ReplicaPool:
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
         self._lock = threading.RLock()
         if isinstance(target, Module):
-            self._actor_class = ray.remote(target.cls)
+            self._actor_class = ray.remote(replica_class(target.cls))
             self._init_args, self._init_kwargs = target.args, target.kwargs
         else:
             self._actor_class = ray.remote(FunctionReplica)
@@ -377,9 +387,7 @@ class ReplicaPool:
         if not refs:
             time.sleep(timeout)
             return []
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        if not done:
-            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if refs is tokens:
             return done
         done_set = set(done)
