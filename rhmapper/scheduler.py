@@ -22,6 +22,8 @@ from rhmapper.retries import Retries
 
 TARGET_CALL_SECONDS = 0.1
 """Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
+MIN_CALL_SECONDS = 0.01
+"""Near the end of an input, auto batches shrink, but not below about this much work per call."""
 MAX_BATCH = 100_000
 DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
@@ -358,13 +360,10 @@ class MapRun:
         per_item = max(self._per_item_seconds, 1e-7)
         size = int(TARGET_CALL_SECONDS / per_item)
         if plan.total is not None:
-            remaining = plan.total - self._next_index
-            in_flight = sum(len(call.items) for call in self._in_flight.values())
-            if (remaining + in_flight) * per_item <= TARGET_CALL_SECONDS * slots:
-                # All that is left fits in one call per slot: give each slot an equal share.
-                size = math.ceil((remaining + in_flight) / slots)
-            else:
-                size = min(size, math.ceil(remaining / (2 * slots)))  # guided self-scheduling
+            # Guided self-scheduling: shares shrink toward the end so slots finish together,
+            # but never below a call's worth of work for the per-call overhead to stay small.
+            guided = math.ceil((plan.total - self._next_index) / (2 * slots))
+            size = min(size, max(guided, int(MIN_CALL_SECONDS / per_item)))
         return max(1, min(size, room)) if room > 0 else 0
 
     # -- completion -------------------------------------------------------------------------
