@@ -20,7 +20,7 @@ from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
 from rhmapper.module import BatchReply, RemoteFailure
 from rhmapper.retries import Retries
 
-TARGET_CALL_SECONDS = 0.1
+TARGET_CALL_SECONDS = 0.25
 """Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
 MIN_CALL_SECONDS = 0.01
 """Near the end of an input, auto batches shrink, but not below about this much work per call."""
