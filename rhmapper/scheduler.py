@@ -238,9 +238,13 @@ class MapRun:
     """One map's dispatch loop over a pool. Iterate `chunks` to drive it.
 
     Examples:
-        >>> from tests.fakes import FakePool  # doctest: +SKIP
-        >>> run = MapRun(FakePool(2), MapPlan(CallSpec(), collect=True, total=3), iter([1, 2, 3]))  # doctest: +SKIP
-        >>> list(run.chunks()); run.results  # doctest: +SKIP
+        >>> from tests.fakes import FakePool  # the in-process pool of the unit tests
+        >>> plan = MapPlan(CallSpec("fn"), collect=True, total=3, window=None)
+        >>> run = MapRun(FakePool(2, fn=lambda x: 10 * x), plan, iter([1, 2, 3]))
+        >>> for _ in run.chunks():
+        ...     pass
+        >>> run.results
+        [10, 20, 30]
     """
 
     def __init__(

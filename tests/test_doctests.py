@@ -1,0 +1,19 @@
+"""The examples in the docstrings of the Ray-free modules run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("name", [
+    "rhmapper.env", "rhmapper.errors", "rhmapper.module", "rhmapper.progress",
+    "rhmapper.retries", "rhmapper.scheduler",
+])
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no runnable examples"
+    assert result.failed == 0
