@@ -22,7 +22,7 @@ from rhmapper.retries import Retries
 
 TARGET_CALL_SECONDS = 0.25
 """Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
-MIN_CALL_SECONDS = 0.01
+MIN_CALL_SECONDS = 0.025
 """Near the end of an input, auto batches shrink, but not below about this much work per call."""
 MAX_BATCH = 100_000
 DEFAULT_WINDOW = 16_384

@@ -55,7 +55,7 @@ def test_auto_batches_aim_at_a_quarter_second_and_shrink_before_the_end():
     assert sum(sizes) == 20_000
     assert max(sizes) == 125, "0.25 s of 2 ms items is 125 per call"
     assert len(sizes) < 20_000 / 125 * 1.3, f"{len(sizes)} calls: batches should stay near 125"
-    assert sizes[-1] <= 5, f"guided shares should shrink to the 10 ms floor: {sizes[-12:]}"
+    assert sizes[-1] <= 13, f"guided shares should shrink to the 25 ms floor: {sizes[-12:]}"
 
 
 def test_fixed_batch_size_is_respected():
