@@ -305,12 +305,11 @@ class MapRun:
         if not replicas:
             return
         while True:
-            free = [replica for replica in replicas if replica.in_flight < replica.capacity]
-            if not free:
-                return
-            replica = self._least_loaded(free)
-            work = self._take_retry(replica, len(replicas)) or self._take_fresh(replicas)
-            if work is None:
+            for replica in self._free_by_load(replicas):
+                work = self._take_retry(replica, len(replicas)) or self._take_fresh(replicas)
+                if work is not None:
+                    break
+            else:
                 return
             start, items, is_retry = work
             deadline = None
@@ -319,10 +318,13 @@ class MapRun:
             token = replica.submit(self._plan.call, start, items)
             self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
 
-    def _least_loaded(self, free: list[Replica]) -> Replica:
-        lowest = min(replica.in_flight for replica in free)
-        tied = [replica for replica in free if replica.in_flight == lowest]
-        return tied[self._pool.next_turn() % len(tied)]
+    def _free_by_load(self, replicas: list[Replica]) -> list[Replica]:
+        """Replicas with a free slot, least loaded first; ties rotate from one call to the next."""
+        free = [replica for replica in replicas if replica.in_flight < replica.capacity]
+        if len(free) > 1:
+            turn = self._pool.next_turn() % len(free)
+            free = sorted(free[turn:] + free[:turn], key=lambda replica: replica.in_flight)
+        return free
 
     def _take_retry(self, replica: Replica, live: int) -> tuple[int, list, bool] | None:
         now = time.monotonic()
@@ -461,8 +463,8 @@ class MapRun:
     def _wait_seconds(self) -> float:
         now = time.monotonic()
         moments = [call.deadline for call in self._in_flight.values() if call.deadline is not None]
-        if self._retry_heap:
-            moments.append(self._retry_heap[0].not_before)
+        # A retry already due that is still queued waits for a slot (a completion), not a moment.
+        moments.extend(retry.not_before for retry in self._retry_heap if retry.not_before > now)
         soonest = min(moments, default=now + WAIT_TICK_SECONDS)
         return max(0.0, min(soonest - now, WAIT_TICK_SECONDS))
 

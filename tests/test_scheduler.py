@@ -196,3 +196,34 @@ def test_unequal_star_items_are_passed_as_arguments():
     run = MapRun(pool, plan, iter([(1, 2), (3, 4), (5, 6)]))
     list(run.chunks())
     assert run.results == [2, 12, 30]
+
+
+def test_a_due_retry_goes_to_any_free_replica_and_never_busy_waits():
+    """A retry that must avoid the least-loaded replica goes to another free one; while no
+    replica it may use has a slot, the loop waits for a completion instead of spinning."""
+    failed_once: set[int] = set()
+
+    def fails_first_time(x):
+        if x not in failed_once:
+            failed_once.add(x)
+            raise RuntimeError(f"first attempt of {x}")
+        return x
+
+    class RecordingPool(FakePool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.timeouts: list[float] = []
+
+        def wait(self, tokens, timeout):
+            self.timeouts.append(timeout)
+            return super().wait(tokens, timeout)
+
+    pool = RecordingPool(2, fn=fails_first_time, capacity=2, seed=3)
+    results, run = collect(pool, list(range(200)), batch_size=1,
+                           retries=Retries(max_retries=1, initial_delay=0))
+    assert results == list(range(200))
+    assert run.stats.retries == 200
+    assert min(pool.timeouts) > 0, "a queued retry made the loop poll with timeout 0"
+    for x in range(200):
+        ran_on = [name for name, _, items in pool.log if x in items]
+        assert len(ran_on) == 2 and ran_on[0] != ran_on[1], ran_on
