@@ -367,9 +367,11 @@ class MapRun:
         size = int(TARGET_CALL_SECONDS / per_item)
         if plan.total is not None:
             # Guided self-scheduling: shares shrink toward the end so slots finish together,
-            # but never below a call's worth of work for the per-call overhead to stay small.
+            # but never below a call's worth of work for the per-call overhead to stay small,
+            # nor below an equal share per slot of a map smaller than that.
             guided = math.ceil((plan.total - self._next_index) / (2 * slots))
-            size = min(size, max(guided, int(MIN_CALL_SECONDS / per_item)))
+            floor = min(int(MIN_CALL_SECONDS / per_item), math.ceil(plan.total / slots))
+            size = min(size, max(guided, floor))
         return max(1, min(size, room)) if room > 0 else 0
 
     # -- completion -------------------------------------------------------------------------
