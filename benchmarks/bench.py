@@ -512,6 +512,41 @@ def wait_for_cpus(timeout: float = 30.0) -> None:
         f"{ray.available_resources().get('CPU', 0)}/{total} free)")
 
 
+def _host_busy_fraction(window: float) -> Optional[float]:
+    """Share of all host cores busy over ``window`` seconds (/proc/stat), None off Linux."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except OSError:
+        return None
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1e-9)
+
+
+def wait_for_quiet_host(max_busy: float, timeout: float) -> None:
+    """Wait until the host is nearly idle: the previous contender's aftermath (Ray still
+    processing 100,000 finished calls, worker processes exiting) must not slow the next one."""
+    if max_busy >= 1.0:
+        return
+    deadline = time.time() + timeout
+    busy = _host_busy_fraction(0.5)
+    while busy is not None and busy > max_busy and time.time() < deadline:
+        busy = _host_busy_fraction(0.5)
+    if busy is not None and busy > max_busy:
+        log(f"  (warning: host still {busy:.0%} busy after {timeout:.0f} s of waiting)")
+
+
+def settle(args) -> None:
+    """Between contenders: every Ray CPU free again, then a quiet host."""
+    wait_for_cpus()
+    wait_for_quiet_host(args.quiet_host, args.quiet_timeout)
+
+
 def _new_record(wl: Workload, cname: str) -> Dict[str, Any]:
     return {"workload": wl.name, "contender": cname, "items": len(wl.items),
             "times": [], "error": None}
@@ -563,7 +598,7 @@ def run_pair(wl: Workload, cname: str, args) -> Dict[str, Any]:
         _fail(rec, e, args)
     finally:
         _safe_stop(c)
-        wait_for_cpus()
+        settle(args)
     return _finish(rec)
 
 
@@ -592,7 +627,7 @@ def run_constructing(wl: Workload, cnames: List[str], args) -> List[Dict[str, An
             return secs
         finally:
             _safe_stop(c)
-            wait_for_cpus()
+            settle(args)
 
     for cname in list(alive):
         log(f"{wl.name} / {cname} (warm-up cycle)")
@@ -742,6 +777,11 @@ def main(argv=None) -> int:
                    help="table reads per predict() (default: calibrated to ~1 ms)")
     p.add_argument("--cpu-iters", type=int, default=0,
                    help="loop iterations per cpu item (default: calibrated to ~3 ms)")
+    p.add_argument("--quiet-host", type=float, default=0.25,
+                   help="before each contender, wait until at most this share of the host's "
+                        "cores is busy (1 turns the wait off)")
+    p.add_argument("--quiet-timeout", type=float, default=60.0,
+                   help="seconds to wait for a quiet host before going on with a warning")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.tiny_items < 1:
@@ -754,6 +794,7 @@ def main(argv=None) -> int:
 
     ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
              log_to_driver=False)
+    wait_for_quiet_host(args.quiet_host, args.quiet_timeout)
     results: List[Dict[str, Any]] = []
     loads: Dict[str, tuple] = {}
     t_start = time.time()

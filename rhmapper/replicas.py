@@ -279,7 +279,7 @@ class ReplicaPool:
         self.concurrency = concurrency
         self.ready_timeout = ready_timeout
         self.replicas: list[RayReplica] = []
-        self._turns = itertools.count()
+        self.calls_started = 0
         self._feasible_checked_at = 0.0
         self._actor_options = upload_local_dirs(env.actor_options())
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
@@ -373,10 +373,6 @@ class ReplicaPool:
     def dispatchable(self) -> list[RayReplica]:
         """Replicas ready to take calls."""
         return [replica for replica in self.replicas if replica.state == "ready"]
-
-    def next_turn(self) -> int:
-        """A counter that rotates ties between equally loaded replicas."""
-        return next(self._turns)
 
     def wait(self, tokens: list, timeout: float) -> list:
         """Wait for calls, starting replicas and abandoned calls; return the done call tokens."""

@@ -54,6 +54,10 @@ class Replica(Protocol):
 class Pool(Protocol):
     """What the scheduler needs of the pool of replicas."""
 
+    calls_started: int
+    """Calls the scheduler has started on this pool, over all its maps: rotates ties between
+    equally loaded replicas, so that one-call maps (`Mapper.call`) take the replicas in turn."""
+
     def dispatchable(self) -> list[Replica]:
         """The replicas ready to take calls now."""
 
@@ -72,9 +76,6 @@ class Pool(Protocol):
 
     def lost(self, replica: Replica, reason: BaseException) -> None:
         """A replica died: drop it, and replace it if the pool owns it."""
-
-    def next_turn(self) -> int:
-        """A counter that rotates ties between equally loaded replicas."""
 
 
 @dataclass(frozen=True)
@@ -316,13 +317,14 @@ class MapRun:
             if self._plan.timeout is not None:
                 deadline = time.monotonic() + self._plan.timeout * len(items)
             token = replica.submit(self._plan.call, start, items)
+            self._pool.calls_started += 1
             self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
 
     def _free_by_load(self, replicas: list[Replica]) -> list[Replica]:
         """Replicas with a free slot, least loaded first; ties rotate from one call to the next."""
         free = [replica for replica in replicas if replica.in_flight < replica.capacity]
         if len(free) > 1:
-            turn = self._pool.next_turn() % len(free)
+            turn = self._pool.calls_started % len(free)
             free = sorted(free[turn:] + free[:turn], key=lambda replica: replica.in_flight)
         return free
 
@@ -368,9 +370,9 @@ class MapRun:
         if plan.total is not None:
             # Guided self-scheduling: shares shrink toward the end so slots finish together,
             # but never below a call's worth of work for the per-call overhead to stay small,
-            # nor below an equal share per slot of a map smaller than that.
+            # nor below an equal share (two calls per slot) of a map smaller than that.
             guided = math.ceil((plan.total - self._next_index) / (2 * slots))
-            floor = min(int(MIN_CALL_SECONDS / per_item), math.ceil(plan.total / slots))
+            floor = min(int(MIN_CALL_SECONDS / per_item), math.ceil(plan.total / (2 * slots)))
             size = min(size, max(guided, floor))
         return max(1, min(size, room)) if room > 0 else 0
 

@@ -65,7 +65,7 @@ class FakePool:
         self.replicas = [self._new() for _ in range(replicas)]
         self.retired: list[FakeReplica] = []
         self.random = random.Random(seed)
-        self.turns = itertools.count()
+        self.calls_started = 0
         self.cancelled: list[FakeCall] = []
         self.lost_count = 0
 
@@ -79,9 +79,6 @@ class FakePool:
     def dispatchable(self) -> list[FakeReplica]:
         return [replica for replica in self.replicas if replica.alive]
 
-    def next_turn(self) -> int:
-        return next(self.turns)
-
     def wait(self, tokens: list, timeout: float) -> list:
         if not tokens and not self.dispatchable():
             raise NoReplicasError("no fake replicas left")
@@ -90,6 +87,8 @@ class FakePool:
         return tokens[: self.random.randint(1, len(tokens))] if tokens else []
 
     def fetch(self, token: FakeCall) -> BatchReply:
+        if not token.replica.alive:
+            raise ReplicaDied(f"{token.replica.name} died earlier")
         values, failures = [], {}
         for position, item in enumerate(token.items):
             try:
@@ -100,8 +99,6 @@ class FakePool:
             except Exception as error:
                 failures[position] = RemoteFailure.capture(error)
                 values.append(None)
-        if not token.replica.alive:
-            raise ReplicaDied(f"{token.replica.name} died earlier")
         return BatchReply(values, failures or None, self.item_seconds * len(token.items))
 
     def abandon(self, token: FakeCall, replica: FakeReplica) -> None:

@@ -228,3 +228,10 @@ def test_a_due_retry_goes_to_any_free_replica_and_never_busy_waits():
     for x in range(200):
         ran_on = [name for name, _, items in pool.log if x in items]
         assert len(ran_on) == 2 and ran_on[0] != ran_on[1], ran_on
+
+
+def test_one_item_maps_take_equally_loaded_replicas_in_turn():
+    pool = FakePool(3)
+    for x in range(6):
+        assert collect(pool, [x])[0] == [x]
+    assert [name for name, _, _ in pool.log] == [f"fake_replica_{i}" for i in (0, 1, 2, 0, 1, 2)]
