@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import operator
-import os
 import re
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
+from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
 from rhmapper.module import FunctionReplica, Module, module, plain_class
 from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
 from rhmapper.scheduler import DEFAULT_WINDOW, CallSpec, MapPlan, MapRun, MapStats, add_note
-
-
-def _ensure_ray() -> None:
-    """``ray.init()`` if needed: the cluster of ``RAY_ADDRESS`` or of this head node, else a
-    local Ray. A stale record of a dead cluster falls back to a local Ray, with a warning."""
-    if ray.is_initialized():
-        return
-    try:
-        ray.init()
-    except ConnectionError as error:
-        if os.environ.get("RAY_ADDRESS"):
-            raise
-        warnings.warn(f"no running Ray cluster answered ({error}); starting a local Ray",
-                      RuntimeWarning, stacklevel=3)
-        ray.init(address="local")
 
 
 def _default_name(obj: Any) -> str:
@@ -77,7 +61,7 @@ class Mapper:
             check_picklable(target, f"the function {getattr(obj, '__qualname__', obj)!r}")
         else:
             check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
-        _ensure_ray()
+        ensure_ray()
         self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout)
         self._cancel_events: set[threading.Event] = set()
         self.add_replicas(replicas)

@@ -251,7 +251,7 @@ def test_token_authentication_is_on():
 def test_autoscaler_node_types_count_as_nodes(monkeypatch):
     from ray.core.generated import autoscaler_pb2
 
-    from rhmapper.replicas import check_feasible
+    from rhmapper.feasibility import check_feasible
 
     config = autoscaler_pb2.ClusterConfig(node_group_configs=[
         autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"GPU": 1, "CPU": 8}, max_count=2),

@@ -1,0 +1,127 @@
+"""Whether a cluster can ever host a replica: the resources nodes offer, and the node types Ray's
+autoscaler may add."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from rhmapper.env import Env
+from rhmapper.errors import UnschedulableError
+
+
+def check_feasible(env: Env) -> None:
+    """Raise `UnschedulableError` when no node of the cluster can ever host one replica.
+
+    With Ray's autoscaler configured, the largest node type it may add counts as a node.
+
+    Examples:
+        >>> check_feasible(Env(name="huge", compute={"CPU": 512}))  # doctest: +SKIP
+        Traceback (most recent call last):
+        UnschedulableError: ...
+    """
+    request = env.resource_request()
+    if not request:
+        return
+    offers = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(_fits(request, offer) for offer in offers):
+        return
+    node_types = _autoscaler_node_types()
+    if node_types is None:
+        return  # an autoscaler whose node types this driver cannot read: wait (ready_timeout)
+    if any(_fits(request, offer) for offer in node_types):
+        return
+    offers.extend(node_types)
+    short = sorted({key for key, amount in request.items()
+                    if all(offer.get(key, 0) < amount for offer in offers)})
+    described = "; ".join(
+        ", ".join(f"{key}={_amount(offer.get(key, 0), key)}" for key in request) for offer in offers
+    ) or "no live nodes"
+    raise UnschedulableError(
+        f"no node can ever host a replica of env {env.name!r}: it asks for "
+        f"{', '.join(f'{key}={_amount(amount, key)}' for key, amount in request.items())}, "
+        f"and {', '.join(short) or 'that combination'} is more than any node offers "
+        f"(nodes offer: {described}). Lower Env.compute, or add nodes that have it."
+    )
+
+
+def _fits(request: dict[str, float], offer: dict[str, float]) -> bool:
+    return all(offer.get(key, 0) >= amount for key, amount in request.items())
+
+
+def _autoscaler_node_types() -> list[dict[str, float]] | None:
+    """What one node of each type Ray's autoscaler may add offers: ``[]`` with no autoscaler,
+    ``None`` when one is configured but its node types cannot be read from this driver.
+
+    An autoscaler that reports its config to the GCS (``ReportClusterConfig``) is read with
+    ``get_cluster_config()``, one entry per node group (a node's resources, not the cluster-wide
+    sums of ``get_max_resources_from_cluster_config()``). Ray's open-source autoscaler (``ray up``,
+    ``ray start --autoscaling-config``) reports nothing: its node types are in the config file on
+    its ``monitor.py`` command line, which a driver on the head node can read.
+    """
+    config = ray._private.state.state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return [{key: float(value) for key, value in group.resources.items()}
+                for group in config.node_group_configs if group.max_count != 0]
+    gcs_address = ray.get_runtime_context().gcs_address
+    from_monitor = _monitor_node_types(gcs_address)
+    if from_monitor is not None:
+        return from_monitor
+    return None if _autoscaler_configured() else []
+
+
+def _monitor_node_types(gcs_address: str) -> list[dict[str, float]] | None:
+    """Node types from the config file of this cluster's ``monitor.py``, if it runs here."""
+    try:
+        import psutil  # vendored by Ray (ray/thirdparty_files)
+        import yaml
+    except ImportError:
+        return None
+    port = gcs_address.rsplit(":", 1)[-1]
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info["cmdline"] or []
+        if not any(arg.endswith(os.path.join("autoscaler", "_private", "monitor.py"))
+                   for arg in args):
+            continue
+        options = dict(arg[2:].split("=", 1) for arg in args
+                       if arg.startswith("--") and "=" in arg)
+        if options.get("gcs-address", "").rsplit(":", 1)[-1] != port:
+            continue
+        path = options.get("autoscaling-config")
+        if not path:
+            return []  # no config: Ray's read-only autoscaler, which adds no nodes
+        try:
+            with open(os.path.expanduser(path)) as handle:
+                config = yaml.safe_load(handle)  # YAML or JSON
+        except (OSError, yaml.YAMLError):
+            return None
+        node_types = []
+        for spec in (config.get("available_node_types") or {}).values():
+            if spec.get("max_workers", config.get("max_workers", 0)) <= 0:
+                continue
+            if not spec.get("resources"):
+                return None  # resources filled in by the cloud provider: unknown here
+            node_types.append({key: float(value) for key, value in spec["resources"].items()})
+        return node_types
+    return None
+
+
+def _autoscaler_configured() -> bool:
+    """Whether Ray's v1 autoscaler runs with node types of its own (not the read-only mirror)."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not status:
+        return False
+    report = json.loads(status).get("autoscaler_report") or {}
+    names = {*(report.get("node_type_mapping") or {}).values(), *(report.get("active_nodes") or {})}
+    return any(not name.startswith("node_") for name in names)  # read-only types: node_<id>
+
+
+def _amount(value: float, key: str) -> str:
+    if key == "memory":
+        return f"{value / 2**30:.2f}GiB"
+    return f"{value:g}"
