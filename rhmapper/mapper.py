@@ -12,7 +12,7 @@ import ray
 
 from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
-from rhmapper.module import FunctionReplica, Module, module, plain_class
+from rhmapper.module import FunctionReplica, Module, is_async_callable, module, plain_class
 from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
@@ -45,14 +45,14 @@ class Mapper:
         method: str | None = None,
         replicas: int | list = 1,
         env: Env | None = None,
-        concurrency: int = 1,
+        concurrency: int | None = None,
         ready_timeout: float | None = None,
     ) -> None:
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
+        _check_concurrency(concurrency)
         if env is not None and not isinstance(env, Env):
             raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
         target, self._class = self._target_of(obj)
+        self._function = None if self._class else target
         self.method = self._check_method(method)
         env = env or Env()
         self.env = env if env.name else env.named(_default_name(self._class or obj))
@@ -101,10 +101,13 @@ class Mapper:
 
     # -- replicas ---------------------------------------------------------------------------
 
-    def add_replicas(self, replicas: int | list) -> None:
+    def add_replicas(self, replicas: int | list, concurrency: int | None = None) -> None:
         """Add ``replicas`` auto replicas (an int), or the given Ray actor handles (a list).
 
-        Auto replicas are created in parallel and take work as soon as each is ready.
+        Auto replicas are created in parallel and take work as soon as each is ready. For your
+        actors, ``concurrency`` caps the calls in flight on each (default: the mapper's
+        ``concurrency``, else each actor's own ``max_concurrency``); the pool never keeps more
+        in flight on an actor than its ``max_concurrency``.
 
         Examples:
             >>> m = rm.mapper(double, replicas=1)  # doctest: +SKIP
@@ -113,9 +116,14 @@ class Mapper:
         """
         if isinstance(replicas, bool):
             raise TypeError("replicas must be a count or a list of Ray actor handles, not a bool")
+        _check_concurrency(concurrency)
         if isinstance(replicas, int):
             if replicas < 0:
                 raise ValueError(f"replicas must be >= 0, got {replicas}")
+            if concurrency is not None:
+                raise ValueError(
+                    "add_replicas(n, concurrency=...) applies to your own actors; auto replicas "
+                    "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
             self._pool.add_auto(replicas)
         elif isinstance(replicas, (list, tuple)):
             if self._class is None and replicas:
@@ -125,7 +133,7 @@ class Mapper:
             for handle in replicas:
                 if hasattr(handle, "__ray_call__") and not hasattr(handle, self.method):
                     raise AttributeError(f"actor {handle!r} has no method {self.method!r} to map")
-            self._pool.add_user(list(replicas))
+            self._pool.add_user(list(replicas), concurrency)
         else:
             raise TypeError(
                 f"replicas must be a count or a list of Ray actor handles, got {type(replicas).__name__}")
@@ -266,7 +274,7 @@ class Mapper:
                            progress, max_replica_crashes)
         return self._stream(iterables, False, options, window)
 
-    def call(self, *args: Any, **kwargs: Any) -> Any:
+    def call(self, /, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
 
         Examples:
@@ -277,7 +285,7 @@ class Mapper:
         return self._collect([args], True, _Options(kwargs=kwargs or None, batch_size=1,
                                                     progress=False))[0]
 
-    def broadcast(self, method: str, *args: Any, **kwargs: Any) -> list:
+    def broadcast(self, method: str, /, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` once on every replica; a list of results in replica order.
 
         Examples:
@@ -346,25 +354,33 @@ class Mapper:
         if options.max_replica_crashes < 1:
             raise ValueError(
                 f"max_replica_crashes must be >= 1, got {options.max_replica_crashes!r}")
-        call = CallSpec(method=method or "fn", star=star, kwargs_box=self._put_kwargs(options.kwargs))
+        target = self._method_of(method) if method else self._function
+        call = CallSpec(method=method or "fn", star=star, kwargs=self._put_kwargs(options.kwargs),
+                        is_async=is_async_callable(target))
         return MapPlan(call=call, retries=Retries.of(options.retries),
                        return_exceptions=options.return_exceptions, timeout=timeout,
                        batch_size=batch_size, max_replica_crashes=options.max_replica_crashes,
                        **shape)
 
     @staticmethod
-    def _put_kwargs(kwargs: dict | None) -> list | None:
-        """Put the constant keyword arguments in the object store once for the whole map."""
+    def _put_kwargs(kwargs: dict | None) -> dict | None:
+        """Put each constant keyword argument in the object store once for the whole map (an
+        ``ObjectRef`` value is passed on as it is, and reaches the function as its value)."""
         if not kwargs:
             return None
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict of constant keyword arguments, got {kwargs!r}")
-        try:
-            return [ray.put(kwargs)]
-        except TypeError:
-            for key, value in kwargs.items():
+        refs = {}
+        for key, value in kwargs.items():
+            if isinstance(value, ray.ObjectRef):
+                refs[key] = value
+                continue
+            try:
+                refs[key] = ray.put(value)
+            except TypeError:
                 check_picklable(value, f"kwargs[{key!r}]")
-            raise
+                raise
+        return refs
 
     def _run(self, plan: MapPlan, source: Iterator, progress: bool | None,
              total: int | None) -> Iterator[list]:
@@ -394,8 +410,8 @@ class Mapper:
     def _stream(self, iterables: tuple, ordered: bool, options: "_Options", window: int) -> Iterator:
         if not iterables:
             raise TypeError("imap() needs at least one iterable of inputs")
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a whole number >= 1, got {window!r}")
         star = len(iterables) > 1
         source = zip(*iterables, strict=True) if star else iter(iterables[0])
         total = min(operator.length_hint(iterable, -1) for iterable in iterables)
@@ -423,12 +439,18 @@ class _Options:
     max_replica_crashes: int = 3
 
 
+def _check_concurrency(concurrency: int | None) -> None:
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise ValueError(f"concurrency must be a whole number >= 1 (or None), got {concurrency!r}")
+
+
 def mapper(
     obj: Callable | type | Module,
     method: str | None = None,
     replicas: int | list = 1,
     env: Env | None = None,
-    concurrency: int = 1,
+    concurrency: int | None = None,
     ready_timeout: float | None = None,
 ) -> Mapper:
     """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
@@ -439,7 +461,10 @@ def mapper(
         method: for a class, the method to map.
         replicas: how many auto replicas to create, or a list of existing Ray actor handles.
         env: the `Env` auto replicas run in (named after ``obj`` if unnamed).
-        concurrency: calls in flight per replica (auto replicas get ``max_concurrency``).
+        concurrency: calls in flight per replica. Auto replicas run ``concurrency`` calls at
+            once (Ray's ``max_concurrency``; ``None`` means 1). Your actors get
+            ``min(concurrency, their max_concurrency)``, or their own ``max_concurrency`` when
+            ``None``: the pool never queues calls an actor cannot start.
         ready_timeout: with no replica ready, fail after this many seconds of waiting for
             replicas to start (``None``: wait as long as it takes).
 

@@ -1,11 +1,16 @@
 """What a replica runs: the user's class spec, the host for plain functions, and the batch runner.
 
-Every call the scheduler makes is ``handle.__ray_call__.remote(run_batch, ...)``. Ray gives every
-actor ``__ray_call__``, so the same runner serves auto replicas and actors the user brings.
+Auto replicas take a call's batch through their own ``_rhmapper_run`` method (or
+``_rhmapper_run_async`` for an ``async def`` target, on the actor's event loop). Actors the user
+brings run the same `run_batch` through ``__ray_call__``, which Ray gives every actor; an
+``async def`` method of theirs is called directly, one item per call, as Ray would (see
+``rhmapper.replicas``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import threading
 import time
@@ -17,6 +22,8 @@ from typing import Any, Callable
 
 import cloudpickle
 import ray
+
+from rhmapper._ray_compat import current_actor_max_concurrency
 
 _CACHE_ENTRIES = 8
 _shared_objects: OrderedDict[bytes, Any] = OrderedDict()
@@ -90,6 +97,36 @@ def _run_in_replica(self: Any, payload: tuple) -> "BatchReply":
     return run_batch(self, payload)
 
 
+async def _run_in_async_replica(self: Any, payload: tuple) -> "BatchReply":
+    return await run_batch_async(self, payload)
+
+
+def is_async_callable(target: Any) -> bool:
+    """Whether calling ``target`` returns a coroutine (``async def`` functions and methods,
+    partials of them, objects with ``async def __call__``).
+
+    Examples:
+        >>> async def fetch(url): ...
+        >>> is_async_callable(fetch), is_async_callable(len)
+        (True, False)
+    """
+    return (inspect.iscoroutinefunction(target)
+            or inspect.iscoroutinefunction(getattr(target, "__call__", None)))
+
+
+def has_async_methods(cls: type) -> bool:
+    """Whether Ray makes ``cls`` an async actor: it has an ``async def`` method.
+
+    Examples:
+        >>> class Client:
+        ...     async def get(self, url): ...
+        >>> has_async_methods(Client), has_async_methods(dict)
+        (True, False)
+    """
+    return any(inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
+               for _, member in inspect.getmembers(cls, inspect.isfunction))
+
+
 class FunctionReplica:
     """The actor class of auto replicas that map a plain function: it holds the function as ``fn``.
 
@@ -104,9 +141,35 @@ class FunctionReplica:
         self.fn = fn
 
 
+class AsyncFunctionReplica(FunctionReplica):
+    """The actor class of auto replicas that map an ``async def`` function: an async actor whose
+    calls await their items concurrently on its event loop.
+
+    Examples:
+        >>> import asyncio
+        >>> async def double(x):
+        ...     return 2 * x
+        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(("fn", [4], False, None))).values
+        [8]
+    """
+
+    _rhmapper_run_async = _run_in_async_replica
+
+
+def function_replica_class(fn: Callable) -> type:
+    """The actor class of auto replicas for the function ``fn``.
+
+    Examples:
+        >>> function_replica_class(abs).__name__
+        'FunctionReplica'
+    """
+    return AsyncFunctionReplica if is_async_callable(fn) else FunctionReplica
+
+
 def replica_class(cls: type) -> type:
     """The actor class of a module's auto replicas: the user's class plus ``_rhmapper_run``, the
-    batch entry point (a direct actor method costs less per call than ``__ray_call__``).
+    batch entry point (a direct actor method costs less per call than ``__ray_call__``), and for
+    a class with ``async def`` methods (an async actor) ``_rhmapper_run_async`` as well.
 
     Examples:
         >>> class Model:
@@ -116,8 +179,12 @@ def replica_class(cls: type) -> type:
         >>> isinstance(replica, Model), replica._rhmapper_run(("predict", [7], False, None)).values
         (True, [7])
     """
+    entry_points: dict[str, Any] = {"_rhmapper_run": _run_in_replica}
+    if has_async_methods(cls):
+        entry_points["_rhmapper_run_async"] = _run_in_async_replica
+
     def body(namespace: dict) -> None:
-        namespace.update(_rhmapper_run=_run_in_replica, __module__=__name__,
+        namespace.update(entry_points, __module__=__name__,
                          __qualname__=f"replica_class.<locals>.{cls.__name__}")
 
     return types.new_class(cls.__name__, (cls,), exec_body=body)
@@ -163,7 +230,8 @@ class RemoteFailure:
 
 @dataclass
 class BatchReply:
-    """What one call returns: a value per item, the failures by position, and the run time.
+    """What one call returns: a value per item, the failures by position, and the run time
+    (``None`` when unknown).
 
     Examples:
         >>> reply = BatchReply(values=[2, None], failures={1: None}, seconds=0.1)
@@ -173,26 +241,22 @@ class BatchReply:
 
     values: list
     failures: dict[int, RemoteFailure] | None
-    seconds: float
+    seconds: float | None
 
 
-def shared_object(box: list) -> Any:
-    """Fetch an object the driver put in the object store once per map, cached in this process.
+def _kwargs_key(kwargs: dict[str, Any]) -> tuple:
+    return tuple((name, ref.binary()) for name, ref in kwargs.items())
 
-    ``box`` is ``[ObjectRef]``: wrapping the reference keeps Ray from fetching it on every call.
 
-    Examples:
-        >>> import ray  # doctest: +SKIP
-        >>> shared_object([ray.put({"k": 1})])  # doctest: +SKIP
-        {'k': 1}
-    """
-    ref = box[0]
-    key = ref.binary()
+def _cached_kwargs(key: tuple) -> dict[str, Any] | None:
     with _shared_objects_lock:
         if key in _shared_objects:
             _shared_objects.move_to_end(key)
             return _shared_objects[key]
-    value = ray.get(ref)
+    return None
+
+
+def _cache_kwargs(key: tuple, value: dict[str, Any]) -> dict[str, Any]:
     with _shared_objects_lock:
         _shared_objects[key] = value
         while len(_shared_objects) > _CACHE_ENTRIES:
@@ -200,13 +264,156 @@ def shared_object(box: list) -> Any:
     return value
 
 
-def run_batch(instance: Any, payload: tuple[str, list, bool, list | None]) -> BatchReply:
+def shared_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The map's constant keyword arguments, fetched from the object store once per map and
+    cached in this process.
+
+    ``kwargs`` maps each name to an ``ObjectRef``: the driver puts each value once per map, and
+    the references travel inside the payload, where Ray does not fetch them on every call.
+
+    Examples:
+        >>> import ray  # doctest: +SKIP
+        >>> shared_kwargs({"scale": ray.put(3)})  # doctest: +SKIP
+        {'scale': 3}
+    """
+    key = _kwargs_key(kwargs)
+    cached = _cached_kwargs(key)
+    if cached is not None:
+        return cached
+    return _cache_kwargs(key, dict(zip(kwargs, ray.get(list(kwargs.values())))))
+
+
+async def shared_kwargs_async(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`shared_kwargs` without blocking the replica's event loop.
+
+    Examples:
+        >>> import ray  # doctest: +SKIP
+        >>> await shared_kwargs_async({"scale": ray.put(3)})  # doctest: +SKIP
+        {'scale': 3}
+    """
+    key = _kwargs_key(kwargs)
+    cached = _cached_kwargs(key)
+    if cached is not None:
+        return cached
+    return _cache_kwargs(key, dict(zip(kwargs, await asyncio.gather(*kwargs.values()))))
+
+
+@dataclass(frozen=True)
+class _FetchFailed:
+    """An argument whose ``ObjectRef`` could not be fetched."""
+
+    error: Exception
+
+
+async def _fetch(ref: Any) -> Any:
+    try:
+        return await ref
+    except Exception as error:  # that item's failure, as the direct call would fail
+        return _FetchFailed(error)
+
+
+def _ref_positions(items: list, star: bool) -> list[tuple[int, int | None]]:
+    """Where the items hold ``ObjectRef`` arguments: (item, argument or None for the item)."""
+    if star:
+        return [(position, argument) for position, item in enumerate(items)
+                for argument, value in enumerate(item) if isinstance(value, ray.ObjectRef)]
+    return [(position, None) for position, item in enumerate(items)
+            if isinstance(item, ray.ObjectRef)]
+
+
+def _refs_at(items: list, positions: list[tuple[int, int | None]]) -> list:
+    return [items[position] if argument is None else items[position][argument]
+            for position, argument in positions]
+
+
+def resolve_refs(items: list, star: bool) -> tuple[list, dict[int, RemoteFailure]]:
+    """The items with every top-level ``ObjectRef`` argument replaced by its value, as Ray
+    resolves the arguments of ``actor.method.remote(ref)``; fetched here, in the replica.
+
+    Returns the items and, by position, the failures of items whose reference could not be
+    fetched (the task that made it failed, or the object was lost).
+
+    Examples:
+        >>> resolve_refs([1, (2, 3)], star=False)
+        ([1, (2, 3)], {})
+    """
+    positions = _ref_positions(items, star)
+    if not positions:
+        return items, {}
+    refs = _refs_at(items, positions)
+    try:
+        values = ray.get(refs)
+    except Exception:  # one reference failed: fetch them one by one to name the items it hit
+        values = []
+        for ref in refs:
+            try:
+                values.append(ray.get(ref))
+            except Exception as error:  # that item's failure, as the direct call would fail
+                values.append(_FetchFailed(error))
+    return _substitute(items, positions, values)
+
+
+async def resolve_refs_async(items: list, star: bool) -> tuple[list, dict[int, RemoteFailure]]:
+    """`resolve_refs` without blocking the replica's event loop.
+
+    Examples:
+        >>> import asyncio
+        >>> asyncio.run(resolve_refs_async([(1, 2)], star=True))
+        ([(1, 2)], {})
+    """
+    positions = _ref_positions(items, star)
+    if not positions:
+        return items, {}
+    values = await asyncio.gather(*map(_fetch, _refs_at(items, positions)))
+    return _substitute(items, positions, values)
+
+
+def _substitute(items: list, positions: list, values: list) -> tuple[list, dict[int, RemoteFailure]]:
+    """Put fetched values in place; a reference that could not be fetched fails its item."""
+    items = list(items)
+    failures: dict[int, RemoteFailure] = {}
+    for (position, argument), value in zip(positions, values):
+        if isinstance(value, _FetchFailed):
+            failures[position] = RemoteFailure.capture(value.error)
+        elif argument is None:
+            items[position] = value
+        else:
+            arguments = list(items[position])
+            arguments[argument] = value
+            items[position] = tuple(arguments)
+    return items, failures
+
+
+def _call_items(target: Callable, items: list, star: bool, kwargs: dict,
+                skip: dict[int, RemoteFailure]) -> tuple[list, dict[int, RemoteFailure]]:
+    """Call ``target`` on each item not in ``skip``; a failing item does not stop the others."""
+    values: list = []
+    append = values.append
+    failures = dict(skip)
+    for position, item in enumerate(items):
+        if position in failures:
+            append(None)
+            continue
+        try:
+            if star:
+                append(target(*item, **kwargs) if kwargs else target(*item))
+            else:
+                append(target(item, **kwargs) if kwargs else target(item))
+        except Exception as error:  # the user's error for this item, reported per item
+            failures[position] = RemoteFailure.capture(error)
+            append(None)
+    return values, failures
+
+
+def run_batch(instance: Any, payload: tuple[str, list, bool, dict | None]) -> BatchReply:
     """Run one call's items on a replica; a failing item does not stop its neighbours.
 
-    ``payload`` is ``(method, items, star, kwargs_box)``: the replica's method to call (``"fn"``
+    ``payload`` is ``(method, items, star, kwargs)``: the replica's method to call (``"fn"``
     for a function replica), the items, whether each item is a tuple of positional arguments
-    (else the single argument), and the map's constant keyword arguments. It travels as one
-    argument because Ray serialises each argument of a call separately.
+    (else the single argument), and the map's constant keyword arguments (see `shared_kwargs`).
+    It travels as one argument because Ray serialises each argument of a call separately.
+    ``ObjectRef`` arguments are fetched here (`resolve_refs`). A coroutine function's items are
+    awaited (one event loop for the call) when the replica is not an async actor.
 
     Examples:
         >>> reply = run_batch(FunctionReplica(abs), ("fn", [-1, 2, "x"], False, None))
@@ -214,31 +421,61 @@ def run_batch(instance: Any, payload: tuple[str, list, bool, list | None]) -> Ba
         ([1, 2], 'TypeError')
     """
     started = time.perf_counter()
-    method, items, star, kwargs_box = payload
+    method, items, star, kwargs = payload
     target = getattr(instance, method)
-    kwargs = shared_object(kwargs_box) if kwargs_box is not None else None
-    values: list = []
-    append = values.append
-    failures: dict[int, RemoteFailure] | None = None
-    for position, item in enumerate(items):
-        try:
-            if star:
-                append(target(*item, **kwargs) if kwargs else target(*item))
-            else:
-                append(target(item, **kwargs) if kwargs else target(item))
-        except Exception as error:  # the user's error for this item, reported per item
-            if failures is None:
-                failures = {}
-            failures[position] = RemoteFailure.capture(error)
-            append(None)
-    return BatchReply(values, failures, time.perf_counter() - started)
+    items, unresolved = resolve_refs(items, star)
+    kwargs = shared_kwargs(kwargs) if kwargs else None
+    values, failures = _call_items(target, items, star, kwargs, unresolved)
+    pending = [position for position, value in enumerate(values) if inspect.isawaitable(value)]
+    if pending:
+        asyncio.run(_await_into(values, failures, pending))
+    return BatchReply(values, failures or None, time.perf_counter() - started)
+
+
+async def run_batch_async(instance: Any, payload: tuple[str, list, bool, dict | None]) -> BatchReply:
+    """`run_batch` for an ``async def`` function or method: the call's items run concurrently
+    on the replica's event loop.
+
+    Examples:
+        >>> import asyncio
+        >>> async def double(x):
+        ...     await asyncio.sleep(0.01)
+        ...     return 2 * x
+        >>> asyncio.run(run_batch_async(FunctionReplica(double), ("fn", [1, 2], False, None))).values
+        [2, 4]
+    """
+    started = time.perf_counter()
+    method, items, star, kwargs = payload
+    target = getattr(instance, method)
+    items, unresolved = await resolve_refs_async(items, star)
+    kwargs = await shared_kwargs_async(kwargs) if kwargs else None
+    values, failures = _call_items(target, items, star, kwargs, unresolved)
+    pending = [position for position, value in enumerate(values) if inspect.isawaitable(value)]
+    await _await_into(values, failures, pending)
+    return BatchReply(values, failures or None, time.perf_counter() - started)
+
+
+async def _await_into(values: list, failures: dict[int, RemoteFailure], pending: list[int]) -> None:
+    outcomes = await asyncio.gather(*(values[position] for position in pending),
+                                    return_exceptions=True)
+    for position, outcome in zip(pending, outcomes):
+        if isinstance(outcome, Exception):
+            failures[position] = RemoteFailure.capture(outcome)
+            values[position] = None
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            values[position] = outcome
 
 
 def replica_info(instance: Any) -> dict[str, Any]:
-    """Where a replica runs (node id, pid); also the probe that tells the replica is ready.
+    """Where a replica runs (node id, pid) and how many calls it runs at once
+    (``max_concurrency``, ``None`` if Ray cannot say); also the probe that tells it is ready.
 
     Examples:
-        >>> handle.__ray_call__.remote(replica_info)  # doctest: +SKIP
+        >>> ray.get(handle.__ray_call__.remote(replica_info))  # doctest: +SKIP
+        {'node_id': '5f1d...', 'pid': 4242, 'max_concurrency': 1}
     """
     context = ray.get_runtime_context()
-    return {"node_id": context.get_node_id(), "pid": os.getpid()}
+    return {"node_id": context.get_node_id(), "pid": os.getpid(),
+            "max_concurrency": current_actor_max_concurrency()}

@@ -17,9 +17,11 @@ from typing import Any
 import cloudpickle
 import ray
 from ray.exceptions import (
+    ActorUnavailableError,
     NodeDiedError,
     ObjectLostError,
     RayActorError,
+    RayTaskError,
     RuntimeEnvSetupError,
     WorkerCrashedError,
 )
@@ -29,8 +31,9 @@ from rhmapper.errors import NoReplicasError, RhmapperError, UnschedulableError
 from rhmapper.feasibility import check_feasible
 from rhmapper.module import (
     BatchReply,
-    FunctionReplica,
     Module,
+    RemoteFailure,
+    function_replica_class,
     replica_class,
     replica_info,
     run_batch,
@@ -49,35 +52,64 @@ _REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostE
 class RayReplica:
     """One replica of a pool: a Ray actor handle with its slot count and state.
 
+    ``requested`` is how many calls the pool may keep in flight on it; ``None`` (your actors,
+    by default) means as many as the actor runs at once, its ``max_concurrency``. The pool never
+    keeps more than that in flight: `capacity` is known once the replica answered its probe.
+
     Examples:
-        >>> replica = RayReplica("embed_replica_0", handle, owned=True, capacity=2)  # doctest: +SKIP
+        >>> replica = RayReplica("embed_replica_0", handle, owned=True, requested=2)  # doctest: +SKIP
         >>> replica.state  # doctest: +SKIP
         'starting'
     """
 
-    def __init__(self, name: str, handle: Any, owned: bool, capacity: int) -> None:
+    def __init__(self, name: str, handle: Any, owned: bool, requested: int | None,
+                 direct_calls: set | None = None) -> None:
         self.name = name
         self.handle = handle
         self.owned = owned
-        self.capacity = capacity
+        self.requested = requested
+        self.capacity = requested or 1
         self.in_flight = 0
         self.state = "starting"
         self.node_id: str | None = None
         self.started_at = time.monotonic()
         self.ready_ref = handle.__ray_call__.remote(replica_info)
+        self._direct_calls = direct_calls if direct_calls is not None else set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"RayReplica({self.name!r}, {self.state}, {'auto' if self.owned else 'user'})"
 
+    def probe(self) -> None:
+        """Ask the replica again whether it is up (after it failed calls but may come back)."""
+        self.state = "starting"
+        self.started_at = time.monotonic()
+        self.ready_ref = self.handle.__ray_call__.remote(replica_info)
+
+    def max_items(self, call: CallSpec) -> int | None:
+        """One item per call for an async method of your actor (called directly), else any."""
+        return 1 if call.is_async and not self.owned else None
+
     def submit(self, call: CallSpec, start: int, items: list) -> ray.ObjectRef:
-        """Start one call of `run_batch` on ``items``; return its ref."""
-        payload = (call.method, items, call.star, call.kwargs_box)
+        """Start one call on ``items``; return its ref.
+
+        Auto replicas run the batch in their own entry point; your actors run `run_batch`
+        through ``__ray_call__``, except an ``async def`` method, which is called directly (one
+        item per call) so that it runs on the actor's event loop as a direct call would.
+        """
         try:
-            if self.owned:
-                ref = self.handle._rhmapper_run.remote(payload)
+            if call.is_async and not self.owned:
+                args = items[0] if call.star else (items[0],)
+                ref = getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
+                self._direct_calls.add(ref)
             else:
-                ref = self.handle.__ray_call__.remote(run_batch, payload)
+                payload = (call.method, items, call.star, call.kwargs)
+                if not self.owned:
+                    ref = self.handle.__ray_call__.remote(run_batch, payload)
+                elif call.is_async:
+                    ref = self.handle._rhmapper_run_async.remote(payload)
+                else:
+                    ref = self.handle._rhmapper_run.remote(payload)
         except TypeError as error:
             raise _unpicklable_item(start, items, error) from error
         with self._lock:
@@ -88,6 +120,17 @@ class RayReplica:
         """Give back the slot a finished call held."""
         with self._lock:
             self.in_flight -= 1
+
+    def set_capacity(self, max_concurrency: int | None) -> None:
+        """Fit the slots to what the actor runs at once (an unreadable limit counts as 1)."""
+        limit = max_concurrency or 1
+        if self.requested is not None and self.requested > limit:
+            warnings.warn(
+                f"replica {self.name} runs at most {limit} call(s) at once (its max_concurrency); "
+                f"the pool keeps {limit} in flight on it, not the {self.requested} asked for. "
+                "Create the actor with .options(max_concurrency=...) to run more.",
+                RuntimeWarning, stacklevel=2)
+        self.capacity = limit if self.requested is None else min(self.requested, limit)
 
 
 def _unpicklable_item(start: int, items: list, error: TypeError) -> TypeError:
@@ -156,23 +199,27 @@ class ReplicaPool:
         self,
         env: Env,
         target: Module | Any,
-        concurrency: int,
+        concurrency: int | None,
         ready_timeout: float | None = None,
     ) -> None:
         self.env = env
         self.concurrency = concurrency
+        """Calls in flight per replica: auto replicas ``concurrency or 1``; your actors
+        ``min(concurrency, max_concurrency)``, or their own ``max_concurrency`` if ``None``."""
+        self.auto_concurrency = concurrency or 1
         self.ready_timeout = ready_timeout
         self.replicas: list[RayReplica] = []
         self.calls_started = 0
         self._feasible_checked_at = 0.0
         self._actor_options = upload_local_dirs(env.actor_options())
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
+        self._direct_calls: set[ray.ObjectRef] = set()
         self._lock = threading.RLock()
         if isinstance(target, Module):
             self._actor_class = ray.remote(replica_class(target.cls))
             self._init_args, self._init_kwargs = target.args, target.kwargs
         else:
-            self._actor_class = ray.remote(FunctionReplica)
+            self._actor_class = ray.remote(function_replica_class(target))
             self._init_args, self._init_kwargs = (ray.put(target),), {}
 
     # -- membership -------------------------------------------------------------------------
@@ -183,15 +230,20 @@ class ReplicaPool:
         added = [self._create(self._free_index()) for _ in range(count)]
         return added
 
-    def add_user(self, handles: list) -> list[RayReplica]:
-        """Add the user's Ray actor handles; they are never killed by the pool."""
+    def add_user(self, handles: list, concurrency: int | None = None) -> list[RayReplica]:
+        """Add the user's Ray actor handles; they are never killed by the pool.
+
+        ``concurrency`` caps the calls in flight on each (default: the pool's ``concurrency``,
+        else each actor's own ``max_concurrency``)."""
+        requested = concurrency if concurrency is not None else self.concurrency
         added = []
         with self._lock:
             for handle in handles:
                 name = _actor_name(handle)
                 if any(replica.handle == handle for replica in self.replicas):
                     raise ValueError(f"actor {name} is already in the pool")
-                replica = RayReplica(name, handle, owned=False, capacity=self.concurrency)
+                replica = RayReplica(name, handle, owned=False, requested=requested,
+                                     direct_calls=self._direct_calls)
                 self.replicas.append(replica)
                 added.append(replica)
         return added
@@ -232,7 +284,7 @@ class ReplicaPool:
         options = {
             **self._actor_options,
             "namespace": NAMESPACE,
-            "max_concurrency": self.concurrency,
+            "max_concurrency": self.auto_concurrency,
             "max_restarts": 0,
             # A detached pool outlives its driver: a later driver attaches to it by name.
             "get_if_exists": self.env.detached,
@@ -248,7 +300,7 @@ class ReplicaPool:
                     if "already" not in str(error):
                         raise
                     index = self._free_index(index + 1)
-            replica = RayReplica(name, handle, owned=True, capacity=self.concurrency)
+            replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency)
             self.replicas.append(replica)
         return replica
 
@@ -301,6 +353,9 @@ class ReplicaPool:
                 f"replica {replica.name} could not set up its runtime_env "
                 f"{self.env.runtime_env()}: {error}. Check Env.reqs / working_dir / py_modules."
             ) from error
+        except ActorUnavailableError:
+            replica.probe()  # restarting, or unreachable for now: Ray queues the probe
+            return
         except RayActorError as error:
             if error.actor_init_failed:
                 raise RhmapperError(
@@ -308,6 +363,8 @@ class ReplicaPool:
             self.lost(replica, error)
             return
         replica.node_id = info["node_id"]
+        if not replica.owned:
+            replica.set_capacity(info["max_concurrency"])
         if replica.state == "starting":
             replica.state = "ready"
 
@@ -334,15 +391,26 @@ class ReplicaPool:
                 f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
 
     def fetch(self, token: ray.ObjectRef) -> BatchReply:
-        """The reply of a done call; `ReplicaDied` if its replica died."""
+        """The reply of a done call; `ReplicaDied` if its replica died (``permanent=False``
+        when Ray says the actor may come back)."""
+        direct = token in self._direct_calls
+        self._direct_calls.discard(token)
         try:
-            return ray.get(token)
+            value = ray.get(token)
+        except ActorUnavailableError as error:
+            raise ReplicaDied(str(error), permanent=False) from error
         except _REPLICA_DEATHS as error:
             raise ReplicaDied(str(error)) from error
+        except RayTaskError as error:
+            if not direct:
+                raise
+            return BatchReply([None], {0: _task_failure(error)}, None)
+        return BatchReply([value], None, None) if direct else value
 
     def abandon(self, token: ray.ObjectRef, replica: RayReplica) -> None:
         """Cancel a call nobody waits for; its slot is given back when the replica answers."""
         ray.cancel(token)
+        self._direct_calls.discard(token)
         with self._lock:
             self._draining[token] = (replica, time.monotonic())
 
@@ -362,6 +430,12 @@ class ReplicaPool:
                     self.lost(replica, RhmapperError(
                         "restarted: a cancelled or timed-out call kept running"))
 
+    def unavailable(self, replica: RayReplica) -> None:
+        """Take no calls to ``replica`` until it answers a new probe (it may be restarting)."""
+        with self._lock:
+            if replica.state == "ready":
+                replica.probe()
+
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         """A replica died: drop it, and start a replacement if the pool owns it."""
         with self._lock:
@@ -378,6 +452,13 @@ class ReplicaPool:
             replacement = self._create(int(replica.name.rsplit("_", 1)[1]))
             self.replicas.remove(replacement)
             self.replicas.insert(index, replacement)
+
+
+def _task_failure(error: RayTaskError) -> RemoteFailure:
+    """The user's exception of a direct actor call, as `run_batch` reports one."""
+    cause = error.cause if isinstance(error.cause, BaseException) else None
+    return RemoteFailure(cause, type(cause).__qualname__ if cause else error.function_name,
+                         str(cause) if cause else str(error), error.traceback_str or str(error))
 
 
 def _actor_name(handle: Any) -> str:

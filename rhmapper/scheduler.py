@@ -34,7 +34,15 @@ _RETRYING = object()
 
 
 class ReplicaDied(Exception):
-    """Raised by `Pool.fetch` when the replica behind a call died before answering."""
+    """Raised by `Pool.fetch` when the replica behind a call died before answering.
+
+    ``permanent`` is False when the replica may come back (it is restarting, or unreachable for
+    a while): its calls are run again, and the replica stays in the pool.
+    """
+
+    def __init__(self, message: str, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Replica(Protocol):
@@ -46,6 +54,9 @@ class Replica(Protocol):
 
     def submit(self, call: "CallSpec", start: int, items: list) -> Any:
         """Start one call on ``items`` (indices from ``start``); return a token to wait on."""
+
+    def max_items(self, call: "CallSpec") -> int | None:
+        """The most items one call of ``call`` may carry on this replica (``None``: any)."""
 
     def release(self) -> None:
         """Give back the slot a finished call held."""
@@ -77,14 +88,23 @@ class Pool(Protocol):
     def lost(self, replica: Replica, reason: BaseException) -> None:
         """A replica died: drop it, and replace it if the pool owns it."""
 
+    def unavailable(self, replica: Replica) -> None:
+        """A replica failed its calls but may come back (restarting): take no calls to it until
+        it answers again; drop it if it turns out dead."""
+
 
 @dataclass(frozen=True)
 class CallSpec:
-    """What every call of one map runs: the method or function, the item shape, the constants."""
+    """What every call of one map runs: the method or function, the item shape, the constants.
+
+    ``kwargs`` are the constant keyword arguments as the replicas receive them (references to
+    values put once per map); ``is_async`` says the target is an ``async def``.
+    """
 
     method: str
     star: bool = False
-    kwargs_box: list | None = None
+    kwargs: dict | None = None
+    is_async: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,7 +327,8 @@ class MapRun:
             return
         while True:
             for replica in self._free_by_load(replicas):
-                work = self._take_retry(replica, len(replicas)) or self._take_fresh(replicas)
+                work = (self._take_retry(replica, len(replicas))
+                        or self._take_fresh(replicas, replica.max_items(self._plan.call)))
                 if work is not None:
                     break
             else:
@@ -340,10 +361,13 @@ class MapRun:
             return retry.index, [retry.item], True
         return None
 
-    def _take_fresh(self, replicas: list[Replica]) -> tuple[int, list, bool] | None:
+    def _take_fresh(self, replicas: list[Replica], max_items: int | None
+                    ) -> tuple[int, list, bool] | None:
         if self._exhausted:
             return None
         size = self._batch_size(sum(replica.capacity for replica in replicas))
+        if max_items is not None:
+            size = min(size, max_items)
         if size <= 0:
             return None
         items = list(itertools.islice(self._source, size))
@@ -386,7 +410,7 @@ class MapRun:
         except ReplicaDied as died:
             self._replica_died(call, died)
             return
-        if call.items:
+        if call.items and reply.seconds is not None:
             per_item = reply.seconds / len(call.items)
             previous = self._per_item_seconds
             self._per_item_seconds = per_item if previous is None else (
@@ -430,8 +454,11 @@ class MapRun:
         raise exception
 
     def _replica_died(self, call: _Call, died: ReplicaDied) -> None:
-        self.stats.replicas_lost += 1
-        self._pool.lost(call.replica, died)
+        if died.permanent:
+            self.stats.replicas_lost += 1
+            self._pool.lost(call.replica, died)
+        else:
+            self._pool.unavailable(call.replica)
         holes = set(range(call.start, call.start + len(call.items)))
         resolved: dict[int, Any] = {}
         for position, item in enumerate(call.items):

@@ -33,6 +33,9 @@ class FakeReplica:
     def release(self) -> None:
         self.in_flight -= 1
 
+    def max_items(self, call: CallSpec) -> int | None:
+        return None
+
 
 @dataclass(eq=False)
 class FakeCall:
@@ -68,6 +71,7 @@ class FakePool:
         self.calls_started = 0
         self.cancelled: list[FakeCall] = []
         self.lost_count = 0
+        self.unavailable_count = 0
 
     def _new(self) -> FakeReplica:
         return FakeReplica(f"fake_replica_{next(self._names)}", self.capacity, self.fn, log=self.log)
@@ -104,6 +108,9 @@ class FakePool:
     def abandon(self, token: FakeCall, replica: FakeReplica) -> None:
         self.cancelled.append(token)
         replica.release()
+
+    def unavailable(self, replica: FakeReplica) -> None:
+        self.unavailable_count += 1
 
     def lost(self, replica: FakeReplica, reason: BaseException) -> None:
         if replica not in self.replicas:
