@@ -458,7 +458,7 @@ def _task_failure(error: RayTaskError) -> RemoteFailure:
     """The user's exception of a direct actor call, as `run_batch` reports one."""
     cause = error.cause if isinstance(error.cause, BaseException) else None
     return RemoteFailure(cause, type(cause).__qualname__ if cause else error.function_name,
-                         str(cause) if cause else str(error), error.traceback_str or str(error))
+                         str(cause) if cause else str(error), str(error))
 
 
 def _actor_name(handle: Any) -> str:

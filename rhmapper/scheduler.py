@@ -387,6 +387,11 @@ class MapRun:
             room = min(plan.window - outstanding, max(1, plan.window // (2 * slots)))
         if isinstance(plan.batch_size, int):
             return min(plan.batch_size, room)
+        if plan.call.is_async and plan.timeout is None and plan.total is not None:
+            # An async call's items await together: the call takes about as long as its slowest
+            # item, so an equal share of the map per slot costs no more time than one item.
+            size = math.ceil(plan.total / slots)
+            return max(1, min(size, room)) if room > 0 else 0
         if plan.timeout is not None or self._per_item_seconds is None:
             return min(1, room)
         per_item = max(self._per_item_seconds, 1e-7)

@@ -49,6 +49,16 @@ def test_tiny_items_take_a_few_large_calls_after_one_probe_per_slot():
     assert max(sizes) <= 100_000 // (2 * 4), "a small map splits in equal shares, two per slot"
 
 
+def test_async_targets_take_an_equal_share_per_slot_from_the_first_call():
+    pool = FakePool(2, capacity=4, item_seconds=0.05)
+    plan = MapPlan(CallSpec("fn", is_async=True), collect=True, total=200, window=None)
+    run = MapRun(pool, plan, iter(range(200)))
+    for _ in run.chunks():
+        pass
+    assert run.results == list(range(200))
+    assert [len(items) for _, _, items in pool.log] == [25] * 8, "items of a call await together"
+
+
 def test_auto_batches_aim_at_a_quarter_second_and_shrink_before_the_end():
     pool = FakePool(4, item_seconds=0.002)
     collect(pool, list(range(20_000)))
