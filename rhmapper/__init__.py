@@ -4,6 +4,7 @@ from rhmapper.env import Env
 from rhmapper.errors import (
     MapCancelledError,
     NoReplicasError,
+    PoolMismatchError,
     ReplicaLostError,
     RhmapperError,
     UnschedulableError,
@@ -18,6 +19,7 @@ __all__ = [
     "Mapper",
     "Module",
     "NoReplicasError",
+    "PoolMismatchError",
     "ReplicaLostError",
     "Retries",
     "RhmapperError",

@@ -45,6 +45,16 @@ def parse_memory(value: int | float | str) -> int:
     return int(amount)
 
 
+def replica_name(pool: str, index: int) -> str:
+    """The Ray actor name of auto replica ``index`` of the pool (env) ``pool``.
+
+    Examples:
+        >>> replica_name("embed", 3)
+        'embed_replica_3'
+    """
+    return f"{pool}_replica_{index}"
+
+
 class Env(BaseModel):
     """Where and how a mapper's replicas run: a Ray ``runtime_env`` plus a resource request.
 
@@ -184,7 +194,7 @@ class Env(BaseModel):
         """
         if self.name is None:
             raise ValueError("Env.replica() needs a named env: pass Env(name=...)")
-        return self.model_copy(update={"name": f"{self.name}_replica_{index}"})
+        return self.model_copy(update={"name": replica_name(self.name, index)})
 
     def named(self, name: str) -> "Env":
         """The same env under another name (used to name an env after its function or class).

@@ -57,3 +57,14 @@ class MapCancelledError(RhmapperError):
         >>> issubclass(rm.MapCancelledError, rm.RhmapperError)
         True
     """
+
+
+class PoolMismatchError(RhmapperError):
+    """Named replicas of the env already exist, built from another function, class, constructor
+    arguments, ``runtime_env``, ``compute`` or ``concurrency``: the mapper will not run on them.
+
+    Examples:
+        >>> import rhmapper as rm
+        >>> issubclass(rm.PoolMismatchError, rm.RhmapperError)
+        True
+    """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import re
+import uuid
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -20,8 +21,10 @@ from rhmapper.scheduler import DEFAULT_WINDOW, CallSpec, MapPlan, MapRun, MapSta
 
 
 def _default_name(obj: Any) -> str:
+    """``<function or class name>_<6 hex>``: unique, so that two functions (or lambdas) that
+    share a ``__name__`` never share a pool by accident."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(obj, "__name__", type(obj).__name__)).strip("_")
-    return name or "mapper"
+    return f"{name or 'mapper'}_{uuid.uuid4().hex[:6]}"
 
 
 class Mapper:
@@ -47,6 +50,7 @@ class Mapper:
         env: Env | None = None,
         concurrency: int | None = None,
         ready_timeout: float | None = None,
+        replace_mismatched: bool = False,
     ) -> None:
         _check_concurrency(concurrency)
         if env is not None and not isinstance(env, Env):
@@ -55,6 +59,10 @@ class Mapper:
         self._function = None if self._class else target
         self.method = self._check_method(method)
         env = env or Env()
+        if env.detached and not env.name:
+            raise ValueError(
+                "a detached Env needs an explicit name, so that a later driver finds the same "
+                "pool: rm.Env(name='embed', detached=True)")
         self.env = env if env.name else env.named(_default_name(self._class or obj))
         self.concurrency = concurrency
         if self._class is None:
@@ -62,7 +70,7 @@ class Mapper:
         else:
             check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
         ensure_ray()
-        self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout)
+        self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched)
         self._cancel_events: set[threading.Event] = set()
         self.add_replicas(replicas)
 
@@ -452,6 +460,7 @@ def mapper(
     env: Env | None = None,
     concurrency: int | None = None,
     ready_timeout: float | None = None,
+    replace_mismatched: bool = False,
 ) -> Mapper:
     """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
 
@@ -460,13 +469,18 @@ def mapper(
             ``@ray.remote`` class; or `rhmapper.module` ``(cls, *args, **kwargs)``.
         method: for a class, the method to map.
         replicas: how many auto replicas to create, or a list of existing Ray actor handles.
-        env: the `Env` auto replicas run in (named after ``obj`` if unnamed).
+        env: the `Env` auto replicas run in (if unnamed: named after ``obj``, plus a unique
+            suffix, so that no two mappers share a pool by accident).
         concurrency: calls in flight per replica. Auto replicas run ``concurrency`` calls at
             once (Ray's ``max_concurrency``; ``None`` means 1). Your actors get
             ``min(concurrency, their max_concurrency)``, or their own ``max_concurrency`` when
             ``None``: the pool never queues calls an actor cannot start.
         ready_timeout: with no replica ready, fail after this many seconds of waiting for
             replicas to start (``None``: wait as long as it takes).
+        replace_mismatched: when named replicas of the env already exist but were built from
+            something else (another function or class, constructor arguments, runtime_env,
+            compute or concurrency), kill and rebuild them instead of raising
+            `PoolMismatchError`.
 
     Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
 
@@ -477,4 +491,4 @@ def mapper(
         [1, 2, 3]
     """
     return Mapper(obj, method=method, replicas=replicas, env=env, concurrency=concurrency,
-                  ready_timeout=ready_timeout)
+                  ready_timeout=ready_timeout, replace_mismatched=replace_mismatched)

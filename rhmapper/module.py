@@ -468,14 +468,31 @@ async def _await_into(values: list, failures: dict[int, RemoteFailure], pending:
             values[position] = outcome
 
 
+def fingerprinted(actor_class: type, fingerprint: dict[str, str]) -> type:
+    """``actor_class`` carrying ``fingerprint``: what its replicas were built from, which a later
+    driver compares before it attaches to them (see `replica_info`).
+
+    Examples:
+        >>> fingerprinted(FunctionReplica, {"target": "ab12"})(abs)._rhmapper_fingerprint
+        {'target': 'ab12'}
+    """
+    def body(namespace: dict) -> None:
+        namespace.update(_rhmapper_fingerprint=dict(fingerprint), __module__=__name__,
+                         __qualname__=f"fingerprinted.<locals>.{actor_class.__name__}")
+
+    return types.new_class(actor_class.__name__, (actor_class,), exec_body=body)
+
+
 def replica_info(instance: Any) -> dict[str, Any]:
-    """Where a replica runs (node id, pid) and how many calls it runs at once
-    (``max_concurrency``, ``None`` if Ray cannot say); also the probe that tells it is ready.
+    """Where a replica runs (node id, pid), how many calls it runs at once (``max_concurrency``,
+    ``None`` if Ray cannot say) and, for an auto replica, what it was built from
+    (``fingerprint``); also the probe that tells the replica is ready.
 
     Examples:
         >>> ray.get(handle.__ray_call__.remote(replica_info))  # doctest: +SKIP
-        {'node_id': '5f1d...', 'pid': 4242, 'max_concurrency': 1}
+        {'node_id': '5f1d...', 'pid': 4242, 'max_concurrency': 1, 'fingerprint': None}
     """
     context = ray.get_runtime_context()
     return {"node_id": context.get_node_id(), "pid": os.getpid(),
-            "max_concurrency": current_actor_max_concurrency()}
+            "max_concurrency": current_actor_max_concurrency(),
+            "fingerprint": getattr(instance, "_rhmapper_fingerprint", None)}

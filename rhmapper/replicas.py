@@ -7,7 +7,9 @@ join the pool, and are dropped from it when they die, but are never killed by it
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import tempfile
 import threading
 import time
@@ -26,13 +28,14 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from rhmapper.env import Env
-from rhmapper.errors import NoReplicasError, RhmapperError, UnschedulableError
+from rhmapper.env import Env, replica_name
+from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.feasibility import check_feasible
 from rhmapper.module import (
     BatchReply,
     Module,
     RemoteFailure,
+    fingerprinted,
     function_replica_class,
     replica_class,
     replica_info,
@@ -63,8 +66,10 @@ class RayReplica:
     """
 
     def __init__(self, name: str, handle: Any, owned: bool, requested: int | None,
-                 direct_calls: set | None = None) -> None:
+                 direct_calls: set | None = None, index: int | None = None) -> None:
         self.name = name
+        self.index = index
+        """An auto replica's index in its pool's names (``None`` for your actors)."""
         self.handle = handle
         self.owned = owned
         self.requested = requested
@@ -201,8 +206,10 @@ class ReplicaPool:
         target: Module | Any,
         concurrency: int | None,
         ready_timeout: float | None = None,
+        replace_mismatched: bool = False,
     ) -> None:
         self.env = env
+        self.replace_mismatched = replace_mismatched
         self.concurrency = concurrency
         """Calls in flight per replica: auto replicas ``concurrency or 1``; your actors
         ``min(concurrency, max_concurrency)``, or their own ``max_concurrency`` if ``None``."""
@@ -215,12 +222,14 @@ class ReplicaPool:
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
         self._direct_calls: set[ray.ObjectRef] = set()
         self._lock = threading.RLock()
+        self.fingerprint = pool_fingerprint(target, env, self.auto_concurrency)
         if isinstance(target, Module):
-            self._actor_class = ray.remote(replica_class(target.cls))
+            actor_class = replica_class(target.cls)
             self._init_args, self._init_kwargs = target.args, target.kwargs
         else:
-            self._actor_class = ray.remote(function_replica_class(target))
+            actor_class = function_replica_class(target)
             self._init_args, self._init_kwargs = (ray.put(target),), {}
+        self._actor_class = ray.remote(fingerprinted(actor_class, self.fingerprint))
 
     # -- membership -------------------------------------------------------------------------
 
@@ -276,7 +285,7 @@ class ReplicaPool:
     def _free_index(self, start: int = 0) -> int:
         taken = {replica.name for replica in self.replicas}
         return next(index for index in itertools.count(start)
-                    if f"{self.env.name}_replica_{index}" not in taken)
+                    if replica_name(self.env.name, index) not in taken)
 
     def _create(self, index: int) -> RayReplica:
         """Start the auto replica ``<env>_replica_<index>``, or the next free name if Ray still
@@ -291,7 +300,7 @@ class ReplicaPool:
         }
         with self._lock:
             while True:
-                name = f"{self.env.name}_replica_{index}"
+                name = replica_name(self.env.name, index)
                 try:
                     handle = self._actor_class.options(name=name, **options).remote(
                         *self._init_args, **self._init_kwargs)
@@ -300,7 +309,8 @@ class ReplicaPool:
                     if "already" not in str(error):
                         raise
                     index = self._free_index(index + 1)
-            replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency)
+            replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency,
+                                 index=index)
             self.replicas.append(replica)
         return replica
 
@@ -361,6 +371,9 @@ class ReplicaPool:
                 raise RhmapperError(
                     f"replica {replica.name} failed in its constructor: {error}") from error
             self.lost(replica, error)
+            return
+        if replica.owned and info["fingerprint"] != self.fingerprint:
+            self._mismatched(replica, info["fingerprint"])
             return
         replica.node_id = info["node_id"]
         if not replica.owned:
@@ -436,6 +449,26 @@ class ReplicaPool:
             if replica.state == "ready":
                 replica.probe()
 
+    def _mismatched(self, replica: RayReplica, found: dict | None) -> None:
+        """An existing named replica was built from something else: refuse it, or (when asked)
+        kill it and build a new one under its name."""
+        differs = sorted(key for key in self.fingerprint
+                         if (found or {}).get(key) != self.fingerprint[key]) or ["all of it"]
+        if not self.replace_mismatched:
+            raise PoolMismatchError(
+                f"pool {self.env.name!r} already has replica {replica.name}, built from another "
+                f"{', '.join(differs)} than this mapper's; it would run the old code, so the "
+                f"mapper will not use it. Kill the old pool (`rhmapper kill {self.env.name}`), "
+                "use another Env name, or pass rm.mapper(..., replace_mismatched=True) to kill "
+                "and rebuild its replicas.")
+        with self._lock:
+            index = self.replicas.index(replica)
+            self._remove(replica)
+            wait_name_released(replica.name)
+            replacement = self._create(replica.index)
+            self.replicas.remove(replacement)
+            self.replicas.insert(index, replacement)
+
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         """A replica died: drop it, and start a replacement if the pool owns it."""
         with self._lock:
@@ -449,9 +482,52 @@ class ReplicaPool:
                     f"work goes to the other replicas. Cause: {str(reason).splitlines()[0]}",
                     RuntimeWarning, stacklevel=2)
                 return
-            replacement = self._create(int(replica.name.rsplit("_", 1)[1]))
+            replacement = self._create(replica.index)
             self.replicas.remove(replacement)
             self.replicas.insert(index, replacement)
+
+
+def pool_fingerprint(target: Module | Any, env: Env, concurrency: int) -> dict[str, str]:
+    """What a pool's auto replicas are built from, as short digests by part: the function or
+    class, the constructor arguments, the ``runtime_env``, the ``compute`` request and the
+    concurrency.
+
+    Examples:
+        >>> sorted(pool_fingerprint(abs, Env(name="abs"), 1))
+        ['compute', 'concurrency', 'constructor', 'runtime_env', 'target']
+    """
+    if isinstance(target, Module):
+        built_from, arguments = target.cls, (target.args, target.kwargs)
+    else:
+        built_from, arguments = target, ()
+    return {
+        "target": _digest(cloudpickle.dumps(built_from)),
+        "constructor": _digest(cloudpickle.dumps(arguments)),
+        "runtime_env": _digest(json.dumps(env.runtime_env(), sort_keys=True, default=str).encode()),
+        "compute": _digest(json.dumps(env.resource_request(), sort_keys=True).encode()),
+        "concurrency": str(concurrency),
+    }
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def wait_name_released(name: str, timeout: float = 30.0) -> None:
+    """Wait until Ray has released the actor name ``name`` (a killed actor's name is released
+    asynchronously); raise `RhmapperError` after ``timeout`` seconds.
+
+    Examples:
+        >>> wait_name_released("embed_replica_0")  # doctest: +SKIP
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise RhmapperError(f"replica {name} still exists {timeout}s after ray.kill")
 
 
 def _task_failure(error: RayTaskError) -> RemoteFailure:
