@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import re
 import uuid
@@ -17,6 +18,7 @@ from rhmapper.module import FunctionReplica, Module, is_async_callable, module, 
 from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
+from rhmapper.signals import open_end_signal
 from rhmapper.scheduler import DEFAULT_WINDOW, CallSpec, MapPlan, MapRun, MapStats, add_note
 
 
@@ -399,12 +401,15 @@ class Mapper:
         def on_progress(done: int, stats: MapStats) -> None:
             bar.update(done, stats, len(self._pool.dispatchable()))
 
+        end_signal, end_map = open_end_signal()
+        plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal))
         run = MapRun(self._pool, plan, source, on_progress, cancelled)
         try:
             yield from run.chunks()
             if plan.collect:
                 yield run.results
         finally:
+            end_map()
             self._cancel_events.discard(cancelled)
             bar.close()
 

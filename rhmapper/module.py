@@ -14,16 +14,15 @@ import inspect
 import os
 import threading
 import time
-import traceback
 import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import cloudpickle
 import ray
 
 from rhmapper._ray_compat import current_actor_max_concurrency
+from rhmapper.wire import BatchReply, RemoteFailure, pack_values
 
 _CACHE_ENTRIES = 8
 _shared_objects: OrderedDict[bytes, Any] = OrderedDict()
@@ -149,7 +148,8 @@ class AsyncFunctionReplica(FunctionReplica):
         >>> import asyncio
         >>> async def double(x):
         ...     return 2 * x
-        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(("fn", [4], False, None))).values
+        >>> payload = ("fn", [4], False, None, None)
+        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(payload)).values
         [8]
     """
 
@@ -176,7 +176,7 @@ def replica_class(cls: type) -> type:
         ...     def predict(self, x):
         ...         return x
         >>> replica = replica_class(Model)()
-        >>> isinstance(replica, Model), replica._rhmapper_run(("predict", [7], False, None)).values
+        >>> isinstance(replica, Model), replica._rhmapper_run(("predict", [7], False, None, None)).values
         (True, [7])
     """
     entry_points: dict[str, Any] = {"_rhmapper_run": _run_in_replica}
@@ -188,60 +188,6 @@ def replica_class(cls: type) -> type:
                          __qualname__=f"replica_class.<locals>.{cls.__name__}")
 
     return types.new_class(cls.__name__, (cls,), exec_body=body)
-
-
-@dataclass
-class RemoteFailure:
-    """An exception raised by the user's code for one item, with its remote traceback.
-
-    ``error`` is the exception itself, or ``None`` when it could not be pickled back.
-
-    Examples:
-        >>> failure = RemoteFailure.capture(ValueError("bad"))
-        >>> type(failure.error).__name__, failure.type_name
-        ('ValueError', 'ValueError')
-    """
-
-    error: BaseException | None
-    type_name: str
-    message: str
-    remote_traceback: str
-
-    @classmethod
-    def capture(cls, error: BaseException) -> "RemoteFailure":
-        """Capture ``error`` (inside an ``except`` block, to keep its traceback).
-
-        Examples:
-            >>> RemoteFailure.capture(KeyError("k")).message
-            "'k'"
-        """
-        try:
-            cloudpickle.loads(cloudpickle.dumps(error))
-            picklable: BaseException | None = error
-        except Exception:  # any pickling failure means: send the text only
-            picklable = None
-        return cls(
-            error=picklable,
-            type_name=type(error).__qualname__,
-            message=str(error),
-            remote_traceback="".join(traceback.format_exception(error)),
-        )
-
-
-@dataclass
-class BatchReply:
-    """What one call returns: a value per item, the failures by position, and the run time
-    (``None`` when unknown).
-
-    Examples:
-        >>> reply = BatchReply(values=[2, None], failures={1: None}, seconds=0.1)
-        >>> len(reply.values)
-        2
-    """
-
-    values: list
-    failures: dict[int, RemoteFailure] | None
-    seconds: float | None
 
 
 def _kwargs_key(kwargs: dict[str, Any]) -> tuple:
@@ -384,13 +330,67 @@ def _substitute(items: list, positions: list, values: list) -> tuple[list, dict[
     return items, failures
 
 
-def _call_items(target: Callable, items: list, star: bool, kwargs: dict,
-                skip: dict[int, RemoteFailure]) -> tuple[list, dict[int, RemoteFailure]]:
-    """Call ``target`` on each item not in ``skip``; a failing item does not stop the others."""
+_SIGNAL_CHECK_SECONDS = 0.002
+_signal_futures: OrderedDict[bytes, Any] = OrderedDict()
+
+
+def _ended(signal: Any) -> bool:
+    """Whether the map's end signal (an ``ObjectRef`` that becomes ready when the map ends) has
+    fired; the first check per map and process subscribes (``ObjectRef.future()``), later
+    checks read a flag."""
+    key = signal.binary()
+    with _shared_objects_lock:
+        future = _signal_futures.get(key)
+        if future is None:
+            future = _signal_futures[key] = signal.future()
+            while len(_signal_futures) > 4 * _CACHE_ENTRIES:
+                _signal_futures.popitem(last=False)
+    return future.done()
+
+
+class CallGuard:
+    """Tells a replica to start no more items of a call: when its map has ended (cancelled,
+    failed, or abandoned by the driver) or the call is past its deadline.
+
+    ``spec`` is ``(end_signal, deadline)``: ``[ObjectRef]`` of the map's end signal (or
+    ``None``) and a wall-clock deadline in seconds since the epoch (or ``None``).
+
+    Examples:
+        >>> CallGuard((None, 0.0)).stop_reason()
+        'timeout'
+        >>> CallGuard((None, None)).stop_reason() is None
+        True
+    """
+
+    def __init__(self, spec: tuple[list | None, float | None] | None) -> None:
+        signal_box, self.deadline = spec or (None, None)
+        self.signal = signal_box[0] if signal_box else None
+        self._checked_at = 0.0
+
+    def stop_reason(self) -> str | None:
+        """``"timeout"``, ``"cancelled"``, or ``None`` to go on."""
+        now = time.time()
+        if self.deadline is not None and now > self.deadline:
+            return "timeout"
+        if self.signal is not None and now - self._checked_at >= _SIGNAL_CHECK_SECONDS:
+            self._checked_at = now
+            if _ended(self.signal):
+                return "cancelled"
+        return None
+
+
+def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
+                failures: dict[int, RemoteFailure], guard: CallGuard
+                ) -> tuple[list, tuple[int, str] | None]:
+    """Call ``target`` on each item not already failed; a failing item does not stop the others,
+    and no item starts once the guard says stop. Returns the values and where it stopped."""
     values: list = []
     append = values.append
-    failures = dict(skip)
     for position, item in enumerate(items):
+        reason = guard.stop_reason()
+        if reason is not None:
+            values.extend([None] * (len(items) - position))
+            return values, (position, reason)
         if position in failures:
             append(None)
             continue
@@ -399,40 +399,51 @@ def _call_items(target: Callable, items: list, star: bool, kwargs: dict,
                 append(target(*item, **kwargs) if kwargs else target(*item))
             else:
                 append(target(item, **kwargs) if kwargs else target(item))
-        except Exception as error:  # the user's error for this item, reported per item
+        except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
             failures[position] = RemoteFailure.capture(error)
             append(None)
-    return values, failures
+    return values, None
 
 
-def run_batch(instance: Any, payload: tuple[str, list, bool, dict | None]) -> BatchReply:
+def _reply(values: list, failures: dict[int, RemoteFailure], started: float,
+           not_started: tuple[int, str] | None) -> BatchReply:
+    values, failures, packed = pack_values(values, failures)
+    return BatchReply(values, failures or None, time.perf_counter() - started, packed, not_started)
+
+
+Payload = tuple[str, list, bool, "dict | None", "tuple | None"]
+"""``(method, items, star, kwargs, guard)``: see `run_batch`."""
+
+
+def run_batch(instance: Any, payload: Payload) -> BatchReply:
     """Run one call's items on a replica; a failing item does not stop its neighbours.
 
-    ``payload`` is ``(method, items, star, kwargs)``: the replica's method to call (``"fn"``
-    for a function replica), the items, whether each item is a tuple of positional arguments
-    (else the single argument), and the map's constant keyword arguments (see `shared_kwargs`).
-    It travels as one argument because Ray serialises each argument of a call separately.
-    ``ObjectRef`` arguments are fetched here (`resolve_refs`). A coroutine function's items are
-    awaited (one event loop for the call) when the replica is not an async actor.
+    ``payload`` is ``(method, items, star, kwargs, guard)``: the replica's method to call
+    (``"fn"`` for a function replica), the items, whether each item is a tuple of positional
+    arguments (else the single argument), the map's constant keyword arguments (see
+    `shared_kwargs`) and the `CallGuard` spec. It travels as one argument because Ray serialises
+    each argument of a call separately. ``ObjectRef`` arguments are fetched here
+    (`resolve_refs`). A coroutine function's items are awaited (one event loop for the call)
+    when the replica is not an async actor. Values travel packed per item (`pack_values`).
 
     Examples:
-        >>> reply = run_batch(FunctionReplica(abs), ("fn", [-1, 2, "x"], False, None))
-        >>> reply.values[:2], type(reply.failures[2].error).__name__
+        >>> reply = run_batch(FunctionReplica(abs), ("fn", [-1, 2, "x"], False, None, None))
+        >>> reply.values[:2], reply.failures[2].type_name
         ([1, 2], 'TypeError')
     """
     started = time.perf_counter()
-    method, items, star, kwargs = payload
+    method, items, star, kwargs, guard = payload
     target = getattr(instance, method)
-    items, unresolved = resolve_refs(items, star)
+    items, failures = resolve_refs(items, star)
     kwargs = shared_kwargs(kwargs) if kwargs else None
-    values, failures = _call_items(target, items, star, kwargs, unresolved)
+    values, not_started = _call_items(target, items, star, kwargs, failures, CallGuard(guard))
     pending = [position for position, value in enumerate(values) if inspect.isawaitable(value)]
     if pending:
         asyncio.run(_await_into(values, failures, pending))
-    return BatchReply(values, failures or None, time.perf_counter() - started)
+    return _reply(values, failures, started, not_started)
 
 
-async def run_batch_async(instance: Any, payload: tuple[str, list, bool, dict | None]) -> BatchReply:
+async def run_batch_async(instance: Any, payload: Payload) -> BatchReply:
     """`run_batch` for an ``async def`` function or method: the call's items run concurrently
     on the replica's event loop.
 
@@ -441,31 +452,48 @@ async def run_batch_async(instance: Any, payload: tuple[str, list, bool, dict | 
         >>> async def double(x):
         ...     await asyncio.sleep(0.01)
         ...     return 2 * x
-        >>> asyncio.run(run_batch_async(FunctionReplica(double), ("fn", [1, 2], False, None))).values
+        >>> payload = ("fn", [1, 2], False, None, None)
+        >>> asyncio.run(run_batch_async(FunctionReplica(double), payload)).values
         [2, 4]
     """
     started = time.perf_counter()
-    method, items, star, kwargs = payload
+    method, items, star, kwargs, guard = payload
     target = getattr(instance, method)
-    items, unresolved = await resolve_refs_async(items, star)
+    items, failures = await resolve_refs_async(items, star)
     kwargs = await shared_kwargs_async(kwargs) if kwargs else None
-    values, failures = _call_items(target, items, star, kwargs, unresolved)
+    reason = CallGuard(guard).stop_reason()
+    if reason is not None:
+        return _reply([None] * len(items), failures, started, (0, reason))
+    values, _ = _call_items(target, items, star, kwargs, failures, CallGuard(None))
     pending = [position for position, value in enumerate(values) if inspect.isawaitable(value)]
     await _await_into(values, failures, pending)
-    return BatchReply(values, failures or None, time.perf_counter() - started)
+    return _reply(values, failures, started, None)
 
 
 async def _await_into(values: list, failures: dict[int, RemoteFailure], pending: list[int]) -> None:
-    outcomes = await asyncio.gather(*(values[position] for position in pending),
-                                    return_exceptions=True)
+    outcomes = await asyncio.gather(*(_outcome(values[position]) for position in pending))
     for position, outcome in zip(pending, outcomes):
-        if isinstance(outcome, Exception):
-            failures[position] = RemoteFailure.capture(outcome)
+        if isinstance(outcome, _ItemFailed):
+            failures[position] = RemoteFailure.capture(outcome.error)
             values[position] = None
-        elif isinstance(outcome, BaseException):
-            raise outcome
         else:
             values[position] = outcome
+
+
+@dataclass(frozen=True)
+class _ItemFailed:
+    error: BaseException
+
+
+async def _outcome(awaitable: Any) -> Any:
+    """Await one item; its exception (even ``SystemExit``) is its own failure, but the call's
+    own cancellation goes on up."""
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        raise
+    except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
+        return _ItemFailed(error)
 
 
 def fingerprinted(actor_class: type, fingerprint: dict[str, str]) -> type:

@@ -7,6 +7,7 @@ join the pool, and are dropped from it when they die, but are never killed by it
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import itertools
 import json
@@ -32,9 +33,7 @@ from rhmapper.env import Env, replica_name
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.feasibility import check_feasible
 from rhmapper.module import (
-    BatchReply,
     Module,
-    RemoteFailure,
     fingerprinted,
     function_replica_class,
     replica_class,
@@ -42,6 +41,7 @@ from rhmapper.module import (
     run_batch,
 )
 from rhmapper.scheduler import CallSpec, ReplicaDied
+from rhmapper.wire import BatchReply, RemoteFailure
 
 NAMESPACE = "rhmapper"
 """The Ray namespace of every auto replica."""
@@ -50,6 +50,20 @@ _FEASIBILITY_RECHECK_SECONDS = 1.0
 STUCK_GRACE_SECONDS = 2.0
 """An abandoned call still running after this long gets its auto replica restarted."""
 _REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+
+
+class ReplicaState(enum.Enum):
+    """Where a replica is in its life, as the pool sees it."""
+
+    STARTING = "starting"
+    """Created (or restarting): waiting for its probe to answer."""
+    READY = "ready"
+    """Takes calls."""
+    BENCHED = "benched"
+    """Your actor, still running a call that outlived ``timeout=``: takes no calls until it
+    answers."""
+    DEAD = "dead"
+    """Gone from the pool."""
 
 
 class RayReplica:
@@ -62,7 +76,7 @@ class RayReplica:
     Examples:
         >>> replica = RayReplica("embed_replica_0", handle, owned=True, requested=2)  # doctest: +SKIP
         >>> replica.state  # doctest: +SKIP
-        'starting'
+        <ReplicaState.STARTING: 'starting'>
     """
 
     def __init__(self, name: str, handle: Any, owned: bool, requested: int | None,
@@ -75,7 +89,7 @@ class RayReplica:
         self.requested = requested
         self.capacity = requested or 1
         self.in_flight = 0
-        self.state = "starting"
+        self.state = ReplicaState.STARTING
         self.node_id: str | None = None
         self.started_at = time.monotonic()
         self.ready_ref = handle.__ray_call__.remote(replica_info)
@@ -83,11 +97,12 @@ class RayReplica:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"RayReplica({self.name!r}, {self.state}, {'auto' if self.owned else 'user'})"
+        return (f"RayReplica({self.name!r}, {self.state.value}, "
+                f"{'auto' if self.owned else 'user'})")
 
     def probe(self) -> None:
         """Ask the replica again whether it is up (after it failed calls but may come back)."""
-        self.state = "starting"
+        self.state = ReplicaState.STARTING
         self.started_at = time.monotonic()
         self.ready_ref = self.handle.__ray_call__.remote(replica_info)
 
@@ -95,8 +110,10 @@ class RayReplica:
         """One item per call for an async method of your actor (called directly), else any."""
         return 1 if call.is_async and not self.owned else None
 
-    def submit(self, call: CallSpec, start: int, items: list) -> ray.ObjectRef:
-        """Start one call on ``items``; return its ref.
+    def submit(self, call: CallSpec, start: int, items: list, budget: float | None = None
+               ) -> ray.ObjectRef:
+        """Start one call on ``items``; return its ref. The replica starts no item once the map
+        has ended or ``budget`` seconds have passed (see `rhmapper.module.CallGuard`).
 
         Auto replicas run the batch in their own entry point; your actors run `run_batch`
         through ``__ray_call__``, except an ``async def`` method, which is called directly (one
@@ -108,7 +125,8 @@ class RayReplica:
                 ref = getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
                 self._direct_calls.add(ref)
             else:
-                payload = (call.method, items, call.star, call.kwargs)
+                deadline = None if budget is None else time.time() + budget
+                payload = (call.method, items, call.star, call.kwargs, (call.end_signal, deadline))
                 if not self.owned:
                     ref = self.handle.__ray_call__.remote(run_batch, payload)
                 elif call.is_async:
@@ -219,7 +237,7 @@ class ReplicaPool:
         self.calls_started = 0
         self._feasible_checked_at = 0.0
         self._actor_options = upload_local_dirs(env.actor_options())
-        self._draining: dict[ray.ObjectRef, tuple[RayReplica, float]] = {}
+        self._draining: dict[ray.ObjectRef, tuple[RayReplica, float, bool]] = {}
         self._direct_calls: set[ray.ObjectRef] = set()
         self._lock = threading.RLock()
         self.fingerprint = pool_fingerprint(target, env, self.auto_concurrency)
@@ -278,7 +296,7 @@ class ReplicaPool:
     def _remove(self, replica: RayReplica, kill: bool = True) -> None:
         if replica in self.replicas:
             self.replicas.remove(replica)
-        replica.state = "dead"
+        replica.state = ReplicaState.DEAD
         if replica.owned and kill:
             ray.kill(replica.handle, no_restart=True)
 
@@ -318,11 +336,11 @@ class ReplicaPool:
 
     def dispatchable(self) -> list[RayReplica]:
         """Replicas ready to take calls."""
-        return [replica for replica in self.replicas if replica.state == "ready"]
+        return [replica for replica in self.replicas if replica.state is ReplicaState.READY]
 
     def wait(self, tokens: list, timeout: float) -> list:
         """Wait for calls, starting replicas and abandoned calls; return the done call tokens."""
-        starting = {r.ready_ref: r for r in self.replicas if r.state == "starting"}
+        starting = {r.ready_ref: r for r in self.replicas if r.state is ReplicaState.STARTING}
         if not tokens and not self.dispatchable():
             self._check_alive(starting)
         refs = [*tokens, *starting, *self._draining] if starting or self._draining else tokens
@@ -344,7 +362,7 @@ class ReplicaPool:
         """Block until every starting replica is ready (or has failed and been handled)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            starting = {r.ready_ref: r for r in self.replicas if r.state == "starting"}
+            starting = {r.ready_ref: r for r in self.replicas if r.state is ReplicaState.STARTING}
             if not starting:
                 return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -378,8 +396,8 @@ class ReplicaPool:
         replica.node_id = info["node_id"]
         if not replica.owned:
             replica.set_capacity(info["max_concurrency"])
-        if replica.state == "starting":
-            replica.state = "ready"
+        if replica.state is ReplicaState.STARTING:
+            replica.state = ReplicaState.READY
 
     def _check_alive(self, starting: dict) -> None:
         """With nothing ready, fail rather than wait for replicas that can never start."""
@@ -387,6 +405,11 @@ class ReplicaPool:
             raise NoReplicasError(
                 "the pool has no replicas left: every replica died or was dropped. "
                 "Add replicas with Mapper.add_replicas().")
+        if not starting and all(r.state is ReplicaState.BENCHED for r in self.replicas):
+            raise NoReplicasError(
+                f"no replica can take work: all {len(self.replicas)} are your actors still "
+                "running calls that outlived timeout= (a running call cannot be interrupted). "
+                "Make the function return in time, or add replicas.")
         now = time.monotonic()
         if starting and now - self._feasible_checked_at > _FEASIBILITY_RECHECK_SECONDS:
             self._feasible_checked_at = now
@@ -418,35 +441,46 @@ class ReplicaPool:
             if not direct:
                 raise
             return BatchReply([None], {0: _task_failure(error)}, None)
-        return BatchReply([value], None, None) if direct else value
+        return BatchReply([value], None, None) if direct else value.unpacked()
 
-    def abandon(self, token: ray.ObjectRef, replica: RayReplica) -> None:
-        """Cancel a call nobody waits for; its slot is given back when the replica answers."""
+    def abandon(self, token: ray.ObjectRef, replica: RayReplica, timed_out: bool = False) -> None:
+        """Cancel a call nobody waits for; its slot is given back when the replica answers (see
+        `_drain` for a call that ``timed_out`` and keeps running)."""
         ray.cancel(token)
         self._direct_calls.discard(token)
         with self._lock:
-            self._draining[token] = (replica, time.monotonic())
+            self._draining[token] = (replica, time.monotonic(), timed_out)
 
     def _drain(self, done: set) -> None:
-        """Free the slots of abandoned calls that finished. An auto replica still running one
-        after the grace period is restarted (a running call cannot be interrupted); a user's
-        actor keeps the slot until it answers."""
+        """Free the slots of abandoned calls that finished. A call that timed out and still runs
+        after the grace period takes its replica out of rotation (a running call cannot be
+        interrupted): an auto replica is restarted, your actor benched until the call answers.
+        Other abandoned calls (the map ended) keep their slot until they answer."""
         now = time.monotonic()
         with self._lock:
-            for token, (replica, since) in list(self._draining.items()):
+            for token, (replica, since, timed_out) in list(self._draining.items()):
                 if token in done:
                     del self._draining[token]
                     replica.release()
-                elif now - since > STUCK_GRACE_SECONDS and replica.owned and replica.state != "dead":
-                    del self._draining[token]
-                    replica.release()
-                    self.lost(replica, RhmapperError(
-                        "restarted: a cancelled or timed-out call kept running"))
+                    if replica.state is ReplicaState.BENCHED and not self._stuck_on(replica):
+                        replica.state = ReplicaState.READY
+                elif (timed_out and now - since > STUCK_GRACE_SECONDS
+                      and replica.state is ReplicaState.READY):
+                    if replica.owned:
+                        del self._draining[token]
+                        replica.release()
+                        self.lost(replica, RhmapperError(
+                            "restarted: a call that outlived timeout= kept running"))
+                    else:
+                        replica.state = ReplicaState.BENCHED
+
+    def _stuck_on(self, replica: RayReplica) -> bool:
+        return any(owner is replica for owner, _, _ in self._draining.values())
 
     def unavailable(self, replica: RayReplica) -> None:
         """Take no calls to ``replica`` until it answers a new probe (it may be restarting)."""
         with self._lock:
-            if replica.state == "ready":
+            if replica.state is ReplicaState.READY:
                 replica.probe()
 
     def _mismatched(self, replica: RayReplica, found: dict | None) -> None:
@@ -472,7 +506,7 @@ class ReplicaPool:
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         """A replica died: drop it, and start a replacement if the pool owns it."""
         with self._lock:
-            if replica.state == "dead" or replica not in self.replicas:
+            if replica.state is ReplicaState.DEAD or replica not in self.replicas:
                 return
             index = self.replicas.index(replica)
             self._remove(replica)
@@ -532,9 +566,9 @@ def wait_name_released(name: str, timeout: float = 30.0) -> None:
 
 def _task_failure(error: RayTaskError) -> RemoteFailure:
     """The user's exception of a direct actor call, as `run_batch` reports one."""
-    cause = error.cause if isinstance(error.cause, BaseException) else None
-    return RemoteFailure(cause, type(cause).__qualname__ if cause else error.function_name,
-                         str(cause) if cause else str(error), str(error))
+    if isinstance(error.cause, BaseException):
+        return RemoteFailure.of(error.cause, str(error))
+    return RemoteFailure(error.function_name, str(error), str(error))
 
 
 def _actor_name(handle: Any) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
-from rhmapper.module import BatchReply, RemoteFailure
+from rhmapper.wire import BatchReply, RemoteFailure
 from rhmapper.retries import Retries
 
 TARGET_CALL_SECONDS = 0.25
@@ -52,8 +52,11 @@ class Replica(Protocol):
     capacity: int
     in_flight: int
 
-    def submit(self, call: "CallSpec", start: int, items: list) -> Any:
-        """Start one call on ``items`` (indices from ``start``); return a token to wait on."""
+    def submit(self, call: "CallSpec", start: int, items: list, budget: float | None) -> Any:
+        """Start one call on ``items`` (indices from ``start``); return a token to wait on.
+
+        ``budget`` is the call's time limit in seconds (``None``: none): the replica starts no
+        item once it has passed."""
 
     def max_items(self, call: "CallSpec") -> int | None:
         """The most items one call of ``call`` may carry on this replica (``None``: any)."""
@@ -81,9 +84,11 @@ class Pool(Protocol):
     def fetch(self, token: Any) -> BatchReply:
         """The reply of a done call; raises `ReplicaDied` if its replica died."""
 
-    def abandon(self, token: Any, replica: Replica) -> None:
+    def abandon(self, token: Any, replica: Replica, timed_out: bool) -> None:
         """Cancel a call whose result is no longer wanted. Its slot stays taken until the replica
-        gives it back; the pool restarts a replica it owns that does not, in time."""
+        gives it back. A call that ``timed_out`` and still runs after a grace period takes its
+        replica out of rotation: an auto replica is restarted, your actor benched until it
+        answers."""
 
     def lost(self, replica: Replica, reason: BaseException) -> None:
         """A replica died: drop it, and replace it if the pool owns it."""
@@ -105,6 +110,8 @@ class CallSpec:
     star: bool = False
     kwargs: dict | None = None
     is_async: bool = False
+    end_signal: Any = None
+    """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
 
 
 @dataclass(frozen=True)
@@ -172,14 +179,16 @@ def user_error(failure: RemoteFailure, index: int, replica_name: str) -> BaseExc
     """The exception the caller sees for an item: the user's own type, noted with where it failed.
 
     Examples:
-        >>> failure = RemoteFailure(ValueError("bad"), "ValueError", "bad", "Traceback ...")
+        >>> failure = RemoteFailure.capture(ValueError("bad"))
         >>> error = user_error(failure, 7, "double_replica_0")
         >>> type(error).__name__, error.__notes__[-1]
         ('ValueError', 'rhmapper: item 7 failed on replica double_replica_0')
     """
     error = failure.error
     if error is None:
-        error = RhmapperError(f"{failure.type_name}: {failure.message} (the exception could not be pickled)")
+        problem = failure.rebuild_problem
+        error = RhmapperError(f"{failure.type_name}: {failure.message}"
+                              + (f" (the exception could not be {problem})" if problem else ""))
     add_note(error, f"Remote traceback:\n{failure.remote_traceback.rstrip()}")
     add_note(error, f"rhmapper: item {index} failed on replica {replica_name}")
     return error
@@ -284,6 +293,8 @@ class MapRun:
         self._next_index = 0
         self._exhausted = False
         self._in_flight: dict[Any, _Call] = {}
+        self._in_flight_on: dict[str, int] = {}
+        """This map's calls in flight per replica name (abandoned calls are not counted)."""
         self._retry_heap: list[_Retry] = []
         self._attempts: dict[int, int] = {}
         self._crashes: dict[int, int] = {}
@@ -326,20 +337,23 @@ class MapRun:
         if not replicas:
             return
         while True:
-            for replica in self._free_by_load(replicas):
-                work = (self._take_retry(replica, len(replicas))
+            free = self._free_by_load(replicas)
+            for replica in free:
+                work = (self._take_retry(replica, len(free))
                         or self._take_fresh(replicas, replica.max_items(self._plan.call)))
                 if work is not None:
                     break
             else:
                 return
             start, items, is_retry = work
-            deadline = None
+            deadline = budget = None
             if self._plan.timeout is not None:
-                deadline = time.monotonic() + self._plan.timeout * len(items)
-            token = replica.submit(self._plan.call, start, items)
+                budget = self._plan.timeout * len(items)
+                deadline = time.monotonic() + budget
+            token = replica.submit(self._plan.call, start, items, budget)
             self._pool.calls_started += 1
             self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
+            self._in_flight_on[replica.name] = self._in_flight_on.get(replica.name, 0) + 1
 
     def _free_by_load(self, replicas: list[Replica]) -> list[Replica]:
         """Replicas with a free slot, least loaded first; ties rotate from one call to the next."""
@@ -349,12 +363,16 @@ class MapRun:
             free = sorted(free[turn:] + free[:turn], key=lambda replica: replica.in_flight)
         return free
 
-    def _take_retry(self, replica: Replica, live: int) -> tuple[int, list, bool] | None:
+    def _take_retry(self, replica: Replica, free: int) -> tuple[int, list, bool] | None:
+        """A due retry for ``replica``. A retry avoids the replica it failed on while another
+        one has a free slot or a call of this map that will free one; it never waits for a
+        replica whose slots are all held by abandoned calls (hung, or timed out)."""
         now = time.monotonic()
+        others_busy = len(self._in_flight) > self._in_flight_on.get(replica.name, 0)
         for position, retry in enumerate(self._retry_heap):
             if retry.not_before > now:
                 continue
-            if retry.avoid == replica.name and live > 1:
+            if retry.avoid == replica.name and (free > 1 or others_busy):
                 continue
             self._retry_heap.pop(position)
             heapq.heapify(self._retry_heap)
@@ -408,20 +426,26 @@ class MapRun:
     # -- completion -------------------------------------------------------------------------
 
     def _complete(self, token: Any) -> None:
-        call = self._in_flight.pop(token)
+        call = self._forget(token)
         call.replica.release()
         try:
             reply = self._pool.fetch(token)
         except ReplicaDied as died:
             self._replica_died(call, died)
             return
-        if call.items and reply.seconds is not None:
-            per_item = reply.seconds / len(call.items)
+        ran = reply.not_started[0] if reply.not_started else len(call.items)
+        if ran and reply.seconds is not None:
+            per_item = reply.seconds / ran
             previous = self._per_item_seconds
             self._per_item_seconds = per_item if previous is None else (
                 previous + _EWMA_WEIGHT * (per_item - previous))
         holes: set[int] = set()
+        if reply.not_started:
+            holes = self._fail_from(call, ran, reply.values,
+                                    lambda index: self._not_started(index, call, reply.not_started[1]))
         for position, failure in (reply.failures or {}).items():
+            if position >= ran:
+                continue
             index = call.start + position
             outcome = self._failed(index, call.items[position], failure.error, call.replica.name,
                                    lambda: user_error(failure, index, call.replica.name))
@@ -430,6 +454,13 @@ class MapRun:
             else:
                 reply.values[position] = outcome
         self._deliver(call, reply.values, holes)
+
+    def _not_started(self, index: int, call: _Call, reason: str) -> BaseException:
+        if reason == "timeout":
+            return TimeoutError(f"item {index} was not started on replica {call.replica.name}: its "
+                                f"call was past its timeout={self._plan.timeout}s deadline")
+        return RhmapperError(f"item {index} was not started on replica {call.replica.name}: the "
+                             "replica was told its map had ended while the map still ran")
 
     def _deliver(self, call: _Call, values: list, holes: set[int]) -> None:
         if call.is_retry:
@@ -509,24 +540,38 @@ class MapRun:
         for token, call in list(self._in_flight.items()):
             if call.deadline is None or call.deadline > now:
                 continue
-            del self._in_flight[token]
-            self._pool.abandon(token, call.replica)
+            self._forget(token)
+            self._pool.abandon(token, call.replica, timed_out=True)
             values = [None] * len(call.items)
-            holes: set[int] = set()
-            for position, item in enumerate(call.items):
-                index = call.start + position
-                error = TimeoutError(
-                    f"item {index} ran longer than timeout={self._plan.timeout}s "
-                    f"on replica {call.replica.name}")
-                outcome = self._failed(index, item, error, call.replica.name, lambda e=error: e)
-                if outcome is _RETRYING:
-                    holes.add(index)
-                else:
-                    values[position] = outcome
+            holes = self._fail_from(call, 0, values, lambda index: TimeoutError(
+                f"item {index} ran longer than timeout={self._plan.timeout}s "
+                f"on replica {call.replica.name}"))
             self._deliver(call, values, holes)
+
+    def _fail_from(self, call: _Call, first: int, values: list,
+                   make_error: Callable[[int], BaseException]) -> set[int]:
+        """Fail the call's items from position ``first`` on, each with ``make_error(index)``
+        (retried as the plan says); return the indices that will run again."""
+        holes: set[int] = set()
+        for position in range(first, len(call.items)):
+            index = call.start + position
+            error = make_error(index)
+            outcome = self._failed(index, call.items[position], error, call.replica.name,
+                                   lambda error=error: error)
+            if outcome is _RETRYING:
+                holes.add(index)
+            else:
+                values[position] = outcome
+        return holes
 
     def _cancel_all(self) -> None:
         for token, call in self._in_flight.items():
-            self._pool.abandon(token, call.replica)
+            self._pool.abandon(token, call.replica, timed_out=False)
         self._in_flight.clear()
+        self._in_flight_on.clear()
+
+    def _forget(self, token: Any) -> _Call:
+        call = self._in_flight.pop(token)
+        self._in_flight_on[call.replica.name] -= 1
+        return call
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rhmapper.errors import NoReplicasError
-from rhmapper.module import BatchReply, RemoteFailure
+from rhmapper.wire import BatchReply, RemoteFailure
 from rhmapper.scheduler import CallSpec, ReplicaDied
 
 
@@ -23,7 +23,8 @@ class FakeReplica:
     calls: list = field(default_factory=list)
     log: list = field(default_factory=list)
 
-    def submit(self, call: CallSpec, start: int, items: list) -> "FakeCall":
+    def submit(self, call: CallSpec, start: int, items: list, budget: float | None = None
+               ) -> "FakeCall":
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         self.calls.append((start, list(items)))
@@ -105,7 +106,7 @@ class FakePool:
                 values.append(None)
         return BatchReply(values, failures or None, self.item_seconds * len(token.items))
 
-    def abandon(self, token: FakeCall, replica: FakeReplica) -> None:
+    def abandon(self, token: FakeCall, replica: FakeReplica, timed_out: bool = False) -> None:
         self.cancelled.append(token)
         replica.release()
 
