@@ -22,3 +22,119 @@ def current_actor_max_concurrency() -> int | None:
         return None
     concurrency = reader()
     return concurrency if isinstance(concurrency, int) and concurrency > 0 else None
+
+
+def autoscaler_cluster_config():
+    """The cluster config an autoscaler reported to the GCS (``ReportClusterConfig``), or None.
+
+    Missing public API: Ray has no public reader of the autoscaler's node groups (only
+    ``ray.autoscaler.sdk.request_resources`` to ask for more). Needs a process connected to the
+    GCS (not a Ray Client driver). Checked on Ray 2.60.
+    """
+    return ray._private.state.state.get_cluster_config()
+
+
+def autoscaling_status_json() -> bytes | None:
+    """The v1 autoscaler's last status report (JSON) from the GCS key-value store, or None.
+
+    Missing public API: ``ray status`` prints this report but Ray offers no function returning it.
+    Needs a process connected to the GCS (not a Ray Client driver). Checked on Ray 2.60.
+    """
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    return _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+
+
+def bootstrap_gcs_address(address: str | None, or_die: bool) -> str | None:
+    """``address`` (``None``, ``"auto"`` or ``HOST:PORT``) resolved to the GCS ``host:port`` as
+    ``ray.init`` resolves it: ``RAY_ADDRESS``, then the cluster this machine started last.
+
+    With ``or_die`` it also looks for a running local GCS and raises ``ConnectionError`` when it
+    finds none; without, it returns None where ``ray.init`` would start a local Ray.
+
+    Missing public API: ``ray.init`` resolves addresses internally and does not expose it.
+    Checked on Ray 2.60.
+    """
+    from ray._private import services
+
+    if or_die:
+        return services.canonicalize_bootstrap_address_or_die(address)
+    return services.canonicalize_bootstrap_address(address)
+
+
+def dashboard_address() -> str | None:
+    """The dashboard ``host:port`` the head recorded in the GCS when it started one (or
+    ``RAY_OVERRIDE_DASHBOARD_URL``, as Ray's own lookup), or None.
+
+    Missing public API: the URL is only returned by the ``ray.init`` that started or joined the
+    cluster; ``ray._private.worker.get_dashboard_url()`` reports Ray's default port, not the real
+    one, inside a task. Needs a process connected to the GCS (not a Ray Client driver).
+    Checked on Ray 2.60.
+    """
+    import os
+
+    from ray._private import ray_constants, services
+
+    if os.environ.get(ray_constants.RAY_OVERRIDE_DASHBOARD_URL):
+        return ray._private.worker.get_dashboard_url()
+    return services.get_webui_url_from_internal_kv() or None
+
+
+def actor_table_entry(handle) -> dict:
+    """The GCS actor-table entry of the actor behind ``handle`` (``State``, ``Address.NodeID``,
+    ``Pid``, ``IsDetached``, ...), ``{}`` if the GCS has none.
+
+    Missing public API: ``ray.util.state.get_actor`` needs the dashboard; without one only the
+    GCS has an actor's state, and handles do not expose their actor id publicly. Needs a process
+    connected to the GCS (not a Ray Client driver). Checked on Ray 2.60.
+    """
+    return ray._private.state.actors(actor_id=handle._actor_id.hex()) or {}
+
+
+def head_node_id(nodes: list[dict]) -> str | None:
+    """The node id of the head node among ``ray.nodes()``, or None if none is marked as head.
+
+    Missing public API: Ray marks its head node only by the internal resource
+    ``node:__internal_head__``. Checked on Ray 2.60.
+    """
+    for node in nodes:
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return None
+
+
+def refuses_token(address: str, kind: str, timeout: float) -> bool:
+    """Whether the Ray server at ``address`` (``kind`` ``"gcs"``: the GCS, ``"client"``: the Ray
+    Client server) rejects this process's authentication (no token, or a wrong one) with gRPC
+    ``UNAUTHENTICATED``. Anything else (it answers, nothing listens, a timeout) is False: then
+    ``ray.init`` is left to report it.
+
+    Missing public API: on a token mismatch ``ray.init`` retries for 20 s (GCS) or 30 s (Ray
+    Client) and then raises a bare ``ConnectionError`` that does not say why. This sends one
+    cheap RPC through Ray's own channel factory (which adds the token when
+    ``RAY_AUTH_MODE=token``): ``GetClusterId`` to the GCS, a ``PING`` to the client server.
+    Checked on Ray 2.60.
+    """
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import (
+        gcs_service_pb2,
+        gcs_service_pb2_grpc,
+        ray_client_pb2,
+        ray_client_pb2_grpc,
+    )
+
+    channel = init_grpc_channel(address)
+    try:
+        if kind == "gcs":
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        else:
+            ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(
+                ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING),
+                timeout=timeout)
+    except grpc.RpcError as error:
+        return error.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        channel.close()
+    return False

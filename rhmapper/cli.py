@@ -8,8 +8,9 @@ outlives the driver that made it; these commands find it again and end it::
     rhmapper kill POOL [--address ADDR]          # kill the pool's replicas
 
 Both connect with ``ray.init(address=ADDR or "auto")``: ``RAY_ADDRESS``, then the cluster this
-machine started last. The actors are read from Ray's state API when the cluster has a dashboard,
-and from the GCS directly when it has none.
+machine started last; ``ADDR`` may be a GCS ``HOST:PORT`` or a Ray Client ``ray://HOST:PORT``. The
+actors are read from Ray's state API when the cluster has a dashboard, and from the GCS directly
+when it has none; a Ray Client driver reads them in a zero-CPU task on the head node.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ from typing import Literal, Sequence
 
 import ray
 
-from rhmapper.connect import ClusterNotFoundError, connect
+from rhmapper import _ray_compat
+from rhmapper.connect import (
+    ClusterAuthenticationError,
+    ClusterNotFoundError,
+    connect,
+    over_ray_client,
+    run_on_head_node,
+)
 from rhmapper.errors import RhmapperError
 from rhmapper.replicas import NAMESPACE
 
+_CLUSTER_LOOKUP_SECONDS = 60.0
 _REPLICA_NAME = re.compile(r"^(?P<pool>.+)_replica_(?P<index>\d+)$")
 
 
@@ -106,7 +115,8 @@ def list_pools(source: Literal["auto", "state", "gcs"] = "auto") -> list[PoolInf
 
     ``source`` picks where actors are read: ``"state"`` Ray's state API (needs the cluster's
     dashboard), ``"gcs"`` the GCS directly (works without a dashboard), ``"auto"`` the state
-    API when the cluster has a dashboard (the GCS if that fails), else the GCS.
+    API when the cluster has a dashboard (the GCS if that fails), else the GCS. A Ray Client
+    driver (``ray.init("ray://...")``) reads them in a zero-CPU task on the head node.
 
     Examples:
         >>> import ray, rhmapper as rm
@@ -117,6 +127,30 @@ def list_pools(source: Literal["auto", "state", "gcs"] = "auto") -> list[PoolInf
     """
     if source not in ("auto", "state", "gcs"):
         raise ValueError(f"source must be 'auto', 'state' or 'gcs', got {source!r}")
+    replicas = _replicas_on_cluster(source) if over_ray_client() else _replicas(source)
+    pools: dict[str, list[ReplicaInfo]] = {}
+    for pool, replica in replicas:
+        pools.setdefault(pool, []).append(replica)
+    return [PoolInfo(name, tuple(sorted(members, key=lambda r: r.index)))
+            for name, members in sorted(pools.items())]
+
+
+def _replicas_on_cluster(source: str) -> list[tuple[str, ReplicaInfo]]:
+    """`_replicas` run on the head node, for a Ray Client driver: the actor table and the
+    dashboard's address are cluster-side state, and a dashboard bound to the head's loopback
+    answers only there."""
+    try:
+        return run_on_head_node(_replicas, source, timeout=_CLUSTER_LOOKUP_SECONDS)
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, RhmapperError):
+            raise error.cause from error
+        raise RhmapperError(f"reading the pools on the cluster failed: {error}") from error
+    except ray.exceptions.RayError as error:
+        raise RhmapperError(f"reading the pools on the cluster failed: {error}") from error
+
+
+def _replicas(source: str) -> list[tuple[str, ReplicaInfo]]:
+    """(pool, replica) for every live replica, from the state API or the GCS (see `list_pools`)."""
     dashboard = _dashboard_url()
     if source == "state" and not dashboard:
         raise RhmapperError("this Ray cluster has no dashboard, so no state API: use source='gcs'")
@@ -129,20 +163,16 @@ def list_pools(source: Literal["auto", "state", "gcs"] = "auto") -> list[PoolInf
                 raise RhmapperError(f"Ray's state API at {dashboard} failed: {error}") from error
     if replicas is None:
         replicas = _replicas_from_gcs()
-    pools: dict[str, list[ReplicaInfo]] = {}
-    for pool, replica in replicas:
-        pools.setdefault(pool, []).append(replica)
-    return [PoolInfo(name, tuple(sorted(members, key=lambda r: r.index)))
-            for name, members in sorted(pools.items())]
+    return replicas
 
 
 def _dashboard_url() -> str | None:
     """The connected cluster's dashboard as ``http://host:port``, or None if it has none.
 
-    Taken from what ``ray.init`` reports (empty when the cluster runs no dashboard), never
-    guessed: Ray's state client would fall back to ``127.0.0.1:8265``, which may be another
-    cluster's dashboard."""
-    url = ray._private.worker.get_dashboard_url()
+    Taken from what the head recorded when it started its dashboard, never guessed: Ray's
+    state client would fall back to ``127.0.0.1:8265``, which may be another cluster's
+    dashboard."""
+    url = _ray_compat.dashboard_address()
     if not url:
         return None
     return url if "://" in url else f"http://{url}"
@@ -178,7 +208,7 @@ def _replicas_from_gcs() -> list[tuple[str, ReplicaInfo]]:
             handle = ray.get_actor(entry["name"], namespace=NAMESPACE)
         except ValueError:  # gone since it was listed
             continue
-        info = ray._private.state.actors(actor_id=handle._actor_id.hex()) or {}
+        info = _ray_compat.actor_table_entry(handle)
         state = info.get("State", "UNKNOWN")
         if state == "DEAD":
             continue
@@ -248,7 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rhmapper", description="List and kill rhmapper replica pools on a Ray cluster.")
     commands = parser.add_subparsers(dest="command", required=True)
-    address_help = "Ray cluster address HOST:PORT (default: RAY_ADDRESS, else the local cluster)"
+    address_help = ("Ray cluster address: GCS HOST:PORT or Ray Client ray://HOST:PORT (default: "
+                    "RAY_ADDRESS, else the local cluster)")
     pools = commands.add_parser("pools", help="list the pools on the cluster")
     pools.add_argument("--address", help=address_help)
     pools.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -273,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         connected = connect(args.address)
-    except ClusterNotFoundError as error:
+    except (ClusterNotFoundError, ClusterAuthenticationError) as error:
         print(f"rhmapper: {error}", file=sys.stderr)
         return 1
     try:

@@ -3,18 +3,26 @@ autoscaler may add."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 
 import ray
 
+from rhmapper import _ray_compat
+from rhmapper.connect import over_ray_client, run_on_head_node
 from rhmapper.env import Env
 from rhmapper.errors import UnschedulableError
+
+_CLUSTER_LOOKUP_SECONDS = 60.0
 
 
 def check_feasible(env: Env) -> None:
     """Raise `UnschedulableError` when no node of the cluster can ever host one replica.
 
-    With Ray's autoscaler configured, the largest node type it may add counts as a node.
+    With Ray's autoscaler configured, the largest node type it may add counts as a node. A Ray
+    Client driver (``ray.init("ray://...")``) reads the autoscaler's node types in a zero-CPU
+    task on the head node.
 
     Examples:
         >>> check_feasible(Env(name="huge", compute={"CPU": 512}))  # doctest: +SKIP
@@ -51,6 +59,20 @@ def _fits(request: dict[str, float], offer: dict[str, float]) -> bool:
 
 
 def _autoscaler_node_types() -> list[dict[str, float]] | None:
+    """`_autoscaler_node_types_here`, run on the head node for a Ray Client driver (which has
+    no GCS connection of its own). ``None`` (wait) if that lookup fails, with a warning."""
+    if not over_ray_client():
+        return _autoscaler_node_types_here()
+    try:
+        return run_on_head_node(_autoscaler_node_types_here, timeout=_CLUSTER_LOOKUP_SECONDS)
+    except ray.exceptions.RayError as error:
+        warnings.warn(f"could not read the autoscaler's node types on the cluster ({error}); a "
+                      "replica that no node can host now waits for one (up to ready_timeout)",
+                      RuntimeWarning, stacklevel=4)
+        return None
+
+
+def _autoscaler_node_types_here() -> list[dict[str, float]] | None:
     """What one node of each type Ray's autoscaler may add offers: ``[]`` with no autoscaler,
     ``None`` when one is configured but its node types cannot be read from this driver.
 
@@ -60,7 +82,7 @@ def _autoscaler_node_types() -> list[dict[str, float]] | None:
     ``ray start --autoscaling-config``) reports nothing: its node types are in the config file on
     its ``monitor.py`` command line, which a driver on the head node can read.
     """
-    config = ray._private.state.state.get_cluster_config()
+    config = _ray_compat.autoscaler_cluster_config()
     if config is not None and config.node_group_configs:
         return [{key: float(value) for key, value in group.resources.items()}
                 for group in config.node_group_configs if group.max_count != 0]
@@ -109,11 +131,7 @@ def _monitor_node_types(gcs_address: str) -> list[dict[str, float]] | None:
 
 def _autoscaler_configured() -> bool:
     """Whether Ray's v1 autoscaler runs with node types of its own (not the read-only mirror)."""
-    import json
-
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    status = _internal_kv_get(ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS)
+    status = _ray_compat.autoscaling_status_json()
     if not status:
         return False
     report = json.loads(status).get("autoscaler_report") or {}

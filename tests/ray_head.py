@@ -100,7 +100,9 @@ def client_env(**extra: str) -> dict[str, str]:
 
 @dataclass
 class RayHead:
-    """A running test head: its addresses, temp dir, leader pid and client environment."""
+    """A running test head: its addresses, temp dir, leader pid and client environment.
+
+    ``client_address`` is its Ray Client server, ``ray://127.0.0.1:PORT``."""
 
     temp_dir: str
     gcs_address: str
@@ -108,6 +110,7 @@ class RayHead:
     leader: subprocess.Popen
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
+    client_address: str = ""
 
     def pids(self) -> set[int]:
         """Live pids of this head: its session's processes and any naming its temp dir."""
@@ -199,7 +202,8 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0, extra_args: Sequence[st
     gcs_address = f"{LOOPBACK}:{gcs}"
     head = RayHead(temp_dir=temp_dir, gcs_address=gcs_address,
                    dashboard_url=f"http://{LOOPBACK}:{dashboard}", leader=leader,
-                   log_path=log_path, env=client_env(RAY_ADDRESS=gcs_address))
+                   log_path=log_path, env=client_env(RAY_ADDRESS=gcs_address),
+                   client_address=f"ray://{LOOPBACK}:{client}")
     try:
         _wait_started(head, timeout)
     except BaseException:

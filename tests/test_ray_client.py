@@ -1,0 +1,218 @@
+"""Ray Client drivers (``ray://HOST:PORT``): an impossible ``compute`` request fails as on the head,
+the ``rhmapper`` CLI and ``list_pools``/``kill_pool`` work over the client, and a driver without the
+cluster's token is told at once how to fix it.
+
+Every driver runs in its own process against one real head on loopback (``tests/ray_head.py``) with
+token authentication and a Ray Client server. The head is started with
+``GRPC_ENABLE_FORK_SUPPORT=false``: Ray 2.60's client server forks a server process per client from
+a process busy in gRPC, and with gRPC's fork handlers on that child sometimes dies at once (the
+client then fails after 30 s with "Starting Ray client server failed"; ray-project/ray#63202).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from tests.ray_head import RHMAPPER, start_head
+
+CONNECT_SECONDS = 5.0
+"""A token mismatch must be reported within this (Ray itself retries 20 s for a GCS address, 30 s
+for a client address)."""
+
+
+@pytest.fixture(scope="module")
+def head():
+    head = start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
+    try:
+        yield head
+    finally:
+        head.stop()
+
+
+def driver_env(head, *, token: bool = True, **extra: str) -> dict[str, str]:
+    """The head's client environment without RAY_ADDRESS; without ``token``, no RAY_AUTH_MODE."""
+    env = {key: value for key, value in head.env.items() if key != "RAY_ADDRESS"}
+    if not token:
+        env.pop("RAY_AUTH_MODE", None)
+    env.update(extra)
+    return env
+
+
+def run_python(script: str, env: dict[str, str], *args: str, timeout: float = 120):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 120):
+    return subprocess.run([RHMAPPER, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_json(done: subprocess.CompletedProcess):
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+UNSCHEDULABLE = """
+    import json, time
+    import rhmapper as rm
+
+    def report(make):
+        started = time.monotonic()
+        try:
+            make()
+        except Exception as error:
+            return {"type": type(error).__name__, "message": str(error),
+                    "seconds": time.monotonic() - started}
+        return {"type": None, "seconds": time.monotonic() - started}
+
+    # No ray.init: the mapper joins the cluster of RAY_ADDRESS=ray://..., as a Ray Client driver.
+    impossible = report(lambda: rm.mapper(abs, env=rm.Env(name="x", compute={"CPU": 64})))
+    import ray
+    fits = rm.mapper(abs, replicas=1, env=rm.Env(name="fits", compute={"CPU": 0.5}))
+    print(json.dumps({"client": ray.util.client.ray.is_connected(), "impossible": impossible,
+                      "fits": fits.map([-3, 4])}))
+    fits.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_impossible_compute_over_ray_client_raises_unschedulable(head):
+    report = last_json(run_python(UNSCHEDULABLE, driver_env(head, RAY_ADDRESS=head.client_address)))
+    assert report["client"] is True
+    impossible = report["impossible"]
+    assert impossible["type"] == "UnschedulableError", impossible
+    assert "env 'x'" in impossible["message"] and "CPU=64" in impossible["message"], impossible
+    assert "nodes offer: CPU=2" in impossible["message"], impossible
+    assert impossible["seconds"] < 10, impossible
+    assert report["fits"] == [3, 4]
+
+
+POOLS = """
+    import json, sys
+    import ray
+    import rhmapper as rm
+    from rhmapper import cli
+
+    ray.init(sys.argv[1])
+    for name in ("by_cli", "by_api"):
+        m = rm.mapper(abs, replicas=2, env=rm.Env(name=name, detached=True, compute={"CPU": 0.25}))
+        assert m.wait_ready(timeout=120).map([-1, 2]) == [1, 2]
+        m.shutdown()  # detached: the replicas stay
+    listed = {pool.name: pool.to_dict() for pool in cli.list_pools()}
+    killed = cli.kill_pool("by_api")
+    after = [pool.name for pool in cli.list_pools(source="gcs")]
+    print(json.dumps({"listed": listed, "killed": killed, "after": after}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_pools_are_listed_and_killed_over_ray_client(head):
+    report = last_json(run_python(POOLS, driver_env(head), head.client_address))
+    assert sorted(report["listed"]) == ["by_api", "by_cli"]
+    for pool in report["listed"].values():
+        assert (pool["replicas"], pool["alive"], pool["detached"]) == (2, 2, True), pool
+    assert report["killed"] == ["by_api_replica_0", "by_api_replica_1"]
+    assert report["after"] == ["by_cli"]
+    api_pids = [member["pid"] for member in report["listed"]["by_api"]["members"]]
+    assert wait_until(lambda: not any(alive(pid) for pid in api_pids)), api_pids
+
+    client = ["--address", head.client_address]
+    table = run_cli("pools", *client, env=driver_env(head))
+    assert table.returncode == 0, table.stderr
+    assert [line.split() for line in table.stdout.splitlines()] == [
+        ["POOL", "REPLICAS", "ALIVE", "NODES", "DETACHED"], ["by_cli", "2", "2", "1", "yes"]]
+    for source in ("state", "gcs"):
+        listed = run_cli("pools", *client, "--json", "--source", source, env=driver_env(head))
+        assert listed.returncode == 0, listed.stderr
+        (pool,) = json.loads(listed.stdout)
+        assert (pool["pool"], pool["alive"]) == ("by_cli", 2), pool
+        assert sorted(m["pid"] for m in pool["members"]) == sorted(
+            m["pid"] for m in report["listed"]["by_cli"]["members"])
+
+    killed = run_cli("kill", "by_cli", *client, env=driver_env(head))
+    assert killed.returncode == 0, killed.stderr
+    assert "killed 2 replica(s) of pool 'by_cli'" in killed.stdout
+    cli_pids = [member["pid"] for member in report["listed"]["by_cli"]["members"]]
+    assert wait_until(lambda: not any(alive(pid) for pid in cli_pids)), cli_pids
+    # Read back over the GCS address too, not only through the client.
+    after = run_cli("pools", "--address", head.gcs_address, "--json", env=driver_env(head))
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout) == []
+    assert "no rhmapper pools" in run_cli("pools", *client, env=driver_env(head)).stdout
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(predicate, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+MISMATCH = """
+    import json, sys, time
+    started = time.monotonic()
+    try:
+        if sys.argv[1] == "connect":
+            from rhmapper.connect import connect
+            connect(sys.argv[2])
+        else:  # the mapper's own ray.init(), with RAY_ADDRESS set
+            import rhmapper as rm
+            rm.mapper(abs, replicas=1).map([1])
+    except Exception as error:
+        print(json.dumps({"type": type(error).__name__, "message": str(error),
+                          "seconds": time.monotonic() - started}))
+    else:
+        print(json.dumps({"type": None}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_token_mismatch_fails_at_once_saying_how_to_fix_it(head):
+    cases = {}
+    for kind, address in (("client", head.client_address), ("gcs", head.gcs_address)):
+        cases[f"connect {kind}"] = run_python(MISMATCH, driver_env(head, token=False),
+                                              "connect", address, timeout=60)
+        cases[f"mapper {kind}"] = run_python(MISMATCH, driver_env(head, token=False,
+                                                                  RAY_ADDRESS=address),
+                                             "mapper", timeout=60)
+        cases[f"cli {kind}"] = run_cli("pools", "--address", address,
+                                       env=driver_env(head, token=False), timeout=60)
+    wrong = driver_env(head, RAY_AUTH_TOKEN="0123456789abcdef0123456789abcdef")
+    cases["wrong token"] = run_python(MISMATCH, wrong, "connect", head.client_address, timeout=60)
+
+    for case, done in cases.items():
+        assert "gcs_client.cc" not in done.stderr and "Traceback" not in done.stderr, (case, done)
+        if case.startswith("cli"):
+            assert done.returncode == 1, (case, done)
+            message = done.stderr
+        else:
+            report = last_json(done)
+            assert report["type"] == "ClusterAuthenticationError", (case, report)
+            assert report["seconds"] < CONNECT_SECONDS, (case, report)
+            message = report["message"]
+        assert "uses token authentication" in message, (case, message)
+        assert "~/.ray/auth_token" in message and "RAY_AUTH_TOKEN" in message, (case, message)
+        if case == "wrong token":
+            assert "a token the cluster does not accept" in message, message
+        else:
+            assert "Set RAY_AUTH_MODE=token" in message, (case, message)
