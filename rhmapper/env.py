@@ -120,6 +120,10 @@ class Env(BaseModel):
     def _check_compute(cls, compute: dict[str, float | int | str]) -> dict[str, float | int | str]:
         checked: dict[str, float | int | str] = {}
         for key, amount in compute.items():
+            for known in ("CPU", "GPU", "memory"):
+                if key != known and key.lower() == known.lower():
+                    raise ValueError(f"compute[{key!r}]: resource names are case-sensitive; "
+                                     f"did you mean {known!r}?")
             if key == "memory":
                 checked[key] = parse_memory(amount)
                 continue

@@ -14,6 +14,7 @@ import ray
 
 from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
+from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module, is_async_callable, module, plain_class
 from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
@@ -74,6 +75,7 @@ class Mapper:
         ensure_ray()
         self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched)
         self._cancel_events: set[threading.Event] = set()
+        self._shut_down = False
         self.add_replicas(replicas)
 
     @staticmethod
@@ -127,6 +129,7 @@ class Mapper:
         if isinstance(replicas, bool):
             raise TypeError("replicas must be a count or a list of Ray actor handles, not a bool")
         _check_concurrency(concurrency)
+        self._check_open()
         if isinstance(replicas, int):
             if replicas < 0:
                 raise ValueError(f"replicas must be >= 0, got {replicas}")
@@ -222,8 +225,7 @@ class Mapper:
             ...     m.map([2, 3], [2, 2])
             [4, 9]
         """
-        if not iterables:
-            raise TypeError("map() needs at least one iterable of inputs")
+        _check_inputs("map", iterables)
         columns = [list(iterable) for iterable in iterables]
         lengths = [len(column) for column in columns]
         if len(set(lengths)) > 1:
@@ -245,6 +247,7 @@ class Mapper:
             ...     m.starmap([(2, 2), (3, 2)])
             [4, 9]
         """
+        _check_inputs("starmap", (iterable,))
         options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
                            progress, max_replica_crashes)
         return self._collect(list(iterable), True, options)
@@ -338,6 +341,7 @@ class Mapper:
             0
         """
         self._pool.shutdown(kill=not self.env.detached if kill is None else kill)
+        self._shut_down = True
 
     def __enter__(self) -> "Mapper":
         return self
@@ -350,6 +354,12 @@ class Mapper:
                 f"replicas={self.num_replicas}, concurrency={self.concurrency})")
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._shut_down:
+            raise RhmapperError(
+                f"this mapper (env {self.env.name!r}) was shut down; create a new one with "
+                "rm.mapper(...) to map again")
 
     def _plan(self, star: bool, options: "_Options", **shape: Any) -> MapPlan:
         method = options.method or self.method
@@ -394,6 +404,7 @@ class Mapper:
 
     def _run(self, plan: MapPlan, source: Iterator, progress: bool | None,
              total: int | None) -> Iterator[list]:
+        self._check_open()
         bar = Progress(progress, total, self.env.name)
         cancelled = threading.Event()
         self._cancel_events.add(cancelled)
@@ -421,8 +432,7 @@ class Mapper:
         return results
 
     def _stream(self, iterables: tuple, ordered: bool, options: "_Options", window: int) -> Iterator:
-        if not iterables:
-            raise TypeError("imap() needs at least one iterable of inputs")
+        _check_inputs("imap", iterables)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a whole number >= 1, got {window!r}")
         star = len(iterables) > 1
@@ -434,8 +444,11 @@ class Mapper:
 
     @staticmethod
     def _values(chunks: Iterator[list]) -> Iterator:
+        """The results one by one, keeping no reference to those already yielded."""
         for chunk in chunks:
-            yield from chunk
+            chunk.reverse()
+            while chunk:
+                yield chunk.pop()
 
 
 @dataclass(frozen=True)
@@ -450,6 +463,16 @@ class _Options:
     batch_size: int | str = "auto"
     progress: bool | None = None
     max_replica_crashes: int = 3
+
+
+def _check_inputs(verb: str, iterables: tuple) -> None:
+    if not iterables:
+        raise TypeError(f"{verb}() needs at least one iterable of inputs")
+    for iterable in iterables:
+        if callable(iterable) and not hasattr(iterable, "__iter__"):
+            raise TypeError(
+                f"{verb}() takes only the inputs, got the callable {iterable!r}: the function is "
+                f"given to rm.mapper(fn, ...) once; then call m.{verb}(inputs)")
 
 
 def _check_concurrency(concurrency: int | None) -> None:

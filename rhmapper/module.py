@@ -334,17 +334,27 @@ _SIGNAL_CHECK_SECONDS = 0.002
 _signal_futures: OrderedDict[bytes, Any] = OrderedDict()
 
 
-def _ended(signal: Any) -> bool:
+_FIRST_CHECK_MAX_SECONDS = 0.1
+
+
+def _ended(signal: Any, queued_seconds: float) -> bool:
     """Whether the map's end signal (an ``ObjectRef`` that becomes ready when the map ends) has
-    fired; the first check per map and process subscribes (``ObjectRef.future()``), later
-    checks read a flag."""
+    fired. Later checks read the flag of an ``ObjectRef.future()``; the first check per map and
+    process subscribes, and asks Ray with ``ray.wait``, which needs a round trip to the driver to
+    know: it waits up to as long as the call was queued (capped at 0.1 s), so that a call that
+    waited while its map ended learns so before it starts anything."""
     key = signal.binary()
     with _shared_objects_lock:
         future = _signal_futures.get(key)
-        if future is None:
+        first = future is None
+        if first:
             future = _signal_futures[key] = signal.future()
             while len(_signal_futures) > 4 * _CACHE_ENTRIES:
                 _signal_futures.popitem(last=False)
+    if first and not future.done():
+        wait = min(max(queued_seconds, 0.0), _FIRST_CHECK_MAX_SECONDS)
+        ready, _ = ray.wait([signal], timeout=wait, fetch_local=False)
+        return bool(ready)
     return future.done()
 
 
@@ -352,18 +362,19 @@ class CallGuard:
     """Tells a replica to start no more items of a call: when its map has ended (cancelled,
     failed, or abandoned by the driver) or the call is past its deadline.
 
-    ``spec`` is ``(end_signal, deadline)``: ``[ObjectRef]`` of the map's end signal (or
-    ``None``) and a wall-clock deadline in seconds since the epoch (or ``None``).
+    ``spec`` is ``(end_signal, deadline, sent_at)``: ``[ObjectRef]`` of the map's end signal (or
+    ``None``), a wall-clock deadline in seconds since the epoch (or ``None``), and when the
+    driver sent the call.
 
     Examples:
-        >>> CallGuard((None, 0.0)).stop_reason()
+        >>> CallGuard((None, 0.0, 0.0)).stop_reason()
         'timeout'
-        >>> CallGuard((None, None)).stop_reason() is None
+        >>> CallGuard((None, None, 0.0)).stop_reason() is None
         True
     """
 
-    def __init__(self, spec: tuple[list | None, float | None] | None) -> None:
-        signal_box, self.deadline = spec or (None, None)
+    def __init__(self, spec: tuple[list | None, float | None, float] | None) -> None:
+        signal_box, self.deadline, self.sent_at = spec or (None, None, 0.0)
         self.signal = signal_box[0] if signal_box else None
         self._checked_at = 0.0
 
@@ -374,7 +385,7 @@ class CallGuard:
             return "timeout"
         if self.signal is not None and now - self._checked_at >= _SIGNAL_CHECK_SECONDS:
             self._checked_at = now
-            if _ended(self.signal):
+            if _ended(self.signal, now - self.sent_at):
                 return "cancelled"
         return None
 

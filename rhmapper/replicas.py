@@ -125,8 +125,10 @@ class RayReplica:
                 ref = getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
                 self._direct_calls.add(ref)
             else:
-                deadline = None if budget is None else time.time() + budget
-                payload = (call.method, items, call.star, call.kwargs, (call.end_signal, deadline))
+                now = time.time()
+                deadline = None if budget is None else now + budget
+                payload = (call.method, items, call.star, call.kwargs,
+                           (call.end_signal, deadline, now))
                 if not self.owned:
                     ref = self.handle.__ray_call__.remote(run_batch, payload)
                 elif call.is_async:
@@ -239,6 +241,8 @@ class ReplicaPool:
         self._actor_options = upload_local_dirs(env.actor_options())
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float, bool]] = {}
         self._direct_calls: set[ray.ObjectRef] = set()
+        self._any_removed = False
+        """Whether a replica ever left the pool (an empty pool then says so)."""
         self._lock = threading.RLock()
         self.fingerprint = pool_fingerprint(target, env, self.auto_concurrency)
         if isinstance(target, Module):
@@ -297,6 +301,7 @@ class ReplicaPool:
         if replica in self.replicas:
             self.replicas.remove(replica)
         replica.state = ReplicaState.DEAD
+        self._any_removed = True
         if replica.owned and kill:
             ray.kill(replica.handle, no_restart=True)
 
@@ -401,6 +406,10 @@ class ReplicaPool:
 
     def _check_alive(self, starting: dict) -> None:
         """With nothing ready, fail rather than wait for replicas that can never start."""
+        if not self.replicas and not self._any_removed:
+            raise NoReplicasError(
+                "the mapper has no replicas: create it with replicas=N (or a list of your "
+                "actors), or add some with m.add_replicas(N)")
         if not self.replicas:
             raise NoReplicasError(
                 "the pool has no replicas left: every replica died or was dropped. "

@@ -29,6 +29,7 @@ DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
 WAIT_TICK_SECONDS = 0.2
 _EWMA_WEIGHT = 0.3
+_EMPTY = object()
 _RETRYING = object()
 """What `MapRun._failed` returns when the item will run again."""
 
@@ -315,6 +316,10 @@ class MapRun:
 
     def chunks(self) -> Iterator[list]:
         """Run the map; yield lists of results as the plan's ordering allows."""
+        first = next(self._source, _EMPTY)
+        if first is _EMPTY:
+            return  # an empty input ends at once, whether or not any replica is ready yet
+        self._source = itertools.chain([first], self._source)
         try:
             while True:
                 if self._cancelled.is_set():
@@ -521,8 +526,8 @@ class MapRun:
         else:
             values = [resolved.get(call.start + position) for position in range(len(call.items))]
             self._sink.put(call.start, values, holes)
+        self.stats.done += len(resolved)
         if resolved and self._on_progress is not None:
-            self.stats.done += len(resolved)
             self._on_progress(len(resolved), self.stats)
 
     # -- time -------------------------------------------------------------------------------
