@@ -20,7 +20,15 @@ from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
 from rhmapper.signals import open_end_signal
-from rhmapper.scheduler import DEFAULT_WINDOW, CallSpec, MapPlan, MapRun, MapStats, add_note
+from rhmapper.scheduler import (
+    DEFAULT_MAX_CALL_BYTES,
+    DEFAULT_WINDOW,
+    CallSpec,
+    MapPlan,
+    MapRun,
+    MapStats,
+    add_note,
+)
 
 
 def _default_name(obj: Any) -> str:
@@ -54,8 +62,14 @@ class Mapper:
         concurrency: int | None = None,
         ready_timeout: float | None = None,
         replace_mismatched: bool = False,
+        max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
     ) -> None:
         _check_concurrency(concurrency)
+        if isinstance(max_call_bytes, bool) or not isinstance(max_call_bytes, int) \
+                or max_call_bytes < 1:
+            raise ValueError(f"max_call_bytes must be a whole number of bytes >= 1, "
+                             f"got {max_call_bytes!r}")
+        self.max_call_bytes = max_call_bytes
         if env is not None and not isinstance(env, Env):
             raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
         target, self._class = self._target_of(obj)
@@ -380,7 +394,7 @@ class Mapper:
         return MapPlan(call=call, retries=Retries.of(options.retries),
                        return_exceptions=options.return_exceptions, timeout=timeout,
                        batch_size=batch_size, max_replica_crashes=options.max_replica_crashes,
-                       **shape)
+                       max_call_bytes=self.max_call_bytes, **shape)
 
     @staticmethod
     def _put_kwargs(kwargs: dict | None) -> dict | None:
@@ -489,6 +503,7 @@ def mapper(
     concurrency: int | None = None,
     ready_timeout: float | None = None,
     replace_mismatched: bool = False,
+    max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
 ) -> Mapper:
     """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
 
@@ -509,6 +524,8 @@ def mapper(
             something else (another function or class, constructor arguments, runtime_env,
             compute or concurrency), kill and rebuild them instead of raising
             `PoolMismatchError`.
+        max_call_bytes: auto batches carry at most about this many bytes of input per call
+            (default 16 MiB, estimated from the items); a larger item goes alone in its call.
 
     Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
 
@@ -519,4 +536,5 @@ def mapper(
         [1, 2, 3]
     """
     return Mapper(obj, method=method, replicas=replicas, env=env, concurrency=concurrency,
-                  ready_timeout=ready_timeout, replace_mismatched=replace_mismatched)
+                  ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
+                  max_call_bytes=max_call_bytes)

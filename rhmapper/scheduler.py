@@ -8,6 +8,7 @@ runs on Ray actors, on replicas of several clusters, or on in-process fakes in t
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
@@ -19,12 +20,15 @@ from typing import Any, Callable, Iterator, Protocol
 from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
 from rhmapper.wire import BatchReply, RemoteFailure
 from rhmapper.retries import Retries
+from rhmapper.sizing import mean_item_bytes
 
 TARGET_CALL_SECONDS = 0.25
 """Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
 MIN_CALL_SECONDS = 0.025
 """Near the end of an input, auto batches shrink, but not below about this much work per call."""
 MAX_BATCH = 100_000
+DEFAULT_MAX_CALL_BYTES = 16 * 2**20
+"""A call carries about this many bytes of input at most; a larger item goes alone."""
 DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
 WAIT_TICK_SECONDS = 0.2
@@ -129,6 +133,7 @@ class MapPlan:
     batch_size: int | str = "auto"
     max_replica_crashes: int = 3
     window: int | None = DEFAULT_WINDOW
+    max_call_bytes: int = DEFAULT_MAX_CALL_BYTES
 
 
 @dataclass
@@ -300,6 +305,9 @@ class MapRun:
         self._attempts: dict[int, int] = {}
         self._crashes: dict[int, int] = {}
         self._per_item_seconds: float | None = None
+        self._bytes_per_item: float | None = None
+        self._held: collections.deque = collections.deque()
+        """Items pulled from the source but held back by the byte bound of a call."""
         self.stats = MapStats()
         if plan.collect:
             self._sink: _ListSink | _OrderedSink | _UnorderedSink = _ListSink(plan.total or 0)
@@ -393,14 +401,37 @@ class MapRun:
             size = min(size, max_items)
         if size <= 0:
             return None
-        items = list(itertools.islice(self._source, size))
-        if len(items) < size:
-            self._exhausted = True
+        if self._bytes_per_item:
+            size = min(size, max(1, int(self._plan.max_call_bytes // self._bytes_per_item)))
+        items = self._pull(size)
         if not items:
             return None
+        items = self._fit_bytes(items)
         start = self._next_index
         self._next_index += len(items)
         return start, items, False
+
+    def _pull(self, size: int) -> list:
+        """Up to ``size`` items: those held back from an earlier batch first."""
+        items = [self._held.popleft() for _ in range(min(size, len(self._held)))]
+        if len(items) < size:
+            items.extend(itertools.islice(self._source, size - len(items)))
+            if len(items) < size:
+                self._exhausted = not self._held
+        return items
+
+    def _fit_bytes(self, items: list) -> list:
+        """Keep the batch under ``max_call_bytes`` (at least one item); hold back the rest."""
+        per_item = mean_item_bytes(items)
+        previous = self._bytes_per_item
+        self._bytes_per_item = per_item if previous is None else (
+            previous + _EWMA_WEIGHT * (per_item - previous))
+        fits = max(1, int(self._plan.max_call_bytes // max(per_item, 1.0)))
+        if len(items) <= fits:
+            return items
+        self._held.extendleft(reversed(items[fits:]))
+        self._exhausted = False
+        return items[:fits]
 
     def _batch_size(self, slots: int) -> int:
         plan = self._plan

@@ -245,3 +245,14 @@ def test_one_item_maps_take_equally_loaded_replicas_in_turn():
     for x in range(6):
         assert collect(pool, [x])[0] == [x]
     assert [name for name, _, _ in pool.log] == [f"fake_replica_{i}" for i in (0, 1, 2, 0, 1, 2)]
+
+
+def test_calls_stay_under_the_byte_bound_and_a_huge_item_goes_alone():
+    mib = 2**20
+    items = [bytes([i]) * mib for i in range(40)]
+    items[17] = b"\xff" * (10 * mib)
+    pool = FakePool(3, fn=lambda blob: (len(blob), blob[0]), item_seconds=1e-6)
+    results, _ = collect(pool, items, max_call_bytes=4 * mib)
+    assert results == [(len(blob), blob[0]) for blob in items]
+    assert all(sum(map(len, batch)) <= 4 * mib for _, _, batch in pool.log if items[17] not in batch)
+    assert [batch for _, _, batch in pool.log if items[17] in batch] == [[items[17]]]
