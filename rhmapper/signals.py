@@ -32,13 +32,15 @@ class _EndBoard:
         self._events.setdefault(key, asyncio.Event()).set()
 
 
-_boards: dict[str, Any] = {}
+_boards: dict[tuple[str, str], Any] = {}
 _boards_lock = threading.Lock()
 
 
 def _board() -> Any:
-    """This driver's board actor (one per Ray job; started on first use, gone with the job)."""
-    job = ray.get_runtime_context().get_job_id()
+    """This driver's board actor (one per Ray session and job; started on first use, gone with
+    the job)."""
+    context = ray.get_runtime_context()
+    job = (context.get_session_name(), context.get_job_id())
     with _boards_lock:
         if job not in _boards:
             _boards[job] = ray.remote(_EndBoard).options(
