@@ -1,5 +1,6 @@
 """rhmapper: map a function, or a method of a stateful class, over a pool of Ray actors."""
 
+from rhmapper.connect import ClusterAuthenticationError
 from rhmapper.env import Env
 from rhmapper.errors import (
     MapCancelledError,
@@ -14,6 +15,7 @@ from rhmapper.module import Module, module
 from rhmapper.retries import Retries
 
 __all__ = [
+    "ClusterAuthenticationError",
     "Env",
     "MapCancelledError",
     "Mapper",

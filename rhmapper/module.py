@@ -354,8 +354,17 @@ def _ended(signal: Any, queued_seconds: float) -> bool:
     if first and not future.done():
         wait = min(max(queued_seconds, 0.0), _FIRST_CHECK_MAX_SECONDS)
         ready, _ = ray.wait([signal], timeout=wait, fetch_local=False)
-        return bool(ready)
-    return future.done()
+        return bool(ready) and _signalled(lambda: ray.get(signal))
+    return future.done() and _signalled(future.result)
+
+
+def _signalled(read: Callable[[], Any]) -> bool:
+    """Whether a ready end signal says the map ended: a signal whose board actor was lost (its
+    node died) says nothing, and the replica goes on as Ray alone would."""
+    try:
+        return read() is True
+    except Exception:  # the board is gone: no end was signalled
+        return False
 
 
 class CallGuard:

@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 class _EndBoard:
@@ -43,8 +44,11 @@ def _board() -> Any:
     job = (context.get_session_name(), context.get_job_id())
     with _boards_lock:
         if job not in _boards:
+            # On the driver's node when it has one: the board then lives as long as the driver.
+            node = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True)
             _boards[job] = ray.remote(_EndBoard).options(
-                num_cpus=0, max_concurrency=100_000, namespace="rhmapper").remote()
+                num_cpus=0, max_concurrency=100_000, namespace="rhmapper",
+                scheduling_strategy=node).remote()
         return _boards[job]
 
 
