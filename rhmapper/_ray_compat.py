@@ -138,3 +138,51 @@ def refuses_token(address: str, kind: str, timeout: float) -> bool:
     finally:
         channel.close()
     return False
+
+
+def actor_id_hex(handle) -> str:
+    """The hex id of the actor behind ``handle`` (a driver's handle or a Ray Client's).
+
+    Missing public API: an actor handle does not expose its actor id. Checked on Ray 2.60.
+    """
+    return handle._actor_id.hex()
+
+
+def is_actor_class(obj) -> bool:
+    """Whether ``obj`` is a ``@ray.remote`` actor class (of a driver, or of a Ray Client, where
+    it is a ``ClientActorClass``).
+
+    Missing public API: the Ray Client's actor class type lives in ``ray.util.client.common``.
+    Checked on Ray 2.60.
+    """
+    from ray.util.client.common import ClientActorClass
+
+    return isinstance(obj, (ray.actor.ActorClass, ClientActorClass))
+
+
+def user_class_of(actor_class) -> type:
+    """The user's own class behind a ``@ray.remote`` actor class (see `is_actor_class`).
+
+    Missing public API: ``ray.actor.ActorClass`` keeps the decorated class only in its
+    ``__ray_metadata__``, a ``ClientActorClass`` in ``actor_cls``. Checked on Ray 2.60.
+    """
+    if hasattr(actor_class, "actor_cls"):
+        return actor_class.actor_cls
+    modified = actor_class.__ray_metadata__.modified_class
+    return getattr(modified, "__ray_actor_class__", modified)
+
+
+def upload_local_dirs(runtime_env: dict, scratch_dir: str) -> dict:
+    """``runtime_env`` with its local ``working_dir`` and ``py_modules`` uploaded to the cluster
+    (content-hashed, so each folder is sent once) and replaced by their URIs.
+
+    Missing public API: Ray uploads local folders only for a whole job (``ray.init`` or ``ray job
+    submit``); an actor's ``runtime_env`` option takes URIs. Checked on Ray 2.60.
+    """
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    runtime_env = upload_py_modules_if_needed(dict(runtime_env), include_gitignore=True,
+                                              scratch_dir=scratch_dir)
+    return upload_working_dir_if_needed(runtime_env, include_gitignore=True,
+                                        scratch_dir=scratch_dir)

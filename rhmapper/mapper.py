@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
+from rhmapper import _ray_compat
 from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
@@ -96,7 +97,7 @@ class Mapper:
     def _target_of(obj: Any) -> tuple[Any, type | None]:
         if isinstance(obj, Module):
             return obj, obj.cls
-        if isinstance(obj, type) or hasattr(obj, "__ray_metadata__"):
+        if isinstance(obj, type) or _ray_compat.is_actor_class(obj):
             cls = plain_class(obj)
             return module(cls), cls
         if callable(obj):

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import ray
 
+from rhmapper import _ray_compat
 from rhmapper._ray_compat import current_actor_max_concurrency
 from rhmapper.wire import BatchReply, RemoteFailure, pack_values
 
@@ -66,10 +67,8 @@ def plain_class(cls: Any) -> type:
         >>> plain_class(Model) is Model
         True
     """
-    metadata = getattr(cls, "__ray_metadata__", None)
-    if metadata is not None:
-        modified = metadata.modified_class
-        return getattr(modified, "__ray_actor_class__", modified)
+    if _ray_compat.is_actor_class(cls):
+        return _ray_compat.user_class_of(cls)
     if not isinstance(cls, type):
         raise TypeError(f"expected a class or a @ray.remote class, got {cls!r}")
     return cls

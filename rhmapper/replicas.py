@@ -29,6 +29,7 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
+from rhmapper import _ray_compat
 from rhmapper.env import Env, replica_name
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.feasibility import check_feasible
@@ -222,14 +223,7 @@ def upload_local_dirs(options: dict[str, Any]) -> dict[str, Any]:
     runtime_env = options.get("runtime_env")
     if not runtime_env or not {"working_dir", "py_modules"} & runtime_env.keys():
         return options
-    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
-    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
-
-    scratch = tempfile.gettempdir()
-    runtime_env = upload_py_modules_if_needed(dict(runtime_env), include_gitignore=True,
-                                              scratch_dir=scratch)
-    runtime_env = upload_working_dir_if_needed(runtime_env, include_gitignore=True,
-                                               scratch_dir=scratch)
+    runtime_env = _ray_compat.upload_local_dirs(runtime_env, tempfile.gettempdir())
     runtime_env.pop("excludes", None)
     return {**options, "runtime_env": runtime_env}
 
@@ -268,6 +262,7 @@ class ReplicaPool:
         """Whether a replica ever left the pool (an empty pool then says so)."""
         self._lock = threading.RLock()
         self.fingerprint = pool_fingerprint(target, env, self.auto_concurrency)
+        self._class_name = target.cls.__name__ if isinstance(target, Module) else "actor"
         if isinstance(target, Module):
             actor_class = replica_class(target.cls)
             self._init_args, self._init_kwargs = target.args, target.kwargs
@@ -293,7 +288,7 @@ class ReplicaPool:
         added = []
         with self._lock:
             for handle in handles:
-                name = _actor_name(handle)
+                name = _actor_name(handle, self._class_name)
                 if any(replica.handle == handle for replica in self.replicas):
                     raise ValueError(f"actor {name} is already in the pool")
                 replica = RayReplica(name, handle, owned=False, requested=requested,
@@ -351,8 +346,8 @@ class ReplicaPool:
                     handle = self._actor_class.options(name=name, **options).remote(
                         *self._init_args, **self._init_kwargs)
                     break
-                except ValueError as error:
-                    if "already" not in str(error):
+                except ValueError:
+                    if not _name_taken(name):
                         raise
                     index = self._free_index(index + 1)
             replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency,
@@ -603,8 +598,17 @@ def _task_failure(error: RayTaskError) -> RemoteFailure:
     return RemoteFailure(error.function_name, str(error), str(error))
 
 
-def _actor_name(handle: Any) -> str:
+def _name_taken(name: str) -> bool:
+    """Whether an actor of the pool's namespace holds ``name`` (Ray releases a killed actor's
+    name asynchronously)."""
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def _actor_name(handle: Any, class_name: str) -> str:
     if not hasattr(handle, "__ray_call__"):
         raise TypeError(f"replicas=[...] must hold Ray actor handles, got {handle!r}")
-    actor_id = handle._actor_id.hex()
-    return f"{handle._ray_actor_creation_function_descriptor.class_name}({actor_id[:8]})"
+    return f"{class_name}({_ray_compat.actor_id_hex(handle)[:8]})"

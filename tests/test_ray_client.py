@@ -216,3 +216,44 @@ def test_token_mismatch_fails_at_once_saying_how_to_fix_it(head):
             assert "a token the cluster does not accept" in message, message
         else:
             assert "Set RAY_AUTH_MODE=token" in message, (case, message)
+
+
+RAY_SEMANTICS = """
+    import asyncio, json
+    import ray
+    import rhmapper as rm
+
+    async def async_double(x):
+        await asyncio.sleep(0.01)
+        return 2 * x
+
+    @ray.remote
+    class Tagged:
+        def __init__(self, tag):
+            self.tag = tag
+
+        def work(self, x):
+            return (self.tag, x * 10)
+
+    # A Ray Client driver: its own actors join the pool, async functions and ObjectRef inputs map.
+    actors = [Tagged.remote(tag) for tag in ("a", "b")]
+    users = rm.mapper(Tagged, method="work", replicas=actors)
+    users.wait_ready(timeout=60)
+    tagged = users.map(range(12), batch_size=1)
+    with rm.mapper(async_double, replicas=1, env=rm.Env(name="client_async",
+                                                        compute={"CPU": 0.5})) as m:
+        doubled = m.map([ray.put(x) for x in range(6)])
+    print(json.dumps({"client": ray.util.client.ray.is_connected(),
+                      "values": [value for _, value in tagged],
+                      "tags": sorted({tag for tag, _ in tagged}), "doubled": doubled}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_users_actors_async_functions_and_refs_over_ray_client(head):
+    result = last_json(run_python(RAY_SEMANTICS, driver_env(head, RAY_ADDRESS=head.client_address)))
+    assert result["client"] is True
+    assert result["values"] == [10 * x for x in range(12)]
+    assert result["tags"] == ["a", "b"]
+    assert result["doubled"] == [2 * x for x in range(6)]
