@@ -20,7 +20,7 @@ from rhmapper.module import FunctionReplica, Module, is_async_callable, module, 
 from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
-from rhmapper.signals import open_end_signal
+from rhmapper.signals import open_end_signal, start_board
 from rhmapper.scheduler import (
     DEFAULT_MAX_CALL_BYTES,
     DEFAULT_WINDOW,
@@ -89,6 +89,7 @@ class Mapper:
             check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
         ensure_ray()
         self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched)
+        start_board()
         self._cancel_events: set[threading.Event] = set()
         self._shut_down = False
         self.add_replicas(replicas)

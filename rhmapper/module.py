@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ import ray
 
 from rhmapper import _ray_compat
 from rhmapper._ray_compat import current_actor_max_concurrency
+from rhmapper.signals import EndSignal, ended
 from rhmapper.wire import BatchReply, RemoteFailure, pack_values
 
 _CACHE_ENTRIES = 8
@@ -259,6 +261,9 @@ async def _fetch(ref: Any) -> Any:
 
 def _ref_positions(items: list, star: bool) -> list[tuple[int, int | None]]:
     """Where the items hold ``ObjectRef`` arguments: (item, argument or None for the item)."""
+    values = itertools.chain.from_iterable(items) if star else items
+    if not any(issubclass(kind, ray.ObjectRef) for kind in set(map(type, values))):
+        return []
     if star:
         return [(position, argument) for position, item in enumerate(items)
                 for argument, value in enumerate(item) if isinstance(value, ray.ObjectRef)]
@@ -330,47 +335,14 @@ def _substitute(items: list, positions: list, values: list) -> tuple[list, dict[
 
 
 _SIGNAL_CHECK_SECONDS = 0.002
-_signal_futures: OrderedDict[bytes, Any] = OrderedDict()
-
-
-_FIRST_CHECK_MAX_SECONDS = 0.1
-
-
-def _ended(signal: Any, queued_seconds: float) -> bool:
-    """Whether the map's end signal (an ``ObjectRef`` that becomes ready when the map ends) has
-    fired. Later checks read the flag of an ``ObjectRef.future()``; the first check per map and
-    process subscribes, and asks Ray with ``ray.wait``, which needs a round trip to the driver to
-    know: it waits up to as long as the call was queued (capped at 0.1 s), so that a call that
-    waited while its map ended learns so before it starts anything."""
-    key = signal.binary()
-    with _shared_objects_lock:
-        future = _signal_futures.get(key)
-        first = future is None
-        if first:
-            future = _signal_futures[key] = signal.future()
-            while len(_signal_futures) > 4 * _CACHE_ENTRIES:
-                _signal_futures.popitem(last=False)
-    if first and not future.done():
-        wait = min(max(queued_seconds, 0.0), _FIRST_CHECK_MAX_SECONDS)
-        ready, _ = ray.wait([signal], timeout=wait, fetch_local=False)
-        return bool(ready) and _signalled(lambda: ray.get(signal))
-    return future.done() and _signalled(future.result)
-
-
-def _signalled(read: Callable[[], Any]) -> bool:
-    """Whether a ready end signal says the map ended: a signal whose board actor was lost (its
-    node died) says nothing, and the replica goes on as Ray alone would."""
-    try:
-        return read() is True
-    except Exception:  # the board is gone: no end was signalled
-        return False
+"""Replicas check a call's guard about this often between items."""
 
 
 class CallGuard:
     """Tells a replica to start no more items of a call: when its map has ended (cancelled,
     failed, or abandoned by the driver) or the call is past its deadline.
 
-    ``spec`` is ``(end_signal, deadline, sent_at)``: ``[ObjectRef]`` of the map's end signal (or
+    ``spec`` is ``(end_signal, deadline, sent_at)``: the map's `rhmapper.signals.EndSignal` (or
     ``None``), a wall-clock deadline in seconds since the epoch (or ``None``), and when the
     driver sent the call.
 
@@ -381,20 +353,27 @@ class CallGuard:
         True
     """
 
-    def __init__(self, spec: tuple[list | None, float | None, float] | None) -> None:
-        signal_box, self.deadline, self.sent_at = spec or (None, None, 0.0)
-        self.signal = signal_box[0] if signal_box else None
+    def __init__(self, spec: tuple[EndSignal | None, float | None, float] | None) -> None:
+        self.signal, self.deadline, self.sent_at = spec or (None, None, 0.0)
+        self.next_check = 0
+        """The position of the next item before which to check (about every 2 ms of items)."""
         self._checked_at = 0.0
+        self._checked_position = 0
 
-    def stop_reason(self) -> str | None:
-        """``"timeout"``, ``"cancelled"``, or ``None`` to go on."""
+    def stop_reason(self, position: int = 0) -> str | None:
+        """``"timeout"``, ``"cancelled"``, or ``None`` to go on (before item ``position``)."""
         now = time.time()
+        if self._checked_position < position:
+            per_item = (now - self._checked_at) / (position - self._checked_position)
+            self.next_check = position + max(1, min(4096, int(_SIGNAL_CHECK_SECONDS
+                                                                / max(per_item, 1e-9))))
+        else:
+            self.next_check = position + 1
+        self._checked_at, self._checked_position = now, position
         if self.deadline is not None and now > self.deadline:
             return "timeout"
-        if self.signal is not None and now - self._checked_at >= _SIGNAL_CHECK_SECONDS:
-            self._checked_at = now
-            if _ended(self.signal, now - self.sent_at):
-                return "cancelled"
+        if self.signal is not None and ended(self.signal, now - self.sent_at):
+            return "cancelled"
         return None
 
 
@@ -403,31 +382,40 @@ def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
                 ) -> tuple[list, tuple[int, str] | None]:
     """Call ``target`` on each item not already failed; a failing item does not stop the others,
     and no item starts once the guard says stop. Returns the values and where it stopped."""
+    call = _caller(target, star, kwargs)
     values: list = []
     append = values.append
-    for position, item in enumerate(items):
-        reason = guard.stop_reason()
+    position, count = 0, len(items)
+    while position < count:
+        reason = guard.stop_reason(position)
         if reason is not None:
-            values.extend([None] * (len(items) - position))
+            values.extend([None] * (count - position))
             return values, (position, reason)
-        if position in failures:
-            append(None)
-            continue
-        try:
-            if star:
-                append(target(*item, **kwargs) if kwargs else target(*item))
-            else:
-                append(target(item, **kwargs) if kwargs else target(item))
-        except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
-            failures[position] = RemoteFailure.capture(error)
-            append(None)
+        end = min(count, guard.next_check)
+        skip = failures.copy() if failures else None  # items whose arguments could not be fetched
+        for index, item in enumerate(items[position:end], position):
+            if skip and index in skip:
+                append(None)
+                continue
+            try:
+                append(call(item))
+            except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
+                failures[index] = RemoteFailure.capture(error)
+                append(None)
+        position = end
     return values, None
 
 
-def _reply(values: list, failures: dict[int, RemoteFailure], started: float,
+def _caller(target: Callable, star: bool, kwargs: dict | None) -> Callable[[Any], Any]:
+    if star:
+        return (lambda item: target(*item, **kwargs)) if kwargs else (lambda item: target(*item))
+    return (lambda item: target(item, **kwargs)) if kwargs else target
+
+
+def _reply(values: list, failures: dict[int, RemoteFailure], seconds: float,
            not_started: tuple[int, str] | None) -> BatchReply:
     values, failures, packed = pack_values(values, failures)
-    return BatchReply(values, failures or None, time.perf_counter() - started, packed, not_started)
+    return BatchReply(values, failures or None, seconds, packed, not_started)
 
 
 Payload = tuple[str, list, bool, "dict | None", "tuple | None"]
@@ -450,16 +438,20 @@ def run_batch(instance: Any, payload: Payload) -> BatchReply:
         >>> reply.values[:2], reply.failures[2].type_name
         ([1, 2], 'TypeError')
     """
-    started = time.perf_counter()
     method, items, star, kwargs, guard = payload
     target = getattr(instance, method)
+    call_guard = CallGuard(guard)
+    reason = call_guard.stop_reason()
+    if reason is not None:
+        return _reply([None] * len(items), {}, 0.0, (0, reason))
     items, failures = resolve_refs(items, star)
     kwargs = shared_kwargs(kwargs) if kwargs else None
-    values, not_started = _call_items(target, items, star, kwargs, failures, CallGuard(guard))
-    pending = [position for position, value in enumerate(values) if inspect.isawaitable(value)]
+    started = time.perf_counter()  # the items' own time: what sizes the next calls
+    values, not_started = _call_items(target, items, star, kwargs, failures, call_guard)
+    pending = _awaitable_positions(values)
     if pending:
         asyncio.run(_await_into(values, failures, pending))
-    return _reply(values, failures, started, not_started)
+    return _reply(values, failures, time.perf_counter() - started, not_started)
 
 
 async def run_batch_async(instance: Any, payload: Payload) -> BatchReply:
@@ -475,18 +467,26 @@ async def run_batch_async(instance: Any, payload: Payload) -> BatchReply:
         >>> asyncio.run(run_batch_async(FunctionReplica(double), payload)).values
         [2, 4]
     """
-    started = time.perf_counter()
     method, items, star, kwargs, guard = payload
     target = getattr(instance, method)
-    items, failures = await resolve_refs_async(items, star)
-    kwargs = await shared_kwargs_async(kwargs) if kwargs else None
     reason = CallGuard(guard).stop_reason()
     if reason is not None:
-        return _reply([None] * len(items), failures, started, (0, reason))
+        return _reply([None] * len(items), {}, 0.0, (0, reason))
+    items, failures = await resolve_refs_async(items, star)
+    kwargs = await shared_kwargs_async(kwargs) if kwargs else None
+    started = time.perf_counter()
     values, _ = _call_items(target, items, star, kwargs, failures, CallGuard(None))
-    pending = [position for position, value in enumerate(values) if inspect.isawaitable(value)]
-    await _await_into(values, failures, pending)
-    return _reply(values, failures, started, None)
+    await _await_into(values, failures, _awaitable_positions(values))
+    return _reply(values, failures, time.perf_counter() - started, None)
+
+
+def _awaitable_positions(values: list) -> list[int]:
+    """The positions of values to await: results of an ``async def`` target, or of a plain
+    function that returns coroutines (a decorated ``async def``), told by the first value."""
+    first = next((value for value in values if value is not None), None)
+    if not inspect.isawaitable(first):
+        return []
+    return [position for position, value in enumerate(values) if inspect.isawaitable(value)]
 
 
 async def _await_into(values: list, failures: dict[int, RemoteFailure], pending: list[int]) -> None:

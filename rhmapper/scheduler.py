@@ -305,6 +305,10 @@ class MapRun:
         self._attempts: dict[int, int] = {}
         self._crashes: dict[int, int] = {}
         self._per_item_seconds: float | None = None
+        self._measured_seconds = 0.0
+        self._measured_items = 0.0
+        """Decaying sums of the items' run time and count: the per-item time weighs each call
+        by its items, so one-item probes do not outweigh the large calls that follow."""
         self._bytes_per_item: float | None = None
         self._held: collections.deque = collections.deque()
         """Items pulled from the source but held back by the byte bound of a call."""
@@ -471,10 +475,7 @@ class MapRun:
             return
         ran = reply.not_started[0] if reply.not_started else len(call.items)
         if ran and reply.seconds is not None:
-            per_item = reply.seconds / ran
-            previous = self._per_item_seconds
-            self._per_item_seconds = per_item if previous is None else (
-                previous + _EWMA_WEIGHT * (per_item - previous))
+            self._measure(ran, reply.seconds)
         holes: set[int] = set()
         if reply.not_started:
             holes = self._fail_from(call, ran, reply.values,
@@ -497,6 +498,12 @@ class MapRun:
                                 f"call was past its timeout={self._plan.timeout}s deadline")
         return RhmapperError(f"item {index} was not started on replica {call.replica.name}: the "
                              "replica was told its map had ended while the map still ran")
+
+    def _measure(self, items: int, seconds: float) -> None:
+        keep = 1.0 - _EWMA_WEIGHT
+        self._measured_seconds = keep * self._measured_seconds + seconds
+        self._measured_items = keep * self._measured_items + items
+        self._per_item_seconds = self._measured_seconds / self._measured_items
 
     def _deliver(self, call: _Call, values: list, holes: set[int]) -> None:
         if call.is_retry:

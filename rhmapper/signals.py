@@ -1,10 +1,12 @@
 """Telling replicas that a map has ended, so that they start none of its items any more.
 
 Ray runs an actor call that was queued before ``ray.cancel`` reached it (checked on Ray 2.60), so
-cancelling is not enough to keep abandoned work from running. Each map gets an end signal: an
-``ObjectRef`` that becomes ready when the map ends (it is the reply of a call to a small async
-actor that returns only then). Replicas read it through ``ObjectRef.future()``: one subscription
-per map and process, then a flag check before each item (see `rhmapper.module.CallGuard`).
+cancelling is not enough to keep abandoned work from running. Each driver has a small async
+actor, its end board; each map has a key on it, which the driver ends when the map ends. A call
+carries only the board's name and the map's key (plain strings: no reference for Ray to track per
+call). A replica asks the board once per map and process (`ended`): the answer comes back as an
+``ObjectRef`` that becomes ready when the map ends, read through ``ObjectRef.future()`` from then
+on, so later checks cost a flag read.
 """
 
 from __future__ import annotations
@@ -12,58 +14,162 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+BOARD_NAMESPACE = "rhmapper"
+_ENDED_KEYS_KEPT = 100_000
+"""A board remembers this many ended maps, so that a replica asking late still hears the end."""
+_FIRST_CHECK_MAX_SECONDS = 0.1
+_QUEUED_SECONDS = 0.005
+"""A call that starts later than this after it was sent waited in the actor's queue: before it
+starts anything, the replica waits for the board's answer."""
+_FUTURES_KEPT = 64
+
+
+@dataclass(frozen=True)
+class EndSignal:
+    """Where a replica learns that a map ended: the driver's board actor and the map's key.
+
+    Examples:
+        >>> EndSignal("rhmapper_end_board_1a2b", "9f8e").key
+        '9f8e'
+    """
+
+    board: str
+    key: str
+
 
 class _EndBoard:
-    """One per driver: holds an event per open map; ``wait(key)`` returns when it ends."""
+    """One per driver process: ``wait(key)`` returns once ``end(key)`` was called."""
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, asyncio.Event] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()
 
     async def wait(self, key: str) -> bool:
-        await self._events.setdefault(key, asyncio.Event()).wait()
-        self._events.pop(key, None)
+        if key not in self._ended:
+            await self._waiting.setdefault(key, asyncio.Event()).wait()
         return True
 
     async def end(self, key: str) -> None:
-        self._events.setdefault(key, asyncio.Event()).set()
+        self._ended[key] = None
+        while len(self._ended) > _ENDED_KEYS_KEPT:
+            self._ended.popitem(last=False)
+        event = self._waiting.pop(key, None)
+        if event is not None:
+            event.set()
 
 
-_boards: dict[tuple[str, str], Any] = {}
-_boards_lock = threading.Lock()
+_boards: dict[tuple[str, str], tuple[str, Any]] = {}
+_lock = threading.Lock()
 
 
-def _board() -> Any:
-    """This driver's board actor (one per Ray session and job; started on first use, gone with
-    the job)."""
+def start_board() -> tuple[str, Any]:
+    """This driver's board, as (name, handle): one per Ray session and job, started on first
+    use on the driver's node (so that it lives as long as the driver), gone with the job.
+    A mapper starts it when it is created, beside its replicas, so that no map waits for it.
+
+    Examples:
+        >>> name, handle = start_board()  # doctest: +SKIP
+    """
     context = ray.get_runtime_context()
-    job = (context.get_session_name(), context.get_job_id())
-    with _boards_lock:
-        if job not in _boards:
-            # On the driver's node when it has one: the board then lives as long as the driver.
-            node = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=True)
-            _boards[job] = ray.remote(_EndBoard).options(
-                num_cpus=0, max_concurrency=100_000, namespace="rhmapper",
-                scheduling_strategy=node).remote()
-        return _boards[job]
+    session = (context.get_session_name(), context.get_job_id())
+    with _lock:
+        if session not in _boards:
+            name = f"rhmapper_end_board_{uuid.uuid4().hex[:12]}"
+            handle = ray.remote(_EndBoard).options(
+                name=name, namespace=BOARD_NAMESPACE, num_cpus=0, max_concurrency=100_000,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(),
+                                                                   soft=True)).remote()
+            _boards[session] = (name, handle)
+        return _boards[session]
 
 
-def open_end_signal() -> tuple[list, Callable[[], None]]:
-    """A new map's end signal, as ``([ObjectRef], end)``: call ``end()`` when the map ends.
-
-    The reference travels in a list so that Ray passes it to the replicas as a reference, not
-    as its (never ready) value.
+def open_end_signal() -> tuple[EndSignal, Callable[[], None]]:
+    """A new map's end signal, and the function to call when the map ends.
 
     Examples:
         >>> signal, end = open_end_signal()  # doctest: +SKIP
-        >>> end(); ray.get(signal[0])  # doctest: +SKIP
-        True
+        >>> end()  # doctest: +SKIP
     """
-    board = _board()
+    name, board = start_board()
     key = uuid.uuid4().hex
-    signal = board.wait.remote(key)
-    return [signal], lambda: board.end.remote(key)
+    return EndSignal(name, key), lambda: board.end.remote(key)
+
+
+_futures: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+"""Per map key: the board's answer (an ``ObjectRef``) and its future."""
+_board_handles: dict[str, Any] = {}
+
+
+def ended(signal: EndSignal, queued_seconds: float) -> bool:
+    """Whether the map of ``signal`` has ended (in a replica).
+
+    The first check per map and process asks the board. If the call waited in the actor's queue
+    (it starts more than 5 ms after it was sent), the replica waits for the answer up to as long
+    as the call waited (at most 0.1 s): a call that waited while its map ended learns so before
+    it starts anything. A board that cannot be reached signals nothing (the replica
+    then goes on, as Ray alone would).
+
+    Examples:
+        >>> ended(signal, queued_seconds=0.0)  # doctest: +SKIP
+        False
+    """
+    with _lock:
+        asked = _futures.get(signal.key)
+        first = asked is None
+        if first:
+            ref = _ask(signal)
+            if ref is None:
+                return False
+            asked = _futures[signal.key] = (ref, ref.future())  # the ref keeps the answer alive
+            while len(_futures) > _FUTURES_KEPT:
+                _futures.popitem(last=False)
+    ref, future = asked
+    if first and not future.done():
+        if queued_seconds < _QUEUED_SECONDS:
+            return False  # sent just now: its map was running a moment ago
+        wait = min(queued_seconds, _FIRST_CHECK_MAX_SECONDS)
+        ready, _ = ray.wait([ref], timeout=wait, fetch_local=False)
+        if not ready:
+            return False
+        answer = _answer(lambda: ray.get(ref, timeout=1.0))
+    elif future.done():
+        answer = _answer(lambda: future.result(timeout=1.0))
+    else:
+        return False
+    if answer is None:
+        # The question was asked from a call that ``ray.cancel`` reached (it cancels the tasks a
+        # call started): ask again next time, and stop if it is this call that was cancelled.
+        with _lock:
+            if _futures.get(signal.key) is asked:
+                del _futures[signal.key]
+        return ray.get_runtime_context().is_canceled()
+    return answer
+
+
+def _ask(signal: EndSignal) -> Any:
+    """Ask the board to answer when the map ends (``None``: the board is gone)."""
+    if signal.board not in _board_handles:
+        try:
+            _board_handles[signal.board] = ray.get_actor(signal.board, namespace=BOARD_NAMESPACE)
+        except ValueError:  # the driver, and its board, are gone
+            _board_handles[signal.board] = None
+    board = _board_handles[signal.board]
+    return None if board is None else board.wait.remote(signal.key)
+
+
+def _answer(read: Callable[[], Any]) -> bool | None:
+    """The board's answer: True (the map ended), False (the board is gone: no end was
+    signalled), or None (the question was cancelled with the call that asked it)."""
+    try:
+        return read() is True
+    except ray.exceptions.TaskCancelledError:
+        return None
+    except Exception:  # the board died with its node
+        return False

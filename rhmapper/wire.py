@@ -178,7 +178,7 @@ def pack_values(values: list, failures: dict[int, RemoteFailure]) -> tuple[list,
         >>> packed, values[1], failures[1].type_name
         (True, None, 'TypeError')
     """
-    if all(type(value) in _PLAIN_TYPES for value in values):
+    if _PLAIN_TYPES.issuperset(map(type, values)):
         return values, failures, False
     packed: list = []
     for position, value in enumerate(values):
