@@ -34,7 +34,7 @@ from rhmapper.connect import (
     run_on_head_node,
 )
 from rhmapper.errors import RhmapperError
-from rhmapper.replicas import NAMESPACE
+from rhmapper.replicas import NAMESPACE, wait_name_released
 
 _CLUSTER_LOOKUP_SECONDS = 60.0
 _REPLICA_NAME = re.compile(r"^(?P<pool>.+)_replica_(?P<index>\d+)$")
@@ -244,14 +244,7 @@ def kill_pool(name: str, timeout: float = 30.0) -> list[str]:
             continue
     deadline = time.monotonic() + timeout
     for replica_name in killed:
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(replica_name, namespace=NAMESPACE)
-            except ValueError:
-                break
-            time.sleep(0.1)
-        else:
-            raise RhmapperError(f"replica {replica_name} still exists {timeout}s after ray.kill")
+        wait_name_released(replica_name, max(0.0, deadline - time.monotonic()))
     return killed
 
 

@@ -582,13 +582,10 @@ def wait_name_released(name: str, timeout: float = 30.0) -> None:
         >>> wait_name_released("embed_replica_0")  # doctest: +SKIP
     """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            return
+    while _name_taken(name):
+        if time.monotonic() >= deadline:
+            raise RhmapperError(f"replica {name} still exists {timeout}s after ray.kill")
         time.sleep(0.1)
-    raise RhmapperError(f"replica {name} still exists {timeout}s after ray.kill")
 
 
 def _task_failure(error: RayTaskError) -> RemoteFailure:

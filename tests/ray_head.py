@@ -228,3 +228,18 @@ def _wait_started(head: RayHead, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the dashboard never answered:\n{head.log()[-3000:]}")
             time.sleep(0.3)
+
+
+def wait_until(predicate, seconds: float = 30.0) -> bool:
+    """Poll ``predicate`` every 0.2 s until it is true (True) or ``seconds`` pass (False).
+
+    Example:
+        >>> wait_until(lambda: True)
+        True
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False

@@ -20,7 +20,7 @@ import ray
 
 import rhmapper as rm
 from rhmapper import cli
-from tests.ray_head import RHMAPPER, client_env, free_ports
+from tests.ray_head import RHMAPPER, client_env, free_ports, wait_until
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,15 +96,6 @@ def test_detached_pool_outlives_its_driver_and_the_cli_lists_and_kills_it(head):
     assert "no rhmapper pools" in rhmapper_cli("pools", *address, env=head.env).stdout
 
 
-def wait_until(predicate, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_cli_without_a_dashboard_reads_the_gcs(ray_local):
     from tests.pool_state import Store
 
@@ -127,7 +118,7 @@ def test_cli_without_a_dashboard_reads_the_gcs(ray_local):
         assert ["nodash", "2", "2", "1", "yes"] in [line.split() for line in table.stdout.splitlines()]
         killed = rhmapper_cli("kill", "nodash", *address, env=env_vars)
         assert killed.returncode == 0, killed.stderr
-        assert wait_until(lambda: not [p for p in cli.list_pools() if p.name == "nodash"])
+        assert wait_until(lambda: not [p for p in cli.list_pools() if p.name == "nodash"], 20.0)
     finally:
         for name in ("nodash_replica_0", "nodash_replica_1"):
             try:

@@ -15,12 +15,11 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import psutil
 import pytest
 
-from tests.ray_head import RHMAPPER, start_head
+from tests.ray_head import RHMAPPER, start_head, wait_until
 
 CONNECT_SECONDS = 5.0
 """A token mismatch must be reported within this (Ray itself retries 20 s for a GCS address, 30 s
@@ -156,15 +155,6 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def wait_until(predicate, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 MISMATCH = """
