@@ -172,9 +172,10 @@ def test_poison_item_fails_after_bounded_attempts():
     assert pool.lost_count == 3
 
     pool = FakePool(3, fn=poison)
-    results, _ = collect(pool, list(range(100)), batch_size=8, return_exceptions=True)
+    results, run = collect(pool, list(range(100)), batch_size=8, return_exceptions=True)
     assert isinstance(results[42], ReplicaLostError)
     assert [r for i, r in enumerate(results) if i != 42] == [x for x in range(100) if x != 42]
+    assert run.stats.done == 100, "done counts the item lost with its replicas, with no callback"
 
 
 def test_no_replica_left_raises():
