@@ -1,8 +1,13 @@
-"""rhmapper: map a function, or a method of a stateful class, over a pool of Ray actors."""
+"""rhmapper: map a function, or a method of a stateful class, over a pool of Ray actors.
 
-from rhmapper.connect import ClusterAuthenticationError
+The scheduler and its types (``rhmapper.scheduler``, ``rhmapper.wire``, ``rhmapper.env``,
+``rhmapper.retries``) import no Ray, so they can be used and tested where Ray is not installed;
+the mapper itself needs Ray.
+"""
+
 from rhmapper.env import Env
 from rhmapper.errors import (
+    ClusterAuthenticationError,
     MapCancelledError,
     NoReplicasError,
     PoolMismatchError,
@@ -10,23 +15,26 @@ from rhmapper.errors import (
     RhmapperError,
     UnschedulableError,
 )
-from rhmapper.mapper import Mapper, mapper
-from rhmapper.module import Module, module
 from rhmapper.retries import Retries
 
 __all__ = [
     "ClusterAuthenticationError",
     "Env",
     "MapCancelledError",
-    "Mapper",
-    "Module",
     "NoReplicasError",
     "PoolMismatchError",
     "ReplicaLostError",
     "Retries",
     "RhmapperError",
     "UnschedulableError",
-    "mapper",
-    "module",
 ]
 __version__ = "0.1.0"
+
+try:
+    from rhmapper.mapper import Mapper, mapper
+    from rhmapper.module import Module, module
+except ImportError as error:
+    if error.name != "ray":  # without Ray only the core above is here; anything else is a bug
+        raise
+else:
+    __all__ += ["Mapper", "Module", "mapper", "module"]

@@ -14,7 +14,7 @@ import ray.util.client
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rhmapper import _ray_compat
-from rhmapper.errors import RhmapperError
+from rhmapper.errors import ClusterAuthenticationError, ClusterNotFoundError
 
 _PROBE_SECONDS = 3.0
 _CLIENT_PREFIX = "ray://"
@@ -25,26 +25,6 @@ _TOKEN_SOURCES = (
 )
 
 T = TypeVar("T")
-
-
-class ClusterNotFoundError(RhmapperError, ConnectionError):
-    """No Ray cluster answered at the address the command was given (or found).
-
-    Examples:
-        >>> issubclass(ClusterNotFoundError, ConnectionError)
-        True
-    """
-
-
-class ClusterAuthenticationError(RhmapperError, ConnectionError):
-    """The Ray cluster refused this driver: it uses token authentication and this driver sent no
-    token (``RAY_AUTH_MODE=token`` unset) or another one.
-
-    Examples:
-        >>> error = ClusterAuthenticationError("the Ray cluster at ray://10.0.0.5:10001 ...")
-        >>> isinstance(error, ConnectionError)
-        True
-    """
 
 
 def ensure_ray() -> None:

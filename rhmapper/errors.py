@@ -68,3 +68,23 @@ class PoolMismatchError(RhmapperError):
         >>> issubclass(rm.PoolMismatchError, rm.RhmapperError)
         True
     """
+
+
+class ClusterNotFoundError(RhmapperError, ConnectionError):
+    """No Ray cluster answered at the address the command was given (or found).
+
+    Examples:
+        >>> issubclass(ClusterNotFoundError, ConnectionError)
+        True
+    """
+
+
+class ClusterAuthenticationError(RhmapperError, ConnectionError):
+    """The Ray cluster refused this driver: it uses token authentication and this driver sent no
+    token (``RAY_AUTH_MODE=token`` unset) or another one.
+
+    Examples:
+        >>> error = ClusterAuthenticationError("the Ray cluster at ray://10.0.0.5:10001 ...")
+        >>> isinstance(error, ConnectionError)
+        True
+    """

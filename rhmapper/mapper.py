@@ -21,10 +21,10 @@ from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
 from rhmapper.signals import open_end_signal, start_board
+from rhmapper.wire import CallSpec
 from rhmapper.scheduler import (
     DEFAULT_MAX_CALL_BYTES,
     DEFAULT_WINDOW,
-    CallSpec,
     MapPlan,
     MapRun,
     MapStats,

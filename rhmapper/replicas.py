@@ -41,9 +41,8 @@ from rhmapper.module import (
     replica_info,
     run_batch,
 )
-from rhmapper.scheduler import CallSpec, ReplicaDied
 from rhmapper.sizing import approx_bytes
-from rhmapper.wire import BatchReply, RemoteFailure
+from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
 NAMESPACE = "rhmapper"
 """The Ray namespace of every auto replica."""
@@ -82,7 +81,7 @@ class RayReplica:
     """
 
     def __init__(self, name: str, handle: Any, owned: bool, requested: int | None,
-                 direct_calls: set | None = None, index: int | None = None) -> None:
+                 index: int | None = None) -> None:
         self.name = name
         self.index = index
         """An auto replica's index in its pool's names (``None`` for your actors)."""
@@ -95,8 +94,6 @@ class RayReplica:
         self.node_id: str | None = None
         self.started_at = time.monotonic()
         self.ready_ref = handle.__ray_call__.remote(replica_info)
-        self._direct_calls = direct_calls if direct_calls is not None else set()
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return (f"RayReplica({self.name!r}, {self.state.value}, "
@@ -108,45 +105,39 @@ class RayReplica:
         self.started_at = time.monotonic()
         self.ready_ref = self.handle.__ray_call__.remote(replica_info)
 
+    def calls_directly(self, call: CallSpec) -> bool:
+        """Whether ``call`` goes to the user's method itself (an async method of your actor)."""
+        return call.is_async and not self.owned
+
     def max_items(self, call: CallSpec) -> int | None:
         """One item per call for an async method of your actor (called directly), else any."""
-        return 1 if call.is_async and not self.owned else None
+        return 1 if self.calls_directly(call) else None
 
-    def submit(self, call: CallSpec, start: int, items: list, budget: float | None = None
-               ) -> ray.ObjectRef:
-        """Start one call on ``items``; return its ref. The replica starts no item once the map
-        has ended or ``budget`` seconds have passed (see `rhmapper.module.CallGuard`).
+    def start(self, call: CallSpec, start: int, items: list, budget: float | None = None
+              ) -> ray.ObjectRef:
+        """Start one call on ``items``; return its ref (the pool counts the slot it takes). The
+        replica starts no item once the map has ended or ``budget`` seconds have passed (see
+        `rhmapper.module.CallGuard`).
 
         Auto replicas run the batch in their own entry point; your actors run `run_batch`
         through ``__ray_call__``, except an ``async def`` method, which is called directly (one
         item per call) so that it runs on the actor's event loop as a direct call would.
         """
         try:
-            if call.is_async and not self.owned:
+            if self.calls_directly(call):
                 args = items[0] if call.star else (items[0],)
-                ref = getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
-                self._direct_calls.add(ref)
-            else:
-                now = time.time()
-                deadline = None if budget is None else now + budget
-                payload = (call.method, _large_items_by_ref(items, call.star), call.star,
-                           call.kwargs, (call.end_signal, deadline, now))
-                if not self.owned:
-                    ref = self.handle.__ray_call__.remote(run_batch, payload)
-                elif call.is_async:
-                    ref = self.handle._rhmapper_run_async.remote(payload)
-                else:
-                    ref = self.handle._rhmapper_run.remote(payload)
+                return getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
+            now = time.time()
+            deadline = None if budget is None else now + budget
+            payload = (call.method, _large_items_by_ref(items, call.star), call.star,
+                       call.kwargs, (call.end_signal, deadline, now))
+            if not self.owned:
+                return self.handle.__ray_call__.remote(run_batch, payload)
+            if call.is_async:
+                return self.handle._rhmapper_run_async.remote(payload)
+            return self.handle._rhmapper_run.remote(payload)
         except TypeError as error:
             raise _unpicklable_item(start, items, error) from error
-        with self._lock:
-            self.in_flight += 1
-        return ref
-
-    def release(self) -> None:
-        """Give back the slot a finished call held."""
-        with self._lock:
-            self.in_flight -= 1
 
     def set_capacity(self, max_concurrency: int | None) -> None:
         """Fit the slots to what the actor runs at once (an unreadable limit counts as 1)."""
@@ -291,8 +282,7 @@ class ReplicaPool:
                 name = _actor_name(handle, self._class_name)
                 if any(replica.handle == handle for replica in self.replicas):
                     raise ValueError(f"actor {name} is already in the pool")
-                replica = RayReplica(name, handle, owned=False, requested=requested,
-                                     direct_calls=self._direct_calls)
+                replica = RayReplica(name, handle, owned=False, requested=requested)
                 self.replicas.append(replica)
                 added.append(replica)
         return added
@@ -453,9 +443,21 @@ class ReplicaPool:
                 f"started within ready_timeout={self.ready_timeout}s (not enough free "
                 f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
 
-    def fetch(self, token: ray.ObjectRef) -> BatchReply:
-        """The reply of a done call; `ReplicaDied` if its replica died (``permanent=False``
-        when Ray says the actor may come back)."""
+    def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
+               budget: float | None) -> ray.ObjectRef:
+        """Start one call on ``replica``, taking one of its slots; return its ref."""
+        ref = replica.start(call, start, items, budget)
+        with self._lock:
+            replica.in_flight += 1
+            if replica.calls_directly(call):
+                self._direct_calls.add(ref)
+        return ref
+
+    def fetch(self, token: ray.ObjectRef, replica: RayReplica) -> BatchReply:
+        """The reply of a done call, giving its slot back; `ReplicaDied` if its replica died
+        (``permanent=False`` when Ray says the actor may come back)."""
+        with self._lock:
+            replica.in_flight -= 1
         direct = token in self._direct_calls
         self._direct_calls.discard(token)
         try:
@@ -488,14 +490,14 @@ class ReplicaPool:
             for token, (replica, since, timed_out) in list(self._draining.items()):
                 if token in done:
                     del self._draining[token]
-                    replica.release()
+                    replica.in_flight -= 1
                     if replica.state is ReplicaState.BENCHED and not self._stuck_on(replica):
                         replica.state = ReplicaState.READY
                 elif (timed_out and now - since > STUCK_GRACE_SECONDS
                       and replica.state is ReplicaState.READY):
                     if replica.owned:
                         del self._draining[token]
-                        replica.release()
+                        replica.in_flight -= 1
                         self.lost(replica, RhmapperError(
                             "restarted: a call that outlived timeout= kept running"))
                     else:

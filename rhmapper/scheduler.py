@@ -1,9 +1,9 @@
 """The dispatch loop: per-replica slots, least-loaded choice, adaptive batches, ordering, retries,
 timeouts and replica loss.
 
-The scheduler knows nothing of Ray, envs or progress bars. It talks to a `Pool` of
-`Replica` objects that know how to submit a call and report its completion, so the same loop
-runs on Ray actors, on replicas of several clusters, or on in-process fakes in the unit tests.
+The scheduler knows nothing of Ray, envs or progress bars. It talks to a `Pool` that submits
+calls to its `Replica` objects and reports their completion, so the same loop runs on Ray
+actors, on replicas of several clusters, or on in-process fakes in the unit tests.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
-from rhmapper.wire import BatchReply, RemoteFailure
+from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 from rhmapper.retries import Retries
 from rhmapper.sizing import mean_item_bytes
 
@@ -38,36 +38,18 @@ _RETRYING = object()
 """What `MapRun._failed` returns when the item will run again."""
 
 
-class ReplicaDied(Exception):
-    """Raised by `Pool.fetch` when the replica behind a call died before answering.
-
-    ``permanent`` is False when the replica may come back (it is restarting, or unreachable for
-    a while): its calls are run again, and the replica stays in the pool.
-    """
-
-    def __init__(self, message: str, permanent: bool = True) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
 class Replica(Protocol):
     """What the scheduler needs of a replica."""
 
     name: str
     capacity: int
+    """How many calls it may have in flight."""
     in_flight: int
-
-    def submit(self, call: "CallSpec", start: int, items: list, budget: float | None) -> Any:
-        """Start one call on ``items`` (indices from ``start``); return a token to wait on.
-
-        ``budget`` is the call's time limit in seconds (``None``: none): the replica starts no
-        item once it has passed."""
+    """How many it has (counted by the pool: `Pool.submit` takes a slot, `Pool.fetch` and an
+    abandoned call's answer give it back)."""
 
     def max_items(self, call: "CallSpec") -> int | None:
         """The most items one call of ``call`` may carry on this replica (``None``: any)."""
-
-    def release(self) -> None:
-        """Give back the slot a finished call held."""
 
 
 class Pool(Protocol):
@@ -86,8 +68,15 @@ class Pool(Protocol):
         Raises `rhmapper.NoReplicasError` when no replica is alive or starting.
         """
 
-    def fetch(self, token: Any) -> BatchReply:
-        """The reply of a done call; raises `ReplicaDied` if its replica died."""
+    def submit(self, replica: Replica, call: "CallSpec", start: int, items: list,
+               budget: float | None) -> Any:
+        """Start one call on ``replica`` with ``items`` (indices from ``start``), taking one of
+        its slots; return a token to wait on. ``budget`` is the call's time limit in seconds
+        (``None``: none): the replica starts no item once it has passed."""
+
+    def fetch(self, token: Any, replica: Replica) -> BatchReply:
+        """The reply of a done call, giving its slot back; raises `ReplicaDied` if its replica
+        died."""
 
     def abandon(self, token: Any, replica: Replica, timed_out: bool) -> None:
         """Cancel a call whose result is no longer wanted. Its slot stays taken until the replica
@@ -101,22 +90,6 @@ class Pool(Protocol):
     def unavailable(self, replica: Replica) -> None:
         """A replica failed its calls but may come back (restarting): take no calls to it until
         it answers again; drop it if it turns out dead."""
-
-
-@dataclass(frozen=True)
-class CallSpec:
-    """What every call of one map runs: the method or function, the item shape, the constants.
-
-    ``kwargs`` are the constant keyword arguments as the replicas receive them (references to
-    values put once per map); ``is_async`` says the target is an ``async def``.
-    """
-
-    method: str
-    star: bool = False
-    kwargs: dict | None = None
-    is_async: bool = False
-    end_signal: Any = None
-    """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
 
 
 @dataclass(frozen=True)
@@ -367,7 +340,7 @@ class MapRun:
             if self._plan.timeout is not None:
                 budget = self._plan.timeout * len(items)
                 deadline = time.monotonic() + budget
-            token = replica.submit(self._plan.call, start, items, budget)
+            token = self._pool.submit(replica, self._plan.call, start, items, budget)
             self._pool.calls_started += 1
             self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
             self._in_flight_on[replica.name] = self._in_flight_on.get(replica.name, 0) + 1
@@ -467,9 +440,8 @@ class MapRun:
 
     def _complete(self, token: Any) -> None:
         call = self._forget(token)
-        call.replica.release()
         try:
-            reply = self._pool.fetch(token)
+            reply = self._pool.fetch(token, call.replica)
         except ReplicaDied as died:
             self._replica_died(call, died)
             return

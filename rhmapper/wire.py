@@ -1,5 +1,6 @@
-"""What travels between the scheduler and a replica: a call's reply, an item's failure, and the
-per-item packing that lets one bad value cost one item. Pure Python: no Ray.
+"""What travels between the scheduler and a replica: what a call runs, its reply, an item's
+failure, a replica's death, and the per-item packing that lets one bad value cost one item.
+Pure Python: no Ray.
 
 A replica packs each value of a call separately (`pack_values`), so a value that cannot be pickled
 fails its own item there, and a value the driver cannot unpickle (its class exists only in the
@@ -20,6 +21,42 @@ _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _RAY_HANDLE_MARKERS = (b"ObjectRef", b"ActorHandle", b"ray._raylet")
 """Values whose pickle names these hold Ray references, which only Ray's own serializer keeps
 alive across processes: they travel unpacked (see `RawValue`)."""
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What every call of one map runs: the method or function, the item shape, the constants.
+
+    ``kwargs`` are the constant keyword arguments as the replicas receive them (references to
+    values put once per map); ``is_async`` says the target is an ``async def``.
+
+    Examples:
+        >>> CallSpec("predict", star=True).is_async
+        False
+    """
+
+    method: str
+    star: bool = False
+    kwargs: dict | None = None
+    is_async: bool = False
+    end_signal: Any = None
+    """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
+
+
+class ReplicaDied(Exception):
+    """Raised by `Pool.fetch` when the replica behind a call died before answering.
+
+    ``permanent`` is False when the replica may come back (it is restarting, or unreachable for
+    a while): its calls are run again, and the replica stays in the pool.
+
+    Examples:
+        >>> ReplicaDied("restarting", permanent=False).permanent
+        False
+    """
+
+    def __init__(self, message: str, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def dumps(value: Any) -> bytes:

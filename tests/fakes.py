@@ -1,15 +1,20 @@
-"""An in-process pool for unit tests of the scheduler: no Ray, deterministic, any scale."""
+"""An in-process pool for unit tests of the scheduler: no Ray, deterministic, any scale.
+
+It behaves like the Ray pool where the scheduler can tell: replicas start after a while, a call
+holds its slot until it answers (an abandoned one too), a hung call never answers, and ``wait``
+returns nothing but the time it was given when nothing is done.
+"""
 
 from __future__ import annotations
 
 import itertools
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from rhmapper.errors import NoReplicasError
-from rhmapper.wire import BatchReply, RemoteFailure
-from rhmapper.scheduler import CallSpec, ReplicaDied
+from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
 
 @dataclass
@@ -17,22 +22,13 @@ class FakeReplica:
     name: str
     capacity: int
     fn: Callable
+    starts_after: int = 0
+    """How many of the pool's ``wait`` calls pass before this replica is ready."""
     in_flight: int = 0
     peak_in_flight: int = 0
     alive: bool = True
     calls: list = field(default_factory=list)
     log: list = field(default_factory=list)
-
-    def submit(self, call: CallSpec, start: int, items: list, budget: float | None = None
-               ) -> "FakeCall":
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        self.calls.append((start, list(items)))
-        self.log.append((self.name, start, list(items)))
-        return FakeCall(self, start, list(items), call.star)
-
-    def release(self) -> None:
-        self.in_flight -= 1
 
     def max_items(self, call: CallSpec) -> int | None:
         return None
@@ -44,6 +40,7 @@ class FakeCall:
     start: int
     items: list
     star: bool
+    hung: bool
 
 
 class ReplicaKiller(BaseException):
@@ -54,44 +51,76 @@ class FakePool:
     """Replicas run ``fn`` on each item when a call completes; completion order is shuffled.
 
     A function raising :class:`ReplicaKiller` kills its replica: the call's fetch raises
-    ``ReplicaDied`` and the pool replaces the replica (``replace=True``) or drops it.
+    ``ReplicaDied`` and the pool replaces the replica (``replace=True``) or drops it. A call
+    holding an item for which ``hangs(item)`` is true never completes. ``starts_after[i]`` is how
+    many ``wait`` calls pass before replica ``i`` is ready (default: all ready at once).
     """
 
     def __init__(self, replicas: int, fn: Callable = lambda x: x, capacity: int = 1,
-                 seed: int = 0, replace: bool = True, item_seconds: float = 1e-6) -> None:
+                 seed: int = 0, replace: bool = True, item_seconds: float = 1e-6,
+                 hangs: Callable = lambda item: False, starts_after: list[int] | None = None
+                 ) -> None:
         self.fn = fn
+        self.hangs = hangs
         self.item_seconds = item_seconds
         self.capacity = capacity
         self.replace = replace
         self._names = itertools.count()
         self.log: list = []
         """Every call in submission order: (replica name, start index, items)."""
-        self.replicas = [self._new() for _ in range(replicas)]
+        delays = starts_after or [0] * replicas
+        self.replicas = [self._new(delay) for delay in delays]
         self.retired: list[FakeReplica] = []
         self.random = random.Random(seed)
         self.calls_started = 0
+        self.waits = 0
         self.cancelled: list[FakeCall] = []
+        self.abandoned: list[FakeCall] = []
+        """Abandoned calls still holding their slot (answered at the next ``wait``, unless hung)."""
         self.lost_count = 0
         self.unavailable_count = 0
 
-    def _new(self) -> FakeReplica:
-        return FakeReplica(f"fake_replica_{next(self._names)}", self.capacity, self.fn, log=self.log)
+    def _new(self, starts_after: int = 0) -> FakeReplica:
+        return FakeReplica(f"fake_replica_{next(self._names)}", self.capacity, self.fn,
+                           starts_after=starts_after, log=self.log)
 
     @property
     def all_replicas(self) -> list[FakeReplica]:
         return self.replicas + self.retired
 
     def dispatchable(self) -> list[FakeReplica]:
-        return [replica for replica in self.replicas if replica.alive]
+        return [replica for replica in self.replicas
+                if replica.alive and replica.starts_after <= self.waits]
+
+    def submit(self, replica: FakeReplica, call: CallSpec, start: int, items: list,
+               budget: float | None) -> FakeCall:
+        replica.in_flight += 1
+        replica.peak_in_flight = max(replica.peak_in_flight, replica.in_flight)
+        replica.calls.append((start, list(items)))
+        self.log.append((replica.name, start, list(items)))
+        return FakeCall(replica, start, list(items), call.star,
+                        hung=any(self.hangs(item) for item in items))
 
     def wait(self, tokens: list, timeout: float) -> list:
-        if not tokens and not self.dispatchable():
+        self.waits += 1
+        self._answer_abandoned()
+        if not tokens and not self.dispatchable() and not any(
+                replica.alive and replica.starts_after > self.waits for replica in self.replicas):
             raise NoReplicasError("no fake replicas left")
-        tokens = list(tokens)
-        self.random.shuffle(tokens)
-        return tokens[: self.random.randint(1, len(tokens))] if tokens else []
+        answering = [token for token in tokens if not token.hung]
+        if not answering:
+            time.sleep(timeout)
+            return []
+        self.random.shuffle(answering)
+        return answering[: self.random.randint(1, len(answering))]
 
-    def fetch(self, token: FakeCall) -> BatchReply:
+    def _answer_abandoned(self) -> None:
+        for token in [token for token in self.abandoned if not token.hung]:
+            self.abandoned.remove(token)
+            token.replica.in_flight -= 1
+
+    def fetch(self, token: FakeCall, replica: FakeReplica) -> BatchReply:
+        replica.in_flight -= 1
         if not token.replica.alive:
             raise ReplicaDied(f"{token.replica.name} died earlier")
         values, failures = [], {}
@@ -108,7 +137,7 @@ class FakePool:
 
     def abandon(self, token: FakeCall, replica: FakeReplica, timed_out: bool = False) -> None:
         self.cancelled.append(token)
-        replica.release()
+        self.abandoned.append(token)
 
     def unavailable(self, replica: FakeReplica) -> None:
         self.unavailable_count += 1

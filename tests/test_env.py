@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from pydantic import ValidationError
 
 import rhmapper as rm
 from rhmapper.env import parse_memory
-
-
-def test_env_module_is_pure() -> None:
-    import subprocess
-
-    import rhmapper.env
-
-    code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('env_alone', {rhmapper.env.__file__!r})\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-        "print('ray' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
 
 
 def test_runtime_env_from_fields() -> None:

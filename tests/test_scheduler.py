@@ -6,7 +6,8 @@ import pytest
 
 from rhmapper.errors import NoReplicasError, ReplicaLostError
 from rhmapper.retries import Retries
-from rhmapper.scheduler import CallSpec, MapPlan, MapRun
+from rhmapper.scheduler import MapPlan, MapRun
+from rhmapper.wire import CallSpec
 from tests.fakes import FakePool, ReplicaKiller
 
 
@@ -257,3 +258,57 @@ def test_calls_stay_under_the_byte_bound_and_a_huge_item_goes_alone():
     assert results == [(len(blob), blob[0]) for blob in items]
     assert all(sum(map(len, batch)) <= 4 * mib for _, _, batch in pool.log if items[17] not in batch)
     assert [batch for _, _, batch in pool.log if items[17] in batch] == [[items[17]]]
+
+
+def test_a_hung_item_times_out_and_its_call_keeps_the_slot():
+    pool = FakePool(2, fn=lambda x: x * 2, hangs=lambda x: x == 3)
+    results, run = collect(pool, list(range(10)), timeout=0.05, return_exceptions=True)
+    assert [value for index, value in enumerate(results) if index != 3] == [
+        2 * x for x in range(10) if x != 3]
+    assert isinstance(results[3], TimeoutError) and "item 3 ran longer than" in str(results[3])
+    hung_on = [replica for replica in pool.replicas if replica.in_flight]
+    assert len(hung_on) == 1 and [token.items for token in pool.abandoned] == [[3]]
+    assert run.stats.failures == 1 and run.stats.done == 10
+
+
+def test_a_timed_out_item_is_retried_elsewhere():
+    submitted_three: list[int] = []
+
+    def hangs_the_first_time(x):
+        if x != 3:
+            return False
+        submitted_three.append(x)
+        return len(submitted_three) == 1
+
+    pool = FakePool(2, fn=lambda x: x * 2, hangs=hangs_the_first_time)
+    results, run = collect(pool, list(range(6)), timeout=0.05,
+                           retries=Retries(max_retries=1, initial_delay=0))
+    assert results == [2 * x for x in range(6)]
+    assert run.stats.retries == 1
+    (first, second) = [name for name, _, items in pool.log if 3 in items]
+    assert first != second, "the retry went to the replica that was not hung"
+
+
+def test_abandoned_calls_hold_their_slots_until_they_answer():
+    def fails_on_five(x):
+        if x == 5:
+            raise ValueError("five")
+        return x
+
+    pool = FakePool(3, fn=fails_on_five, capacity=2, seed=4)
+    with pytest.raises(ValueError, match="five"):
+        collect(pool, list(range(200)), batch_size=1)
+    held = sum(replica.in_flight for replica in pool.replicas)
+    assert held == len(pool.abandoned) > 0, "cancelled calls keep their slots"
+    collect(pool, list(range(10, 30)), batch_size=1)
+    assert sum(replica.in_flight for replica in pool.replicas) == 0 and not pool.abandoned
+
+
+def test_replicas_take_work_as_they_become_ready():
+    pool = FakePool(3, starts_after=[0, 3, 6])
+    results, _ = collect(pool, list(range(300)), batch_size=1)
+    assert results == list(range(300))
+    first_call = {name: min(index for index, (who, _, _) in enumerate(pool.log) if who == name)
+                  for name in ("fake_replica_0", "fake_replica_1", "fake_replica_2")}
+    assert first_call["fake_replica_0"] == 0
+    assert 0 < first_call["fake_replica_1"] < first_call["fake_replica_2"]

@@ -1,0 +1,46 @@
+"""The core imports no Ray: the scheduler, its wire types, retries and Env run a map on the
+in-process fake pool with Ray made unimportable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import REPO_DIR
+
+WITHOUT_RAY = """
+    import sys
+    sys.modules["ray"] = None  # any `import ray` now raises ImportError
+
+    import rhmapper
+    from rhmapper.env import Env
+    from rhmapper.retries import Retries
+    from rhmapper.scheduler import MapPlan, MapRun
+    from rhmapper.wire import CallSpec, ReplicaDied
+    from tests.fakes import FakePool, ReplicaKiller
+
+    def flaky(x):
+        if x == 7:
+            raise ReplicaKiller("item 7 kills its replica")
+        return x * 2
+
+    plan = MapPlan(CallSpec("fn"), collect=True, total=200, window=None,
+                   retries=Retries(max_retries=1), return_exceptions=True)
+    run = MapRun(FakePool(3, fn=flaky), plan, iter(range(200)))
+    for _ in run.chunks():
+        pass
+    assert [value for index, value in enumerate(run.results) if index != 7] == [
+        2 * x for x in range(200) if x != 7]
+    assert type(run.results[7]).__name__ == "ReplicaLostError"
+    assert Env(name="e", compute={"CPU": 1}).actor_options()["num_cpus"] == 1
+    assert "mapper" not in rhmapper.__all__ and "Env" in rhmapper.__all__
+    print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
+"""
+
+
+def test_core_runs_a_map_without_ray():
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(WITHOUT_RAY)], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['ray']", "only the blocked `ray` entry, no Ray module loaded"
