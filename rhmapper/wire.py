@@ -175,8 +175,8 @@ class BatchReply:
         its own item.
 
         Examples:
-            >>> reply = BatchReply(*pack_values([(1, 2)], {}), seconds=None)
-            >>> reply.unpacked().values
+            >>> values, failures, packed = pack_values([(1, 2)], {})
+            >>> BatchReply(values, failures, None, packed).unpacked().values
             [(1, 2)]
         """
         if not self.packed:
