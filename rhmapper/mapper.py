@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
-import uuid
 import threading
-from dataclasses import dataclass
+import uuid
 from typing import Any, Callable, Iterable, Iterator
+
+from typing_extensions import Unpack
 
 import ray
 
@@ -17,19 +18,13 @@ from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module, is_async_callable, module, plain_class
+from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.progress import Progress
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
+from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapRun, MapStats, add_note
 from rhmapper.signals import open_end_signal, start_board
 from rhmapper.wire import CallSpec
-from rhmapper.scheduler import (
-    DEFAULT_MAX_CALL_BYTES,
-    DEFAULT_WINDOW,
-    MapPlan,
-    MapRun,
-    MapStats,
-    add_note,
-)
 
 
 def _default_name(obj: Any) -> str:
@@ -138,8 +133,9 @@ class Mapper:
         in flight on an actor than its ``max_concurrency``.
 
         Examples:
-            >>> m = rm.mapper(double, replicas=1)  # doctest: +SKIP
-            >>> m.add_replicas(2); m.num_replicas  # doctest: +SKIP
+            >>> with rm.mapper(abs, replicas=1) as m:
+            ...     m.add_replicas(2)
+            ...     m.num_replicas
             3
         """
         if isinstance(replicas, bool):
@@ -172,7 +168,9 @@ class Mapper:
         as soon as it is ready). Raises ``TimeoutError`` after ``timeout`` seconds.
 
         Examples:
-            >>> m = rm.mapper(double, replicas=4).wait_ready(timeout=60)  # doctest: +SKIP
+            >>> with rm.mapper(abs, replicas=2) as m:
+            ...     m.wait_ready(timeout=60).num_replicas
+            2
         """
         self._pool.wait_ready(timeout)
         return self
@@ -182,7 +180,10 @@ class Mapper:
         (removed from the pool, never killed).
 
         Examples:
-            >>> m.drop_replicas(1)  # doctest: +SKIP
+            >>> with rm.mapper(abs, replicas=2, env=rm.Env(name="drop")) as m:
+            ...     m.drop_replicas(1)
+            ...     m.replica_names
+            ['drop_replica_0']
         """
         self._pool.drop(count)
 
@@ -191,7 +192,8 @@ class Mapper:
         """The Ray actor handles of the pool, in pool order.
 
         Examples:
-            >>> [type(h).__name__ for h in m.replicas]  # doctest: +SKIP
+            >>> with rm.mapper(abs, replicas=2) as m:
+            ...     [type(handle).__name__ for handle in m.replicas]
             ['ActorHandle', 'ActorHandle']
         """
         return [replica.handle for replica in self._pool.replicas]
@@ -201,7 +203,8 @@ class Mapper:
         """The names of the pool's replicas (``<env>_replica_<i>`` for auto replicas).
 
         Examples:
-            >>> m.replica_names  # doctest: +SKIP
+            >>> with rm.mapper(abs, replicas=2, env=rm.Env(name="double")) as m:
+            ...     m.replica_names
             ['double_replica_0', 'double_replica_1']
         """
         return [replica.name for replica in self._pool.replicas]
@@ -211,116 +214,94 @@ class Mapper:
         """How many replicas the pool has (ready or starting).
 
         Examples:
-            >>> m.num_replicas  # doctest: +SKIP
+            >>> with rm.mapper(abs, replicas=2) as m:
+            ...     m.num_replicas
             2
         """
         return len(self._pool.replicas)
 
     # -- the verbs --------------------------------------------------------------------------
 
-    def map(self, *iterables: Iterable, method: str | None = None, kwargs: dict | None = None,
-            retries: int | Retries = 0, return_exceptions: bool = False,
-            timeout: float | None = None, batch_size: int | str = "auto",
-            progress: bool | None = None, max_replica_crashes: int = 3) -> list:
+    def map(self, *iterables: Iterable, **options: Unpack[MapOptions]) -> list:
         """Like builtin ``map(fn, *iterables)`` on the replicas: a list of results in input order.
 
         Args:
             iterables: one iterable per positional argument; their lengths must be equal.
-            method: map this method instead of the mapper's own.
-            kwargs: constant keyword arguments for every call, sent to the replicas once.
-            retries: re-runs of a failed item (an int, or `Retries`).
-            return_exceptions: put an item's exception in its place instead of raising it.
-            timeout: seconds an item may run; a slower item fails with ``TimeoutError``.
-            batch_size: ``"auto"`` adapts to item durations; an int fixes items per call.
-            progress: show a tqdm bar (``None``: when stderr is a terminal).
-            max_replica_crashes: an item that was running each time a replica died this many
-                times fails with `ReplicaLostError`.
+            options: keyword-only `MapOptions`: ``method``, ``kwargs``, ``retries``,
+                ``return_exceptions``, ``timeout``, ``batch_size``, ``progress``,
+                ``max_replica_crashes``.
 
         Examples:
-            >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
-            ...     m.map([2, 3], [2, 2])
+            >>> with rm.mapper(pow, replicas=2) as m:
+            ...     m.map([2, 3], [2, 2], retries=1)
             [4, 9]
         """
         _check_inputs("map", iterables)
+        settings = MapSettings.of(options, stream=False)
         columns = [list(iterable) for iterable in iterables]
         lengths = [len(column) for column in columns]
         if len(set(lengths)) > 1:
             raise ValueError(f"map() inputs have unequal lengths {lengths}; pass equally long iterables")
         items = columns[0] if len(columns) == 1 else list(zip(*columns))
-        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
-                           progress, max_replica_crashes)
-        return self._collect(items, len(columns) > 1, options)
+        return self._collect(items, len(columns) > 1, settings)
 
-    def starmap(self, iterable: Iterable[Iterable], method: str | None = None,
-                kwargs: dict | None = None, retries: int | Retries = 0,
-                return_exceptions: bool = False, timeout: float | None = None,
-                batch_size: int | str = "auto", progress: bool | None = None,
-                max_replica_crashes: int = 3) -> list:
+    def starmap(self, iterable: Iterable[Iterable], **options: Unpack[MapOptions]) -> list:
         """Like ``itertools.starmap``: each input is a tuple of arguments. Options as in `map`.
 
         Examples:
-            >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
+            >>> with rm.mapper(pow, replicas=2) as m:
             ...     m.starmap([(2, 2), (3, 2)])
             [4, 9]
         """
         _check_inputs("starmap", (iterable,))
-        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
-                           progress, max_replica_crashes)
-        return self._collect(list(iterable), True, options)
+        return self._collect(list(iterable), True, MapSettings.of(options, stream=False))
 
-    def imap(self, *iterables: Iterable, method: str | None = None, kwargs: dict | None = None,
-             retries: int | Retries = 0, return_exceptions: bool = False,
-             timeout: float | None = None, batch_size: int | str = "auto",
-             progress: bool | None = None, max_replica_crashes: int = 3,
-             window: int = DEFAULT_WINDOW) -> Iterator:
+    def imap(self, *iterables: Iterable, **options: Unpack[StreamOptions]) -> Iterator:
         """Lazy, ordered `map`: pulls inputs only as slots free, yields results in input order.
 
-        At most ``window`` items are pulled from the input and not yet yielded, so memory stays
-        bounded for endless inputs. Other options as in `map`.
+        At most ``window`` items (a `StreamOptions`, default 16,384) are pulled from the input
+        and not yet yielded, so memory stays bounded for endless inputs. Other options as in
+        `map`.
 
         Examples:
-            >>> with rm.mapper(double, replicas=2) as m:  # doctest: +SKIP
-            ...     list(m.imap(range(4)))
-            [0, 2, 4, 6]
+            >>> with rm.mapper(abs, replicas=2) as m:
+            ...     list(m.imap(range(-2, 2), window=8))
+            [2, 1, 0, 1]
         """
-        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
-                           progress, max_replica_crashes)
-        return self._stream(iterables, True, options, window)
+        return self._stream(iterables, True, MapSettings.of(options))
 
-    def imap_unordered(self, *iterables: Iterable, method: str | None = None,
-                       kwargs: dict | None = None, retries: int | Retries = 0,
-                       return_exceptions: bool = False, timeout: float | None = None,
-                       batch_size: int | str = "auto", progress: bool | None = None,
-                       max_replica_crashes: int = 3, window: int = DEFAULT_WINDOW) -> Iterator:
+    def imap_unordered(self, *iterables: Iterable, **options: Unpack[StreamOptions]) -> Iterator:
         """Lazy `map` that yields each result as soon as it is ready. Options as in `imap`.
 
         Examples:
-            >>> with rm.mapper(double, replicas=2) as m:  # doctest: +SKIP
-            ...     sorted(m.imap_unordered(range(4)))
-            [0, 2, 4, 6]
+            >>> with rm.mapper(abs, replicas=2) as m:
+            ...     sorted(m.imap_unordered(range(-2, 2)))
+            [0, 1, 1, 2]
         """
-        options = _Options(method, kwargs, retries, return_exceptions, timeout, batch_size,
-                           progress, max_replica_crashes)
-        return self._stream(iterables, False, options, window)
+        return self._stream(iterables, False, MapSettings.of(options))
 
     def call(self, /, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
 
         Examples:
-            >>> with rm.mapper(pow, replicas=2) as m:  # doctest: +SKIP
+            >>> with rm.mapper(pow, replicas=2) as m:
             ...     m.call(2, 10)
             1024
         """
-        return self._collect([args], True, _Options(kwargs=kwargs or None, batch_size=1,
-                                                    progress=False))[0]
+        return self._collect([args], True, MapSettings(kwargs=kwargs or None, batch_size=1,
+                                                       progress=False))[0]
 
     def broadcast(self, method: str, /, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` once on every replica; a list of results in replica order.
 
         Examples:
-            >>> with rm.mapper(rm.module(Model), method="predict", replicas=2) as m:  # doctest: +SKIP
-            ...     m.broadcast("load", "weights.bin")
+            >>> import collections
+            >>> with rm.mapper(rm.module(collections.Counter, "aab"), method="most_common",
+            ...                replicas=2) as m:
+            ...     m.broadcast("update", "b")
+            ...     m.map([1, 2])
             [None, None]
+            [[('a', 2)], [('a', 2), ('b', 2)]]
         """
         self._method_of(method)
         replicas = list(self._pool.replicas)
@@ -339,9 +320,13 @@ class Mapper:
         cancelled and the map raises `MapCancelledError`.
 
         Examples:
-            >>> threading.Timer(1.0, m.cancel).start(); m.map(range(10**6))  # doctest: +SKIP
+            >>> import threading, time
+            >>> with rm.mapper(time.sleep, replicas=1) as m:
+            ...     threading.Timer(0.5, m.cancel).start()
+            ...     m.map([5, 5], batch_size=1)
             Traceback (most recent call last):
-            MapCancelledError: ...
+            ...
+            rhmapper.errors.MapCancelledError: the map was cancelled with Mapper.cancel()
         """
         for event in list(self._cancel_events):
             event.set()
@@ -353,7 +338,8 @@ class Mapper:
         to attach to, unless ``kill=True``.
 
         Examples:
-            >>> m.shutdown(); m.num_replicas  # doctest: +SKIP
+            >>> m = rm.mapper(abs, replicas=2)
+            >>> m.shutdown(); m.num_replicas
             0
         """
         self._pool.shutdown(kill=not self.env.detached if kill is None else kill)
@@ -377,25 +363,15 @@ class Mapper:
                 f"this mapper (env {self.env.name!r}) was shut down; create a new one with "
                 "rm.mapper(...) to map again")
 
-    def _plan(self, star: bool, options: "_Options", **shape: Any) -> MapPlan:
-        method = options.method or self.method
-        if method is not None and method != self.method:
-            self._method_of(method)
-        batch_size, timeout = options.batch_size, options.timeout
-        if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                     or batch_size < 1):
-            raise ValueError(f"batch_size must be 'auto' or a whole number >= 1, got {batch_size!r}")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if options.max_replica_crashes < 1:
-            raise ValueError(
-                f"max_replica_crashes must be >= 1, got {options.max_replica_crashes!r}")
+    def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
+        method = settings.method or self.method
         target = self._method_of(method) if method else self._function
-        call = CallSpec(method=method or "fn", star=star, kwargs=self._put_kwargs(options.kwargs),
+        call = CallSpec(method=method or "fn", star=star, kwargs=self._put_kwargs(settings.kwargs),
                         is_async=is_async_callable(target))
-        return MapPlan(call=call, retries=Retries.of(options.retries),
-                       return_exceptions=options.return_exceptions, timeout=timeout,
-                       batch_size=batch_size, max_replica_crashes=options.max_replica_crashes,
+        return MapPlan(call=call, retries=Retries.of(settings.retries),
+                       return_exceptions=settings.return_exceptions, timeout=settings.timeout,
+                       batch_size=settings.batch_size,
+                       max_replica_crashes=settings.max_replica_crashes,
                        max_call_bytes=self.max_call_bytes, **shape)
 
     @staticmethod
@@ -404,8 +380,6 @@ class Mapper:
         ``ObjectRef`` value is passed on as it is, and reaches the function as its value)."""
         if not kwargs:
             return None
-        if not isinstance(kwargs, dict):
-            raise TypeError(f"kwargs must be a dict of constant keyword arguments, got {kwargs!r}")
         refs = {}
         for key, value in kwargs.items():
             if isinstance(value, ray.ObjectRef):
@@ -440,23 +414,21 @@ class Mapper:
             self._cancel_events.discard(cancelled)
             bar.close()
 
-    def _collect(self, items: list, star: bool, options: "_Options") -> list:
+    def _collect(self, items: list, star: bool, settings: MapSettings) -> list:
         if not items:
             return []
-        plan = self._plan(star, options, collect=True, total=len(items), window=None)
-        *_, results = self._run(plan, iter(items), options.progress, len(items))
+        plan = self._plan(star, settings, collect=True, total=len(items), window=None)
+        *_, results = self._run(plan, iter(items), settings.progress, len(items))
         return results
 
-    def _stream(self, iterables: tuple, ordered: bool, options: "_Options", window: int) -> Iterator:
+    def _stream(self, iterables: tuple, ordered: bool, settings: MapSettings) -> Iterator:
         _check_inputs("imap", iterables)
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a whole number >= 1, got {window!r}")
         star = len(iterables) > 1
         source = zip(*iterables, strict=True) if star else iter(iterables[0])
         total = min(operator.length_hint(iterable, -1) for iterable in iterables)
-        plan = self._plan(star, options, ordered=ordered, total=total if total >= 0 else None,
-                          window=window)
-        return self._values(self._run(plan, source, options.progress, plan.total))
+        plan = self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
+                          window=settings.window)
+        return self._values(self._run(plan, source, settings.progress, plan.total))
 
     @staticmethod
     def _values(chunks: Iterator[list]) -> Iterator:
@@ -465,20 +437,6 @@ class Mapper:
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
-
-
-@dataclass(frozen=True)
-class _Options:
-    """The options every map verb takes (see `Mapper.map`)."""
-
-    method: str | None = None
-    kwargs: dict | None = None
-    retries: int | Retries = 0
-    return_exceptions: bool = False
-    timeout: float | None = None
-    batch_size: int | str = "auto"
-    progress: bool | None = None
-    max_replica_crashes: int = 3
 
 
 def _check_inputs(verb: str, iterables: tuple) -> None:

@@ -1,0 +1,125 @@
+"""The options of the map verbs, defined and validated once. Pure Python: no Ray.
+
+`MapOptions` types them for callers (``m.map(xs, **options)`` with ``Unpack``, so editors show
+each one); `MapSettings` holds them with their defaults, checked as they are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypedDict
+
+from rhmapper.retries import Retries
+from rhmapper.scheduler import DEFAULT_WINDOW
+
+
+class MapOptions(TypedDict, total=False):
+    """The options of `Mapper.map`, `Mapper.starmap`, `Mapper.imap` and
+    `Mapper.imap_unordered`, all keyword-only and optional.
+
+    Attributes:
+        method: map this method instead of the mapper's own.
+        kwargs: constant keyword arguments for every call, sent to the replicas once.
+        retries: re-runs of a failed item (an int, or `rhmapper.Retries`). Default 0.
+        return_exceptions: put an item's exception in its place instead of raising it.
+        timeout: seconds an item may take; a slower item fails with ``TimeoutError``.
+        batch_size: ``"auto"`` (default) adapts to item durations; an int fixes items per call.
+        progress: show a tqdm bar (``None``, the default: when stderr is a terminal).
+        max_replica_crashes: an item that was running each time a replica died this many times
+            (default 3) fails with `rhmapper.ReplicaLostError`.
+
+    Examples:
+        >>> options: MapOptions = {"retries": 2, "timeout": 30.0}
+        >>> MapSettings.of(options).retries
+        2
+    """
+
+    method: str | None
+    kwargs: dict | None
+    retries: int | Retries
+    return_exceptions: bool
+    timeout: float | None
+    batch_size: int | Literal["auto"]
+    progress: bool | None
+    max_replica_crashes: int
+
+
+class StreamOptions(MapOptions, total=False):
+    """`MapOptions`, plus how far a lazy map reads ahead (`Mapper.imap`, `Mapper.imap_unordered`).
+
+    Attributes:
+        window: at most this many items are pulled from the input and not yet yielded (default
+            16,384), so memory stays bounded for endless inputs.
+
+    Examples:
+        >>> MapSettings.of({"window": 64}).window
+        64
+    """
+
+    window: int
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """The options of one map with their defaults, checked when built (see `MapOptions`).
+
+    Examples:
+        >>> MapSettings().batch_size, MapSettings().max_replica_crashes
+        ('auto', 3)
+        >>> MapSettings(timeout=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: timeout must be a number of seconds > 0, got 0
+    """
+
+    method: str | None = None
+    kwargs: dict | None = None
+    retries: int | Retries = 0
+    return_exceptions: bool = False
+    timeout: float | None = None
+    batch_size: int | str = "auto"
+    progress: bool | None = None
+    max_replica_crashes: int = 3
+    window: int = DEFAULT_WINDOW
+
+    def __post_init__(self) -> None:
+        if self.method is not None and not isinstance(self.method, str):
+            raise TypeError(f"method must be a method name (a str), got {self.method!r}")
+        if self.kwargs is not None and not isinstance(self.kwargs, dict):
+            raise TypeError(
+                f"kwargs must be a dict of constant keyword arguments, got {self.kwargs!r}")
+        Retries.of(self.retries)
+        if self.batch_size != "auto" and not _whole(self.batch_size):
+            raise ValueError(
+                f"batch_size must be 'auto' or a whole number >= 1, got {self.batch_size!r}")
+        if self.timeout is not None and (isinstance(self.timeout, bool)
+                                         or not isinstance(self.timeout, (int, float))
+                                         or self.timeout <= 0):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not _whole(self.max_replica_crashes):
+            raise ValueError(
+                f"max_replica_crashes must be a whole number >= 1, got {self.max_replica_crashes!r}")
+        if not _whole(self.window):
+            raise ValueError(f"window must be a whole number >= 1, got {self.window!r}")
+
+    @classmethod
+    def of(cls, options: dict[str, Any], stream: bool = True) -> "MapSettings":
+        """Build from a verb's keyword arguments (``stream``: of a lazy verb, which also takes
+        ``window``); an unknown one is a ``TypeError`` naming the known ones.
+
+        Examples:
+            >>> MapSettings.of({"retry": 1})
+            Traceback (most recent call last):
+            ...
+            TypeError: unknown map option 'retry'; the options are: batch_size, kwargs, max_replica_crashes, method, progress, retries, return_exceptions, timeout, window
+        """
+        known = {option.name for option in fields(cls)} - (set() if stream else {"window"})
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown map option {unknown[0]!r}; the options are: "
+                            f"{', '.join(sorted(known))}")
+        return cls(**options)
+
+
+def _whole(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
