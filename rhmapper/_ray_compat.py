@@ -186,3 +186,31 @@ def upload_local_dirs(runtime_env: dict, scratch_dir: str) -> dict:
                                               scratch_dir=scratch_dir)
     return upload_working_dir_if_needed(runtime_env, include_gitignore=True,
                                         scratch_dir=scratch_dir)
+
+
+def monitor_autoscaling_config(gcs_address: str) -> str | None:
+    """The ``--autoscaling-config`` path of the ``monitor.py`` (Ray's autoscaler process) of the
+    cluster at ``gcs_address`` when it runs on this machine: ``""`` if it runs without one (the
+    read-only autoscaler), ``None`` if none runs here.
+
+    Missing public API: Ray's open-source autoscaler (``ray up``, ``ray start
+    --autoscaling-config``) does not report its node types to the GCS; only its process's
+    command line names the config file. Reads the process table (``psutil``, which Ray vendors).
+    Checked on Ray 2.60.
+    """
+    import os
+
+    try:
+        import psutil  # vendored by Ray (ray/thirdparty_files)
+    except ImportError:
+        return None
+    port = gcs_address.rsplit(":", 1)[-1]
+    monitor = os.path.join("autoscaler", "_private", "monitor.py")
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info["cmdline"] or []
+        if not any(arg.endswith(monitor) for arg in args):
+            continue
+        options = dict(arg[2:].split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
+        if options.get("gcs-address", "").rsplit(":", 1)[-1] == port:
+            return options.get("autoscaling-config", "")
+    return None

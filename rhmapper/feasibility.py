@@ -96,37 +96,27 @@ def _autoscaler_node_types_here() -> list[dict[str, float]] | None:
 def _monitor_node_types(gcs_address: str) -> list[dict[str, float]] | None:
     """Node types from the config file of this cluster's ``monitor.py``, if it runs here."""
     try:
-        import psutil  # vendored by Ray (ray/thirdparty_files)
-        import yaml
+        import yaml  # a dependency of Ray's
     except ImportError:
         return None
-    port = gcs_address.rsplit(":", 1)[-1]
-    for process in psutil.process_iter(["cmdline"]):
-        args = process.info["cmdline"] or []
-        if not any(arg.endswith(os.path.join("autoscaler", "_private", "monitor.py"))
-                   for arg in args):
+    path = _ray_compat.monitor_autoscaling_config(gcs_address)
+    if path is None:
+        return None
+    if not path:
+        return []  # no config: Ray's read-only autoscaler, which adds no nodes
+    try:
+        with open(os.path.expanduser(path)) as handle:
+            config = yaml.safe_load(handle)  # YAML or JSON
+    except (OSError, yaml.YAMLError):
+        return None
+    node_types = []
+    for spec in (config.get("available_node_types") or {}).values():
+        if spec.get("max_workers", config.get("max_workers", 0)) <= 0:
             continue
-        options = dict(arg[2:].split("=", 1) for arg in args
-                       if arg.startswith("--") and "=" in arg)
-        if options.get("gcs-address", "").rsplit(":", 1)[-1] != port:
-            continue
-        path = options.get("autoscaling-config")
-        if not path:
-            return []  # no config: Ray's read-only autoscaler, which adds no nodes
-        try:
-            with open(os.path.expanduser(path)) as handle:
-                config = yaml.safe_load(handle)  # YAML or JSON
-        except (OSError, yaml.YAMLError):
-            return None
-        node_types = []
-        for spec in (config.get("available_node_types") or {}).values():
-            if spec.get("max_workers", config.get("max_workers", 0)) <= 0:
-                continue
-            if not spec.get("resources"):
-                return None  # resources filled in by the cloud provider: unknown here
-            node_types.append({key: float(value) for key, value in spec["resources"].items()})
-        return node_types
-    return None
+        if not spec.get("resources"):
+            return None  # resources filled in by the cloud provider: unknown here
+        node_types.append({key: float(value) for key, value in spec["resources"].items()})
+    return node_types
 
 
 def _autoscaler_configured() -> bool:
