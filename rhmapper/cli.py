@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,11 +32,11 @@ from rhmapper.connect import (
     over_ray_client,
     run_on_head_node,
 )
+from rhmapper.env import parse_replica_name
 from rhmapper.errors import RhmapperError
 from rhmapper.replicas import NAMESPACE, wait_name_released
 
 _CLUSTER_LOOKUP_SECONDS = 60.0
-_REPLICA_NAME = re.compile(r"^(?P<pool>.+)_replica_(?P<index>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -178,11 +177,6 @@ def _dashboard_url() -> str | None:
     return url if "://" in url else f"http://{url}"
 
 
-def _split_name(name: str | None) -> tuple[str, int] | None:
-    match = _REPLICA_NAME.match(name or "")
-    return (match["pool"], int(match["index"])) if match else None
-
-
 def _replicas_from_state_api(dashboard: str) -> list[tuple[str, ReplicaInfo]]:
     from ray.util.state import list_actors
 
@@ -190,7 +184,7 @@ def _replicas_from_state_api(dashboard: str) -> list[tuple[str, ReplicaInfo]]:
                          detail=True, limit=10_000, raise_on_missing_output=False)
     found = []
     for actor in actors:
-        parts = _split_name(actor.name)
+        parts = parse_replica_name(actor.name)
         if parts is None or actor.state == "DEAD":
             continue
         found.append((parts[0], ReplicaInfo(actor.name, parts[1], actor.state, actor.node_id or None,
@@ -201,7 +195,7 @@ def _replicas_from_state_api(dashboard: str) -> list[tuple[str, ReplicaInfo]]:
 def _replicas_from_gcs() -> list[tuple[str, ReplicaInfo]]:
     found = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        parts = _split_name(entry["name"])
+        parts = parse_replica_name(entry["name"])
         if entry["namespace"] != NAMESPACE or parts is None:
             continue
         try:

@@ -55,6 +55,20 @@ def replica_name(pool: str, index: int) -> str:
     return f"{pool}_replica_{index}"
 
 
+_REPLICA_NAME = re.compile(r"^(?P<pool>.+)_replica_(?P<index>\d+)$")
+
+
+def parse_replica_name(name: str | None) -> tuple[str, int] | None:
+    """The pool and index of an auto replica's name (`replica_name` reversed), else ``None``.
+
+    Examples:
+        >>> parse_replica_name("embed_replica_3"), parse_replica_name("other")
+        (('embed', 3), None)
+    """
+    match = _REPLICA_NAME.match(name or "")
+    return (match["pool"], int(match["index"])) if match else None
+
+
 class Env(BaseModel):
     """Where and how a mapper's replicas run: a Ray ``runtime_env`` plus a resource request.
 
