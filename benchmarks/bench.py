@@ -28,8 +28,6 @@ import sys
 import threading
 import time
 import traceback
-import types
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 # A local cluster started by ray.init() turns token authentication on by default in
@@ -38,435 +36,24 @@ from typing import Any, Callable, Dict, List, Optional
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
-from ray.util import ActorPool  # noqa: E402
-from ray.util.multiprocessing import Pool  # noqa: E402
+from ray import cloudpickle  # noqa: E402
 
-NUM_ACTORS = 4
-ACTOR_CPUS = 0.5
-RAY_CPUS = 4
+import bench_contenders  # noqa: E402
+import bench_workloads  # noqa: E402
+from bench_contenders import (  # noqa: E402
+    ACTOR_CPUS, ALL_CONTENDERS, CONTENDER_CLASSES, NUM_ACTORS, RAY_CPUS, Contender,
+)
+from bench_report import report  # noqa: E402
+from bench_workloads import ALL_WORKLOADS, Workload, build_workloads  # noqa: E402
 
-ALL_WORKLOADS = ["tiny", "sleep", "cpu", "skew", "model"]
-ALL_CONTENDERS = ["optimum", "per_item", "actorpool", "mp_pool", "rhmapper", "rhmapper_b1"]
+# The workers cannot import these modules (benchmarks/ is not a package on their path):
+# ship their functions and classes by value, as they were when they lived in __main__.
+cloudpickle.register_pickle_by_value(bench_workloads)
+cloudpickle.register_pickle_by_value(bench_contenders)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------
-# Workload functions. They live in __main__, so cloudpickle ships them by value.
-# --------------------------------------------------------------------------------------
-
-
-def tiny_fn(x):
-    return x + 1
-
-
-def sleep_fn(x):
-    time.sleep(0.02)
-    return x * 2
-
-
-def sleep_expected(x):
-    return x * 2
-
-
-def skew_fn(x):
-    time.sleep(0.1 if x % 20 == 0 else 0.005)
-    return x * 3
-
-
-def skew_expected(x):
-    return x * 3
-
-
-def spin(n, seed):
-    """Pure-Python busy loop: n iterations of integer arithmetic."""
-    acc = seed
-    for i in range(n):
-        acc = (acc * 31 + i) % 1000003
-    return acc
-
-
-def make_cpu_fn(iters):
-    def cpu_fn(x):
-        return spin(iters, x)
-
-    return cpu_fn
-
-
-class Model:
-    """A model-like stateful class: a costly constructor and a cheap-ish predict().
-
-    ``__init__`` folds ``size`` pseudo-random numbers into a 64 Ki-entry "weights"
-    table in pure Python (~0.5 s by default, calibrated on the driver); ``predict(x)``
-    reads ``reads`` entries of it (~1 ms by default, calibrated). The table is small
-    (64 Ki ints), so the cost is CPU time, not memory traffic or pickling.
-    """
-
-    TABLE = 1 << 16
-
-    def __init__(self, size, reads):
-        mask = self.TABLE - 1
-        table = [0] * self.TABLE
-        for i in range(size):
-            table[i & mask] += (i * 2654435761) % 1000
-        self.weights = table
-        self.reads = reads
-
-    def predict(self, x):
-        w = self.weights
-        mask = len(w) - 1
-        acc = 0
-        for k in range(self.reads):
-            acc += w[(x * 7919 + k * 104729) & mask]
-        return acc
-
-
-# multiprocessing.Pool has no per-worker object, only initializer(); the usual idiom is a
-# module global. Functions defined in __main__ are pickled by value (their globals are
-# copies), so the model is parked on a small module registered in sys.modules instead.
-def _pool_state():
-    mod = sys.modules.get("_rhbench_pool_state")
-    if mod is None:
-        mod = types.ModuleType("_rhbench_pool_state")
-        sys.modules["_rhbench_pool_state"] = mod
-    return mod
-
-
-def pool_init_model(size, reads):
-    _pool_state().model = Model(size, reads)
-
-
-def pool_predict(x):
-    return _pool_state().model.predict(x)
-
-
-# --------------------------------------------------------------------------------------
-# Calibration (on the driver, before any actor exists)
-# --------------------------------------------------------------------------------------
-
-
-def calibrate(run: Callable[[int], Any], target_s: float, start: int = 1000) -> int:
-    """Smallest-effort search for n such that run(n) takes about target_s seconds."""
-    n = start
-    while True:
-        t0 = time.perf_counter()
-        run(n)
-        dt = time.perf_counter() - t0
-        if dt > 0.02 or n > 10**9:
-            break
-        n *= 4
-    est = int(n * target_s / dt)
-    # refine with the fastest of a few runs (the least disturbed by other work)
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        run(est)
-        times.append(time.perf_counter() - t0)
-    return max(1, int(est * target_s / min(times)))
-
-
-# --------------------------------------------------------------------------------------
-# Workloads
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Workload:
-    name: str
-    items: List[int]
-    fn: Optional[Callable]  # the function mapped (None for the model workload)
-    expected: List[Any]
-    concurrency: int  # calls in flight per actor (actor max_concurrency / rhmapper concurrency)
-    description: str
-    model_args: Optional[tuple] = None  # (size, reads) for the model workload
-    construct_timed: bool = False  # actors are created inside the timed region
-    info: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_model(self):
-        return self.model_args is not None
-
-
-def build_workloads(args) -> Dict[str, Workload]:
-    wls: Dict[str, Workload] = {}
-    wanted = args.only
-
-    if "tiny" in wanted:
-        xs = list(range(args.tiny_items))
-        wls["tiny"] = Workload(
-            "tiny", xs, tiny_fn, [x + 1 for x in xs], 1, f"x + 1, {len(xs):,} items"
-        )
-    if "sleep" in wanted:
-        xs = list(range(400))
-        wls["sleep"] = Workload(
-            "sleep", xs, sleep_fn, [sleep_expected(x) for x in xs], 4,
-            "time.sleep(0.02), 400 items, 4 calls in flight per actor",
-        )
-    if "cpu" in wanted:
-        iters = args.cpu_iters or calibrate(lambda n: spin(n, 1), 0.003)
-        fn = make_cpu_fn(iters)
-        xs = list(range(200))
-        t0 = time.perf_counter()
-        expected = [fn(x) for x in xs]
-        per_item = (time.perf_counter() - t0) / len(xs)
-        wls["cpu"] = Workload(
-            "cpu", xs, fn, expected, 1,
-            f"pure-Python loop of {iters:,} iterations (~{per_item * 1e3:.1f} ms on the driver), 200 items",
-            info={"cpu_iters": iters, "driver_ms_per_item": per_item * 1e3},
-        )
-    if "skew" in wanted:
-        xs = list(range(400))
-        wls["skew"] = Workload(
-            "skew", xs, skew_fn, [skew_expected(x) for x in xs], 1,
-            "every 20th item sleeps 100 ms, the rest 5 ms, 400 items",
-        )
-    if "model" in wanted:
-        if args.model_size:
-            size = args.model_size
-        else:
-            size = calibrate(lambda n: Model(n, 1), 0.5, start=10000)
-        t0 = time.perf_counter()
-        probe = Model(size, 1)
-        build_s = time.perf_counter() - t0
-        reads = args.model_reads or calibrate(lambda n: Model.predict(
-            types.SimpleNamespace(weights=probe.weights, reads=n), 12345), 0.001)
-        probe.reads = reads
-        xs = list(range(args.model_items))
-        t0 = time.perf_counter()
-        expected = [probe.predict(x) for x in xs]
-        per_item = (time.perf_counter() - t0) / len(xs)
-        del probe
-        wls["model"] = Workload(
-            "model", xs, None, expected, 1,
-            f"Model(size={size:,}) built once per actor (~{build_s:.2f} s on the driver), "
-            f"predict() ~{per_item * 1e3:.2f} ms, {len(xs):,} items; actor creation is timed",
-            model_args=(size, reads), construct_timed=True,
-            info={"model_size": size, "model_reads": reads, "driver_build_s": build_s,
-                  "driver_ms_per_item": per_item * 1e3},
-        )
-    return {name: wls[name] for name in ALL_WORKLOADS if name in wls}
-
-
-# --------------------------------------------------------------------------------------
-# The actor the hand-written contenders use
-# --------------------------------------------------------------------------------------
-
-
-@ray.remote
-class Worker:
-    """Holds a function, or an instance of a class and the name of its method."""
-
-    def __init__(self, fn=None, cls=None, args=(), method=None):
-        if cls is not None:
-            self._fn = getattr(cls(*args), method)
-        else:
-            self._fn = fn
-
-    def ready(self):
-        return True
-
-    def f(self, x):
-        return self._fn(x)
-
-    def chunk(self, xs):
-        fn = self._fn
-        return [fn(x) for x in xs]
-
-
-def make_workers(wl: Workload) -> list:
-    opts = dict(num_cpus=ACTOR_CPUS, max_concurrency=wl.concurrency)
-    if wl.is_model:
-        return [Worker.options(**opts).remote(cls=Model, args=wl.model_args, method="predict")
-                for _ in range(NUM_ACTORS)]
-    return [Worker.options(**opts).remote(fn=wl.fn) for _ in range(NUM_ACTORS)]
-
-
-def kill_all(actors) -> None:
-    for a in actors:
-        try:
-            ray.kill(a)
-        except Exception:
-            pass
-
-
-# --------------------------------------------------------------------------------------
-# Contenders
-#
-# start(): create the pool (actors / Pool / mapper)
-# warm():  one small call
-# run(xs): the map, returns the list of results in input order
-# stop():  kill everything start() created
-#
-# For ordinary workloads start()+warm() happen once, outside the timed region, and only
-# run() is timed (R times on the same actors). For the model workload start()+run() are
-# timed together on fresh actors each repeat (construction is what a user pays there).
-# --------------------------------------------------------------------------------------
-
-
-class Contender:
-    name = "?"
-
-    def __init__(self, wl: Workload, args):
-        self.wl = wl
-        self.args = args
-
-    def start(self):
-        raise NotImplementedError
-
-    def warm(self):
-        self.check(self.run(self.wl.items[:8]), 8)
-
-    def run(self, xs):
-        raise NotImplementedError
-
-    def stop(self):
-        raise NotImplementedError
-
-    def check(self, got, n=None):
-        exp = self.wl.expected if n is None else self.wl.expected[:n]
-        if not isinstance(got, list):
-            got = list(got)
-        if got != exp:
-            bad = next((i for i, (g, e) in enumerate(zip(got, exp)) if g != e), None)
-            raise AssertionError(
-                f"{self.name}/{self.wl.name}: wrong result (len {len(got)} vs {len(exp)}, "
-                f"first mismatch at index {bad})"
-            )
-
-
-class ActorContender(Contender):
-    def start(self):
-        self.actors = make_workers(self.wl)
-        if not self.wl.construct_timed:
-            ray.get([a.ready.remote() for a in self.actors])
-
-    def stop(self):
-        kill_all(getattr(self, "actors", []))
-        self.actors = []
-
-
-class Optimum(ActorContender):
-    """Static split up front: a few chunks per actor slot, all submitted at once."""
-
-    name = "optimum"
-
-    def run(self, xs):
-        slots = NUM_ACTORS * self.wl.concurrency
-        k = max(1, min(len(xs), slots * self.args.chunks_per_slot))
-        if self.args.optimum_split == "strided":
-            chunks = [xs[i::k] for i in range(k)]
-        else:  # contiguous
-            size, extra = divmod(len(xs), k)
-            chunks, pos = [], 0
-            for i in range(k):
-                n = size + (1 if i < extra else 0)
-                chunks.append(xs[pos:pos + n])
-                pos += n
-        refs = [self.actors[i % NUM_ACTORS].chunk.remote(c) for i, c in enumerate(chunks)]
-        outs = ray.get(refs)
-        if self.args.optimum_split == "strided":
-            res = [None] * len(xs)
-            for i, out in enumerate(outs):
-                res[i::k] = out
-            return res
-        return [y for out in outs for y in out]
-
-
-class PerItem(ActorContender):
-    """One actor call per item, round-robin, all submitted, then one ray.get."""
-
-    name = "per_item"
-
-    def run(self, xs):
-        actors = self.actors
-        n = len(actors)
-        return ray.get([actors[i % n].f.remote(x) for i, x in enumerate(xs)])
-
-
-class ActorPoolContender(ActorContender):
-    """ray.util.ActorPool(actors).map(lambda a, v: a.f.remote(v), xs)."""
-
-    name = "actorpool"
-
-    def run(self, xs):
-        return list(ActorPool(self.actors).map(lambda a, v: a.f.remote(v), xs))
-
-
-class MpPool(Contender):
-    """ray.util.multiprocessing.Pool(4, ray_remote_args={"num_cpus": 0.5}).map(fn, xs)."""
-
-    name = "mp_pool"
-
-    def start(self):
-        kw = dict(processes=NUM_ACTORS, ray_remote_args={"num_cpus": ACTOR_CPUS})
-        if self.wl.is_model:
-            self.pool = Pool(initializer=pool_init_model, initargs=self.wl.model_args, **kw)
-            self.fn = pool_predict
-        else:
-            self.pool = Pool(**kw)
-            self.fn = self.wl.fn
-
-    def run(self, xs):
-        return self.pool.map(self.fn, xs)
-
-    def stop(self):
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.terminate()
-        self.pool = None
-
-
-_rhmapper_serial = 0
-
-
-class Rhmapper(Contender):
-    """rhmapper with its defaults (batch_size="auto")."""
-
-    name = "rhmapper"
-    map_kwargs: Dict[str, Any] = {}
-
-    def start(self):
-        global _rhmapper_serial
-        import rhmapper as rm
-
-        _rhmapper_serial += 1
-        # A unique Env name per mapper, so that a named replica that is still being torn
-        # down can never collide with the next mapper's replica.
-        env = rm.Env(name=f"bench_{self.wl.name}_{_rhmapper_serial}", compute={"CPU": ACTOR_CPUS})
-        if self.wl.is_model:
-            self.m = rm.mapper(rm.module(Model, *self.wl.model_args), method="predict",
-                               replicas=NUM_ACTORS, env=env, concurrency=1)
-        else:
-            self.m = rm.mapper(self.wl.fn, replicas=NUM_ACTORS, env=env,
-                               concurrency=self.wl.concurrency)
-
-    def warm(self):
-        # One item per call, so that (as for the other contenders) every replica has
-        # served a call before the timed runs; auto-batching could put all 8 warm-up
-        # items on one replica.
-        self.check(self.m.map(self.wl.items[:8], progress=False, batch_size=1), 8)
-
-    def run(self, xs):
-        return self.m.map(xs, progress=False, **self.map_kwargs)
-
-    def stop(self):
-        m = getattr(self, "m", None)
-        if m is not None:
-            m.shutdown()
-        self.m = None
-
-
-class RhmapperB1(Rhmapper):
-    """rhmapper with batch_size=1: one item per call, like per_item/ActorPool."""
-
-    name = "rhmapper_b1"
-    map_kwargs = {"batch_size": 1}
-
-
-CONTENDER_CLASSES = {c.name: c for c in (Optimum, PerItem, ActorPoolContender, MpPool,
-                                         Rhmapper, RhmapperB1)}
 
 
 # --------------------------------------------------------------------------------------
@@ -649,94 +236,6 @@ def run_constructing(wl: Workload, cnames: List[str], args) -> List[Dict[str, An
     return [_finish(recs[n]) for n in cnames]
 
 
-def fmt_s(s: Optional[float]) -> str:
-    if s is None:
-        return "—"
-    return f"{s:.3f}" if s < 10 else f"{s:.1f}"
-
-
-def fmt_rate(r: Optional[float]) -> str:
-    if r is None:
-        return "—"
-    return f"{r:,.0f}"
-
-
-def short_error(err: str, n: int = 90) -> str:
-    err = err.replace("|", "/").replace("\n", " ")
-    return err if len(err) <= n else err[: n - 1] + "…"
-
-
-def report(workloads: Dict[str, Workload], results: List[Dict[str, Any]], args,
-           loads: Optional[Dict[str, tuple]] = None) -> str:
-    out: List[str] = []
-    by = {(r["workload"], r["contender"]): r for r in results}
-    out.append(f"Ray {ray.__version__}, Python {platform.python_version()}, "
-               f"{os.cpu_count()} host cores, ray.init(num_cpus={RAY_CPUS}), "
-               f"{NUM_ACTORS} actors x num_cpus={ACTOR_CPUS}, median of {args.repeats} run(s), "
-               f"optimum split: {args.optimum_split}, {args.chunks_per_slot} chunk(s) per actor slot.")
-    out.append("")
-    for name, wl in workloads.items():
-        opt = by.get((name, "optimum"), {}).get("median")
-        out.append(f"### {name}: {wl.description}")
-        out.append("")
-        if loads and name in loads:
-            out.append(f"(1-minute load average {loads[name][0]:.1f} before, "
-                       f"{loads[name][1]:.1f} after this workload)")
-            out.append("")
-        out.append("| contender | median s | items/s | ratio to optimum |")
-        out.append("|---|---:|---:|---:|")
-        for cname in args.contenders:
-            r = by.get((name, cname))
-            if r is None:
-                continue
-            if r.get("error") and not r["times"]:
-                out.append(f"| {cname} | error | — | {short_error(r['error'])} |")
-                continue
-            med = r.get("median")
-            ratio = f"{med / opt:.2f}" if (opt and med is not None) else "—"
-            if r.get("error"):
-                ratio += f" (then: {short_error(r['error'], 60)})"
-            out.append(f"| {cname} | {fmt_s(med)} | {fmt_rate(r.get('items_per_s'))} | {ratio} |")
-        out.append("")
-
-    # The issue's targets
-    def ratio(w, c):
-        a = by.get((w, c), {}).get("median")
-        o = by.get((w, "optimum"), {}).get("median")
-        return a / o if (a is not None and o) else None
-
-    targets = [
-        ("tiny: rhmapper / optimum", ratio("tiny", "rhmapper"), "<=", 2.0),
-        ("sleep: rhmapper / optimum", ratio("sleep", "rhmapper"), "<=", 1.05),
-        ("cpu: rhmapper / optimum", ratio("cpu", "rhmapper"), "<=", 1.1),
-        ("skew: rhmapper / optimum", ratio("skew", "rhmapper"), "<=", 0.6),
-    ]
-    b1 = by.get(("tiny", "rhmapper_b1"), {}).get("median")
-    ap = by.get(("tiny", "actorpool"), {}).get("median")
-    targets.append(("tiny: rhmapper_b1 throughput / actorpool throughput",
-                    (ap / b1) if (b1 and ap is not None) else None, ">=", 1.5))
-    out.append("### Targets")
-    out.append("")
-    out.append("| target | measured | goal | result |")
-    out.append("|---|---:|---:|---|")
-    for label, val, op, goal in targets:
-        if val is None:
-            verdict, shown = "n/a (not measured)", "—"
-        else:
-            ok = val <= goal if op == "<=" else val >= goal
-            verdict, shown = ("PASS" if ok else "FAIL"), f"{val:.2f}"
-        out.append(f"| {label} | {shown} | {op} {goal} | {verdict} |")
-    out.append("")
-    errors = [r for r in results if r.get("error")]
-    if errors:
-        out.append("### Errors")
-        out.append("")
-        for r in errors:
-            out.append(f"- {r['workload']}/{r['contender']}: {r['error']}")
-        out.append("")
-    return "\n".join(out)
-
-
 def parse_list(value: str, allowed: List[str], what: str) -> List[str]:
     names = [v.strip() for v in value.split(",") if v.strip()]
     bad = [n for n in names if n not in allowed]
@@ -745,7 +244,7 @@ def parse_list(value: str, allowed: List[str], what: str) -> List[str]:
     return [n for n in allowed if n in names]  # canonical order
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny-items", type=int, default=100_000,
@@ -786,7 +285,33 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.tiny_items < 1:
         p.error("--repeats and --tiny-items must be >= 1")
+    return args
 
+
+def json_payload(workloads: Dict[str, Workload], results: List[Dict[str, Any]], args,
+                 loads: Dict[str, tuple], t_start: float) -> Dict[str, Any]:
+    """What --json writes: the set-up, the calibrated workloads, load averages, results."""
+    return {
+        "config": {
+            "ray_version": ray.__version__, "python": platform.python_version(),
+            "host_cores": os.cpu_count(), "ray_num_cpus": RAY_CPUS,
+            "num_actors": NUM_ACTORS, "actor_num_cpus": ACTOR_CPUS,
+            "repeats": args.repeats, "tiny_items": args.tiny_items,
+            "optimum_split": args.optimum_split, "chunks_per_slot": args.chunks_per_slot,
+            "contenders": args.contenders, "workloads": list(workloads),
+            "argv": sys.argv[1:],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
+        },
+        "workloads": {n: {"description": w.description, "items": len(w.items),
+                          "concurrency": w.concurrency, "construct_timed": w.construct_timed,
+                          **w.info} for n, w in workloads.items()},
+        "load_average_1min": {n: {"before": b, "after": a} for n, (b, a) in loads.items()},
+        "results": results,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     log("calibrating workloads on the driver …")
     workloads = build_workloads(args)
     for wl in workloads.values():
@@ -823,23 +348,7 @@ def main(argv=None) -> int:
     log(f"total wall time {time.time() - t_start:.0f} s")
 
     if args.json:
-        payload = {
-            "config": {
-                "ray_version": ray.__version__, "python": platform.python_version(),
-                "host_cores": os.cpu_count(), "ray_num_cpus": RAY_CPUS,
-                "num_actors": NUM_ACTORS, "actor_num_cpus": ACTOR_CPUS,
-                "repeats": args.repeats, "tiny_items": args.tiny_items,
-                "optimum_split": args.optimum_split, "chunks_per_slot": args.chunks_per_slot,
-                "contenders": args.contenders, "workloads": list(workloads),
-                "argv": sys.argv[1:],
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_start)),
-            },
-            "workloads": {n: {"description": w.description, "items": len(w.items),
-                              "concurrency": w.concurrency, "construct_timed": w.construct_timed,
-                              **w.info} for n, w in workloads.items()},
-            "load_average_1min": {n: {"before": b, "after": a} for n, (b, a) in loads.items()},
-            "results": results,
-        }
+        payload = json_payload(workloads, results, args, loads, t_start)
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         log(f"wrote {args.json}")

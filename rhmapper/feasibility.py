@@ -25,9 +25,10 @@ def check_feasible(env: Env) -> None:
     task on the head node.
 
     Examples:
-        >>> check_feasible(Env(name="huge", compute={"CPU": 512}))  # doctest: +SKIP
+        >>> check_feasible(Env(name="huge", compute={"CPU": 512}))
         Traceback (most recent call last):
-        UnschedulableError: ...
+        ...
+        rhmapper.errors.UnschedulableError: no node can ever host a replica of env 'huge': it asks for CPU=512, and CPU is more than any node offers (nodes offer: CPU=4). Lower Env.compute, or add nodes that have it.
     """
     request = env.resource_request()
     if not request:

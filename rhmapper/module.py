@@ -219,8 +219,7 @@ def shared_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     the references travel inside the payload, where Ray does not fetch them on every call.
 
     Examples:
-        >>> import ray  # doctest: +SKIP
-        >>> shared_kwargs({"scale": ray.put(3)})  # doctest: +SKIP
+        >>> shared_kwargs({"scale": ray.put(3)})
         {'scale': 3}
     """
     key = _kwargs_key(kwargs)
@@ -234,9 +233,8 @@ async def shared_kwargs_async(kwargs: dict[str, Any]) -> dict[str, Any]:
     """`shared_kwargs` without blocking the replica's event loop.
 
     Examples:
-        >>> import ray  # doctest: +SKIP
-        >>> await shared_kwargs_async({"scale": ray.put(3)})  # doctest: +SKIP
-        {'scale': 3}
+        >>> asyncio.run(shared_kwargs_async({"scale": ray.put(4)}))
+        {'scale': 4}
     """
     key = _kwargs_key(kwargs)
     cached = _cached_kwargs(key)
@@ -536,8 +534,11 @@ def replica_info(instance: Any) -> dict[str, Any]:
     (``fingerprint``); also the probe that tells the replica is ready.
 
     Examples:
-        >>> ray.get(handle.__ray_call__.remote(replica_info))  # doctest: +SKIP
-        {'node_id': '5f1d...', 'pid': 4242, 'max_concurrency': 1, 'fingerprint': None}
+        >>> handle = ray.remote(dict).options(max_concurrency=3).remote()
+        >>> info = ray.get(handle.__ray_call__.remote(replica_info))
+        >>> sorted(info), info["max_concurrency"], info["fingerprint"]
+        (['fingerprint', 'max_concurrency', 'node_id', 'pid'], 3, None)
+        >>> ray.kill(handle)
     """
     context = ray.get_runtime_context()
     return {"node_id": context.get_node_id(), "pid": os.getpid(),

@@ -75,9 +75,12 @@ class RayReplica:
     keeps more than that in flight: `capacity` is known once the replica answered its probe.
 
     Examples:
-        >>> replica = RayReplica("embed_replica_0", handle, owned=True, requested=2)  # doctest: +SKIP
-        >>> replica.state  # doctest: +SKIP
+        >>> import ray
+        >>> handle = ray.remote(dict).remote()
+        >>> replica = RayReplica("dict(1)", handle, owned=False, requested=None)
+        >>> replica.state
         <ReplicaState.STARTING: 'starting'>
+        >>> ray.kill(handle)
     """
 
     def __init__(self, name: str, handle: Any, owned: bool, requested: int | None,
@@ -223,9 +226,10 @@ class ReplicaPool:
     """The replicas of one mapper: auto replicas built from an Env, plus the user's actors.
 
     Examples:
-        >>> pool = ReplicaPool(Env(name="double"), target=lambda x: 2 * x, concurrency=2)  # doctest: +SKIP
-        >>> pool.add_auto(2); [r.name for r in pool.replicas]  # doctest: +SKIP
+        >>> pool = ReplicaPool(Env(name="double"), target=lambda x: 2 * x, concurrency=2)
+        >>> [replica.name for replica in pool.add_auto(2)]
         ['double_replica_0', 'double_replica_1']
+        >>> pool.shutdown()
     """
 
     def __init__(
@@ -581,7 +585,7 @@ def wait_name_released(name: str, timeout: float = 30.0) -> None:
     asynchronously); raise `RhmapperError` after ``timeout`` seconds.
 
     Examples:
-        >>> wait_name_released("embed_replica_0")  # doctest: +SKIP
+        >>> wait_name_released("no_such_replica_0")  # returns at once: nobody holds it
     """
     deadline = time.monotonic() + timeout
     while _name_taken(name):

@@ -75,7 +75,9 @@ def start_board() -> tuple[str, Any]:
     A mapper starts it when it is created, beside its replicas, so that no map waits for it.
 
     Examples:
-        >>> name, handle = start_board()  # doctest: +SKIP
+        >>> name, handle = start_board()
+        >>> name.startswith("rhmapper_end_board_")
+        True
     """
     context = ray.get_runtime_context()
     session = (context.get_session_name(), context.get_job_id())
@@ -94,12 +96,16 @@ def open_end_signal() -> tuple[EndSignal, Callable[[], None]]:
     """A new map's end signal, and the function to call when the map ends.
 
     Examples:
-        >>> signal, end = open_end_signal()  # doctest: +SKIP
-        >>> end()  # doctest: +SKIP
+        >>> signal, end = open_end_signal()
+        >>> end()  # the map ended: its replicas start none of its items any more
     """
     name, board = start_board()
     key = uuid.uuid4().hex
-    return EndSignal(name, key), lambda: board.end.remote(key)
+
+    def end() -> None:
+        board.end.remote(key)
+
+    return EndSignal(name, key), end
 
 
 _futures: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
@@ -117,8 +123,11 @@ def ended(signal: EndSignal, queued_seconds: float) -> bool:
     then goes on, as Ray alone would).
 
     Examples:
-        >>> ended(signal, queued_seconds=0.0)  # doctest: +SKIP
-        False
+        >>> import time
+        >>> signal, end = open_end_signal()
+        >>> end(); time.sleep(0.5)
+        >>> ended(signal, queued_seconds=0.1)  # a call that waited 0.1 s in its actor's queue
+        True
     """
     with _lock:
         asked = _futures.get(signal.key)

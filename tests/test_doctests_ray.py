@@ -1,4 +1,5 @@
-"""The examples in the docstrings of the mapper's verbs run as written, on the session's Ray."""
+"""The examples in the docstrings of the Ray edge (the mapper's verbs, the pool, what replicas
+run, end signals, feasibility) run as written, on the session's Ray."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import rhmapper as rm
 
 
 @pytest.mark.timeout(240)
-def test_mapper_examples_run(ray_local):
-    module = importlib.import_module("rhmapper.mapper")  # `rhmapper.mapper` is the function
-    result = doctest.testmod(module, extraglobs={"rm": rm},
-                             optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 20, "the verbs' examples are missing"
+@pytest.mark.parametrize("name", [
+    "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.signals",
+    "rhmapper.feasibility",
+])
+def test_ray_edge_examples_run(ray_local, name):
+    module = importlib.import_module(name)  # (`rhmapper.mapper` alone is the function)
+    result = doctest.testmod(module, extraglobs={"rm": rm}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no runnable examples"
     assert result.failed == 0

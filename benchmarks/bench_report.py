@@ -1,0 +1,116 @@
+"""The markdown report of benchmarks/bench.py: the set-up, one table per workload, the
+targets, the errors. Pure formatting of the result records bench.py collects."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Dict, List, Optional
+
+import ray
+
+from bench_contenders import ACTOR_CPUS, NUM_ACTORS, RAY_CPUS
+from bench_workloads import Workload
+
+Results = Dict[tuple, Dict[str, Any]]  # (workload, contender) -> result record
+
+
+def fmt_s(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    return f"{s:.3f}" if s < 10 else f"{s:.1f}"
+
+
+def fmt_rate(r: Optional[float]) -> str:
+    if r is None:
+        return "—"
+    return f"{r:,.0f}"
+
+
+def short_error(err: str, n: int = 90) -> str:
+    err = err.replace("|", "/").replace("\n", " ")
+    return err if len(err) <= n else err[: n - 1] + "…"
+
+
+def setup_line(args) -> str:
+    return (f"Ray {ray.__version__}, Python {platform.python_version()}, "
+            f"{os.cpu_count()} host cores, ray.init(num_cpus={RAY_CPUS}), "
+            f"{NUM_ACTORS} actors x num_cpus={ACTOR_CPUS}, median of {args.repeats} run(s), "
+            f"optimum split: {args.optimum_split}, {args.chunks_per_slot} chunk(s) per actor slot.")
+
+
+def workload_table(name: str, wl: Workload, by: Results, args,
+                   loads: Optional[Dict[str, tuple]]) -> List[str]:
+    """The section of one workload: its description, load averages, one row a contender."""
+    out: List[str] = []
+    opt = by.get((name, "optimum"), {}).get("median")
+    out.append(f"### {name}: {wl.description}")
+    out.append("")
+    if loads and name in loads:
+        out.append(f"(1-minute load average {loads[name][0]:.1f} before, "
+                   f"{loads[name][1]:.1f} after this workload)")
+        out.append("")
+    out.append("| contender | median s | items/s | ratio to optimum |")
+    out.append("|---|---:|---:|---:|")
+    for cname in args.contenders:
+        r = by.get((name, cname))
+        if r is None:
+            continue
+        if r.get("error") and not r["times"]:
+            out.append(f"| {cname} | error | — | {short_error(r['error'])} |")
+            continue
+        med = r.get("median")
+        ratio = f"{med / opt:.2f}" if (opt and med is not None) else "—"
+        if r.get("error"):
+            ratio += f" (then: {short_error(r['error'], 60)})"
+        out.append(f"| {cname} | {fmt_s(med)} | {fmt_rate(r.get('items_per_s'))} | {ratio} |")
+    out.append("")
+    return out
+
+
+def targets_table(by: Results) -> List[str]:
+    """The issue's targets: measured ratio, goal, PASS / FAIL / n/a."""
+    def ratio(w, c):
+        a = by.get((w, c), {}).get("median")
+        o = by.get((w, "optimum"), {}).get("median")
+        return a / o if (a is not None and o) else None
+
+    targets = [
+        ("tiny: rhmapper / optimum", ratio("tiny", "rhmapper"), "<=", 2.0),
+        ("sleep: rhmapper / optimum", ratio("sleep", "rhmapper"), "<=", 1.05),
+        ("cpu: rhmapper / optimum", ratio("cpu", "rhmapper"), "<=", 1.1),
+        ("skew: rhmapper / optimum", ratio("skew", "rhmapper"), "<=", 0.6),
+    ]
+    b1 = by.get(("tiny", "rhmapper_b1"), {}).get("median")
+    ap = by.get(("tiny", "actorpool"), {}).get("median")
+    targets.append(("tiny: rhmapper_b1 throughput / actorpool throughput",
+                    (ap / b1) if (b1 and ap is not None) else None, ">=", 1.5))
+    out = ["### Targets", "", "| target | measured | goal | result |", "|---|---:|---:|---|"]
+    for label, val, op, goal in targets:
+        if val is None:
+            verdict, shown = "n/a (not measured)", "—"
+        else:
+            ok = val <= goal if op == "<=" else val >= goal
+            verdict, shown = ("PASS" if ok else "FAIL"), f"{val:.2f}"
+        out.append(f"| {label} | {shown} | {op} {goal} | {verdict} |")
+    out.append("")
+    return out
+
+
+def errors_section(results: List[Dict[str, Any]]) -> List[str]:
+    errors = [r for r in results if r.get("error")]
+    if not errors:
+        return []
+    return (["### Errors", ""] + [f"- {r['workload']}/{r['contender']}: {r['error']}" for r in errors]
+            + [""])
+
+
+def report(workloads: Dict[str, Workload], results: List[Dict[str, Any]], args,
+           loads: Optional[Dict[str, tuple]] = None) -> str:
+    by = {(r["workload"], r["contender"]): r for r in results}
+    out: List[str] = [setup_line(args), ""]
+    for name, wl in workloads.items():
+        out.extend(workload_table(name, wl, by, args, loads))
+    out.extend(targets_table(by))
+    out.extend(errors_section(results))
+    return "\n".join(out)
