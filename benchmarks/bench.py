@@ -15,6 +15,10 @@ against the expected list; a wrong result is an error for that contender.
 
 The markdown report goes to stdout; progress goes to stderr. See
 docs/benchmarks.md for what each workload and contender is and what is timed.
+
+This file is the command line and the harness (timeouts, settling between contenders,
+JSON); the workloads are in bench_workloads.py, the contenders in bench_contenders.py,
+the report in bench_report.py.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from bench_contenders import (  # noqa: E402
 from bench_report import report  # noqa: E402
 from bench_workloads import ALL_WORKLOADS, Workload, build_workloads  # noqa: E402
 
-# The workers cannot import these modules (benchmarks/ is not a package on their path):
-# ship their functions and classes by value, as they were when they lived in __main__.
+# Ship these modules' functions and classes to the workers by value (as when they lived in
+# __main__), so that no worker has to import them from a path that may lack benchmarks/.
 cloudpickle.register_pickle_by_value(bench_workloads)
 cloudpickle.register_pickle_by_value(bench_contenders)
 

@@ -153,19 +153,23 @@ def _timed_expected(fn: Callable[[int], Any], xs: List[int]):
     return expected, (time.perf_counter() - t0) / len(xs)
 
 
+def _plain(name: str, n: int, fn: Callable, expected: Callable, concurrency: int,
+           description: str) -> Workload:
+    """A workload that maps fn over range(n), with expected(x) as each result."""
+    xs = list(range(n))
+    return Workload(name, xs, fn, [expected(x) for x in xs], concurrency, description)
+
+
 @workload("tiny")
 def build_tiny(args) -> Workload:
-    xs = list(range(args.tiny_items))
-    return Workload("tiny", xs, tiny_fn, [x + 1 for x in xs], 1, f"x + 1, {len(xs):,} items")
+    return _plain("tiny", args.tiny_items, tiny_fn, tiny_fn, 1,
+                  f"x + 1, {args.tiny_items:,} items")
 
 
 @workload("sleep")
 def build_sleep(args) -> Workload:
-    xs = list(range(400))
-    return Workload(
-        "sleep", xs, sleep_fn, [sleep_expected(x) for x in xs], 4,
-        "time.sleep(0.02), 400 items, 4 calls in flight per actor",
-    )
+    return _plain("sleep", 400, sleep_fn, sleep_expected, 4,
+                  "time.sleep(0.02), 400 items, 4 calls in flight per actor")
 
 
 @workload("cpu")
@@ -183,11 +187,8 @@ def build_cpu(args) -> Workload:
 
 @workload("skew")
 def build_skew(args) -> Workload:
-    xs = list(range(400))
-    return Workload(
-        "skew", xs, skew_fn, [skew_expected(x) for x in xs], 1,
-        "every 20th item sleeps 100 ms, the rest 5 ms, 400 items",
-    )
+    return _plain("skew", 400, skew_fn, skew_expected, 1,
+                  "every 20th item sleeps 100 ms, the rest 5 ms, 400 items")
 
 
 @workload("model")
