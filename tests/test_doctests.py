@@ -9,7 +9,7 @@ import pytest
 
 
 @pytest.mark.parametrize("name", [
-    "rhmapper.env", "rhmapper.errors", "rhmapper.module", "rhmapper.progress",
+    "rhmapper.env", "rhmapper.errors", "rhmapper.options", "rhmapper.progress",
     "rhmapper.retries", "rhmapper.scheduler", "rhmapper.sizing", "rhmapper.wire",
 ])
 def test_docstring_examples_run(name):
