@@ -357,6 +357,7 @@ class CallGuard:
         """The position of the next item before which to check (about every 2 ms of items)."""
         self._checked_at = 0.0
         self._checked_position = 0
+        self._started_at = time.time()
 
     def stop_reason(self, position: int = 0) -> str | None:
         """``"timeout"``, ``"cancelled"``, or ``None`` to go on (before item ``position``)."""
@@ -370,7 +371,8 @@ class CallGuard:
         self._checked_at, self._checked_position = now, position
         if self.deadline is not None and now > self.deadline:
             return "timeout"
-        if self.signal is not None and ended(self.signal, now - self.sent_at):
+        if self.signal is not None and ended(self.signal, self._started_at - self.sent_at,
+                                             now - self._started_at):
             return "cancelled"
         return None
 

@@ -28,6 +28,8 @@ _FIRST_CHECK_MAX_SECONDS = 0.1
 _QUEUED_SECONDS = 0.005
 """A call that starts later than this after it was sent waited in the actor's queue: before it
 starts anything, the replica waits for the board's answer."""
+_ASK_AFTER_RUNNING_SECONDS = 0.02
+"""A call that started at once asks the board only once it has run this long."""
 _FUTURES_KEPT = 64
 
 
@@ -113,45 +115,61 @@ _futures: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
 _board_handles: dict[str, Any] = {}
 
 
-def ended(signal: EndSignal, queued_seconds: float) -> bool:
-    """Whether the map of ``signal`` has ended (in a replica).
+def ended(signal: EndSignal, queued_seconds: float, running_seconds: float) -> bool:
+    """Whether the map of ``signal`` has ended (in a replica), for a call that waited
+    ``queued_seconds`` in its actor's queue and has run for ``running_seconds``.
 
-    The first check per map and process asks the board. If the call waited in the actor's queue
-    (it starts more than 5 ms after it was sent), the replica waits for the answer up to as long
-    as the call waited (at most 0.1 s): a call that waited while its map ended learns so before
-    it starts anything. A board that cannot be reached signals nothing (the replica
-    then goes on, as Ray alone would).
+    A replica asks the board once per map and process, and only when it matters: a call that
+    waited in the queue (more than 5 ms) asks before it starts anything and waits for the answer
+    up to as long as it waited (at most 0.1 s), so that a call queued while its map ended runs
+    none of its items; a call that has run for 20 ms asks without waiting, and stops at the first
+    check after the answer comes. Short calls that started at once never ask: most maps cost the
+    board nothing. A board that cannot be reached signals nothing (the replica then goes on, as
+    Ray alone would).
 
     Examples:
         >>> import time
         >>> signal, end = open_end_signal()
         >>> end(); time.sleep(0.5)
-        >>> ended(signal, queued_seconds=0.1)  # a call that waited 0.1 s in its actor's queue
+        >>> ended(signal, queued_seconds=0.1, running_seconds=0.0)  # waited 0.1 s in a queue
         True
     """
     with _lock:
         asked = _futures.get(signal.key)
-        first = asked is None
-        if first:
+    queued = queued_seconds >= _QUEUED_SECONDS
+    if asked is None:
+        if not queued and running_seconds < _ASK_AFTER_RUNNING_SECONDS:
+            return False  # started at once and runs briefly: its map was running a moment ago
+        asked = _ask_once(signal)
+        if asked is None:
+            return False
+        ref, future = asked
+        if queued and not future.done():
+            ready, _ = ray.wait([ref], timeout=min(queued_seconds, _FIRST_CHECK_MAX_SECONDS),
+                                fetch_local=False)
+            answer = _answer(lambda: ray.get(ref, timeout=1.0)) if ready else False
+            return _resolve(signal, asked, answer)
+    ref, future = asked
+    if not future.done():
+        return False
+    return _resolve(signal, asked, _answer(lambda: future.result(timeout=1.0)))
+
+
+def _ask_once(signal: EndSignal) -> tuple[Any, Any] | None:
+    """Ask the board about ``signal``'s map, once per map and process: (ref, future)."""
+    with _lock:
+        asked = _futures.get(signal.key)
+        if asked is None:
             ref = _ask(signal)
             if ref is None:
-                return False
+                return None
             asked = _futures[signal.key] = (ref, ref.future())  # the ref keeps the answer alive
             while len(_futures) > _FUTURES_KEPT:
                 _futures.popitem(last=False)
-    ref, future = asked
-    if first and not future.done():
-        if queued_seconds < _QUEUED_SECONDS:
-            return False  # sent just now: its map was running a moment ago
-        wait = min(queued_seconds, _FIRST_CHECK_MAX_SECONDS)
-        ready, _ = ray.wait([ref], timeout=wait, fetch_local=False)
-        if not ready:
-            return False
-        answer = _answer(lambda: ray.get(ref, timeout=1.0))
-    elif future.done():
-        answer = _answer(lambda: future.result(timeout=1.0))
-    else:
-        return False
+        return asked
+
+
+def _resolve(signal: EndSignal, asked: tuple[Any, Any], answer: bool | None) -> bool:
     if answer is None:
         # The question was asked from a call that ``ray.cancel`` reached (it cancels the tasks a
         # call started): ask again next time, and stop if it is this call that was cancelled.
