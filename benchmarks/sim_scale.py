@@ -1,0 +1,167 @@
+"""Simulated scale: the real scheduler (`MapRun`) driving a pool of up to 10,000 replicas, no Ray.
+
+The pool (`SimPool`) runs on a virtual clock. Every call takes ``call_seconds`` of virtual time
+on its replica. The clock also advances by the real time the scheduler spends between two waits,
+so a scheduler that is slow to dispatch leaves replicas idle, as it would on a real cluster.
+Reported per configuration (replicas x concurrency):
+
+- scheduler microseconds per call (real time of the map / calls),
+- pool utilisation: busy replica time / (slots x virtual makespan), for the call durations given.
+
+    python benchmarks/sim_scale.py                       # 10 .. 10,000 replicas x 1 and 4
+    python benchmarks/sim_scale.py --replicas 10,100 --max-seconds 5
+
+One item per call (``batch_size=1``), so calls = items. Each configuration stops pulling inputs
+after ``--max-seconds`` of real time (an ``imap`` over an endless input), so the slow
+configurations report a cost per call from the calls they managed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rhmapper.scheduler import MapPlan, MapRun
+from rhmapper.wire import BatchReply, CallSpec
+
+
+@dataclass(eq=False)
+class SimReplica:
+    name: str
+    capacity: int
+    in_flight: int = 0
+
+    def max_items(self, call: CallSpec) -> int | None:
+        return None
+
+
+@dataclass(eq=False)
+class SimCall:
+    replica: SimReplica
+    items: list
+
+
+class SimPool:
+    """A pool of ``replicas`` x ``capacity`` slots on a virtual clock (see the module docstring)."""
+
+    def __init__(self, replicas: int, capacity: int, call_seconds: float) -> None:
+        self.replicas = [SimReplica(f"sim_replica_{i}", capacity) for i in range(replicas)]
+        self.call_seconds = call_seconds
+        self.calls_started = 0
+        self.clock = 0.0
+        self.busy = 0.0
+        self._done: list[tuple[float, int, SimCall]] = []
+        self._sequence = itertools.count()
+        self._real = time.perf_counter()
+
+    def _catch_up(self) -> None:
+        """The scheduler's own (real) time passes on the virtual clock too."""
+        now = time.perf_counter()
+        self.clock += now - self._real
+        self._real = now
+
+    def dispatchable(self) -> list[SimReplica]:
+        return self.replicas
+
+    def submit(self, replica: SimReplica, call: CallSpec, start: int, items: list,
+               budget: float | None) -> SimCall:
+        self._catch_up()
+        replica.in_flight += 1
+        token = SimCall(replica, items)
+        heapq.heappush(self._done, (self.clock + self.call_seconds, next(self._sequence), token))
+        self.busy += self.call_seconds
+        return token
+
+    def wait(self, tokens: list, timeout: float) -> list:
+        self._catch_up()
+        if not self._done:
+            return []
+        done_at, _, first = heapq.heappop(self._done)
+        done = [first]
+        while self._done and self._done[0][0] <= done_at:
+            done.append(heapq.heappop(self._done)[2])
+        self.clock = max(self.clock, done_at)
+        self._real = time.perf_counter()
+        return done
+
+    def fetch(self, token: SimCall, replica: SimReplica) -> BatchReply:
+        replica.in_flight -= 1
+        return BatchReply(token.items, None, self.call_seconds)
+
+    def abandon(self, token: Any, replica: SimReplica, timed_out: bool) -> None:
+        self.busy -= self.call_seconds  # an abandoned call's remaining time is not work
+
+    def lost(self, replica: SimReplica, reason: BaseException) -> None:
+        raise AssertionError("no replica dies in the simulation")
+
+    def unavailable(self, replica: SimReplica) -> None:
+        raise AssertionError("no replica restarts in the simulation")
+
+
+@dataclass
+class SimResult:
+    replicas: int
+    concurrency: int
+    call_seconds: float
+    calls: int
+    us_per_call: float
+    utilisation: float
+
+
+def simulate(replicas: int, concurrency: int, call_seconds: float, max_seconds: float,
+             max_calls: int | None = None) -> SimResult:
+    """Run one configuration; results are checked (each item comes back as itself, in order).
+
+    Examples:
+        >>> result = simulate(10, 1, 0.01, max_seconds=0.2, max_calls=500)
+        >>> result.calls, 0.0 < result.utilisation <= 1.0
+        (500, True)
+    """
+    pool = SimPool(replicas, concurrency, call_seconds)
+    plan = MapPlan(CallSpec("fn"), ordered=True, batch_size=1, window=4 * replicas * concurrency)
+    source = itertools.count() if max_calls is None else iter(range(max_calls))
+    started = time.perf_counter()
+    calls = 0
+    for value in _values(MapRun(pool, plan, source).chunks()):
+        if value != calls:
+            raise AssertionError(f"result {calls} is {value!r}")
+        calls += 1
+        if time.perf_counter() - started > max_seconds:
+            break
+    elapsed = time.perf_counter() - started
+    slots = replicas * concurrency
+    return SimResult(replicas, concurrency, call_seconds, calls, elapsed / max(calls, 1) * 1e6,
+                     min(1.0, pool.busy / (slots * pool.clock)) if pool.clock else 0.0)
+
+
+def _values(chunks):
+    for chunk in chunks:
+        yield from chunk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", default="10,100,1000,10000")
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--call-seconds", default="0.01,0.1")
+    parser.add_argument("--max-seconds", type=float, default=10.0,
+                        help="real seconds per configuration")
+    args = parser.parse_args()
+    print(f"{'replicas':>9} {'conc':>5} {'call s':>7} {'calls':>9} {'us/call':>9} {'util':>6}")
+    baseline = None
+    for replicas, concurrency, call_seconds in itertools.product(
+            map(int, args.replicas.split(",")), map(int, args.concurrency.split(",")),
+            map(float, args.call_seconds.split(","))):
+        result = simulate(replicas, concurrency, call_seconds, args.max_seconds)
+        baseline = baseline or result.us_per_call
+        print(f"{replicas:>9} {concurrency:>5} {call_seconds:>7} {result.calls:>9} "
+              f"{result.us_per_call:>9.1f} {result.utilisation:>6.1%}   "
+              f"({result.us_per_call / baseline:.1f}x the first row's cost per call)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
