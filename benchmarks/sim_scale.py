@@ -10,10 +10,12 @@ Reported per configuration (replicas x concurrency):
 
     python benchmarks/sim_scale.py                       # 10 .. 10,000 replicas x 1 and 4
     python benchmarks/sim_scale.py --replicas 10,100 --max-seconds 5
+    python benchmarks/sim_scale.py --plot docs/img/sim_scale.png   # needs matplotlib: .[bench]
 
-One item per call (``batch_size=1``), so calls = items. Each configuration stops pulling inputs
-after ``--max-seconds`` of real time (an ``imap`` over an endless input), so the slow
-configurations report a cost per call from the calls they managed.
+One item per call (``batch_size=1``), so calls = items. Each configuration stops after
+``--max-seconds`` of real time (an unordered map over an endless input), so the slow
+configurations report a cost per call from the calls that completed (none at all, when the
+first round of dispatch alone outlasts the time given).
 """
 
 from __future__ import annotations
@@ -122,25 +124,23 @@ def simulate(replicas: int, concurrency: int, call_seconds: float, max_seconds: 
         (500, True)
     """
     pool = SimPool(replicas, concurrency, call_seconds)
-    plan = MapPlan(CallSpec("fn"), ordered=True, batch_size=1, window=4 * replicas * concurrency)
+    plan = MapPlan(CallSpec("fn"), ordered=False, batch_size=1, window=4 * replicas * concurrency)
     source = itertools.count() if max_calls is None else iter(range(max_calls))
+    run = MapRun(pool, plan, source)
     started = time.perf_counter()
-    calls = 0
-    for value in _values(MapRun(pool, plan, source).chunks()):
-        if value != calls:
-            raise AssertionError(f"result {calls} is {value!r}")
-        calls += 1
+    seen = set()
+    for chunk in run.chunks():
+        seen.update(chunk)
         if time.perf_counter() - started > max_seconds:
             break
     elapsed = time.perf_counter() - started
+    calls = run.stats.done
+    if seen != set(range(len(seen))) or len(seen) != calls:
+        raise AssertionError("an item came back twice, changed, or not at all")
     slots = replicas * concurrency
-    return SimResult(replicas, concurrency, call_seconds, calls, elapsed / max(calls, 1) * 1e6,
+    return SimResult(replicas, concurrency, call_seconds, calls,
+                     elapsed / calls * 1e6 if calls else float("inf"),
                      min(1.0, pool.busy / (slots * pool.clock)) if pool.clock else 0.0)
-
-
-def _values(chunks):
-    for chunk in chunks:
-        yield from chunk
 
 
 def main() -> None:
@@ -150,17 +150,47 @@ def main() -> None:
     parser.add_argument("--call-seconds", default="0.01,0.1")
     parser.add_argument("--max-seconds", type=float, default=10.0,
                         help="real seconds per configuration")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the growth curves (matplotlib)")
     args = parser.parse_args()
     print(f"{'replicas':>9} {'conc':>5} {'call s':>7} {'calls':>9} {'us/call':>9} {'util':>6}")
-    baseline = None
+    results = []
     for replicas, concurrency, call_seconds in itertools.product(
             map(int, args.replicas.split(",")), map(int, args.concurrency.split(",")),
             map(float, args.call_seconds.split(","))):
         result = simulate(replicas, concurrency, call_seconds, args.max_seconds)
-        baseline = baseline or result.us_per_call
+        results.append(result)
         print(f"{replicas:>9} {concurrency:>5} {call_seconds:>7} {result.calls:>9} "
               f"{result.us_per_call:>9.1f} {result.utilisation:>6.1%}   "
-              f"({result.us_per_call / baseline:.1f}x the first row's cost per call)", flush=True)
+              f"({result.us_per_call / results[0].us_per_call:.1f}x the first row's cost per call)",
+              flush=True)
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: list[SimResult], path: str) -> None:
+    """Cost per call and utilisation against replicas, one line per (concurrency, call time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (cost, busy) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r.concurrency, r.call_seconds) for r in results}):
+        line = [r for r in results if (r.concurrency, r.call_seconds) == key]
+        label = f"concurrency {key[0]}, {key[1] * 1e3:g} ms calls"
+        cost.plot([r.replicas for r in line], [r.us_per_call for r in line], marker="o", label=label)
+        busy.plot([r.replicas for r in line], [100 * r.utilisation for r in line], marker="o",
+                  label=label)
+    cost.set(xscale="log", yscale="log", xlabel="replicas", ylabel="scheduler µs per call",
+             title="Scheduler cost per call")
+    busy.set(xscale="log", xlabel="replicas", ylabel="% of slot time busy", ylim=(0, 105),
+             title="Pool utilisation")
+    for axes in (cost, busy):
+        axes.grid(True, which="both", alpha=0.3)
+    busy.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
