@@ -23,12 +23,12 @@ from typing import Any, Callable
 import ray
 
 from rhmapper import _ray_compat
-from rhmapper._ray_compat import current_actor_max_concurrency
 from rhmapper.signals import EndSignal, ended
 from rhmapper.wire import BatchReply, RemoteFailure, pack_values
 
 _CACHE_ENTRIES = 8
-_shared_objects: OrderedDict[bytes, Any] = OrderedDict()
+_shared_objects: OrderedDict[tuple, Any] = OrderedDict()
+"""The constant keyword arguments of recent maps, by their references (see `shared_kwargs`)."""
 _shared_objects_lock = threading.Lock()
 
 
@@ -183,12 +183,17 @@ def replica_class(cls: type) -> type:
     entry_points: dict[str, Any] = {"_rhmapper_run": _run_in_replica}
     if has_async_methods(cls):
         entry_points["_rhmapper_run_async"] = _run_in_async_replica
+    return _subclass(cls, "replica_class", entry_points)
 
+
+def _subclass(base: type, made_by: str, attributes: dict[str, Any]) -> type:
+    """A subclass of ``base`` with ``attributes``, named as made inside ``made_by`` (so that
+    cloudpickle ships it by value to the replicas)."""
     def body(namespace: dict) -> None:
-        namespace.update(entry_points, __module__=__name__,
-                         __qualname__=f"replica_class.<locals>.{cls.__name__}")
+        namespace.update(attributes, __module__=__name__,
+                         __qualname__=f"{made_by}.<locals>.{base.__name__}")
 
-    return types.new_class(cls.__name__, (cls,), exec_body=body)
+    return types.new_class(base.__name__, (base,), exec_body=body)
 
 
 def _kwargs_key(kwargs: dict[str, Any]) -> tuple:
@@ -523,11 +528,7 @@ def fingerprinted(actor_class: type, fingerprint: dict[str, str]) -> type:
         >>> fingerprinted(FunctionReplica, {"target": "ab12"})(abs)._rhmapper_fingerprint
         {'target': 'ab12'}
     """
-    def body(namespace: dict) -> None:
-        namespace.update(_rhmapper_fingerprint=dict(fingerprint), __module__=__name__,
-                         __qualname__=f"fingerprinted.<locals>.{actor_class.__name__}")
-
-    return types.new_class(actor_class.__name__, (actor_class,), exec_body=body)
+    return _subclass(actor_class, "fingerprinted", {"_rhmapper_fingerprint": dict(fingerprint)})
 
 
 def replica_info(instance: Any) -> dict[str, Any]:
@@ -544,5 +545,5 @@ def replica_info(instance: Any) -> dict[str, Any]:
     """
     context = ray.get_runtime_context()
     return {"node_id": context.get_node_id(), "pid": os.getpid(),
-            "max_concurrency": current_actor_max_concurrency(),
+            "max_concurrency": _ray_compat.current_actor_max_concurrency(),
             "fingerprint": getattr(instance, "_rhmapper_fingerprint", None)}

@@ -529,29 +529,32 @@ class ReplicaPool:
                 "use another Env name, or pass rm.mapper(..., replace_mismatched=True) to kill "
                 "and rebuild its replicas.")
         with self._lock:
-            index = self.replicas.index(replica)
-            self._remove(replica)
-            wait_name_released(replica.name)
-            replacement = self._create(replica.index)
-            self.replicas.remove(replacement)
-            self.replicas.insert(index, replacement)
+            self._replace(replica, wait_for_name=True)
 
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         """A replica died: drop it, and start a replacement if the pool owns it."""
         with self._lock:
             if replica.state is ReplicaState.DEAD or replica not in self.replicas:
                 return
-            index = self.replicas.index(replica)
-            self._remove(replica)
             if not replica.owned:
+                self._remove(replica)
                 warnings.warn(
                     f"replica {replica.name} (your actor) died and was dropped from the pool; its "
                     f"work goes to the other replicas. Cause: {str(reason).splitlines()[0]}",
                     RuntimeWarning, stacklevel=2)
                 return
-            replacement = self._create(replica.index)
-            self.replicas.remove(replacement)
-            self.replicas.insert(index, replacement)
+            self._replace(replica, wait_for_name=False)
+
+    def _replace(self, replica: RayReplica, wait_for_name: bool) -> None:
+        """Kill the auto replica ``replica`` and start a new one at its place in the pool, under
+        its name (once Ray has released it, if ``wait_for_name``; else the next free one)."""
+        index = self.replicas.index(replica)
+        self._remove(replica)
+        if wait_for_name:
+            wait_name_released(replica.name)
+        replacement = self._create(replica.index)
+        self.replicas.remove(replacement)
+        self.replicas.insert(index, replacement)
 
 
 def pool_fingerprint(target: Module | Any, env: Env, concurrency: int) -> dict[str, str]:

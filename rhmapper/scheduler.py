@@ -277,7 +277,6 @@ class MapRun:
         self._retry_heap: list[_Retry] = []
         self._attempts: dict[int, int] = {}
         self._crashes: dict[int, int] = {}
-        self._per_item_seconds: float | None = None
         self._measured_seconds = 0.0
         self._measured_items = 0.0
         """Decaying sums of the items' run time and count: the per-item time weighs each call
@@ -475,7 +474,12 @@ class MapRun:
         keep = 1.0 - _EWMA_WEIGHT
         self._measured_seconds = keep * self._measured_seconds + seconds
         self._measured_items = keep * self._measured_items + items
-        self._per_item_seconds = self._measured_seconds / self._measured_items
+
+    @property
+    def _per_item_seconds(self) -> float | None:
+        if not self._measured_items:
+            return None
+        return self._measured_seconds / self._measured_items
 
     def _deliver(self, call: _Call, values: list, holes: set[int]) -> None:
         if call.is_retry:
