@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rhmapper.scheduler import MapPlan, MapRun
+from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec
 
 
@@ -52,8 +53,10 @@ class SimPool:
 
     def __init__(self, replicas: int, capacity: int, call_seconds: float) -> None:
         self.replicas = [SimReplica(f"sim_replica_{i}", capacity) for i in range(replicas)]
+        self.slots = SlotIndex()
+        for replica in self.replicas:
+            self.slots.join(replica)
         self.call_seconds = call_seconds
-        self.calls_started = 0
         self.clock = 0.0
         self.busy = 0.0
         self._done: list[tuple[float, int, SimCall]] = []
@@ -66,19 +69,17 @@ class SimPool:
         self.clock += now - self._real
         self._real = now
 
-    def dispatchable(self) -> list[SimReplica]:
-        return self.replicas
-
     def submit(self, replica: SimReplica, call: CallSpec, start: int, items: list,
-               budget: float | None) -> SimCall:
+               budget: float | None, inbox: Inbox) -> SimCall:
         self._catch_up()
-        replica.in_flight += 1
+        self.slots.took(replica)
         token = SimCall(replica, items)
         heapq.heappush(self._done, (self.clock + self.call_seconds, next(self._sequence), token))
         self.busy += self.call_seconds
         return token
 
-    def wait(self, tokens: list, timeout: float) -> list:
+    def wait(self, inbox: Inbox, timeout: float) -> list:
+        """The calls that end first on the virtual clock (one map runs on this pool)."""
         self._catch_up()
         if not self._done:
             return []
@@ -91,7 +92,7 @@ class SimPool:
         return done
 
     def fetch(self, token: SimCall, replica: SimReplica) -> BatchReply:
-        replica.in_flight -= 1
+        self.slots.gave_back(replica)
         return BatchReply(token.items, None, self.call_seconds)
 
     def abandon(self, token: Any, replica: SimReplica, timed_out: bool) -> None:

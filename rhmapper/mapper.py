@@ -400,7 +400,7 @@ class Mapper:
         self._cancel_events.add(cancelled)
 
         def on_progress(done: int, stats: MapStats) -> None:
-            bar.update(done, stats, len(self._pool.dispatchable()))
+            bar.update(done, stats, len(self._pool.slots))
 
         end_signal, end_map = open_end_signal()
         plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal))

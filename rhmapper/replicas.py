@@ -7,7 +7,9 @@ join the pool, and are dropped from it when they die, but are never killed by it
 
 from __future__ import annotations
 
+import collections
 import enum
+import functools
 import hashlib
 import itertools
 import json
@@ -42,6 +44,7 @@ from rhmapper.module import (
     run_batch,
 )
 from rhmapper.sizing import approx_bytes
+from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
 NAMESPACE = "rhmapper"
@@ -103,8 +106,8 @@ class RayReplica:
                 f"{'auto' if self.owned else 'user'})")
 
     def probe(self) -> None:
-        """Ask the replica again whether it is up (after it failed calls but may come back)."""
-        self.state = ReplicaState.STARTING
+        """Ask the replica again whether it is up (after it failed calls but may come back);
+        the pool takes it out of rotation first."""
         self.started_at = time.monotonic()
         self.ready_ref = self.handle.__ray_call__.remote(replica_info)
 
@@ -248,10 +251,21 @@ class ReplicaPool:
         self.auto_concurrency = concurrency or 1
         self.ready_timeout = ready_timeout
         self.replicas: list[RayReplica] = []
-        self.calls_started = 0
+        self.slots = SlotIndex()
+        """The ready replicas by load (see `rhmapper.slots.SlotIndex`)."""
         self._feasible_checked_at = 0.0
         self._actor_options = upload_local_dirs(env.actor_options())
+        self._futures: dict[ray.ObjectRef, Any] = {}
+        """Each call in flight's ``ObjectRef.future()``: its answer, once it came."""
+        self._inboxes: dict[ray.ObjectRef, Inbox] = {}
+        """Where each unanswered call's answer goes (abandoned calls are not here)."""
+        self._events: list[tuple[str, Any, Any]] = []
+        """Answers the pool itself waits for: probes, and calls of ended maps."""
+        self._wakeup = threading.Condition()
+        """Guards the three above; Ray's callback threads take only this lock, never `_lock`."""
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float, bool]] = {}
+        self._overtime: collections.deque[tuple[float, ray.ObjectRef]] = collections.deque()
+        """Abandoned calls that timed out, oldest first, to check once their grace has passed."""
         self._direct_calls: set[ray.ObjectRef] = set()
         self._any_removed = False
         """Whether a replica ever left the pool (an empty pool then says so)."""
@@ -288,6 +302,7 @@ class ReplicaPool:
                     raise ValueError(f"actor {name} is already in the pool")
                 replica = RayReplica(name, handle, owned=False, requested=requested)
                 self.replicas.append(replica)
+                self._watch_probe(replica)
                 added.append(replica)
         return added
 
@@ -312,7 +327,7 @@ class ReplicaPool:
     def _remove(self, replica: RayReplica, kill: bool = True) -> None:
         if replica in self.replicas:
             self.replicas.remove(replica)
-        replica.state = ReplicaState.DEAD
+        self._set_state(replica, ReplicaState.DEAD)
         self._any_removed = True
         if replica.owned and kill:
             ray.kill(replica.handle, no_restart=True)
@@ -347,33 +362,59 @@ class ReplicaPool:
             replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency,
                                  index=index)
             self.replicas.append(replica)
+            self._watch_probe(replica)
         return replica
 
     # -- the scheduler's view ---------------------------------------------------------------
 
-    def dispatchable(self) -> list[RayReplica]:
-        """Replicas ready to take calls."""
-        return [replica for replica in self.replicas if replica.state is ReplicaState.READY]
+    def _set_state(self, replica: RayReplica, state: ReplicaState) -> None:
+        """Move ``replica`` to ``state``; only a READY replica is in `slots`."""
+        replica.state = state
+        if state is ReplicaState.READY:
+            self.slots.join(replica)
+        else:
+            self.slots.leave(replica)
 
-    def wait(self, tokens: list, timeout: float) -> list:
-        """Wait for calls, starting replicas and abandoned calls; return the done call tokens."""
-        starting = {r.ready_ref: r for r in self.replicas if r.state is ReplicaState.STARTING}
-        if not tokens and not self.dispatchable():
-            self._check_alive(starting)
-        refs = [*tokens, *starting, *self._draining] if starting or self._draining else tokens
-        if not refs:
-            time.sleep(timeout)
-            return []
-        done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        if refs is tokens:
-            return done
-        done_set = set(done)
-        if self._draining:
-            self._drain(done_set)
-        for ref in done:
-            if ref in starting:
-                self._started(starting[ref])
-        return [ref for ref in tokens if ref in done_set]
+    def _watch_probe(self, replica: RayReplica) -> None:
+        ref = replica.ready_ref
+        ref.future().add_done_callback(
+            functools.partial(self._pool_event, "probed", replica, ref))
+
+    def _pool_event(self, kind: str, subject: Any, ref: ray.ObjectRef, _future: Any) -> None:
+        """Ray's callback thread: a probe answered, or an abandoned call ("drained")."""
+        with self._wakeup:
+            self._events.append((kind, subject, ref))
+            self._wakeup.notify_all()
+
+    def _answered(self, ref: ray.ObjectRef, _future: Any) -> None:
+        """Ray's callback thread: a call answered; its map's inbox gets it, unless abandoned."""
+        with self._wakeup:
+            inbox = self._inboxes.pop(ref, None)
+            if inbox is None:
+                self._events.append(("drained", None, ref))
+            else:
+                inbox.put(ref)
+            self._wakeup.notify_all()
+
+    def wait(self, inbox: Inbox, timeout: float) -> list:
+        """Wait until calls of ``inbox`` answer or the pool changes (a replica became ready, an
+        abandoned call gave its slot back), at most ``timeout`` seconds; return the answered
+        calls. Raises `NoReplicasError` when nothing is in flight and no replica can take work."""
+        if not inbox.owed and not self.slots:
+            self._check_alive()
+        with self._wakeup:
+            if not inbox and not self._events:
+                self._wakeup.wait(timeout)
+            done = inbox.take()
+            events, self._events = self._events, []
+        with self._lock:
+            for kind, replica, ref in events:
+                if kind == "drained":
+                    self._drained(ref)
+                elif replica.state is ReplicaState.STARTING and replica.ready_ref == ref:
+                    self._started(replica)
+            self._check_overtime()
+        return done
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every starting replica is ready (or has failed and been handled)."""
@@ -387,8 +428,10 @@ class ReplicaPool:
                 raise TimeoutError(
                     f"{len(starting)} replica(s) of env {self.env.name!r} not ready after {timeout}s")
             done, _ = ray.wait(list(starting), num_returns=1, timeout=left)
-            for ref in done:
-                self._started(starting[ref])
+            with self._lock:
+                for ref in done:
+                    if starting[ref].state is ReplicaState.STARTING:
+                        self._started(starting[ref])
 
     def _started(self, replica: RayReplica) -> None:
         try:
@@ -399,7 +442,7 @@ class ReplicaPool:
                 f"{self.env.runtime_env()}: {error}. Check Env.reqs / working_dir / py_modules."
             ) from error
         except ActorUnavailableError:
-            replica.probe()  # restarting, or unreachable for now: Ray queues the probe
+            self._probe(replica)  # restarting, or unreachable for now: Ray queues the probe
             return
         except RayActorError as error:
             if error.actor_init_failed:
@@ -414,10 +457,16 @@ class ReplicaPool:
         if not replica.owned:
             replica.set_capacity(info["max_concurrency"])
         if replica.state is ReplicaState.STARTING:
-            replica.state = ReplicaState.READY
+            self._set_state(replica, ReplicaState.READY)
 
-    def _check_alive(self, starting: dict) -> None:
+    def _probe(self, replica: RayReplica) -> None:
+        self._set_state(replica, ReplicaState.STARTING)
+        replica.probe()
+        self._watch_probe(replica)
+
+    def _check_alive(self) -> None:
         """With nothing ready, fail rather than wait for replicas that can never start."""
+        starting = [r for r in self.replicas if r.state is ReplicaState.STARTING]
         if not self.replicas and not self._any_removed:
             raise NoReplicasError(
                 "the mapper has no replicas: create it with replicas=N (or a list of your "
@@ -441,31 +490,38 @@ class ReplicaPool:
                     f"no replica is ready and none can start again: {error}") from error
         if self.ready_timeout is None:
             return
-        if starting and all(now - r.started_at > self.ready_timeout for r in starting.values()):
+        if starting and all(now - r.started_at > self.ready_timeout for r in starting):
             raise NoReplicasError(
                 f"no replica is ready: {len(starting)} replica(s) of env {self.env.name!r} have not "
                 f"started within ready_timeout={self.ready_timeout}s (not enough free "
                 f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
 
     def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
-               budget: float | None) -> ray.ObjectRef:
-        """Start one call on ``replica``, taking one of its slots; return its ref."""
+               budget: float | None, inbox: Inbox) -> ray.ObjectRef:
+        """Start one call on ``replica``, taking one of its slots; ``inbox`` gets its ref when
+        it answers."""
         ref = replica.start(call, start, items, budget)
+        future = ref.future()
         with self._lock:
-            replica.in_flight += 1
+            self.slots.took(replica)
+            self._futures[ref] = future
             if replica.calls_directly(call):
                 self._direct_calls.add(ref)
+        with self._wakeup:
+            self._inboxes[ref] = inbox
+        future.add_done_callback(functools.partial(self._answered, ref))
         return ref
 
     def fetch(self, token: ray.ObjectRef, replica: RayReplica) -> BatchReply:
-        """The reply of a done call, giving its slot back; `ReplicaDied` if its replica died
-        (``permanent=False`` when Ray says the actor may come back)."""
+        """The reply of an answered call, giving its slot back; `ReplicaDied` if its replica
+        died (``permanent=False`` when Ray says the actor may come back)."""
         with self._lock:
-            replica.in_flight -= 1
+            self.slots.gave_back(replica)
+            future = self._futures.pop(token)
         direct = token in self._direct_calls
         self._direct_calls.discard(token)
         try:
-            value = ray.get(token)
+            value = future.result()
         except ActorUnavailableError as error:
             raise ReplicaDied(str(error), permanent=False) from error
         except _REPLICA_DEATHS as error:
@@ -478,34 +534,55 @@ class ReplicaPool:
 
     def abandon(self, token: ray.ObjectRef, replica: RayReplica, timed_out: bool = False) -> None:
         """Cancel a call nobody waits for; its slot is given back when the replica answers (see
-        `_drain` for a call that ``timed_out`` and keeps running)."""
+        `_check_overtime` for a call that ``timed_out`` and keeps running)."""
         ray.cancel(token)
         self._direct_calls.discard(token)
+        with self._wakeup:
+            answered = self._inboxes.pop(token, None) is None
         with self._lock:
-            self._draining[token] = (replica, time.monotonic(), timed_out)
+            if answered:  # its answer is in the map's inbox, which drops it
+                self._futures.pop(token, None)
+                self.slots.gave_back(replica)
+                return
+            now = time.monotonic()
+            self._draining[token] = (replica, now, timed_out)
+            if timed_out:
+                self._overtime.append((now, token))
 
-    def _drain(self, done: set) -> None:
-        """Free the slots of abandoned calls that finished. A call that timed out and still runs
-        after the grace period takes its replica out of rotation (a running call cannot be
-        interrupted): an auto replica is restarted, your actor benched until the call answers.
-        Other abandoned calls (the map ended) keep their slot until they answer."""
+    def _drained(self, token: ray.ObjectRef) -> None:
+        """An abandoned call answered: its slot is free again (and its replica, if benched for
+        it and for no other call)."""
+        self._futures.pop(token, None)
+        entry = self._draining.pop(token, None)
+        if entry is None:
+            return  # its replica was restarted for it (`_check_overtime`)
+        replica = entry[0]
+        self.slots.gave_back(replica)
+        if replica.state is ReplicaState.BENCHED and not self._stuck_on(replica):
+            self._set_state(replica, ReplicaState.READY)
+
+    def _check_overtime(self) -> None:
+        """A call that timed out and still runs after the grace period takes its replica out
+        of rotation (a running call cannot be interrupted): an auto replica is restarted, your
+        actor benched until the call answers. Other abandoned calls (the map ended) keep their
+        slot until they answer."""
         now = time.monotonic()
-        with self._lock:
-            for token, (replica, since, timed_out) in list(self._draining.items()):
-                if token in done:
-                    del self._draining[token]
-                    replica.in_flight -= 1
-                    if replica.state is ReplicaState.BENCHED and not self._stuck_on(replica):
-                        replica.state = ReplicaState.READY
-                elif (timed_out and now - since > STUCK_GRACE_SECONDS
-                      and replica.state is ReplicaState.READY):
-                    if replica.owned:
-                        del self._draining[token]
-                        replica.in_flight -= 1
-                        self.lost(replica, RhmapperError(
-                            "restarted: a call that outlived timeout= kept running"))
-                    else:
-                        replica.state = ReplicaState.BENCHED
+        while self._overtime and now - self._overtime[0][0] > STUCK_GRACE_SECONDS:
+            _, token = self._overtime.popleft()
+            if token not in self._draining:
+                continue
+            replica = self._draining[token][0]
+            if replica.state is not ReplicaState.READY:
+                self._overtime.append((now, token))  # look again once it is back in rotation
+                continue
+            if replica.owned:
+                del self._draining[token]
+                self._futures.pop(token, None)
+                self.slots.gave_back(replica)
+                self.lost(replica, RhmapperError(
+                    "restarted: a call that outlived timeout= kept running"))
+            else:
+                self._set_state(replica, ReplicaState.BENCHED)
 
     def _stuck_on(self, replica: RayReplica) -> bool:
         return any(owner is replica for owner, _, _ in self._draining.values())
@@ -514,7 +591,7 @@ class ReplicaPool:
         """Take no calls to ``replica`` until it answers a new probe (it may be restarting)."""
         with self._lock:
             if replica.state is ReplicaState.READY:
-                replica.probe()
+                self._probe(replica)
 
     def _mismatched(self, replica: RayReplica, found: dict | None) -> None:
         """An existing named replica was built from something else: refuse it, or (when asked)

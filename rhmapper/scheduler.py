@@ -21,6 +21,7 @@ from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 from rhmapper.retries import Retries
 from rhmapper.sizing import mean_item_bytes
+from rhmapper.slots import Inbox, SlotIndex
 
 TARGET_CALL_SECONDS = 0.25
 """Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
@@ -32,6 +33,12 @@ DEFAULT_MAX_CALL_BYTES = 16 * 2**20
 DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
 WAIT_TICK_SECONDS = 0.2
+BATCH_BUDGET_SLACK = 4.0
+"""Under ``timeout=``, a batch may run this many times its measured run time (plus one
+``timeout``) before its items are sent again one by one."""
+QUEUE_AHEAD_SECONDS = 0.01
+"""While a map's calls take less than this, each replica gets one call more than its slots,
+waiting in its queue, so that it never idles for the round trip to the driver."""
 _EWMA_WEIGHT = 0.3
 _EMPTY = object()
 _RETRYING = object()
@@ -55,28 +62,28 @@ class Replica(Protocol):
 class Pool(Protocol):
     """What the scheduler needs of the pool of replicas."""
 
-    calls_started: int
-    """Calls the scheduler has started on this pool, over all its maps: rotates ties between
-    equally loaded replicas, so that one-call maps (`Mapper.call`) take the replicas in turn."""
+    slots: SlotIndex
+    """The ready replicas by load. The pool keeps it current: `submit` takes a slot, `fetch`
+    (or the answer of an abandoned call) gives it back, and replicas join and leave it as they
+    become ready, restart, are benched or die."""
 
-    def dispatchable(self) -> list[Replica]:
-        """The replicas ready to take calls now."""
-
-    def wait(self, tokens: list, timeout: float) -> list:
-        """Wait until some of ``tokens`` are done or the pool changed; return the done tokens.
+    def wait(self, inbox: Inbox, timeout: float) -> list:
+        """Wait up to ``timeout`` seconds until calls of ``inbox`` answered or the pool changed
+        (a replica became ready, an abandoned call gave its slot back); return the answered calls.
 
         Raises `rhmapper.NoReplicasError` when no replica is alive or starting.
         """
 
     def submit(self, replica: Replica, call: "CallSpec", start: int, items: list,
-               budget: float | None) -> Any:
+               budget: float | None, inbox: Inbox) -> Any:
         """Start one call on ``replica`` with ``items`` (indices from ``start``), taking one of
-        its slots; return a token to wait on. ``budget`` is the call's time limit in seconds
-        (``None``: none): the replica starts no item once it has passed."""
+        its slots; return a token that ``inbox`` receives when the call answers. ``budget`` is
+        the call's time limit in seconds (``None``: none): the replica starts no item once it
+        has passed."""
 
     def fetch(self, token: Any, replica: Replica) -> BatchReply:
-        """The reply of a done call, giving its slot back; raises `ReplicaDied` if its replica
-        died."""
+        """The reply of an answered call, giving its slot back; raises `ReplicaDied` if its
+        replica died."""
 
     def abandon(self, token: Any, replica: Replica, timed_out: bool) -> None:
         """Cancel a call whose result is no longer wanted. Its slot stays taken until the replica
@@ -271,17 +278,26 @@ class MapRun:
         self._cancelled = cancelled or threading.Event()
         self._next_index = 0
         self._exhausted = False
+        self._inbox = Inbox()
         self._in_flight: dict[Any, _Call] = {}
         self._in_flight_on: dict[str, int] = {}
         """This map's calls in flight per replica name (abandoned calls are not counted)."""
-        self._retry_heap: list[_Retry] = []
+        self._deadlines: list[tuple[float, int, Any]] = []
+        """A heap of (deadline, sequence, token); entries of calls that answered are skipped."""
+        self._sequence = itertools.count()
+        self._due: collections.deque[_Retry] = collections.deque()
+        self._delayed: list[_Retry] = []
+        """A heap of retries waiting for their back-off delay."""
         self._attempts: dict[int, int] = {}
         self._crashes: dict[int, int] = {}
         self._measured_seconds = 0.0
         self._measured_items = 0.0
-        """Decaying sums of the items' run time and count: the per-item time weighs each call
-        by its items, so one-item probes do not outweigh the large calls that follow."""
+        self._measured_calls = 0.0
+        """Decaying sums of the items' run time, their count and the calls': the per-item time
+        weighs each call by its items, so one-item probes do not outweigh the large calls that
+        follow."""
         self._bytes_per_item: float | None = None
+        self._replica_deaths = 0
         self._held: collections.deque = collections.deque()
         """Items pulled from the source but held back by the byte bound of a call."""
         self.stats = MapStats()
@@ -309,11 +325,13 @@ class MapRun:
                 if self._cancelled.is_set():
                     raise MapCancelledError("the map was cancelled with Mapper.cancel()")
                 self._dispatch()
-                if not self._in_flight and not self._retry_heap and self._exhausted:
+                if not self._in_flight and not self._due and not self._delayed and self._exhausted:
                     yield from self._sink.drain()
                     return
-                for token in self._pool.wait(list(self._in_flight), self._wait_seconds()):
-                    self._complete(token)
+                self._inbox.owed = len(self._in_flight)
+                for token in self._pool.wait(self._inbox, self._wait_seconds()):
+                    if token in self._in_flight:  # else it timed out while its answer came
+                        self._complete(token)
                 self._expire_deadlines()
                 yield from self._sink.drain()
         finally:
@@ -322,57 +340,67 @@ class MapRun:
     # -- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        replicas = self._pool.dispatchable()
-        if not replicas:
-            return
+        slots = self._pool.slots
+        spare = self._queue_ahead()
         while True:
-            free = self._free_by_load(replicas)
-            for replica in free:
-                work = (self._take_retry(replica, len(free))
-                        or self._take_fresh(replicas, replica.max_items(self._plan.call)))
-                if work is not None:
-                    break
-            else:
+            retry = self._next_retry()
+            if retry is not None:
+                # A retry starts at once (never queued ahead), away from the replica it failed
+                # on while another one has a free slot or a call of this map that will free one.
+                replica = slots.least_loaded(avoid=retry.avoid)
+                if replica is not None and (retry.avoid != replica.name
+                                            or not self._others_busy(replica)):
+                    self._due.popleft()
+                    self._send(replica, retry.index, [retry.item], True)
+                    continue
+            replica = slots.least_loaded(spare)
+            if replica is None:
                 return
-            start, items, is_retry = work
-            deadline = budget = None
-            if self._plan.timeout is not None:
-                budget = self._plan.timeout * len(items)
-                deadline = time.monotonic() + budget
-            token = self._pool.submit(replica, self._plan.call, start, items, budget)
-            self._pool.calls_started += 1
-            self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
-            self._in_flight_on[replica.name] = self._in_flight_on.get(replica.name, 0) + 1
+            max_items = replica.max_items(self._plan.call)
+            if replica.in_flight >= replica.capacity and max_items == 1:
+                return  # a direct call to your actor's method has no guard for a queued call
+            work = self._take_fresh(slots.total, max_items)
+            if work is None:
+                return
+            self._send(replica, *work)
 
-    def _free_by_load(self, replicas: list[Replica]) -> list[Replica]:
-        """Replicas with a free slot, least loaded first; ties rotate from one call to the next."""
-        free = [replica for replica in replicas if replica.in_flight < replica.capacity]
-        if len(free) > 1:
-            turn = self._pool.calls_started % len(free)
-            free = sorted(free[turn:] + free[:turn], key=lambda replica: replica.in_flight)
-        return free
+    def _send(self, replica: Replica, start: int, items: list, is_retry: bool) -> None:
+        deadline = budget = None
+        if self._plan.timeout is not None:
+            budget = self._budget(len(items))
+            deadline = time.monotonic() + budget
+        token = self._pool.submit(replica, self._plan.call, start, items, budget, self._inbox)
+        self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
+        self._in_flight_on[replica.name] = self._in_flight_on.get(replica.name, 0) + 1
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
 
-    def _take_retry(self, replica: Replica, free: int) -> tuple[int, list, bool] | None:
-        """A due retry for ``replica``. A retry avoids the replica it failed on while another
-        one has a free slot or a call of this map that will free one; it never waits for a
-        replica whose slots are all held by abandoned calls (hung, or timed out)."""
-        now = time.monotonic()
-        others_busy = len(self._in_flight) > self._in_flight_on.get(replica.name, 0)
-        for position, retry in enumerate(self._retry_heap):
-            if retry.not_before > now:
-                continue
-            if retry.avoid == replica.name and (free > 1 or others_busy):
-                continue
-            self._retry_heap.pop(position)
-            heapq.heapify(self._retry_heap)
-            return retry.index, [retry.item], True
-        return None
+    def _queue_ahead(self) -> int:
+        """1 while this map's calls are short (see `QUEUE_AHEAD_SECONDS`), else 0. Not under
+        ``timeout=`` (a call's budget starts when it is sent), nor once a replica died during
+        the map (a queued call shares its replica's fate, and would count a crash)."""
+        if (self._plan.timeout is not None or self._per_item_seconds is None
+                or self._replica_deaths):
+            return 0
+        items_per_call = self._measured_items / self._measured_calls
+        return int(self._per_item_seconds * items_per_call < QUEUE_AHEAD_SECONDS)
 
-    def _take_fresh(self, replicas: list[Replica], max_items: int | None
-                    ) -> tuple[int, list, bool] | None:
+    def _others_busy(self, replica: Replica) -> bool:
+        """Whether this map has calls in flight on replicas other than ``replica``."""
+        return len(self._in_flight) > self._in_flight_on.get(replica.name, 0)
+
+    def _next_retry(self) -> _Retry | None:
+        """The first due retry (retries whose delay has passed join the due queue in order)."""
+        if self._delayed:
+            now = time.monotonic()
+            while self._delayed and self._delayed[0].not_before <= now:
+                self._due.append(heapq.heappop(self._delayed))
+        return self._due[0] if self._due else None
+
+    def _take_fresh(self, slots: int, max_items: int | None) -> tuple[int, list, bool] | None:
         if self._exhausted:
             return None
-        size = self._batch_size(sum(replica.capacity for replica in replicas))
+        size = self._batch_size(slots)
         if max_items is not None:
             size = min(size, max_items)
         if size <= 0:
@@ -422,7 +450,7 @@ class MapRun:
             # item, so an equal share of the map per slot costs no more time than one item.
             size = math.ceil(plan.total / slots)
             return max(1, min(size, room)) if room > 0 else 0
-        if plan.timeout is not None or self._per_item_seconds is None:
+        if self._per_item_seconds is None:
             return min(1, room)
         per_item = max(self._per_item_seconds, 1e-7)
         size = int(TARGET_CALL_SECONDS / per_item)
@@ -448,7 +476,9 @@ class MapRun:
         if ran and reply.seconds is not None:
             self._measure(ran, reply.seconds)
         holes: set[int] = set()
-        if reply.not_started:
+        if reply.not_started and reply.not_started[1] == "timeout" and len(call.items) > 1:
+            holes = self._run_alone(call, ran)
+        elif reply.not_started:
             holes = self._fail_from(call, ran, reply.values,
                                     lambda index: self._not_started(index, call, reply.not_started[1]))
         for position, failure in (reply.failures or {}).items():
@@ -474,6 +504,7 @@ class MapRun:
         keep = 1.0 - _EWMA_WEIGHT
         self._measured_seconds = keep * self._measured_seconds + seconds
         self._measured_items = keep * self._measured_items + items
+        self._measured_calls = keep * self._measured_calls + 1
 
     @property
     def _per_item_seconds(self) -> float | None:
@@ -499,8 +530,8 @@ class MapRun:
         self._attempts[index] = attempt
         if self._plan.retries.should_retry(error, attempt):
             self.stats.retries += 1
-            not_before = time.monotonic() + self._plan.retries.delay(attempt)
-            heapq.heappush(self._retry_heap, _Retry(not_before, index, item, replica_name))
+            self._retry(_Retry(time.monotonic() + self._plan.retries.delay(attempt), index, item,
+                               replica_name))
             return _RETRYING
         self.stats.failures += 1
         exception = make_error()
@@ -509,6 +540,7 @@ class MapRun:
         raise exception
 
     def _replica_died(self, call: _Call, died: ReplicaDied) -> None:
+        self._replica_deaths += 1
         if died.permanent:
             self.stats.replicas_lost += 1
             self._pool.lost(call.replica, died)
@@ -521,7 +553,7 @@ class MapRun:
             crashes = self._crashes.get(index, 0) + 1
             self._crashes[index] = crashes
             if crashes < self._plan.max_replica_crashes:
-                heapq.heappush(self._retry_heap, _Retry(0.0, index, item, call.replica.name))
+                self._retry(_Retry(0.0, index, item, call.replica.name))
                 continue
             self.stats.failures += 1
             error = ReplicaLostError(
@@ -546,26 +578,64 @@ class MapRun:
 
     # -- time -------------------------------------------------------------------------------
 
+    def _retry(self, retry: _Retry) -> None:
+        if retry.not_before <= time.monotonic():
+            self._due.append(retry)
+        else:
+            heapq.heappush(self._delayed, retry)
+
     def _wait_seconds(self) -> float:
+        """Until the next deadline or delayed retry, at most `WAIT_TICK_SECONDS`. A due retry
+        still queued waits for a slot (a completion), not for a moment."""
         now = time.monotonic()
-        moments = [call.deadline for call in self._in_flight.values() if call.deadline is not None]
-        # A retry already due that is still queued waits for a slot (a completion), not a moment.
-        moments.extend(retry.not_before for retry in self._retry_heap if retry.not_before > now)
-        soonest = min(moments, default=now + WAIT_TICK_SECONDS)
-        return max(0.0, min(soonest - now, WAIT_TICK_SECONDS))
+        soonest = now + WAIT_TICK_SECONDS
+        while self._deadlines and self._deadlines[0][2] not in self._in_flight:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            soonest = min(soonest, self._deadlines[0][0])
+        if self._delayed:
+            soonest = min(soonest, self._delayed[0].not_before)
+        return max(0.0, soonest - now)
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
-        for token, call in list(self._in_flight.items()):
-            if call.deadline is None or call.deadline > now:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, token = heapq.heappop(self._deadlines)
+            call = self._in_flight.get(token)
+            if call is None:
                 continue
             self._forget(token)
             self._pool.abandon(token, call.replica, timed_out=True)
             values = [None] * len(call.items)
-            holes = self._fail_from(call, 0, values, lambda index: TimeoutError(
-                f"item {index} ran longer than timeout={self._plan.timeout}s "
-                f"on replica {call.replica.name}"))
+            if len(call.items) > 1:
+                holes = self._run_alone(call, 0)
+            else:
+                holes = self._fail_from(call, 0, values, lambda index: TimeoutError(
+                    f"item {index} ran longer than timeout={self._plan.timeout}s "
+                    f"on replica {call.replica.name}"))
             self._deliver(call, values, holes)
+
+    def _budget(self, items: int) -> float:
+        """How long a call of ``items`` may run under ``timeout=``: ``timeout`` for one item.
+        A batch gets one ``timeout`` plus `BATCH_BUDGET_SLACK` times its measured run time (never
+        more than ``timeout`` per item), so that a hung item is found about as fast as alone;
+        a batch that outlives it runs again item by item (`_run_alone`), nothing failed."""
+        timeout = self._plan.timeout
+        assert timeout is not None
+        if items == 1 or self._per_item_seconds is None:
+            return timeout * items
+        return min(timeout * items, timeout + BATCH_BUDGET_SLACK * items * self._per_item_seconds)
+
+    def _run_alone(self, call: _Call, first: int) -> set[int]:
+        """Send the call's items from position ``first`` on again, each in a call of its own,
+        with no attempt counted: the batch outlived its budget (`_budget`), and which item was
+        to blame is known only once each runs alone within ``timeout``."""
+        holes = set()
+        for position in range(first, len(call.items)):
+            index = call.start + position
+            self._retry(_Retry(0.0, index, call.items[position], call.replica.name))
+            holes.add(index)
+        return holes
 
     def _fail_from(self, call: _Call, first: int, values: list,
                    make_error: Callable[[int], BaseException]) -> set[int]:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rhmapper.errors import NoReplicasError
+from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeReplica:
     name: str
     capacity: int
@@ -41,6 +42,7 @@ class FakeCall:
     items: list
     star: bool
     hung: bool
+    inbox: Inbox | None
 
 
 class ReplicaKiller(BaseException):
@@ -69,11 +71,13 @@ class FakePool:
         self.log: list = []
         """Every call in submission order: (replica name, start index, items)."""
         delays = starts_after or [0] * replicas
+        self.slots = SlotIndex()
         self.replicas = [self._new(delay) for delay in delays]
         self.retired: list[FakeReplica] = []
         self.random = random.Random(seed)
-        self.calls_started = 0
         self.waits = 0
+        self._pending: list[FakeCall] = []
+        self._start_ready()
         self.cancelled: list[FakeCall] = []
         self.abandoned: list[FakeCall] = []
         """Abandoned calls still holding their slot (answered at the next ``wait``, unless hung)."""
@@ -88,39 +92,46 @@ class FakePool:
     def all_replicas(self) -> list[FakeReplica]:
         return self.replicas + self.retired
 
-    def dispatchable(self) -> list[FakeReplica]:
-        return [replica for replica in self.replicas
-                if replica.alive and replica.starts_after <= self.waits]
+    def _start_ready(self) -> None:
+        for replica in self.replicas:
+            if replica.alive and replica.starts_after <= self.waits:
+                self.slots.join(replica)
 
     def submit(self, replica: FakeReplica, call: CallSpec, start: int, items: list,
-               budget: float | None) -> FakeCall:
-        replica.in_flight += 1
+               budget: float | None, inbox: Inbox) -> FakeCall:
+        self.slots.took(replica)
         replica.peak_in_flight = max(replica.peak_in_flight, replica.in_flight)
         replica.calls.append((start, list(items)))
         self.log.append((replica.name, start, list(items)))
-        return FakeCall(replica, start, list(items), call.star,
-                        hung=any(self.hangs(item) for item in items))
+        token = FakeCall(replica, start, list(items), call.star,
+                         hung=any(self.hangs(item) for item in items), inbox=inbox)
+        self._pending.append(token)
+        return token
 
-    def wait(self, tokens: list, timeout: float) -> list:
+    def wait(self, inbox: Inbox, timeout: float) -> list:
         self.waits += 1
         self._answer_abandoned()
-        if not tokens and not self.dispatchable() and not any(
+        self._start_ready()
+        if not inbox.owed and not self.slots and not any(
                 replica.alive and replica.starts_after > self.waits for replica in self.replicas):
             raise NoReplicasError("no fake replicas left")
-        answering = [token for token in tokens if not token.hung]
+        answering = [token for token in self._pending if token.inbox is inbox and not token.hung]
         if not answering:
             time.sleep(timeout)
             return []
         self.random.shuffle(answering)
-        return answering[: self.random.randint(1, len(answering))]
+        done = answering[: self.random.randint(1, len(answering))]
+        for token in done:
+            self._pending.remove(token)
+        return done
 
     def _answer_abandoned(self) -> None:
         for token in [token for token in self.abandoned if not token.hung]:
             self.abandoned.remove(token)
-            token.replica.in_flight -= 1
+            self.slots.gave_back(token.replica)
 
     def fetch(self, token: FakeCall, replica: FakeReplica) -> BatchReply:
-        replica.in_flight -= 1
+        self.slots.gave_back(replica)
         if not token.replica.alive:
             raise ReplicaDied(f"{token.replica.name} died earlier")
         values, failures = [], {}
@@ -138,6 +149,8 @@ class FakePool:
     def abandon(self, token: FakeCall, replica: FakeReplica, timed_out: bool = False) -> None:
         self.cancelled.append(token)
         self.abandoned.append(token)
+        if token in self._pending:
+            self._pending.remove(token)
 
     def unavailable(self, replica: FakeReplica) -> None:
         self.unavailable_count += 1
@@ -147,7 +160,9 @@ class FakePool:
             return
         self.lost_count += 1
         replica.alive = False
+        self.slots.leave(replica)
         self.replicas.remove(replica)
         self.retired.append(replica)
         if self.replace:
             self.replicas.append(self._new())
+            self._start_ready()

@@ -6,7 +6,7 @@ import pytest
 
 from rhmapper.errors import NoReplicasError, ReplicaLostError
 from rhmapper.retries import Retries
-from rhmapper.scheduler import MapPlan, MapRun
+from rhmapper.scheduler import QUEUE_AHEAD_SECONDS, MapPlan, MapRun
 from rhmapper.wire import CallSpec
 from tests.fakes import FakePool, ReplicaKiller
 
@@ -32,12 +32,22 @@ def test_collect_keeps_input_order_under_shuffled_completion():
     assert run.stats.done == 5000
 
 
-def test_slots_are_never_exceeded_and_every_replica_works():
-    pool = FakePool(5, capacity=3)
-    collect(pool, list(range(2000)), batch_size=1)
-    assert all(replica.peak_in_flight <= 3 for replica in pool.replicas)
-    assert all(replica.peak_in_flight == 3 for replica in pool.replicas)
+@pytest.mark.parametrize("item_seconds, queued_ahead", [(2 * QUEUE_AHEAD_SECONDS, 0), (1e-6, 1)])
+def test_slots_are_never_exceeded_and_every_replica_works(item_seconds, queued_ahead):
+    """Calls of 10 ms or more never exceed the slots; shorter ones keep one more call queued
+    per replica, so that it never idles for a round trip."""
+    pool = FakePool(5, capacity=3, item_seconds=item_seconds)
+    results, _ = collect(pool, list(range(2000)), batch_size=1)
+    assert results == list(range(2000))
+    assert all(replica.peak_in_flight == 3 + queued_ahead for replica in pool.replicas)
     assert all(replica.calls for replica in pool.replicas)
+
+
+def test_no_call_is_queued_ahead_under_a_timeout():
+    pool = FakePool(5, capacity=3, item_seconds=1e-6)
+    results, _ = collect(pool, list(range(500)), batch_size=1, timeout=10.0)
+    assert results == list(range(500))
+    assert all(replica.peak_in_flight == 3 for replica in pool.replicas)
 
 
 def test_tiny_items_take_a_few_large_calls_after_one_probe_per_slot():
@@ -262,7 +272,8 @@ def test_calls_stay_under_the_byte_bound_and_a_huge_item_goes_alone():
 
 def test_a_hung_item_times_out_and_its_call_keeps_the_slot():
     pool = FakePool(2, fn=lambda x: x * 2, hangs=lambda x: x == 3)
-    results, run = collect(pool, list(range(10)), timeout=0.05, return_exceptions=True)
+    results, run = collect(pool, list(range(10)), timeout=0.05, return_exceptions=True,
+                           batch_size=1)
     assert [value for index, value in enumerate(results) if index != 3] == [
         2 * x for x in range(10) if x != 3]
     assert isinstance(results[3], TimeoutError) and "item 3 ran longer than" in str(results[3])
@@ -281,12 +292,31 @@ def test_a_timed_out_item_is_retried_elsewhere():
         return len(submitted_three) == 1
 
     pool = FakePool(2, fn=lambda x: x * 2, hangs=hangs_the_first_time)
-    results, run = collect(pool, list(range(6)), timeout=0.05,
+    results, run = collect(pool, list(range(6)), timeout=0.05, batch_size=1,
                            retries=Retries(max_retries=1, initial_delay=0))
     assert results == [2 * x for x in range(6)]
     assert run.stats.retries == 1
     (first, second) = [name for name, _, items in pool.log if 3 in items]
     assert first != second, "the retry went to the replica that was not hung"
+
+
+def test_timeout_keeps_batching_and_a_batch_that_outlives_it_runs_again_item_by_item():
+    """Under timeout=, calls still carry many items; a call that outlives its budget (timeout x
+    its items) is sent again one item per call, with no attempt counted, so that only the item
+    that hangs fails, with the truth."""
+    pool = FakePool(3, fn=lambda x: x * 2, hangs=lambda x: x == 400, item_seconds=1e-6)
+    results, run = collect(pool, list(range(1000)), timeout=0.05, return_exceptions=True)
+    assert [value for index, value in enumerate(results) if index != 400] == [
+        2 * x for x in range(1000) if x != 400]
+    assert isinstance(results[400], TimeoutError) and "item 400 ran longer than" in str(results[400])
+    assert run.stats.failures == 1 and run.stats.retries == 0
+    hung_batch, alone = [items for _, _, items in pool.log if 400 in items]
+    assert len(hung_batch) > 1 and alone == [400]
+    batched = [items for _, _, items in pool.log if len(items) > 1]
+    assert sum(map(len, batched)) >= 990 and len(batched) < 30, "timeout= stopped batching"
+    sent_alone = {items[0] for _, _, items in pool.log[pool.log.index(
+        next(entry for entry in pool.log if entry[2] == hung_batch)) + 1:] if len(items) == 1}
+    assert set(hung_batch) <= sent_alone
 
 
 def test_abandoned_calls_hold_their_slots_until_they_answer():
