@@ -260,8 +260,15 @@ class RhmapperB1(Rhmapper):
     map_kwargs = {"batch_size": 1}
 
 
+class RhmapperTimeout(Rhmapper):
+    """rhmapper with timeout=10 (seconds per item): calls still carry many items."""
+
+    name = "rhmapper_timeout"
+    map_kwargs = {"timeout": 10.0}
+
+
 CONTENDER_CLASSES = {c.name: c for c in (Optimum, PerItem, ActorPoolContender, MpPool,
-                                         Rhmapper, RhmapperB1)}
+                                         Rhmapper, RhmapperB1, RhmapperTimeout)}
 """Contender name -> class, in report order."""
 
 ALL_CONTENDERS = list(CONTENDER_CLASSES)

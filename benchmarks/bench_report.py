@@ -85,6 +85,9 @@ def targets_table(by: Results) -> List[str]:
     ap = by.get(("tiny", "actorpool"), {}).get("median")
     targets.append(("tiny: rhmapper_b1 throughput / actorpool throughput",
                     (ap / b1) if (b1 and ap is not None) else None, ">=", 1.5))
+    with_timeout, plain = ratio("tiny", "rhmapper_timeout"), ratio("tiny", "rhmapper")
+    targets.append(("tiny: rhmapper with timeout= / without",
+                    with_timeout / plain if (with_timeout and plain) else None, "<=", 2.0))
     out = ["### Targets", "", "| target | measured | goal | result |", "|---|---:|---:|---|"]
     for label, val, op, goal in targets:
         if val is None:

@@ -8,7 +8,7 @@ interleaved (run 1 of each, then run 2, ...):
   them for the next to finish, ``ray.get`` it, send that actor the next item.
 - ``actorpool``: ``list(ray.util.ActorPool(actors).map(lambda a, v: a.f.remote(v), items))``.
 - ``rhmapper_b1``: ``m.map(items, batch_size=1)`` with the same 48 actors as replicas
-  (``rm.mapper(f, replicas=actors)``): one item per call, the per-call path.
+  (``rm.mapper(Worker, method="f", replicas=actors)``): one item per call, the per-call path.
 - ``rhmapper``: ``m.map(items)``, auto batches.
 
 Workloads: ``tiny`` (``x + 1``; the per-call cost of the driver and the actors) and ``sleep``
@@ -41,13 +41,15 @@ def sleep(x: int) -> int:
     return x + 1
 
 
-@ray.remote(num_cpus=0.01)
 class Worker:
     def __init__(self, fn: Callable[[int], int]) -> None:
         self.fn = fn
 
     def f(self, x: int) -> int:
         return self.fn(x)
+
+
+RemoteWorker = ray.remote(num_cpus=0.01)(Worker)
 
 
 def ray_wait_loop(actors: list, items: list[int]) -> list[int]:
@@ -79,9 +81,9 @@ def main() -> None:
 
 
 def run_workload(name: str, fn: Callable[[int], int], items: list[int], repeats: int) -> None:
-    actors = [Worker.remote(fn) for _ in range(REPLICAS)]
+    actors = [RemoteWorker.remote(fn) for _ in range(REPLICAS)]
     ray.get([actor.f.remote(0) for actor in actors])
-    m = rm.mapper(fn, replicas=actors, env=rm.Env(name=f"many_{name}"))
+    m = rm.mapper(Worker, method="f", replicas=actors, env=rm.Env(name=f"many_{name}"))
     m.wait_ready(timeout=300)
     m.map(range(4 * REPLICAS), batch_size=1)  # every replica has served a call before timing
     contenders = {

@@ -36,9 +36,11 @@ WAIT_TICK_SECONDS = 0.2
 BATCH_BUDGET_SLACK = 4.0
 """Under ``timeout=``, a batch may run this many times its measured run time (plus one
 ``timeout``) before its items are sent again one by one."""
-QUEUE_AHEAD_SECONDS = 0.01
-"""While a map's calls take less than this, each replica gets one call more than its slots,
-waiting in its queue, so that it never idles for the round trip to the driver."""
+QUEUE_AHEAD_SECONDS = 0.005
+"""A call expected to take less than this may wait in the queue of a replica whose slots are
+all busy (one such call per replica), so that the replica never idles for the round trip to
+the driver. A replica asks whether the map still runs only for a call queued longer than this
+(`rhmapper.signals`), so a queued short call costs no extra question."""
 _EWMA_WEIGHT = 0.3
 _EMPTY = object()
 _RETRYING = object()
@@ -292,10 +294,8 @@ class MapRun:
         self._crashes: dict[int, int] = {}
         self._measured_seconds = 0.0
         self._measured_items = 0.0
-        self._measured_calls = 0.0
-        """Decaying sums of the items' run time, their count and the calls': the per-item time
-        weighs each call by its items, so one-item probes do not outweigh the large calls that
-        follow."""
+        """Decaying sums of the items' run time and count: the per-item time weighs each call
+        by its items, so one-item probes do not outweigh the large calls that follow."""
         self._bytes_per_item: float | None = None
         self._replica_deaths = 0
         self._held: collections.deque = collections.deque()
@@ -341,7 +341,7 @@ class MapRun:
 
     def _dispatch(self) -> None:
         slots = self._pool.slots
-        spare = self._queue_ahead()
+        spare = int(self._may_queue_ahead())
         while True:
             retry = self._next_retry()
             if retry is not None:
@@ -357,9 +357,10 @@ class MapRun:
             if replica is None:
                 return
             max_items = replica.max_items(self._plan.call)
-            if replica.in_flight >= replica.capacity and max_items == 1:
+            queued = replica.in_flight >= replica.capacity
+            if queued and max_items == 1:
                 return  # a direct call to your actor's method has no guard for a queued call
-            work = self._take_fresh(slots.total, max_items)
+            work = self._take_fresh(slots.total, max_items, queued)
             if work is None:
                 return
             self._send(replica, *work)
@@ -375,15 +376,12 @@ class MapRun:
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
 
-    def _queue_ahead(self) -> int:
-        """1 while this map's calls are short (see `QUEUE_AHEAD_SECONDS`), else 0. Not under
-        ``timeout=`` (a call's budget starts when it is sent), nor once a replica died during
-        the map (a queued call shares its replica's fate, and would count a crash)."""
-        if (self._plan.timeout is not None or self._per_item_seconds is None
-                or self._replica_deaths):
-            return 0
-        items_per_call = self._measured_items / self._measured_calls
-        return int(self._per_item_seconds * items_per_call < QUEUE_AHEAD_SECONDS)
+    def _may_queue_ahead(self) -> bool:
+        """Whether a short call (see `QUEUE_AHEAD_SECONDS`) may wait in a busy replica's queue.
+        Not under ``timeout=`` (a call's budget starts when it is sent), nor once a replica died
+        during the map (a queued call shares its replica's fate, and would count a crash)."""
+        return (self._plan.timeout is None and self._per_item_seconds is not None
+                and not self._replica_deaths)
 
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""
@@ -397,13 +395,18 @@ class MapRun:
                 self._due.append(heapq.heappop(self._delayed))
         return self._due[0] if self._due else None
 
-    def _take_fresh(self, slots: int, max_items: int | None) -> tuple[int, list, bool] | None:
+    def _take_fresh(self, slots: int, max_items: int | None, queued: bool = False
+                    ) -> tuple[int, list, bool] | None:
+        """The next items from the input for one call (``None``: none to send now). A call
+        that would wait in its replica's queue (``queued``) is sent only if it is short."""
         if self._exhausted:
             return None
         size = self._batch_size(slots)
         if max_items is not None:
             size = min(size, max_items)
         if size <= 0:
+            return None
+        if queued and size * (self._per_item_seconds or 0.0) >= QUEUE_AHEAD_SECONDS:
             return None
         if self._bytes_per_item:
             size = min(size, max(1, int(self._plan.max_call_bytes // self._bytes_per_item)))
@@ -504,7 +507,6 @@ class MapRun:
         keep = 1.0 - _EWMA_WEIGHT
         self._measured_seconds = keep * self._measured_seconds + seconds
         self._measured_items = keep * self._measured_items + items
-        self._measured_calls = keep * self._measured_calls + 1
 
     @property
     def _per_item_seconds(self) -> float | None:
