@@ -5,14 +5,18 @@ on its replica. The clock also advances by the real time the scheduler spends be
 so a scheduler that is slow to dispatch leaves replicas idle, as it would on a real cluster.
 Reported per configuration (replicas x concurrency):
 
-- scheduler microseconds per call (real time of the map / calls),
-- pool utilisation: busy replica time / (slots x virtual makespan), for the call durations given.
+- scheduler microseconds per call and per item (real time of the map / calls, / items),
+- pool utilisation: busy replica time / (slots x virtual makespan), for the call durations given,
+- its ceiling: the utilisation one driver can sustain at that cost per call,
+  ``call_seconds / (slots x seconds per call)``: beyond it the pool asks for more calls per
+  second than a Python loop can start (batches, i.e. more items per call, are the way there).
 
     python benchmarks/sim_scale.py                       # 10 .. 10,000 replicas x 1 and 4
     python benchmarks/sim_scale.py --replicas 10,100 --max-seconds 5
     python benchmarks/sim_scale.py --plot docs/img/sim_scale.png   # needs matplotlib: .[bench]
+    python benchmarks/sim_scale.py --batch-size 100    # 100 items per call
 
-One item per call (``batch_size=1``), so calls = items. Each configuration stops after
+One item per call by default (``--batch-size 1``), so calls = items. Each configuration stops after
 ``--max-seconds`` of real time (an unordered map over an endless input), so the slow
 configurations report a cost per call from the calls that completed (none at all, when the
 first round of dispatch alone outlasts the time given).
@@ -57,6 +61,7 @@ class SimPool:
         for replica in self.replicas:
             self.slots.join(replica)
         self.call_seconds = call_seconds
+        self.calls = 0
         self.clock = 0.0
         self.busy = 0.0
         self._done: list[tuple[float, int, SimCall]] = []
@@ -72,6 +77,7 @@ class SimPool:
     def submit(self, replica: SimReplica, call: CallSpec, start: int, items: list,
                budget: float | None, inbox: Inbox) -> SimCall:
         self._catch_up()
+        self.calls += 1
         self.slots.took(replica)
         token = SimCall(replica, items)
         heapq.heappush(self._done, (self.clock + self.call_seconds, next(self._sequence), token))
@@ -111,22 +117,31 @@ class SimResult:
     concurrency: int
     call_seconds: float
     calls: int
+    items: int
     us_per_call: float
+    us_per_item: float
     utilisation: float
+
+    @property
+    def ceiling(self) -> float:
+        """The utilisation one driver can sustain at this cost per call."""
+        return min(1.0, self.call_seconds * 1e6 / (self.replicas * self.concurrency
+                                                    * self.us_per_call))
 
 
 def simulate(replicas: int, concurrency: int, call_seconds: float, max_seconds: float,
-             max_calls: int | None = None) -> SimResult:
+             max_items: int | None = None, batch_size: int = 1) -> SimResult:
     """Run one configuration; results are checked (each item comes back as itself, in order).
 
     Examples:
-        >>> result = simulate(10, 1, 0.01, max_seconds=0.2, max_calls=500)
-        >>> result.calls, 0.0 < result.utilisation <= 1.0
-        (500, True)
+        >>> result = simulate(10, 1, 0.01, max_seconds=0.2, max_items=500)
+        >>> result.calls, result.items, 0.0 < result.utilisation <= 1.0
+        (500, 500, True)
     """
     pool = SimPool(replicas, concurrency, call_seconds)
-    plan = MapPlan(CallSpec("fn"), ordered=False, batch_size=1, window=4 * replicas * concurrency)
-    source = itertools.count() if max_calls is None else iter(range(max_calls))
+    plan = MapPlan(CallSpec("fn"), ordered=False, batch_size=batch_size,
+                   window=4 * replicas * concurrency * batch_size)
+    source = itertools.count() if max_items is None else iter(range(max_items))
     run = MapRun(pool, plan, source)
     started = time.perf_counter()
     seen = set()
@@ -135,12 +150,13 @@ def simulate(replicas: int, concurrency: int, call_seconds: float, max_seconds: 
         if time.perf_counter() - started > max_seconds:
             break
     elapsed = time.perf_counter() - started
-    calls = run.stats.done
-    if seen != set(range(len(seen))) or len(seen) != calls:
+    items = run.stats.done
+    if seen != set(range(len(seen))) or len(seen) != items:
         raise AssertionError("an item came back twice, changed, or not at all")
     slots = replicas * concurrency
-    return SimResult(replicas, concurrency, call_seconds, calls,
-                     elapsed / calls * 1e6 if calls else float("inf"),
+    return SimResult(replicas, concurrency, call_seconds, pool.calls, items,
+                     elapsed / pool.calls * 1e6 if items else float("inf"),
+                     elapsed / items * 1e6 if items else float("inf"),
                      min(1.0, pool.busy / (slots * pool.clock)) if pool.clock else 0.0)
 
 
@@ -151,17 +167,21 @@ def main() -> None:
     parser.add_argument("--call-seconds", default="0.01,0.1")
     parser.add_argument("--max-seconds", type=float, default=10.0,
                         help="real seconds per configuration")
+    parser.add_argument("--batch-size", type=int, default=1, help="items per call")
     parser.add_argument("--plot", metavar="PNG", help="also draw the growth curves (matplotlib)")
     args = parser.parse_args()
-    print(f"{'replicas':>9} {'conc':>5} {'call s':>7} {'calls':>9} {'us/call':>9} {'util':>6}")
+    print(f"{'replicas':>9} {'conc':>5} {'call s':>7} {'calls':>9} {'us/call':>9} {'us/item':>9} "
+          f"{'util':>6} {'ceiling':>8}")
     results = []
     for replicas, concurrency, call_seconds in itertools.product(
             map(int, args.replicas.split(",")), map(int, args.concurrency.split(",")),
             map(float, args.call_seconds.split(","))):
-        result = simulate(replicas, concurrency, call_seconds, args.max_seconds)
+        result = simulate(replicas, concurrency, call_seconds, args.max_seconds,
+                          batch_size=args.batch_size)
         results.append(result)
         print(f"{replicas:>9} {concurrency:>5} {call_seconds:>7} {result.calls:>9} "
-              f"{result.us_per_call:>9.1f} {result.utilisation:>6.1%}   "
+              f"{result.us_per_call:>9.1f} {result.us_per_item:>9.2f} {result.utilisation:>6.1%} "
+              f"{result.ceiling:>8.1%}   "
               f"({result.us_per_call / results[0].us_per_call:.1f}x the first row's cost per call)",
               flush=True)
     if args.plot:
@@ -169,7 +189,8 @@ def main() -> None:
 
 
 def plot(results: list[SimResult], path: str) -> None:
-    """Cost per call and utilisation against replicas, one line per (concurrency, call time)."""
+    """Cost per call and utilisation (with its ceiling, dotted) against replicas, one line per
+    (concurrency, call time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,12 +201,14 @@ def plot(results: list[SimResult], path: str) -> None:
         line = [r for r in results if (r.concurrency, r.call_seconds) == key]
         label = f"concurrency {key[0]}, {key[1] * 1e3:g} ms calls"
         cost.plot([r.replicas for r in line], [r.us_per_call for r in line], marker="o", label=label)
-        busy.plot([r.replicas for r in line], [100 * r.utilisation for r in line], marker="o",
-                  label=label)
-    cost.set(xscale="log", yscale="log", xlabel="replicas", ylabel="scheduler µs per call",
-             title="Scheduler cost per call")
+        [drawn] = busy.plot([r.replicas for r in line], [100 * r.utilisation for r in line],
+                            marker="o", label=label)
+        busy.plot([r.replicas for r in line], [100 * r.ceiling for r in line], linestyle=":",
+                  color=drawn.get_color())
+    cost.set(xscale="log", xlabel="replicas", ylabel="scheduler µs per call",
+             ylim=(0, 1.5 * max(r.us_per_call for r in results)), title="Scheduler cost per call")
     busy.set(xscale="log", xlabel="replicas", ylabel="% of slot time busy", ylim=(0, 105),
-             title="Pool utilisation")
+             title="Pool utilisation (dotted: one driver's ceiling)")
     for axes in (cost, busy):
         axes.grid(True, which="both", alpha=0.3)
     busy.legend(fontsize=8)

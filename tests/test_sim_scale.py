@@ -8,9 +8,12 @@ import pytest
 from benchmarks.sim_scale import simulate
 
 
-@pytest.mark.parametrize("replicas, concurrency, calls", [(10, 1, 500), (100, 4, 2000)])
-def test_simulated_pool_runs_every_call_in_order(replicas, concurrency, calls):
-    result = simulate(replicas, concurrency, call_seconds=0.01, max_seconds=60, max_calls=calls)
-    assert result.calls == calls
+@pytest.mark.parametrize("replicas, concurrency, items, batch_size",
+                         [(10, 1, 500, 1), (100, 4, 2000, 1), (1000, 4, 20_000, 1),
+                          (100, 1, 5000, 10)])
+def test_simulated_pool_runs_every_item_once(replicas, concurrency, items, batch_size):
+    result = simulate(replicas, concurrency, call_seconds=0.01, max_seconds=60, max_items=items,
+                      batch_size=batch_size)
+    assert result.items == items and result.calls == items // batch_size
     assert 0.0 < result.utilisation <= 1.0
     assert result.us_per_call > 0
