@@ -93,12 +93,28 @@ def module(cls: type, *args: Any, **kwargs: Any) -> Module:
     return Module(plain_class(cls), args, dict(kwargs))
 
 
-def _run_in_replica(self: Any, payload: tuple) -> "BatchReply":
-    return run_batch(self, payload)
+def run_call(instance: Any, payload: "Payload") -> list:
+    """A replica's entry point for one call (auto replicas have it as ``_rhmapper_run``; your
+    actors run it through ``__ray_call__``): `run_batch`, with the reply as a plain list.
+
+    Examples:
+        >>> run_call(FunctionReplica(abs), ["fn", [-3], False, None, None])[0]
+        [3]
+    """
+    return run_batch(instance, payload).to_wire()
 
 
-async def _run_in_async_replica(self: Any, payload: tuple) -> "BatchReply":
-    return await run_batch_async(self, payload)
+async def run_call_async(instance: Any, payload: "Payload") -> list:
+    """`run_call` for ``async def`` targets (``_rhmapper_run_async``).
+
+    Examples:
+        >>> import asyncio
+        >>> async def negate(x):
+        ...     return -x
+        >>> asyncio.run(run_call_async(FunctionReplica(negate), ["fn", [3], False, None, None]))[0]
+        [-3]
+    """
+    return (await run_batch_async(instance, payload)).to_wire()
 
 
 def is_async_callable(target: Any) -> bool:
@@ -135,7 +151,7 @@ class FunctionReplica:
         2
     """
 
-    _rhmapper_run = _run_in_replica
+    _rhmapper_run = run_call
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
@@ -149,12 +165,12 @@ class AsyncFunctionReplica(FunctionReplica):
         >>> import asyncio
         >>> async def double(x):
         ...     return 2 * x
-        >>> payload = ("fn", [4], False, None, None)
-        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(payload)).values
+        >>> payload = ["fn", [4], False, None, None]
+        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(payload))[0]
         [8]
     """
 
-    _rhmapper_run_async = _run_in_async_replica
+    _rhmapper_run_async = run_call_async
 
 
 def function_replica_class(fn: Callable) -> type:
@@ -177,12 +193,12 @@ def replica_class(cls: type) -> type:
         ...     def predict(self, x):
         ...         return x
         >>> replica = replica_class(Model)()
-        >>> isinstance(replica, Model), replica._rhmapper_run(("predict", [7], False, None, None)).values
+        >>> isinstance(replica, Model), replica._rhmapper_run(["predict", [7], False, None, None])[0]
         (True, [7])
     """
-    entry_points: dict[str, Any] = {"_rhmapper_run": _run_in_replica}
+    entry_points: dict[str, Any] = {"_rhmapper_run": run_call}
     if has_async_methods(cls):
-        entry_points["_rhmapper_run_async"] = _run_in_async_replica
+        entry_points["_rhmapper_run_async"] = run_call_async
     return _subclass(cls, "replica_class", entry_points)
 
 
@@ -345,19 +361,21 @@ class CallGuard:
     """Tells a replica to start no more items of a call: when its map has ended (cancelled,
     failed, or abandoned by the driver) or the call is past its deadline.
 
-    ``spec`` is ``(end_signal, deadline, sent_at)``: the map's `rhmapper.signals.EndSignal` (or
-    ``None``), a wall-clock deadline in seconds since the epoch (or ``None``), and when the
-    driver sent the call.
+    ``spec`` is ``[board, key, deadline, sent_at]``: the map's end signal (the board actor's
+    name and the map's key, see `rhmapper.signals.EndSignal`; ``None`` and ``None`` for none), a
+    wall-clock deadline in seconds since the epoch (or ``None``), and when the driver sent the
+    call. Plain values, so that Ray packs them without pickling.
 
     Examples:
-        >>> CallGuard((None, 0.0, 0.0)).stop_reason()
+        >>> CallGuard([None, None, 0.0, 0.0]).stop_reason()
         'timeout'
-        >>> CallGuard((None, None, 0.0)).stop_reason() is None
+        >>> CallGuard([None, None, None, 0.0]).stop_reason() is None
         True
     """
 
-    def __init__(self, spec: tuple[EndSignal | None, float | None, float] | None) -> None:
-        self.signal, self.deadline, self.sent_at = spec or (None, None, 0.0)
+    def __init__(self, spec: list | None) -> None:
+        board, key, self.deadline, self.sent_at = spec or (None, None, None, 0.0)
+        self.signal = EndSignal(board, key) if board is not None else None
         self.next_check = 0
         """The position of the next item before which to check (about every 2 ms of items)."""
         self._checked_at = 0.0
@@ -423,14 +441,15 @@ def _reply(values: list, failures: dict[int, RemoteFailure], seconds: float,
     return BatchReply(values, failures or None, seconds, packed, not_started)
 
 
-Payload = tuple[str, list, bool, "dict | None", "tuple | None"]
-"""``(method, items, star, kwargs, guard)``: see `run_batch`."""
+Payload = list
+"""``[method, items, star, kwargs, guard]``: see `run_batch`. A list of plain values, so that
+Ray packs it without pickling (the items themselves are pickled only if they need it)."""
 
 
 def run_batch(instance: Any, payload: Payload) -> BatchReply:
     """Run one call's items on a replica; a failing item does not stop its neighbours.
 
-    ``payload`` is ``(method, items, star, kwargs, guard)``: the replica's method to call
+    ``payload`` is ``[method, items, star, kwargs, guard]``: the replica's method to call
     (``"fn"`` for a function replica), the items, whether each item is a tuple of positional
     arguments (else the single argument), the map's constant keyword arguments (see
     `shared_kwargs`) and the `CallGuard` spec. It travels as one argument because Ray serialises
@@ -439,7 +458,7 @@ def run_batch(instance: Any, payload: Payload) -> BatchReply:
     when the replica is not an async actor. Values travel packed per item (`pack_values`).
 
     Examples:
-        >>> reply = run_batch(FunctionReplica(abs), ("fn", [-1, 2, "x"], False, None, None))
+        >>> reply = run_batch(FunctionReplica(abs), ["fn", [-1, 2, "x"], False, None, None])
         >>> reply.values[:2], reply.failures[2].type_name
         ([1, 2], 'TypeError')
     """
@@ -468,7 +487,7 @@ async def run_batch_async(instance: Any, payload: Payload) -> BatchReply:
         >>> async def double(x):
         ...     await asyncio.sleep(0.01)
         ...     return 2 * x
-        >>> payload = ("fn", [1, 2], False, None, None)
+        >>> payload = ["fn", [1, 2], False, None, None]
         >>> asyncio.run(run_batch_async(FunctionReplica(double), payload)).values
         [2, 4]
     """

@@ -41,7 +41,7 @@ from rhmapper.module import (
     function_replica_class,
     replica_class,
     replica_info,
-    run_batch,
+    run_call,
 )
 from rhmapper.sizing import approx_bytes
 from rhmapper.slots import Inbox, SlotIndex
@@ -125,7 +125,7 @@ class RayReplica:
         replica starts no item once the map has ended or ``budget`` seconds have passed (see
         `rhmapper.module.CallGuard`).
 
-        Auto replicas run the batch in their own entry point; your actors run `run_batch`
+        Auto replicas run the batch in their own entry point; your actors run `run_call`
         through ``__ray_call__``, except an ``async def`` method, which is called directly (one
         item per call) so that it runs on the actor's event loop as a direct call would.
         """
@@ -135,10 +135,11 @@ class RayReplica:
                 return getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
             now = time.time()
             deadline = None if budget is None else now + budget
-            payload = (call.method, _large_items_by_ref(items, call.star), call.star,
-                       call.kwargs, (call.end_signal, deadline, now))
+            board, key = call.end_signal or (None, None)
+            payload = [call.method, _large_items_by_ref(items, call.star), call.star,
+                       call.kwargs, [board, key, deadline, now]]
             if not self.owned:
-                return self.handle.__ray_call__.remote(run_batch, payload)
+                return self.handle.__ray_call__.remote(run_call, payload)
             if call.is_async:
                 return self.handle._rhmapper_run_async.remote(payload)
             return self.handle._rhmapper_run.remote(payload)
@@ -530,7 +531,7 @@ class ReplicaPool:
             if not direct:
                 raise
             return BatchReply([None], {0: _task_failure(error)}, None)
-        return BatchReply([value], None, None) if direct else value.unpacked()
+        return BatchReply([value], None, None) if direct else BatchReply.from_wire(value).unpacked()
 
     def abandon(self, token: ray.ObjectRef, replica: RayReplica, timed_out: bool = False) -> None:
         """Cancel a call nobody waits for; its slot is given back when the replica answers (see

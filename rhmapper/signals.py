@@ -15,8 +15,7 @@ import asyncio
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -33,8 +32,7 @@ _ASK_AFTER_RUNNING_SECONDS = 0.02
 _FUTURES_KEPT = 64
 
 
-@dataclass(frozen=True)
-class EndSignal:
+class EndSignal(NamedTuple):
     """Where a replica learns that a map ended: the driver's board actor and the map's key.
 
     Examples:
