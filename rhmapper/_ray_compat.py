@@ -91,14 +91,16 @@ def actor_table_entry(handle) -> dict:
     return ray._private.state.actors(actor_id=handle._actor_id.hex()) or {}
 
 
-def head_node_id(nodes: list[dict]) -> str | None:
-    """The node id of the head node among ``ray.nodes()``, or None if none is marked as head.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+"""The resource only the head node has. Missing public API: Ray marks its head node only by this
+internal resource (Ray Serve pins its controller with it too). Checked on Ray 2.60."""
 
-    Missing public API: Ray marks its head node only by the internal resource
-    ``node:__internal_head__``. Checked on Ray 2.60.
-    """
+
+def head_node_id(nodes: list[dict]) -> str | None:
+    """The node id of the head node among ``ray.nodes()``, or None if none is marked as head
+    (by `HEAD_NODE_RESOURCE`)."""
     for node in nodes:
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+        if node.get("Alive") and HEAD_NODE_RESOURCE in node.get("Resources", {}):
             return node["NodeID"]
     return None
 

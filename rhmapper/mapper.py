@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import operator
 import re
 import threading
@@ -20,10 +19,11 @@ from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module, is_async_callable, module, plain_class
 from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.progress import Progress
+from rhmapper.backend import Backend, LocalBackend
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
-from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapRun, MapStats, add_note
-from rhmapper.signals import open_end_signal, start_board
+from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
+from rhmapper.signals import start_board
 from rhmapper.wire import CallSpec
 
 
@@ -59,6 +59,7 @@ class Mapper:
         ready_timeout: float | None = None,
         replace_mismatched: bool = False,
         max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
+        on_cluster: bool = False,
     ) -> None:
         _check_concurrency(concurrency)
         if isinstance(max_call_bytes, bool) or not isinstance(max_call_bytes, int) \
@@ -83,8 +84,20 @@ class Mapper:
         else:
             check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
         ensure_ray()
-        self._pool = ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched)
-        start_board()
+        board, _ = start_board()
+        self.on_cluster = on_cluster
+        self._backend: Backend
+        if on_cluster:
+            from rhmapper.host import ClusterBackend
+
+            self._backend = ClusterBackend(
+                dict(obj=obj, method=method, env=self.env, concurrency=concurrency,
+                     ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
+                     max_call_bytes=max_call_bytes),
+                self.env.actor_options(), board)
+        else:
+            self._backend = LocalBackend(
+                ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched))
         self._cancel_events: set[threading.Event] = set()
         self._shut_down = False
         self.add_replicas(replicas)
@@ -149,7 +162,7 @@ class Mapper:
                 raise ValueError(
                     "add_replicas(n, concurrency=...) applies to your own actors; auto replicas "
                     "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
-            self._pool.add_auto(replicas)
+            self._backend.add_auto(replicas)
         elif isinstance(replicas, (list, tuple)):
             if self._class is None and replicas:
                 raise TypeError(
@@ -158,7 +171,7 @@ class Mapper:
             for handle in replicas:
                 if hasattr(handle, "__ray_call__") and not hasattr(handle, self.method):
                     raise AttributeError(f"actor {handle!r} has no method {self.method!r} to map")
-            self._pool.add_user(list(replicas), concurrency)
+            self._backend.add_user(list(replicas), concurrency)
         else:
             raise TypeError(
                 f"replicas must be a count or a list of Ray actor handles, got {type(replicas).__name__}")
@@ -172,7 +185,7 @@ class Mapper:
             ...     m.wait_ready(timeout=60).num_replicas
             2
         """
-        self._pool.wait_ready(timeout)
+        self._backend.wait_ready(timeout)
         return self
 
     def drop_replicas(self, count: int) -> None:
@@ -185,7 +198,7 @@ class Mapper:
             ...     m.replica_names
             ['drop_replica_0']
         """
-        self._pool.drop(count)
+        self._backend.drop(count)
 
     @property
     def replicas(self) -> list:
@@ -196,7 +209,7 @@ class Mapper:
             ...     [type(handle).__name__ for handle in m.replicas]
             ['ActorHandle', 'ActorHandle']
         """
-        return [replica.handle for replica in self._pool.replicas]
+        return self._backend.handles()
 
     @property
     def replica_names(self) -> list[str]:
@@ -207,7 +220,7 @@ class Mapper:
             ...     m.replica_names
             ['double_replica_0', 'double_replica_1']
         """
-        return [replica.name for replica in self._pool.replicas]
+        return self._backend.names()
 
     @property
     def num_replicas(self) -> int:
@@ -218,7 +231,7 @@ class Mapper:
             ...     m.num_replicas
             2
         """
-        return len(self._pool.replicas)
+        return len(self._backend.names())
 
     # -- the verbs --------------------------------------------------------------------------
 
@@ -304,16 +317,7 @@ class Mapper:
             [[('a', 2)], [('a', 2), ('b', 2)]]
         """
         self._method_of(method)
-        replicas = list(self._pool.replicas)
-        refs = [getattr(replica.handle, method).remote(*args, **kwargs) for replica in replicas]
-        results = []
-        for replica, ref in zip(replicas, refs):
-            try:
-                results.append(ray.get(ref))
-            except Exception as error:  # noted with the replica, then raised as it is
-                add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
-                raise
-        return results
+        return self._backend.broadcast(method, args, kwargs)
 
     def cancel(self) -> None:
         """Cancel every map running on this mapper (from another thread): in-flight calls are
@@ -342,7 +346,7 @@ class Mapper:
             >>> m.shutdown(); m.num_replicas
             0
         """
-        self._pool.shutdown(kill=not self.env.detached if kill is None else kill)
+        self._backend.shutdown(kill=not self.env.detached if kill is None else kill)
         self._shut_down = True
 
     def __enter__(self) -> "Mapper":
@@ -399,18 +403,12 @@ class Mapper:
         cancelled = threading.Event()
         self._cancel_events.add(cancelled)
 
-        def on_progress(done: int, stats: MapStats) -> None:
-            bar.update(done, stats, len(self._pool.slots))
+        def on_progress(done: int, stats: MapStats, ready: int) -> None:
+            bar.update(done, stats, ready)
 
-        end_signal, end_map = open_end_signal()
-        plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal))
-        run = MapRun(self._pool, plan, source, on_progress, cancelled)
         try:
-            yield from run.chunks()
-            if plan.collect:
-                yield run.results
+            yield from self._backend.run(plan, source, on_progress, cancelled)
         finally:
-            end_map()
             self._cancel_events.discard(cancelled)
             bar.close()
 
@@ -464,6 +462,7 @@ def mapper(
     ready_timeout: float | None = None,
     replace_mismatched: bool = False,
     max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
+    on_cluster: bool = False,
 ) -> Mapper:
     """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
 
@@ -486,6 +485,10 @@ def mapper(
             `PoolMismatchError`.
         max_call_bytes: auto batches carry at most about this many bytes of input per call
             (default 16 MiB, estimated from the items); a larger item goes alone in its call.
+        on_cluster: run the dispatch loop and the pool in an actor on the cluster's head node
+            (see `rhmapper.host`): the driver sends inputs and receives results in bulk, which
+            is much faster from a laptop over Ray Client, and `Mapper.spawn_map` becomes
+            possible (maps that outlive the driver).
 
     Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
 
@@ -497,4 +500,4 @@ def mapper(
     """
     return Mapper(obj, method=method, replicas=replicas, env=env, concurrency=concurrency,
                   ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
-                  max_call_bytes=max_call_bytes)
+                  max_call_bytes=max_call_bytes, on_cluster=on_cluster)

@@ -37,9 +37,9 @@ BATCH_BUDGET_SLACK = 4.0
 """Under ``timeout=``, a batch may run this many times its measured run time (plus one
 ``timeout``) before its items are sent again one by one."""
 QUEUE_AHEAD_SECONDS = 0.005
-"""A call expected to take less than this may wait in the queue of a replica whose slots are
-all busy (one such call per replica), so that the replica never idles for the round trip to
-the driver. A replica asks whether the map still runs only for a call queued longer than this
+"""With a fixed ``batch_size``, a call expected to take less than this may wait in the queue of
+a replica whose slots are all busy (one such call per replica), so that the replica never idles
+for the round trip to the driver. A replica asks whether the map still runs only for a call queued longer than this
 (`rhmapper.signals`), so a queued short call costs no extra question."""
 _EWMA_WEIGHT = 0.3
 _EMPTY = object()
@@ -377,11 +377,13 @@ class MapRun:
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
 
     def _may_queue_ahead(self) -> bool:
-        """Whether a short call (see `QUEUE_AHEAD_SECONDS`) may wait in a busy replica's queue.
-        Not under ``timeout=`` (a call's budget starts when it is sent), nor once a replica died
-        during the map (a queued call shares its replica's fate, and would count a crash)."""
-        return (self._plan.timeout is None and self._per_item_seconds is not None
-                and not self._replica_deaths)
+        """Whether a short call (see `QUEUE_AHEAD_SECONDS`) may wait in a busy replica's queue:
+        only with a fixed ``batch_size`` (auto batches are sized so that the round trip does not
+        matter), not under ``timeout=`` (a call's budget starts when it is sent), and not once a
+        replica died during the map (a queued call shares its replica's fate, and would count a
+        crash)."""
+        return (isinstance(self._plan.batch_size, int) and self._plan.timeout is None
+                and self._per_item_seconds is not None and not self._replica_deaths)
 
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""

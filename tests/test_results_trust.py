@@ -255,4 +255,4 @@ def test_imap_of_nothing_returns_at_once_while_replicas_start():
         started = time.monotonic()
         assert list(m.imap(iter([]))) == [] and list(m.imap_unordered([])) == []
         assert time.monotonic() - started < 0.3
-        assert m.num_replicas == 2 and not m._pool.slots, "the replicas were starting"
+        assert m.num_replicas == 2 and not m._backend.pool.slots, "the replicas were starting"

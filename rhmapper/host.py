@@ -1,0 +1,375 @@
+"""The mapper on the cluster (``rm.mapper(..., on_cluster=True)``): the dispatch loop and the
+replica pool run in a Ray actor, the *host*, by default on the head node; the driver sends inputs
+and receives results in bulk.
+
+The host runs an ordinary `rhmapper.Mapper` (with a `LocalBackend`): the scheduler is the same
+code. Each map is a `HostedMap`: the driver feeds its inputs in chunks (`MapperHost.feed`) and
+collects its results and progress with long polls (`MapperHost.take`), so a map costs a few
+round trips per chunk, not one per call. Maps started with `Mapper.spawn_map` keep running when
+the driver goes away (see `rhmapper.spawned`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+import uuid
+from typing import Any, Iterator
+
+import cloudpickle
+import ray
+
+from rhmapper import _ray_compat
+from rhmapper.backend import OnProgress
+from rhmapper.errors import MapCancelledError, RhmapperError
+from rhmapper.replicas import NAMESPACE, upload_local_dirs
+from rhmapper.scheduler import MapPlan, MapStats
+from rhmapper.sizing import mean_item_bytes
+
+TAKE_WAIT_SECONDS = 0.2
+"""A driver's poll for results waits at most this long on the host (then reports progress)."""
+FEED_CHUNK_BYTES = 8 * 2**20
+"""Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
+DRIVER_CHECK_SECONDS = 5.0
+"""How often a host looks whether the driver that created it is still there."""
+MAX_CONCURRENCY = 64
+"""Threads of a host: one per running map, plus the driver's polls and pool verbs."""
+
+
+class HostedMap:
+    """One map running in the host: its inputs as the driver fed them, its results until the
+    driver takes them, its counters, and how it ended.
+
+    Examples:
+        >>> hosted = HostedMap(window=None)
+        >>> hosted.feed(1, [3], last=True); hosted.feed(0, [1, 2], last=False)
+        >>> list(hosted.source())
+        [1, 2, 3]
+    """
+
+    def __init__(self, window: int | None) -> None:
+        self._changed = threading.Condition()
+        self._inputs: collections.deque = collections.deque()
+        self._early: dict[int, tuple[list, bool]] = {}
+        """Chunks that arrived before an earlier one (a host runs its calls on many threads)."""
+        self._next_chunk = 0
+        self._fed_all = False
+        self._outbox: list[list] = []
+        self.window = window
+        self.done = 0
+        self.stats = MapStats()
+        self.ready = 0
+        self.finished = False
+        self.error: BaseException | None = None
+        self.cancelled = threading.Event()
+        self.result_bytes = 0.0
+
+    def feed(self, number: int, items: list, last: bool) -> None:
+        """The driver's chunk ``number`` (from 0) of inputs; ``last`` if no more follow."""
+        with self._changed:
+            self._early[number] = (items, last)
+            while self._next_chunk in self._early:
+                items, last = self._early.pop(self._next_chunk)
+                self._next_chunk += 1
+                self._inputs.extend(items)
+                self._fed_all = self._fed_all or last
+            self._changed.notify_all()
+
+    def source(self) -> Iterator:
+        """The inputs, blocking until the driver feeds more (or says there are no more)."""
+        while True:
+            with self._changed:
+                while not self._inputs and not self._fed_all and not self.cancelled.is_set():
+                    self._changed.wait(TAKE_WAIT_SECONDS)
+                if not self._inputs:
+                    return
+                batch = list(self._inputs)
+                self._inputs.clear()
+            yield from batch
+
+    def on_progress(self, done: int, stats: MapStats, ready: int) -> None:
+        with self._changed:  # read by the next take, at most TAKE_WAIT_SECONDS from now
+            self.done += done
+            self.stats, self.ready = stats, ready
+
+    def put(self, chunk: list) -> None:
+        with self._changed:
+            self._outbox.append(chunk)
+            self._changed.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self._changed:
+            self.error, self.finished = error, True
+            self._changed.notify_all()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        with self._changed:
+            self._changed.notify_all()
+
+    def take(self, wait: float, eager: bool) -> dict:
+        """What happened since the last `take`, waiting up to ``wait`` seconds: for the first
+        results if ``eager``, else for the end of the map (fewer, larger replies)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.finished or (eager and self._outbox), wait)
+            chunks, self._outbox = self._outbox, []
+            return {"chunks": chunks, "done": self.done, "stats": self.stats, "ready": self.ready,
+                    "finished": self.finished,
+                    "error": None if self.error is None else _portable(self.error)}
+
+
+def _portable(error: BaseException) -> bytes:
+    """``error`` pickled for the driver (its own type and notes; a type the driver may not
+    import becomes an `RhmapperError` naming it)."""
+    try:
+        return cloudpickle.dumps(error)
+    except Exception as cause:  # an exception that cannot travel: say what it was
+        return cloudpickle.dumps(RhmapperError(f"{type(error).__name__}: {error} (the exception "
+                                               f"could not be sent from the host: {cause})"))
+
+
+class MapperHost:
+    """The actor that runs a mapper on the cluster. Created by `ClusterBackend`."""
+
+    def __init__(self, mapper_args: bytes, driver_board: str | None) -> None:
+        from rhmapper.mapper import Mapper  # the host runs an ordinary mapper
+
+        self.mapper = Mapper(**cloudpickle.loads(mapper_args), replicas=0)
+        self._maps: dict[str, HostedMap] = {}
+        self._lock = threading.Lock()
+        self._registered = threading.Condition(self._lock)
+        self._driver_board = driver_board
+        self.spawned: dict[str, Any] = {}
+        """Spawned maps by name (see `rhmapper.spawned.SpawnedRun`)."""
+        threading.Thread(target=self._watch_driver, daemon=True).start()
+
+    # -- the pool's verbs -------------------------------------------------------------------
+
+    def add_replicas(self, replicas: int | list, concurrency: int | None) -> None:
+        self.mapper.add_replicas(replicas, concurrency)
+
+    def drop_replicas(self, count: int) -> None:
+        self.mapper.drop_replicas(count)
+
+    def wait_ready(self, timeout: float | None) -> None:
+        self.mapper.wait_ready(timeout)
+
+    def handles(self) -> list:
+        return self.mapper.replicas
+
+    def names(self) -> list[str]:
+        return self.mapper.replica_names
+
+    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
+        return self.mapper.broadcast(method, *args, **kwargs)
+
+    def shutdown(self, kill: bool) -> None:
+        for hosted in list(self._maps.values()):
+            hosted.cancel()
+        with self._lock:
+            spawned_left = any(not run.collected for run in self.spawned.values())
+        if not spawned_left:
+            self.mapper.shutdown(kill=kill)
+            ray.actor.exit_actor()
+
+    # -- maps -------------------------------------------------------------------------------
+
+    def start(self, map_id: str, plan: MapPlan, items: list, last: bool) -> None:
+        """Start a map with its first chunk of ``items``; the next come with `feed`, the results
+        go with `take`."""
+        hosted = HostedMap(plan.window)
+        hosted.feed(0, items, last)
+        with self._registered:
+            self._maps[map_id] = hosted
+            self._registered.notify_all()
+        threading.Thread(target=self._run, args=(hosted, plan), daemon=True,
+                         name=f"rhmapper-map-{map_id[:8]}").start()
+
+    def _run(self, hosted: HostedMap, plan: MapPlan) -> None:
+        error = None
+        try:
+            for chunk in self.mapper._backend.run(plan, hosted.source(), hosted.on_progress,
+                                                  hosted.cancelled):
+                if chunk:
+                    hosted.result_bytes += mean_item_bytes(chunk) * len(chunk)
+                    hosted.put(chunk)
+        except BaseException as caught:  # the map's outcome, handed to the driver by take()
+            error = caught
+        hosted.finish(error)
+
+    def _hosted(self, map_id: str) -> HostedMap:
+        """The map ``map_id``, once `start` registered it (the host runs calls on many threads,
+        so a driver's next call may arrive first)."""
+        with self._registered:
+            if not self._registered.wait_for(lambda: map_id in self._maps, timeout=10.0):
+                raise RhmapperError(f"no map {map_id} on this host")
+            return self._maps[map_id]
+
+    def feed(self, map_id: str, number: int, items: list, last: bool) -> None:
+        self._hosted(map_id).feed(number, items, last)
+
+    def take(self, map_id: str, eager: bool, wait: float = TAKE_WAIT_SECONDS) -> dict:
+        hosted = self._hosted(map_id)
+        reply = hosted.take(wait, eager)
+        if reply["finished"]:
+            with self._lock:
+                self._maps.pop(map_id, None)
+        return reply
+
+    def cancel(self, map_id: str) -> None:
+        with self._lock:
+            hosted = self._maps.pop(map_id, None)
+        if hosted is not None:
+            hosted.cancel()
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def _watch_driver(self) -> None:
+        """Once the driver that created this host is gone, shut down as soon as no spawned map
+        is running or waiting to be collected."""
+        while self._driver_board is not None:
+            time.sleep(DRIVER_CHECK_SECONDS)
+            if _actor_exists(self._driver_board):
+                continue
+            with self._lock:
+                if any(not run.collected for run in self.spawned.values()):
+                    continue
+            self.mapper.shutdown(kill=not self.mapper.env.detached)
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def _actor_exists(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+class ClusterBackend:
+    """The driver's side of a mapper whose host runs on the cluster (see the module docstring).
+
+    The host is created with the env's ``runtime_env`` (it imports the user's code), no
+    resources, on the head node (`rhmapper._ray_compat.HEAD_NODE_RESOURCE`).
+    """
+
+    def __init__(self, mapper_args: dict, env_options: dict, driver_board: str) -> None:
+        options = upload_local_dirs(env_options)
+        host_class = ray.remote(MapperHost)
+        self.name = f"rhmapper_host_{uuid.uuid4().hex[:12]}"
+        self.host = host_class.options(
+            name=self.name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+            max_concurrency=MAX_CONCURRENCY, max_restarts=0,
+            runtime_env=options.get("runtime_env"),
+            resources={_ray_compat.HEAD_NODE_RESOURCE: 0.001},
+        ).remote(cloudpickle.dumps(mapper_args), driver_board)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self.host, method).remote(*args))
+
+    def add_auto(self, count: int) -> None:
+        self._call("add_replicas", count, None)
+
+    def add_user(self, handles: list, concurrency: int | None) -> None:
+        self._call("add_replicas", handles, concurrency)
+
+    def drop(self, count: int) -> None:
+        self._call("drop_replicas", count)
+
+    def wait_ready(self, timeout: float | None) -> None:
+        self._call("wait_ready", timeout)
+
+    def handles(self) -> list:
+        return self._call("handles")
+
+    def names(self) -> list[str]:
+        return self._call("names")
+
+    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
+        return self._call("broadcast", method, args, kwargs)
+
+    def shutdown(self, kill: bool) -> None:
+        try:
+            self._call("shutdown", kill)
+        except ray.exceptions.RayActorError:
+            pass  # the host exits in shutdown: its call ends with the actor
+
+    def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
+            cancelled: threading.Event) -> Iterator[list]:
+        map_id = uuid.uuid4().hex
+        feeder = _Feeder(source, plan.window)
+        # The host streams a list's results in order as they come (not all at the end), so
+        # that sending them overlaps with the map.
+        hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
+        started = self.host.start.remote(map_id, hosted_plan, *feeder.next_chunk())
+        results: list = []
+        finished = False
+        done = 0
+        try:
+            feeder.top_up(self.host.feed, map_id)
+            while True:
+                if cancelled.is_set():
+                    raise MapCancelledError("the map was cancelled with Mapper.cancel()")
+                try:
+                    reply = ray.get(self.host.take.remote(map_id, not plan.collect))
+                except ray.exceptions.RayTaskError:
+                    ray.get(started)  # the map could not start: raise why
+                    raise
+                if reply["done"] > done:
+                    on_progress(reply["done"] - done, reply["stats"], reply["ready"])
+                    done = reply["done"]
+                for chunk in reply["chunks"]:
+                    feeder.received += len(chunk)
+                    if plan.collect:
+                        results.extend(chunk)
+                    else:
+                        yield chunk
+                if reply["error"] is not None:
+                    finished = True
+                    raise cloudpickle.loads(reply["error"])
+                if reply["finished"]:
+                    finished = True
+                    if plan.collect:
+                        yield results
+                    return
+                feeder.top_up(self.host.feed, map_id)
+        finally:
+            if not finished:
+                self.host.cancel.remote(map_id)
+
+
+class _Feeder:
+    """A map's inputs, taken from ``source`` in chunks of about `FEED_CHUNK_BYTES`, keeping at
+    most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
+    verbs that collect a list already hold every input)."""
+
+    def __init__(self, source: Iterator, window: int | None) -> None:
+        self._source, self._window = source, window
+        self._per_chunk: int | None = None
+        self.sent = 0
+        self.received = 0
+        self.chunks = 0
+        self.exhausted = False
+
+    def next_chunk(self) -> tuple[list, bool]:
+        """The next chunk and whether it is the last."""
+        room = self._per_chunk or 16
+        if self._window is not None:
+            room = min(room, self._window - (self.sent - self.received))
+        chunk = list(itertools.islice(self._source, room))
+        if self._per_chunk is None and chunk:
+            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // max(mean_item_bytes(chunk), 1.0)))
+        self.exhausted = len(chunk) < room
+        self.sent += len(chunk)
+        self.chunks += 1
+        return chunk, self.exhausted
+
+    def top_up(self, feed: Any, map_id: str) -> None:
+        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows."""
+        while not self.exhausted and (self._window is None
+                                      or self.sent - self.received < self._window):
+            number = self.chunks
+            feed.remote(map_id, number, *self.next_chunk())
