@@ -33,8 +33,9 @@ __version__ = "0.1.0"
 try:
     from rhmapper.mapper import Mapper, mapper
     from rhmapper.module import Module, module
+    from rhmapper.spawned import MapStatus, SpawnedMap, get_map
 except ImportError as error:
     if error.name != "ray":  # without Ray only the core above is here; anything else is a bug
         raise
 else:
-    __all__ += ["Mapper", "Module", "mapper", "module"]
+    __all__ += ["MapStatus", "Mapper", "Module", "SpawnedMap", "get_map", "mapper", "module"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from rhmapper.errors import MapCancelledError, RhmapperError
 from rhmapper.replicas import NAMESPACE, upload_local_dirs
 from rhmapper.scheduler import MapPlan, MapStats
 from rhmapper.sizing import mean_item_bytes
+from rhmapper import spawned
 
 TAKE_WAIT_SECONDS = 0.2
 """A driver's poll for results waits at most this long on the host (then reports progress)."""
@@ -50,8 +52,13 @@ class HostedMap:
         [1, 2, 3]
     """
 
-    def __init__(self, window: int | None) -> None:
+    def __init__(self, window: int | None, keep: bool = False) -> None:
         self._changed = threading.Condition()
+        self.keep = keep
+        """Keep every result (a spawned map, read from any position) instead of handing each
+        chunk to the driver once."""
+        self.values: list = []
+        self.finished_at: float | None = None
         self._inputs: collections.deque = collections.deque()
         self._early: dict[int, tuple[list, bool]] = {}
         """Chunks that arrived before an earlier one (a host runs its calls on many threads)."""
@@ -97,13 +104,25 @@ class HostedMap:
 
     def put(self, chunk: list) -> None:
         with self._changed:
-            self._outbox.append(chunk)
+            if self.keep:
+                self.values.extend(chunk)
+            else:
+                self._outbox.append(chunk)
             self._changed.notify_all()
 
     def finish(self, error: BaseException | None) -> None:
         with self._changed:
             self.error, self.finished = error, True
+            self.finished_at = time.monotonic()
             self._changed.notify_all()
+
+    def read(self, start: int, wait: float) -> dict:
+        """The kept results from position ``start`` on, waiting up to ``wait`` seconds for one."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.finished or len(self.values) > start, wait)
+            return {"values": self.values[start:], "emitted": len(self.values),
+                    "finished": self.finished,
+                    "error": None if self.error is None else _portable(self.error)}
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -142,9 +161,9 @@ class MapperHost:
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
         self._driver_board = driver_board
-        self.spawned: dict[str, Any] = {}
-        """Spawned maps by name (see `rhmapper.spawned.SpawnedRun`)."""
-        threading.Thread(target=self._watch_driver, daemon=True).start()
+        self._spawned: dict[str, tuple[HostedMap, int, float]] = {}
+        """Spawned maps by name: the map, its number of inputs, and how long to keep it."""
+        threading.Thread(target=self._watch, daemon=True, name="rhmapper-host-watch").start()
 
     # -- the pool's verbs -------------------------------------------------------------------
 
@@ -167,10 +186,14 @@ class MapperHost:
         return self.mapper.broadcast(method, *args, **kwargs)
 
     def shutdown(self, kill: bool) -> None:
-        for hosted in list(self._maps.values()):
-            hosted.cancel()
+        """End the driver's maps; exit (with the pool) unless spawned maps are still kept, in
+        which case the host stays until they are collected, deleted or expired."""
         with self._lock:
-            spawned_left = any(not run.collected for run in self.spawned.values())
+            running = [hosted for hosted in self._maps.values() if not hosted.keep]
+            self._driver_board = "" if self._spawned else self._driver_board
+            spawned_left = bool(self._spawned)
+        for hosted in running:
+            hosted.cancel()
         if not spawned_left:
             self.mapper.shutdown(kill=kill)
             ray.actor.exit_actor()
@@ -188,13 +211,18 @@ class MapperHost:
         threading.Thread(target=self._run, args=(hosted, plan), daemon=True,
                          name=f"rhmapper-map-{map_id[:8]}").start()
 
-    def _run(self, hosted: HostedMap, plan: MapPlan) -> None:
+    def _run(self, hosted: HostedMap, plan: MapPlan, max_result_bytes: float = math.inf) -> None:
         error = None
         try:
             for chunk in self.mapper._backend.run(plan, hosted.source(), hosted.on_progress,
                                                   hosted.cancelled):
                 if chunk:
                     hosted.result_bytes += mean_item_bytes(chunk) * len(chunk)
+                    if hosted.result_bytes > max_result_bytes:
+                        raise RhmapperError(
+                            f"the spawned map's results outgrew max_result_bytes="
+                            f"{max_result_bytes:.0f} (they are kept in the host's memory); read "
+                            "them as they come with iter_results(), or raise max_result_bytes")
                     hosted.put(chunk)
         except BaseException as caught:  # the map's outcome, handed to the driver by take()
             error = caught
@@ -225,18 +253,76 @@ class MapperHost:
         if hosted is not None:
             hosted.cancel()
 
+    # -- spawned maps -----------------------------------------------------------------------
+
+    def spawn(self, name: str, plan: MapPlan, items: list, last: bool, total: int,
+              keep_seconds: float, max_result_bytes: float) -> None:
+        """Start the spawned map ``name`` (the rest of its inputs come with `feed`, under the
+        map id ``spawn:<name>``); its results are kept until read, deleted or expired."""
+        if name in self._spawned:
+            raise spawned.name_taken(name)
+        spawned.register(name, ray.get_runtime_context().current_actor)
+        if plan.call.kwargs:  # the driver's refs go with the driver: the host owns copies
+            kwargs = {key: ray.put(ray.get(ref)) for key, ref in plan.call.kwargs.items()}
+            plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, kwargs=kwargs))
+        hosted = HostedMap(None, keep=True)
+        hosted.feed(0, items, last)
+        with self._registered:
+            self._maps[f"spawn:{name}"] = hosted
+            self._spawned[name] = (hosted, total, keep_seconds)
+            self._registered.notify_all()
+        threading.Thread(target=self._run, args=(hosted, plan, max_result_bytes), daemon=True,
+                         name=f"rhmapper-spawned-{name}").start()
+
+    def _spawned_map(self, name: str) -> HostedMap:
+        with self._lock:
+            if name not in self._spawned:
+                raise KeyError(f"no spawned map named {name!r} on this host (collected, deleted "
+                               "or expired)")
+            return self._spawned[name][0]
+
+    def has_spawned(self, name: str) -> bool:
+        return name in self._spawned
+
+    def spawned_status(self, name: str) -> dict:
+        hosted = self._spawned_map(name)
+        if not hosted.finished:
+            state = "running"
+        elif hosted.error is None:
+            state = "done"
+        else:
+            state = "cancelled" if isinstance(hosted.error, MapCancelledError) else "failed"
+        return {"done": hosted.done, "total": self._spawned[name][1],
+                "failed": hosted.stats.failures, "state": state}
+
+    def spawned_read(self, name: str, start: int, wait: float) -> dict:
+        return self._spawned_map(name).read(start, wait)
+
+    def spawned_cancel(self, name: str) -> None:
+        self._spawned_map(name).cancel()
+
+    def spawned_delete(self, name: str) -> None:
+        hosted = self._spawned_map(name)
+        hosted.cancel()
+        with self._lock:
+            self._spawned.pop(name, None)
+            self._maps.pop(f"spawn:{name}", None)
+        spawned.unregister(name)
+
     # -- lifetime ---------------------------------------------------------------------------
 
-    def _watch_driver(self) -> None:
-        """Once the driver that created this host is gone, shut down as soon as no spawned map
-        is running or waiting to be collected."""
-        while self._driver_board is not None:
+    def _watch(self) -> None:
+        """Drop spawned maps kept past their time; once the driver that created this host is
+        gone (or shut the mapper down), exit as soon as no spawned map is left."""
+        while True:
             time.sleep(DRIVER_CHECK_SECONDS)
-            if _actor_exists(self._driver_board):
-                continue
             with self._lock:
-                if any(not run.collected for run in self.spawned.values()):
-                    continue
+                old = [name for name, (hosted, _, keep) in self._spawned.items()
+                       if spawned.expired(hosted.finished_at, keep)]
+            for name in old:
+                self.spawned_delete(name)
+            if self._spawned or (self._driver_board and _actor_exists(self._driver_board)):
+                continue
             self.mapper.shutdown(kill=not self.mapper.env.detached)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
@@ -341,6 +427,17 @@ class ClusterBackend:
                 self.host.cancel.remote(map_id)
 
 
+    def spawn(self, name: str, plan: MapPlan, items: list, keep_seconds: float,
+              max_result_bytes: float) -> "spawned.SpawnedMap":
+        """Ship ``items`` to the host and start the spawned map ``name`` there."""
+        feeder = _Feeder(iter(items), None)
+        hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
+        ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.next_chunk(), len(items),
+                                       keep_seconds, max_result_bytes))
+        ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
+        return spawned.SpawnedMap(name, self.host)
+
+
 class _Feeder:
     """A map's inputs, taken from ``source`` in chunks of about `FEED_CHUNK_BYTES`, keeping at
     most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
@@ -367,9 +464,12 @@ class _Feeder:
         self.chunks += 1
         return chunk, self.exhausted
 
-    def top_up(self, feed: Any, map_id: str) -> None:
-        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows."""
+    def top_up(self, feed: Any, map_id: str) -> list:
+        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows;
+        return their refs."""
+        sent = []
         while not self.exhausted and (self._window is None
                                       or self.sent - self.received < self._window):
             number = self.chunks
-            feed.remote(map_id, number, *self.next_chunk())
+            sent.append(feed.remote(map_id, number, *self.next_chunk()))
+        return sent

@@ -23,6 +23,7 @@ from rhmapper.backend import Backend, LocalBackend
 from rhmapper.replicas import ReplicaPool, check_picklable
 from rhmapper.retries import Retries
 from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
+from rhmapper import spawned
 from rhmapper.signals import start_board
 from rhmapper.wire import CallSpec
 
@@ -249,14 +250,8 @@ class Mapper:
             ...     m.map([2, 3], [2, 2], retries=1)
             [4, 9]
         """
-        _check_inputs("map", iterables)
-        settings = MapSettings.of(options, stream=False)
-        columns = [list(iterable) for iterable in iterables]
-        lengths = [len(column) for column in columns]
-        if len(set(lengths)) > 1:
-            raise ValueError(f"map() inputs have unequal lengths {lengths}; pass equally long iterables")
-        items = columns[0] if len(columns) == 1 else list(zip(*columns))
-        return self._collect(items, len(columns) > 1, settings)
+        items, star = _items_of("map", iterables)
+        return self._collect(items, star, MapSettings.of(options, stream=False))
 
     def starmap(self, iterable: Iterable[Iterable], **options: Unpack[MapOptions]) -> list:
         """Like ``itertools.starmap``: each input is a tuple of arguments. Options as in `map`.
@@ -318,6 +313,41 @@ class Mapper:
         """
         self._method_of(method)
         return self._backend.broadcast(method, args, kwargs)
+
+    def spawn_map(self, *iterables: Iterable, name: str,
+                  keep_seconds: float = spawned.DEFAULT_KEEP_SECONDS,
+                  max_result_bytes: int = spawned.DEFAULT_MAX_RESULT_BYTES,
+                  **options: Unpack[MapOptions]) -> spawned.SpawnedMap:
+        """Start a `map` that keeps running on the cluster when this driver goes away; return
+        its handle (`rhmapper.spawned.SpawnedMap`: ``status()``, ``results()``,
+        ``iter_results()``, ``cancel()``, ``delete()``). Any driver finds it again with
+        `rhmapper.get_map` ``(name)``. Needs ``rm.mapper(..., on_cluster=True)``.
+
+        The inputs are shipped to the mapper's host first. The results are kept in the host's
+        memory until collected (``results()`` reads and deletes them), deleted, or for
+        ``keep_seconds`` after the map ends (default a day); a map whose results outgrow
+        ``max_result_bytes`` (default 1 GiB) fails. Options as in `map` (no progress bar).
+        ``ObjectRef`` inputs must outlive this driver (``kwargs=`` values are copied to the
+        host).
+
+        Examples:
+            >>> with rm.mapper(abs, replicas=1, on_cluster=True) as m:
+            ...     spawned = m.spawn_map([-1, 2, -3], name="doc_spawn")
+            ...     spawned.results()
+            [1, 2, 3]
+        """
+        if not self.on_cluster:
+            raise RhmapperError(
+                "spawn_map runs the map on the cluster, without this driver: create the mapper "
+                "with rm.mapper(..., on_cluster=True)")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"spawn_map needs a name (a non-empty str) to find the map again, "
+                             f"got {name!r}")
+        self._check_open()
+        items, star = _items_of("spawn_map", iterables)
+        plan = self._plan(star, MapSettings.of(options, stream=False), collect=True,
+                          total=len(items), window=None)
+        return self._backend.spawn(name, plan, items, keep_seconds, max_result_bytes)
 
     def cancel(self) -> None:
         """Cancel every map running on this mapper (from another thread): in-flight calls are
@@ -435,6 +465,18 @@ class Mapper:
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
+
+
+def _items_of(verb: str, iterables: tuple) -> tuple[list, bool]:
+    """The items of a map over ``iterables`` (tuples of arguments if more than one), and whether
+    they are tuples."""
+    _check_inputs(verb, iterables)
+    columns = [list(iterable) for iterable in iterables]
+    lengths = [len(column) for column in columns]
+    if len(set(lengths)) > 1:
+        raise ValueError(f"{verb}() inputs have unequal lengths {lengths}; pass equally long "
+                         "iterables")
+    return (columns[0] if len(columns) == 1 else list(zip(*columns))), len(columns) > 1
 
 
 def _check_inputs(verb: str, iterables: tuple) -> None:

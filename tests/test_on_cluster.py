@@ -1,0 +1,143 @@
+"""``rm.mapper(..., on_cluster=True)``: the pool and the dispatch loop run in a host actor on the
+head node; every verb behaves as with the mapper on the driver, errors included.
+
+Over Ray Client, and with a driver killed mid-map, see tests/test_ray_client.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import ray
+
+import rhmapper as rm
+from rhmapper import _ray_compat
+
+
+def square(x):
+    return x * x
+
+
+def fails_on_three(x):
+    if x == 3:
+        raise KeyError(f"no {x}")
+    return x
+
+
+def naps(x):
+    time.sleep(x)
+    return x
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, amount):
+        self.total += amount
+        return self.total
+
+
+@pytest.fixture
+def on_cluster(ray_local):
+    with rm.mapper(square, replicas=2, env=rm.Env(compute={"CPU": 0.5}), on_cluster=True) as m:
+        yield m
+
+
+def test_every_verb_runs_on_the_host(on_cluster):
+    m = on_cluster
+    assert m.wait_ready(timeout=120) is m and m.num_replicas == 2
+    assert m.map(range(50)) == [x * x for x in range(50)]
+    assert m.map(range(200), batch_size=1) == [x * x for x in range(200)]
+    assert m.starmap([(2,), (3,)]) == [4, 9]
+    assert list(m.imap(range(100), window=8)) == [x * x for x in range(100)]
+    assert sorted(m.imap_unordered(range(30))) == sorted(x * x for x in range(30))
+    assert m.call(12) == 144
+    assert m.map([]) == []
+    m.add_replicas(1)
+    assert len(m.replica_names) == 3 and all(name.startswith("square_") for name in m.replica_names)
+    assert [type(handle).__name__ for handle in m.replicas] == ["ActorHandle"] * 3
+    m.drop_replicas(2)
+    assert m.num_replicas == 1
+    assert m.map(range(10)) == [x * x for x in range(10)]
+
+
+def test_host_runs_on_the_head_node_with_no_resources(on_cluster):
+    host = on_cluster._backend.host
+    node = ray.get(host.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    assert node == _ray_compat.head_node_id(ray.nodes())
+    assert on_cluster.map([4]) == [16]
+
+
+def test_errors_are_the_users_own_with_their_notes(ray_local):
+    with rm.mapper(fails_on_three, replicas=1, on_cluster=True) as m:
+        with pytest.raises(KeyError, match="no 3") as caught:
+            m.map(range(6))
+        assert caught.value.__notes__[-1].startswith("rhmapper: item 3 failed on replica ")
+        values = m.map(range(6), return_exceptions=True)
+        assert values[:3] == [0, 1, 2] and values[4:] == [4, 5] and isinstance(values[3], KeyError)
+        with pytest.raises(TypeError, match="unknown map option 'retry'"):
+            m.map([1], retry=2)
+
+
+def test_timeout_and_cancel_end_the_map(ray_local):
+    with rm.mapper(naps, replicas=1, on_cluster=True) as m:
+        values = m.map([0.0, 5.0, 0.0], timeout=1.0, return_exceptions=True, batch_size=1)
+        assert values[0] == 0.0 and values[2] == 0.0 and isinstance(values[1], TimeoutError)
+        threading.Timer(1.0, m.cancel).start()
+        started = time.monotonic()
+        with pytest.raises(rm.MapCancelledError):
+            m.map([3.0] * 4, batch_size=1)
+        assert time.monotonic() - started < 2.9
+
+
+def test_broadcast_reaches_every_replica_of_a_class(ray_local):
+    with rm.mapper(Counter, method="add", replicas=2, on_cluster=True) as m:
+        assert m.broadcast("add", 5) == [5, 5]
+        assert sorted(m.map([1, 1], batch_size=1)) == [6, 6]
+
+
+def test_shutdown_ends_the_host_and_its_replicas(ray_local):
+    m = rm.mapper(square, replicas=1, on_cluster=True)
+    host, replica = m._backend.host, m.replicas[0]
+    assert m.map([3]) == [9]
+    m.shutdown()
+    for actor in (host, replica):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_call__.remote(lambda self: 1), timeout=30)
+
+
+def test_spawned_map_is_found_by_name_and_kept_until_collected(ray_local):
+    with rm.mapper(square, replicas=2, on_cluster=True) as m:
+        spawned = m.spawn_map(range(100), name="test_spawned_squares", batch_size=1)
+        assert rm.get_map("test_spawned_squares").iter_results(delete=False).__next__() == 0
+        assert spawned.results(delete=False) == [x * x for x in range(100)]
+        assert rm.get_map("test_spawned_squares").status() == rm.MapStatus(100, 100, 0, "done")
+        with pytest.raises(ValueError, match="already exists"):
+            m.spawn_map([1], name="test_spawned_squares")
+        assert rm.get_map("test_spawned_squares").results() == [x * x for x in range(100)]
+        with pytest.raises(KeyError, match="no spawned map named 'test_spawned_squares'"):
+            rm.get_map("test_spawned_squares")
+
+
+def test_spawned_map_reports_failure_and_cancel(ray_local):
+    with rm.mapper(naps, replicas=1, on_cluster=True) as m:
+        spawned = m.spawn_map([0.0, 0.0, "x"], name="test_spawned_fails")
+        with pytest.raises(TypeError):
+            spawned.results()
+        assert spawned.status().state == "failed"
+        spawned.delete()
+        slow = m.spawn_map([2.0] * 5, name="test_spawned_cancel", batch_size=1)
+        slow.cancel()
+        with pytest.raises(rm.MapCancelledError):
+            slow.results()
+        assert slow.status().state == "cancelled" and slow.status().done < 5
+        slow.delete()
+
+
+def test_spawn_map_needs_the_mapper_on_the_cluster(ray_local):
+    with rm.mapper(square, replicas=0) as m:
+        with pytest.raises(rm.RhmapperError, match="on_cluster=True"):
+            m.spawn_map([1], name="x")
