@@ -33,7 +33,7 @@ from rhmapper import spawned
 
 TAKE_WAIT_SECONDS = 0.2
 """A driver's poll for results waits at most this long on the host (then reports progress)."""
-FEED_CHUNK_BYTES = 8 * 2**20
+FEED_CHUNK_BYTES = 2**20
 """Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
 DRIVER_CHECK_SECONDS = 5.0
 """How often a host looks whether the driver that created it is still there."""

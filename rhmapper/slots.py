@@ -29,15 +29,17 @@ class SlotIndex:
     `took` and `gave_back` change ``in_flight``, also of replicas that are not ready.
 
     Examples:
-        >>> from types import SimpleNamespace as Replica
-        >>> a, b = Replica(name="a", capacity=1, in_flight=0), Replica(name="b", capacity=2, in_flight=0)
+        >>> class Replica:
+        ...     def __init__(self, name, capacity):
+        ...         self.name, self.capacity, self.in_flight = name, capacity, 0
+        >>> a, b = Replica("a", capacity=1), Replica("b", capacity=2)
         >>> index = SlotIndex(); index.join(a); index.join(b)
         >>> index.least_loaded().name          # b has two free slots, a one
         'b'
         >>> index.took(b); index.took(b); index.least_loaded().name
         'a'
         >>> index.took(a); index.least_loaded() is None, index.least_loaded(spare=1).name
-        (True, 'a')
+        (True, 'b')
         >>> len(index), index.total
         (2, 3)
     """

@@ -10,7 +10,8 @@ import pytest
 
 @pytest.mark.parametrize("name", [
     "rhmapper.env", "rhmapper.errors", "rhmapper.options", "rhmapper.progress",
-    "rhmapper.retries", "rhmapper.scheduler", "rhmapper.sizing", "rhmapper.wire",
+    "rhmapper.retries", "rhmapper.scheduler", "rhmapper.sizing", "rhmapper.slots",
+    "rhmapper.wire",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

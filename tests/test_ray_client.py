@@ -247,3 +247,99 @@ def test_users_actors_async_functions_and_refs_over_ray_client(head):
     assert result["values"] == [10 * x for x in range(12)]
     assert result["tags"] == ["a", "b"]
     assert result["doubled"] == [2 * x for x in range(6)]
+
+
+ON_CLUSTER = """
+    import json
+    import ray
+    import rhmapper as rm
+
+    def cube(x):
+        return x ** 3
+
+    def picky(x):
+        if x == 2:
+            raise LookupError("two")
+        return x
+
+    with rm.mapper(cube, replicas=2, env=rm.Env(compute={"CPU": 0.5}), on_cluster=True) as m:
+        values = m.map(range(300), batch_size=1)
+        streamed = list(m.imap(range(50), window=8))
+    with rm.mapper(picky, replicas=1, on_cluster=True) as m:
+        try:
+            m.map(range(4))
+            error = None
+        except LookupError as caught:
+            error = {"type": type(caught).__name__, "note": caught.__notes__[-1]}
+    print(json.dumps({"client": ray.util.client.ray.is_connected(), "values": values,
+                      "streamed": streamed, "error": error}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_mapper_on_the_cluster_over_ray_client(head):
+    result = last_json(run_python(ON_CLUSTER, driver_env(head, RAY_ADDRESS=head.client_address)))
+    assert result["client"] is True
+    assert result["values"] == [x ** 3 for x in range(300)]
+    assert result["streamed"] == [x ** 3 for x in range(50)]
+    assert result["error"]["type"] == "LookupError"
+    assert result["error"]["note"].startswith("rhmapper: item 2 failed on replica picky_")
+
+
+SPAWNS_AND_WAITS = """
+    import json, sys, time
+    import rhmapper as rm
+
+    def logged(x, log):
+        time.sleep(0.25)
+        with open(log, "a") as file:  # one line per execution, appended by the replicas
+            file.write(f"{x}\\n")
+        return x * 7
+
+    m = rm.mapper(logged, replicas=2, env=rm.Env(compute={"CPU": 0.5}), on_cluster=True)
+    spawned = m.spawn_map(range(40), name="killed_driver_map", kwargs={"log": sys.argv[1]},
+                          batch_size=1)
+    status = spawned.status()
+    print(json.dumps({"state": status.state, "done": status.done}), flush=True)
+    time.sleep(600)  # killed by the test
+"""
+
+COLLECTS = """
+    import json
+    import rhmapper as rm
+
+    spawned = rm.get_map("killed_driver_map")
+    first = spawned.status()
+    values = spawned.results()
+    try:
+        rm.get_map("killed_driver_map")
+        gone = False
+    except KeyError:
+        gone = True
+    print(json.dumps({"first": [first.state, first.done, first.total], "values": values,
+                      "gone": gone}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_spawned_map_outlives_its_killed_driver(head, tmp_path):
+    """The driver that spawned the map is killed (SIGKILL) while the map runs; another driver
+    attaches by name and gets every result exactly once, and each item ran exactly once."""
+    log = tmp_path / "executions.log"
+    env = driver_env(head, RAY_ADDRESS=head.client_address)
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SPAWNS_AND_WAITS), str(log)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        spawned_at = json.loads(first.stdout.readline())
+    finally:
+        first.kill()  # SIGKILL: no clean-up of any kind in the driver
+        first.wait(timeout=30)
+    assert spawned_at["state"] == "running" and spawned_at["done"] < 40, spawned_at
+    result = last_json(run_python(COLLECTS, env, timeout=180))
+    assert result["values"] == [x * 7 for x in range(40)]
+    assert result["gone"] is True, "a collected map is deleted"
+    assert result["first"][2] == 40
+    executions = log.read_text().split()
+    assert sorted(map(int, executions)) == list(range(40)), "every item ran exactly once"
