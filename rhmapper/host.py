@@ -35,6 +35,8 @@ TAKE_WAIT_SECONDS = 0.2
 """A driver's poll for results waits at most this long on the host (then reports progress)."""
 FEED_CHUNK_BYTES = 2**20
 """Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
+START_ALL_BYTES = 64 * 2**20
+"""A list of inputs up to this size (estimated) goes to the host whole, with the map's start."""
 DRIVER_CHECK_SECONDS = 5.0
 """How often a host looks whether the driver that created it is still there."""
 MAX_CONCURRENCY = 64
@@ -204,17 +206,19 @@ class MapperHost:
         """Start a map with its first chunk of ``items``; the next come with `feed`, the results
         go with `take`."""
         hosted = HostedMap(plan.window)
-        hosted.feed(0, items, last)
+        hosted.feed(0, [] if last else items, last)
         with self._registered:
             self._maps[map_id] = hosted
             self._registered.notify_all()
-        threading.Thread(target=self._run, args=(hosted, plan), daemon=True,
+        source = iter(items) if last else hosted.source()  # all there: no need to wait for more
+        threading.Thread(target=self._run, args=(hosted, plan, source), daemon=True,
                          name=f"rhmapper-map-{map_id[:8]}").start()
 
-    def _run(self, hosted: HostedMap, plan: MapPlan, max_result_bytes: float = math.inf) -> None:
+    def _run(self, hosted: HostedMap, plan: MapPlan, source: Iterator,
+             max_result_bytes: float = math.inf) -> None:
         error = None
         try:
-            for chunk in self.mapper._backend.run(plan, hosted.source(), hosted.on_progress,
+            for chunk in self.mapper._backend.run(plan, source, hosted.on_progress,
                                                   hosted.cancelled):
                 if chunk:
                     hosted.result_bytes += mean_item_bytes(chunk) * len(chunk)
@@ -266,12 +270,14 @@ class MapperHost:
             kwargs = {key: ray.put(ray.get(ref)) for key, ref in plan.call.kwargs.items()}
             plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, kwargs=kwargs))
         hosted = HostedMap(None, keep=True)
-        hosted.feed(0, items, last)
+        hosted.feed(0, [] if last else items, last)
         with self._registered:
             self._maps[f"spawn:{name}"] = hosted
             self._spawned[name] = (hosted, total, keep_seconds)
             self._registered.notify_all()
-        threading.Thread(target=self._run, args=(hosted, plan, max_result_bytes), daemon=True,
+        source = iter(items) if last else hosted.source()
+        threading.Thread(target=self._run, args=(hosted, plan, source, max_result_bytes),
+                         daemon=True,
                          name=f"rhmapper-spawned-{name}").start()
 
     def _spawned_map(self, name: str) -> HostedMap:
@@ -386,7 +392,7 @@ class ClusterBackend:
     def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
         map_id = uuid.uuid4().hex
-        feeder = _Feeder(source, plan.window)
+        feeder = _Feeder(source, plan.window, plan.total if plan.collect else None)
         # The host streams a list's results in order as they come (not all at the end), so
         # that sending them overlaps with the map.
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
@@ -430,7 +436,7 @@ class ClusterBackend:
     def spawn(self, name: str, plan: MapPlan, items: list, keep_seconds: float,
               max_result_bytes: float) -> "spawned.SpawnedMap":
         """Ship ``items`` to the host and start the spawned map ``name`` there."""
-        feeder = _Feeder(iter(items), None)
+        feeder = _Feeder(iter(items), None, len(items))
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
         ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.next_chunk(), len(items),
                                        keep_seconds, max_result_bytes))
@@ -443,8 +449,8 @@ class _Feeder:
     most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
     verbs that collect a list already hold every input)."""
 
-    def __init__(self, source: Iterator, window: int | None) -> None:
-        self._source, self._window = source, window
+    def __init__(self, source: Iterator, window: int | None, total: int | None = None) -> None:
+        self._source, self._window, self._total = source, window, total
         self._per_chunk: int | None = None
         self.sent = 0
         self.received = 0
@@ -458,7 +464,11 @@ class _Feeder:
             room = min(room, self._window - (self.sent - self.received))
         chunk = list(itertools.islice(self._source, room))
         if self._per_chunk is None and chunk:
-            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // max(mean_item_bytes(chunk), 1.0)))
+            per_item = max(mean_item_bytes(chunk), 1.0)
+            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // per_item))
+            if self._window is None and (self._total or 0) * per_item <= START_ALL_BYTES:
+                chunk.extend(self._source)  # a list held by the driver anyway: all in one go
+                room = len(chunk) + 1
         self.exhausted = len(chunk) < room
         self.sent += len(chunk)
         self.chunks += 1
