@@ -6,6 +6,9 @@ Ray upgrade breaks (at most) this file, and a reader sees at once what rhmapper 
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import ray
 
 
@@ -216,3 +219,39 @@ def monitor_autoscaling_config(gcs_address: str) -> str | None:
         if options.get("gcs-address", "").rsplit(":", 1)[-1] == port:
             return options.get("autoscaling-config", "")
     return None
+
+
+def client_connection(context) -> object:
+    """The connection behind ``ray.init("ray://...", allow_multiple=True)``'s context: what
+    `using_client_connection` switches to. While the context is not entered, Ray keeps that
+    connection in its ``_context_to_restore``.
+
+    Missing public API: entering Ray's ``ClientContext`` (``with context:``) swaps one slot on
+    the context object, so it is neither re-entrant nor safe from two threads; the thread-local
+    ``ray.util.client.ray.set_context`` it calls is. Checked on Ray 2.60.
+    """
+    return context._context_to_restore
+
+
+@contextlib.contextmanager
+def using_client_connection(connection) -> Iterator[None]:
+    """Make Ray calls of this thread go to ``connection`` (see `client_connection`)."""
+    previous = ray.util.client.ray.set_context(connection)
+    try:
+        yield
+    finally:
+        ray.util.client.ray.set_context(previous)
+
+
+def connection_of(handle) -> object | None:
+    """The client worker a Ray Client actor handle belongs to (``None`` for a non-client handle).
+
+    Missing public API: a handle does not say which of several client connections made it.
+    Checked on Ray 2.60.
+    """
+    return getattr(getattr(handle, "actor_ref", None), "_worker", None)
+
+
+def client_worker(connection) -> object:
+    """The client worker of a connection (see `client_connection`)."""
+    return connection.client_worker

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import ray
 
 from rhmapper.replicas import ReplicaPool
-from rhmapper.scheduler import MapPlan, MapRun, MapStats, add_note
-from rhmapper.signals import open_end_signal
 
-OnProgress = Callable[[int, MapStats, int], None]
-"""Called with the items just done, the map's counters and the number of ready replicas."""
+if TYPE_CHECKING:
+    from rhmapper.clusters import MultiClusterPool
+from rhmapper.scheduler import MapPlan, MapRun, MapStats, add_note
+
+OnProgress = Callable[[int, MapStats, "int | str"], None]
+"""Called with the items just done, the map's counters and the ready replicas (a count, or a
+count per cluster)."""
 
 
 class Backend(Protocol):
@@ -57,7 +60,7 @@ class LocalBackend:
         >>> backend.shutdown(kill=True)
     """
 
-    def __init__(self, pool: ReplicaPool) -> None:
+    def __init__(self, pool: "ReplicaPool | MultiClusterPool") -> None:
         self.pool = pool
 
     def add_auto(self, count: int) -> None:
@@ -95,11 +98,11 @@ class LocalBackend:
 
     def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
-        end_signal, end_map = open_end_signal()
+        end_signal, end_map = self.pool.open_end_signal()
         plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal))
-        slots = self.pool.slots
-        run = MapRun(self.pool, plan, source,
-                     lambda done, stats: on_progress(done, stats, len(slots)), cancelled)
+        pool = self.pool
+        run = MapRun(pool, plan, source,
+                     lambda done, stats: on_progress(done, stats, pool.ready_replicas()), cancelled)
         try:
             yield from run.chunks()
             if plan.collect:

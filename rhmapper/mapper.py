@@ -54,7 +54,7 @@ class Mapper:
         self,
         obj: Callable | type | Module,
         method: str | None = None,
-        replicas: int | list = 1,
+        replicas: int | list | dict[str, int] = 1,
         env: Env | None = None,
         concurrency: int | None = None,
         ready_timeout: float | None = None,
@@ -84,10 +84,24 @@ class Mapper:
             check_picklable(target, f"the function {getattr(obj, '__qualname__', obj)!r}")
         else:
             check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
+        self.on_cluster = on_cluster
+        self.clusters = list(replicas) if isinstance(replicas, dict) else []
+        """The Ray Client addresses of a mapper over several clusters (``replicas={...}``)."""
+        self._backend: Backend
+        if self.clusters:
+            if on_cluster:
+                raise ValueError("on_cluster=True runs the mapper on one cluster; a mapper over "
+                                 "several (replicas={...}) runs on the driver")
+            from rhmapper.clusters import MultiClusterPool
+
+            self._backend = LocalBackend(MultiClusterPool(
+                self.env, target, concurrency, ready_timeout, replace_mismatched, self.clusters))
+            self._cancel_events: set[threading.Event] = set()
+            self._shut_down = False
+            self.add_replicas(replicas)
+            return
         ensure_ray()
         board, _ = start_board()
-        self.on_cluster = on_cluster
-        self._backend: Backend
         if on_cluster:
             from rhmapper.host import ClusterBackend
 
@@ -156,7 +170,14 @@ class Mapper:
             raise TypeError("replicas must be a count or a list of Ray actor handles, not a bool")
         _check_concurrency(concurrency)
         self._check_open()
-        if isinstance(replicas, int):
+        if isinstance(replicas, dict):
+            if not self.clusters:
+                raise TypeError("replicas={address: count} is for a mapper over several clusters: "
+                                "create it with rm.mapper(fn, replicas={'ray://host:10001': n, ...})")
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in replicas.values()):
+                raise ValueError(f"replicas={{address: count}} needs counts >= 0, got {replicas!r}")
+            self._backend.add_auto(replicas)
+        elif isinstance(replicas, int):
             if replicas < 0:
                 raise ValueError(f"replicas must be >= 0, got {replicas}")
             if concurrency is not None:
@@ -408,12 +429,15 @@ class Mapper:
                        max_replica_crashes=settings.max_replica_crashes,
                        max_call_bytes=self.max_call_bytes, **shape)
 
-    @staticmethod
-    def _put_kwargs(kwargs: dict | None) -> dict | None:
+    def _put_kwargs(self, kwargs: dict | None) -> dict | None:
         """Put each constant keyword argument in the object store once for the whole map (an
         ``ObjectRef`` value is passed on as it is, and reaches the function as its value)."""
         if not kwargs:
             return None
+        if self.clusters:
+            raise ValueError("kwargs= is not supported yet by a mapper over several clusters (a "
+                             "value would have to be put on each); bind constants with "
+                             "functools.partial(fn, ...) instead")
         refs = {}
         for key, value in kwargs.items():
             if isinstance(value, ray.ObjectRef):
@@ -498,7 +522,7 @@ def _check_concurrency(concurrency: int | None) -> None:
 def mapper(
     obj: Callable | type | Module,
     method: str | None = None,
-    replicas: int | list = 1,
+    replicas: int | list | dict[str, int] = 1,
     env: Env | None = None,
     concurrency: int | None = None,
     ready_timeout: float | None = None,
@@ -512,7 +536,9 @@ def mapper(
         obj: a function; a class (each replica builds it with no arguments) or its
             ``@ray.remote`` class; or `rhmapper.module` ``(cls, *args, **kwargs)``.
         method: for a class, the method to map.
-        replicas: how many auto replicas to create, or a list of existing Ray actor handles.
+        replicas: how many auto replicas to create, or a list of existing Ray actor handles,
+            or ``{"ray://host:10001": n, ...}``: ``n`` auto replicas on each of several clusters,
+            joined over Ray Client (see `rhmapper.clusters`).
         env: the `Env` auto replicas run in (if unnamed: named after ``obj``, plus a unique
             suffix, so that no two mappers share a pool by accident).
         concurrency: calls in flight per replica. Auto replicas run ``concurrency`` calls at

@@ -26,7 +26,7 @@ class Progress:
             enabled = sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=description, unit="item", dynamic_ncols=True) if enabled else None
 
-    def update(self, done: int, stats: MapStats, live_replicas: int) -> None:
+    def update(self, done: int, stats: MapStats, live_replicas: int | str) -> None:
         """Count ``done`` more finished items and refresh the postfix."""
         if self.bar is None:
             return

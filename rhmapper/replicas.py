@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 import ray
@@ -44,6 +44,7 @@ from rhmapper.module import (
     run_call,
 )
 from rhmapper.sizing import approx_bytes
+from rhmapper.signals import EndSignal, open_end_signal
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
@@ -91,6 +92,8 @@ class RayReplica:
         self.name = name
         self.index = index
         """An auto replica's index in its pool's names (``None`` for your actors)."""
+        self.cluster: str | None = None
+        """The address of the replica's cluster, when the mapper spans several."""
         self.handle = handle
         self.owned = owned
         self.requested = requested
@@ -119,11 +122,12 @@ class RayReplica:
         """One item per call for an async method of your actor (called directly), else any."""
         return 1 if self.calls_directly(call) else None
 
-    def start(self, call: CallSpec, start: int, items: list, budget: float | None = None
-              ) -> ray.ObjectRef:
+    def start(self, call: CallSpec, start: int, items: list, budget: float | None = None,
+              board: str | None = None) -> ray.ObjectRef:
         """Start one call on ``items``; return its ref (the pool counts the slot it takes). The
         replica starts no item once the map has ended or ``budget`` seconds have passed (see
-        `rhmapper.module.CallGuard`).
+        `rhmapper.module.CallGuard`; ``board`` names the end board of the replica's cluster when
+        it is not the driver's).
 
         Auto replicas run the batch in their own entry point; your actors run `run_call`
         through ``__ray_call__``, except an ``async def`` method, which is called directly (one
@@ -135,7 +139,8 @@ class RayReplica:
                 return getattr(self.handle, call.method).remote(*args, **(call.kwargs or {}))
             now = time.time()
             deadline = None if budget is None else now + budget
-            board, key = call.end_signal or (None, None)
+            signal_board, key = call.end_signal or (None, None)
+            board = board or signal_board  # the end board of this replica's own cluster
             payload = [call.method, _large_items_by_ref(items, call.star), call.star,
                        call.kwargs, [board, key, deadline, now]]
             if not self.owned:
@@ -226,6 +231,24 @@ def upload_local_dirs(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "runtime_env": runtime_env}
 
 
+def _on_its_cluster(method: Callable) -> Callable:
+    """Run a `ReplicaPool` method's Ray calls on the pool's own cluster (a driver joined to
+    several clusters holds one Ray Client connection per cluster)."""
+
+    @functools.wraps(method)
+    def on_cluster(self: "ReplicaPool", *args: Any, **kwargs: Any) -> Any:
+        if self._connection is None or getattr(self._entered, "depth", 0):
+            return method(self, *args, **kwargs)
+        self._entered.depth = 1
+        try:
+            with _ray_compat.using_client_connection(self._connection):
+                return method(self, *args, **kwargs)
+        finally:
+            self._entered.depth = 0
+
+    return on_cluster
+
+
 class ReplicaPool:
     """The replicas of one mapper: auto replicas built from an Env, plus the user's actors.
 
@@ -243,8 +266,20 @@ class ReplicaPool:
         concurrency: int | None,
         ready_timeout: float | None = None,
         replace_mismatched: bool = False,
+        cluster: str | None = None,
+        connection: Any = None,
+        slots: SlotIndex | None = None,
+        wakeup: threading.Condition | None = None,
     ) -> None:
         self.env = env
+        self.cluster = cluster
+        """The address of the cluster the replicas run on, when the driver joins several."""
+        self._connection = connection
+        self._entered = threading.local()
+        self.unreachable = False
+        """Whether the cluster stopped answering (its replicas then leave the pool)."""
+        self.board: str | None = None
+        """The end board of this pool's cluster, when it is not the driver's own."""
         self.replace_mismatched = replace_mismatched
         self.concurrency = concurrency
         """Calls in flight per replica: auto replicas ``concurrency or 1``; your actors
@@ -252,8 +287,9 @@ class ReplicaPool:
         self.auto_concurrency = concurrency or 1
         self.ready_timeout = ready_timeout
         self.replicas: list[RayReplica] = []
-        self.slots = SlotIndex()
-        """The ready replicas by load (see `rhmapper.slots.SlotIndex`)."""
+        self.slots = slots if slots is not None else SlotIndex()
+        """The ready replicas by load (see `rhmapper.slots.SlotIndex`); shared by the pools of
+        one mapper on several clusters."""
         self._feasible_checked_at = 0.0
         self._actor_options = upload_local_dirs(env.actor_options())
         self._futures: dict[ray.ObjectRef, Any] = {}
@@ -262,7 +298,7 @@ class ReplicaPool:
         """Where each unanswered call's answer goes (abandoned calls are not here)."""
         self._events: list[tuple[str, Any, Any]] = []
         """Answers the pool itself waits for: probes, and calls of ended maps."""
-        self._wakeup = threading.Condition()
+        self._wakeup = wakeup if wakeup is not None else threading.Condition()
         """Guards the three above; Ray's callback threads take only this lock, never `_lock`."""
         self._draining: dict[ray.ObjectRef, tuple[RayReplica, float, bool]] = {}
         self._overtime: collections.deque[tuple[float, ray.ObjectRef]] = collections.deque()
@@ -283,12 +319,14 @@ class ReplicaPool:
 
     # -- membership -------------------------------------------------------------------------
 
+    @_on_its_cluster
     def add_auto(self, count: int) -> list[RayReplica]:
         """Create ``count`` auto replicas at once; each joins the pool as soon as it is ready."""
         check_feasible(self.env)
         added = [self._create(self._free_index()) for _ in range(count)]
         return added
 
+    @_on_its_cluster
     def add_user(self, handles: list, concurrency: int | None = None) -> list[RayReplica]:
         """Add the user's Ray actor handles; they are never killed by the pool.
 
@@ -302,11 +340,13 @@ class ReplicaPool:
                 if any(replica.handle == handle for replica in self.replicas):
                     raise ValueError(f"actor {name} is already in the pool")
                 replica = RayReplica(name, handle, owned=False, requested=requested)
+                replica.cluster = self.cluster
                 self.replicas.append(replica)
                 self._watch_probe(replica)
                 added.append(replica)
         return added
 
+    @_on_its_cluster
     def drop(self, count: int) -> list[RayReplica]:
         """Remove ``count`` replicas, the newest auto replicas first (killed), then user actors."""
         with self._lock:
@@ -319,6 +359,7 @@ class ReplicaPool:
                 self._remove(replica)
         return dropped
 
+    @_on_its_cluster
     def shutdown(self, kill: bool = True) -> None:
         """Forget every replica; kill the auto replicas if ``kill`` (the user's actors stay alive)."""
         with self._lock:
@@ -362,6 +403,7 @@ class ReplicaPool:
                     index = self._free_index(index + 1)
             replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency,
                                  index=index)
+            replica.cluster = self.cluster
             self.replicas.append(replica)
             self._watch_probe(replica)
         return replica
@@ -402,11 +444,23 @@ class ReplicaPool:
         abandoned call gave its slot back), at most ``timeout`` seconds; return the answered
         calls. Raises `NoReplicasError` when nothing is in flight and no replica can take work."""
         if not inbox.owed and not self.slots:
-            self._check_alive()
+            self.check_alive()
+        done = wait_for_answers(self._wakeup, inbox, timeout, [self])
+        self.handle_events()
+        return done
+
+    def ready_replicas(self) -> int:
+        """How many replicas take calls now (for the progress bar)."""
+        return len(self.slots)
+
+    def has_events(self) -> bool:
+        return bool(self._events)
+
+    @_on_its_cluster
+    def handle_events(self) -> None:
+        """Act on what the pool's own calls answered: probes, abandoned calls; check calls that
+        outlived their timeout."""
         with self._wakeup:
-            if not inbox and not self._events:
-                self._wakeup.wait(timeout)
-            done = inbox.take()
             events, self._events = self._events, []
         with self._lock:
             for kind, replica, ref in events:
@@ -415,8 +469,23 @@ class ReplicaPool:
                 elif replica.state is ReplicaState.STARTING and replica.ready_ref == ref:
                     self._started(replica)
             self._check_overtime()
-        return done
 
+    @_on_its_cluster
+    def open_end_signal(self, key: str | None = None) -> tuple[EndSignal, Callable[[], None]]:
+        """A map's end signal on this pool's cluster (see `rhmapper.signals.open_end_signal`)."""
+        signal, end = open_end_signal(key)
+        if self._connection is None:
+            return signal, end
+        self.board = signal.board
+
+        def end_on_its_cluster() -> None:
+            if not self.unreachable:
+                with _ray_compat.using_client_connection(self._connection):
+                    end()
+
+        return signal, end_on_its_cluster
+
+    @_on_its_cluster
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every starting replica is ready (or has failed and been handled)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -465,7 +534,8 @@ class ReplicaPool:
         replica.probe()
         self._watch_probe(replica)
 
-    def _check_alive(self) -> None:
+    @_on_its_cluster
+    def check_alive(self) -> None:
         """With nothing ready, fail rather than wait for replicas that can never start."""
         starting = [r for r in self.replicas if r.state is ReplicaState.STARTING]
         if not self.replicas and not self._any_removed:
@@ -497,11 +567,23 @@ class ReplicaPool:
                 f"started within ready_timeout={self.ready_timeout}s (not enough free "
                 f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
 
+    @_on_its_cluster
     def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
                budget: float | None, inbox: Inbox) -> ray.ObjectRef:
         """Start one call on ``replica``, taking one of its slots; ``inbox`` gets its ref when
         it answers."""
-        ref = replica.start(call, start, items, budget)
+        try:
+            ref = replica.start(call, start, items, budget, self.board)
+        except ConnectionError as error:  # the cluster is gone: the call fails like its replica
+            self.unreachable = True
+            ref = _Unreachable(str(error))
+            with self._wakeup:
+                inbox.put(ref)
+                self._wakeup.notify_all()
+            with self._lock:
+                self.slots.took(replica)
+                self._futures[ref] = ref
+            return ref
         future = ref.future()
         with self._lock:
             self.slots.took(replica)
@@ -523,6 +605,10 @@ class ReplicaPool:
         self._direct_calls.discard(token)
         try:
             value = future.result()
+        except ConnectionError as error:
+            self.unreachable = self._connection is not None
+            raise ReplicaDied(f"cluster {self.cluster or 'of the driver'} is unreachable: "
+                              f"{error}") from error
         except ActorUnavailableError as error:
             raise ReplicaDied(str(error), permanent=False) from error
         except _REPLICA_DEATHS as error:
@@ -533,10 +619,15 @@ class ReplicaPool:
             return BatchReply([None], {0: _task_failure(error)}, None)
         return BatchReply([value], None, None) if direct else BatchReply.from_wire(value).unpacked()
 
+    @_on_its_cluster
     def abandon(self, token: ray.ObjectRef, replica: RayReplica, timed_out: bool = False) -> None:
         """Cancel a call nobody waits for; its slot is given back when the replica answers (see
         `_check_overtime` for a call that ``timed_out`` and keeps running)."""
-        ray.cancel(token)
+        if not isinstance(token, _Unreachable):
+            try:
+                ray.cancel(token)
+            except ConnectionError:
+                self.unreachable = self._connection is not None
         self._direct_calls.discard(token)
         with self._wakeup:
             answered = self._inboxes.pop(token, None) is None
@@ -588,6 +679,7 @@ class ReplicaPool:
     def _stuck_on(self, replica: RayReplica) -> bool:
         return any(owner is replica for owner, _, _ in self._draining.values())
 
+    @_on_its_cluster
     def unavailable(self, replica: RayReplica) -> None:
         """Take no calls to ``replica`` until it answers a new probe (it may be restarting)."""
         with self._lock:
@@ -609,10 +701,14 @@ class ReplicaPool:
         with self._lock:
             self._replace(replica, wait_for_name=True)
 
+    @_on_its_cluster
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         """A replica died: drop it, and start a replacement if the pool owns it."""
         with self._lock:
             if replica.state is ReplicaState.DEAD or replica not in self.replicas:
+                return
+            if self.unreachable:
+                self._cluster_lost(reason)
                 return
             if not replica.owned:
                 self._remove(replica)
@@ -622,6 +718,19 @@ class ReplicaPool:
                     RuntimeWarning, stacklevel=2)
                 return
             self._replace(replica, wait_for_name=False)
+
+    def _cluster_lost(self, reason: BaseException) -> None:
+        """The cluster stopped answering: every replica on it leaves the pool (none can be
+        replaced there), with one warning naming the cluster."""
+        lost = list(self.replicas)
+        for replica in lost:
+            self.replicas.remove(replica)
+            self._set_state(replica, ReplicaState.DEAD)
+        self._any_removed = True
+        warnings.warn(
+            f"cluster {self.cluster} is unreachable: its {len(lost)} replica(s) left the pool, and "
+            f"their work goes to the other clusters' replicas. Cause: "
+            f"{str(reason).splitlines()[0]}", RuntimeWarning, stacklevel=3)
 
     def _replace(self, replica: RayReplica, wait_for_name: bool) -> None:
         """Kill the auto replica ``replica`` and start a new one at its place in the pool, under
@@ -633,6 +742,26 @@ class ReplicaPool:
         replacement = self._create(replica.index)
         self.replicas.remove(replacement)
         self.replicas.insert(index, replacement)
+
+
+def wait_for_answers(wakeup: threading.Condition, inbox: Inbox, timeout: float,
+                     pools: list["ReplicaPool"]) -> list:
+    """Wait on ``wakeup`` (shared by ``pools``) until ``inbox`` has answers or a pool has events,
+    at most ``timeout`` seconds; return the answers."""
+    with wakeup:
+        if not inbox and not any(pool.has_events() for pool in pools):
+            wakeup.wait(timeout)
+        return inbox.take()
+
+
+class _Unreachable:
+    """The token of a call that could not be sent: its cluster is unreachable."""
+
+    def __init__(self, cause: str) -> None:
+        self.cause = cause
+
+    def result(self) -> Any:
+        raise ConnectionError(self.cause)
 
 
 def pool_fingerprint(target: Module | Any, env: Env, concurrency: int) -> dict[str, str]:

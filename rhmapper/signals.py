@@ -92,15 +92,16 @@ def start_board() -> tuple[str, Any]:
         return _boards[session]
 
 
-def open_end_signal() -> tuple[EndSignal, Callable[[], None]]:
-    """A new map's end signal, and the function to call when the map ends.
+def open_end_signal(key: str | None = None) -> tuple[EndSignal, Callable[[], None]]:
+    """A new map's end signal, and the function to call when the map ends. ``key`` names the
+    map (default: a new one; a map on several clusters uses one key on each cluster's board).
 
     Examples:
         >>> signal, end = open_end_signal()
         >>> end()  # the map ended: its replicas start none of its items any more
     """
     name, board = start_board()
-    key = uuid.uuid4().hex
+    key = key or uuid.uuid4().hex
 
     def end() -> None:
         board.end.remote(key)

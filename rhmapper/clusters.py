@@ -1,0 +1,155 @@
+"""One mapper over replicas on several Ray clusters: ``rm.mapper(fn, replicas={"ray://a:10001": 2,
+"ray://b:10001": 3})``.
+
+The driver holds one Ray Client connection per cluster (``ray.init(address,
+allow_multiple=True)``) and one `ReplicaPool` per cluster, whose Ray calls go over that
+connection. The pools share one `SlotIndex` and one wake-up condition, so the scheduler sees a
+single pool: the same least-loaded dispatch, ordering and batching over every cluster. A cluster
+that stops answering loses its replicas (with a warning naming it); their calls are re-queued on
+the others, as for any dead replica.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any, Callable
+
+import ray
+
+from rhmapper import _ray_compat
+from rhmapper.env import Env
+from rhmapper.errors import NoReplicasError
+from rhmapper.replicas import RayReplica, ReplicaPool, wait_for_answers
+from rhmapper.signals import EndSignal
+from rhmapper.slots import Inbox, SlotIndex
+from rhmapper.wire import BatchReply, CallSpec
+
+
+def connect(address: str) -> Any:
+    """A Ray Client connection to ``address`` (``ray://host:port``), beside any other.
+
+    Examples:
+        >>> connect("10.0.0.5:6379")
+        Traceback (most recent call last):
+        ...
+        ValueError: replicas={...} takes Ray Client addresses ('ray://host:10001'), got '10.0.0.5:6379'
+    """
+    if not isinstance(address, str) or not address.startswith("ray://"):
+        raise ValueError(f"replicas={{...}} takes Ray Client addresses ('ray://host:10001'), "
+                         f"got {address!r}")
+    context = ray.init(address, allow_multiple=True, namespace="rhmapper",
+                       log_to_driver=False)
+    return _ray_compat.client_connection(context)
+
+
+class MultiClusterPool:
+    """The replicas of one mapper on several clusters (see the module docstring).
+
+    Implements what `rhmapper.backend.LocalBackend` and the scheduler need of a pool; each call
+    goes to the pool of the replica's cluster.
+    """
+
+    def __init__(self, env: Env, target: Any, concurrency: int | None,
+                 ready_timeout: float | None, replace_mismatched: bool,
+                 addresses: list[str]) -> None:
+        self.slots = SlotIndex()
+        self._wakeup = threading.Condition()
+        self.pools: dict[str, ReplicaPool] = {
+            address: ReplicaPool(env, target, concurrency, ready_timeout, replace_mismatched,
+                                 cluster=address, connection=connect(address), slots=self.slots,
+                                 wakeup=self._wakeup)
+            for address in addresses}
+
+    def _pool_of(self, replica: RayReplica) -> ReplicaPool:
+        return self.pools[replica.cluster]
+
+    @property
+    def replicas(self) -> list[RayReplica]:
+        return [replica for pool in self.pools.values() for replica in pool.replicas]
+
+    def ready_replicas(self) -> str:
+        """Replicas per cluster, for the progress bar: ``"ray://a:10001=2 ray://b:10001=3"``."""
+        return " ".join(f"{address}={len(pool.replicas)}" for address, pool in self.pools.items())
+
+    # -- membership -------------------------------------------------------------------------
+
+    def add_auto(self, count: int | dict[str, int]) -> None:
+        """``count`` replicas on each cluster, or ``{address: count}``."""
+        counts = count if isinstance(count, dict) else dict.fromkeys(self.pools, count)
+        for address, number in counts.items():
+            if address not in self.pools:
+                raise ValueError(f"{address!r} is not one of this mapper's clusters "
+                                 f"({', '.join(self.pools)})")
+            self.pools[address].add_auto(number)
+
+    def add_user(self, handles: list, concurrency: int | None) -> None:
+        """Your actors, each joined to the pool of the cluster its handle came from."""
+        by_worker = {id(_ray_compat.client_worker(pool._connection)): pool
+                     for pool in self.pools.values()}
+        for handle in handles:
+            pool = by_worker.get(id(_ray_compat.connection_of(handle)))
+            if pool is None:
+                raise ValueError(f"actor {handle!r} was not created over one of this mapper's "
+                                 f"cluster connections ({', '.join(self.pools)})")
+            pool.add_user([handle], concurrency)
+
+    def drop(self, count: int) -> None:
+        """Drop ``count`` replicas, from the cluster with the most first."""
+        for _ in range(count):
+            pool = max(self.pools.values(), key=lambda pool: len(pool.replicas))
+            pool.drop(1)
+
+    def wait_ready(self, timeout: float | None) -> None:
+        for pool in self.pools.values():
+            pool.wait_ready(timeout)
+
+    def shutdown(self, kill: bool = True) -> None:
+        for pool in self.pools.values():
+            if not pool.unreachable:
+                pool.shutdown(kill)
+
+    # -- the scheduler's view ---------------------------------------------------------------
+
+    def open_end_signal(self) -> tuple[EndSignal, Callable[[], None]]:
+        """One key on every cluster's end board; each pool sends its own board's name."""
+        key = uuid.uuid4().hex
+        signals = [pool.open_end_signal(key) for pool in self.pools.values()
+                   if not pool.unreachable]
+
+        def end_everywhere() -> None:
+            for _, end in signals:
+                end()
+
+        return signals[0][0], end_everywhere
+
+    def wait(self, inbox: Inbox, timeout: float) -> list:
+        live = [pool for pool in self.pools.values() if pool.replicas]
+        if not inbox.owed and not self.slots:
+            if not live:
+                raise NoReplicasError(
+                    "no replica is left on any cluster: "
+                    + ", ".join(f"{address} ({'unreachable' if pool.unreachable else 'no replicas'})"
+                                for address, pool in self.pools.items()))
+            for pool in live:
+                pool.check_alive()
+        done = wait_for_answers(self._wakeup, inbox, timeout, list(self.pools.values()))
+        for pool in self.pools.values():
+            pool.handle_events()
+        return done
+
+    def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
+               budget: float | None, inbox: Inbox) -> Any:
+        return self._pool_of(replica).submit(replica, call, start, items, budget, inbox)
+
+    def fetch(self, token: Any, replica: RayReplica) -> BatchReply:
+        return self._pool_of(replica).fetch(token, replica)
+
+    def abandon(self, token: Any, replica: RayReplica, timed_out: bool) -> None:
+        self._pool_of(replica).abandon(token, replica, timed_out)
+
+    def lost(self, replica: RayReplica, reason: BaseException) -> None:
+        self._pool_of(replica).lost(replica, reason)
+
+    def unavailable(self, replica: RayReplica) -> None:
+        self._pool_of(replica).unavailable(replica)
