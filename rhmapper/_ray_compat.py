@@ -7,6 +7,8 @@ Ray upgrade breaks (at most) this file, and a reader sees at once what rhmapper 
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 from typing import Iterator
 
 import ray
@@ -255,3 +257,19 @@ def connection_of(handle) -> object | None:
 def client_worker(connection) -> object:
     """The client worker of a connection (see `client_connection`)."""
     return connection.client_worker
+
+
+def is_connection_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a Ray Client connection is broken: a ``ConnectionError``, a gRPC
+    error, or any error raised inside gRPC itself (on a closed channel gRPC raises a plain
+    ``ValueError``).
+
+    Missing public API: Ray Client raises whatever its transport raised while it still reports
+    ``is_connected()`` during its reconnect grace period. Checked on Ray 2.60 (grpcio 1.7x).
+    """
+    import grpc
+
+    if isinstance(error, (ConnectionError, grpc.RpcError)):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}grpc{os.sep}" in frames[-1].filename

@@ -55,11 +55,13 @@ class MultiClusterPool:
                  addresses: list[str]) -> None:
         self.slots = SlotIndex()
         self._wakeup = threading.Condition()
-        self.pools: dict[str, ReplicaPool] = {
-            address: ReplicaPool(env, target, concurrency, ready_timeout, replace_mismatched,
-                                 cluster=address, connection=connect(address), slots=self.slots,
-                                 wakeup=self._wakeup)
-            for address in addresses}
+        self.pools: dict[str, ReplicaPool] = {}
+        for address in addresses:
+            connection = connect(address)
+            with _ray_compat.using_client_connection(connection):  # the pool puts its target
+                self.pools[address] = ReplicaPool(
+                    env, target, concurrency, ready_timeout, replace_mismatched, cluster=address,
+                    connection=connection, slots=self.slots, wakeup=self._wakeup)
 
     def _pool_of(self, replica: RayReplica) -> ReplicaPool:
         return self.pools[replica.cluster]

@@ -242,7 +242,19 @@ def _on_its_cluster(method: Callable) -> Callable:
         self._entered.depth = 1
         try:
             with _ray_compat.using_client_connection(self._connection):
-                return method(self, *args, **kwargs)
+                # No Ray call may reach a lost connection: Ray would start a local cluster.
+                if not self.unreachable and not ray.util.client.ray.is_connected():
+                    self._cluster_lost(ConnectionError(f"the connection to {self.cluster} is lost"))
+                if self.unreachable and method.__name__ != "submit":
+                    return None
+                try:
+                    return method(self, *args, **kwargs)
+                except Exception as error:  # a lost cluster fails any call
+                    if (ray.util.client.ray.is_connected()
+                            and not _ray_compat.is_connection_failure(error)):
+                        raise
+                    self._cluster_lost(error)
+                    return None
         finally:
             self._entered.depth = 0
 
@@ -479,8 +491,8 @@ class ReplicaPool:
         self.board = signal.board
 
         def end_on_its_cluster() -> None:
-            if not self.unreachable:
-                with _ray_compat.using_client_connection(self._connection):
+            with _ray_compat.using_client_connection(self._connection):
+                if not self.unreachable and ray.util.client.ray.is_connected():
                     end()
 
         return signal, end_on_its_cluster
@@ -573,8 +585,14 @@ class ReplicaPool:
         """Start one call on ``replica``, taking one of its slots; ``inbox`` gets its ref when
         it answers."""
         try:
+            if self.unreachable:
+                raise ConnectionError(f"cluster {self.cluster} is unreachable")
             ref = replica.start(call, start, items, budget, self.board)
-        except ConnectionError as error:  # the cluster is gone: the call fails like its replica
+        except Exception as error:  # on a lost cluster, the call fails like its replica
+            if not self.unreachable and (self._connection is None or (
+                    ray.util.client.ray.is_connected()
+                    and not _ray_compat.is_connection_failure(error))):
+                raise
             self.unreachable = True
             ref = _Unreachable(str(error))
             with self._wakeup:
@@ -722,7 +740,16 @@ class ReplicaPool:
     def _cluster_lost(self, reason: BaseException) -> None:
         """The cluster stopped answering: every replica on it leaves the pool (none can be
         replaced there), with one warning naming the cluster."""
+        self.unreachable = True
+        with self._lock, self._wakeup:  # calls in flight there will not answer: they fail now
+            for ref, inbox in list(self._inboxes.items()):
+                self._futures[ref] = _Unreachable(f"cluster {self.cluster} is unreachable")
+                inbox.put(ref)
+            self._inboxes.clear()
+            self._wakeup.notify_all()
         lost = list(self.replicas)
+        if not lost:
+            return
         for replica in lost:
             self.replicas.remove(replica)
             self._set_state(replica, ReplicaState.DEAD)
@@ -730,7 +757,8 @@ class ReplicaPool:
         warnings.warn(
             f"cluster {self.cluster} is unreachable: its {len(lost)} replica(s) left the pool, and "
             f"their work goes to the other clusters' replicas. Cause: "
-            f"{str(reason).splitlines()[0]}", RuntimeWarning, stacklevel=3)
+            f"{(str(reason) or type(reason).__name__).splitlines()[0]}", RuntimeWarning,
+            stacklevel=3)
 
     def _replace(self, replica: RayReplica, wait_for_name: bool) -> None:
         """Kill the auto replica ``replica`` and start a new one at its place in the pool, under

@@ -132,7 +132,8 @@ class _Retry:
     not_before: float
     index: int
     item: Any = field(compare=False)
-    avoid: str | None = field(compare=False)
+    avoid: Any = field(compare=False)
+    """The replica it failed on (replicas of several clusters may share a name)."""
 
 
 @dataclass
@@ -282,8 +283,8 @@ class MapRun:
         self._exhausted = False
         self._inbox = Inbox()
         self._in_flight: dict[Any, _Call] = {}
-        self._in_flight_on: dict[str, int] = {}
-        """This map's calls in flight per replica name (abandoned calls are not counted)."""
+        self._in_flight_on: dict[Replica, int] = {}
+        """This map's calls in flight per replica (abandoned calls are not counted)."""
         self._deadlines: list[tuple[float, int, Any]] = []
         """A heap of (deadline, sequence, token); entries of calls that answered are skipped."""
         self._sequence = itertools.count()
@@ -348,7 +349,7 @@ class MapRun:
                 # A retry starts at once (never queued ahead), away from the replica it failed
                 # on while another one has a free slot or a call of this map that will free one.
                 replica = slots.least_loaded(avoid=retry.avoid)
-                if replica is not None and (retry.avoid != replica.name
+                if replica is not None and (retry.avoid is not replica
                                             or not self._others_busy(replica)):
                     self._due.popleft()
                     self._send(replica, retry.index, [retry.item], True)
@@ -372,7 +373,7 @@ class MapRun:
             deadline = time.monotonic() + budget
         token = self._pool.submit(replica, self._plan.call, start, items, budget, self._inbox)
         self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
-        self._in_flight_on[replica.name] = self._in_flight_on.get(replica.name, 0) + 1
+        self._in_flight_on[replica] = self._in_flight_on.get(replica, 0) + 1
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
 
@@ -387,7 +388,7 @@ class MapRun:
 
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""
-        return len(self._in_flight) > self._in_flight_on.get(replica.name, 0)
+        return len(self._in_flight) > self._in_flight_on.get(replica, 0)
 
     def _next_retry(self) -> _Retry | None:
         """The first due retry (retries whose delay has passed join the due queue in order)."""
@@ -490,7 +491,7 @@ class MapRun:
             if position >= ran:
                 continue
             index = call.start + position
-            outcome = self._failed(index, call.items[position], failure.error, call.replica.name,
+            outcome = self._failed(index, call.items[position], failure.error, call.replica,
                                    lambda: user_error(failure, index, call.replica.name))
             if outcome is _RETRYING:
                 holes.add(index)
@@ -527,15 +528,16 @@ class MapRun:
         if self._on_progress is not None and done:
             self._on_progress(done, self.stats)
 
-    def _failed(self, index: int, item: Any, error: BaseException | None, replica_name: str,
+    def _failed(self, index: int, item: Any, error: BaseException | None, replica: Replica,
                 make_error: Callable[[], BaseException]) -> Any:
-        """Schedule a retry (returns ``_RETRYING``) or return the exception object as the value."""
+        """Schedule a retry (returns ``_RETRYING``, away from ``replica``) or return the exception
+        object as the value."""
         attempt = self._attempts.get(index, 0) + 1
         self._attempts[index] = attempt
         if self._plan.retries.should_retry(error, attempt):
             self.stats.retries += 1
             self._retry(_Retry(time.monotonic() + self._plan.retries.delay(attempt), index, item,
-                               replica_name))
+                               replica))
             return _RETRYING
         self.stats.failures += 1
         exception = make_error()
@@ -557,7 +559,7 @@ class MapRun:
             crashes = self._crashes.get(index, 0) + 1
             self._crashes[index] = crashes
             if crashes < self._plan.max_replica_crashes:
-                self._retry(_Retry(0.0, index, item, call.replica.name))
+                self._retry(_Retry(0.0, index, item, call.replica))
                 continue
             self.stats.failures += 1
             error = ReplicaLostError(
@@ -637,7 +639,7 @@ class MapRun:
         holes = set()
         for position in range(first, len(call.items)):
             index = call.start + position
-            self._retry(_Retry(0.0, index, call.items[position], call.replica.name))
+            self._retry(_Retry(0.0, index, call.items[position], call.replica))
             holes.add(index)
         return holes
 
@@ -649,7 +651,7 @@ class MapRun:
         for position in range(first, len(call.items)):
             index = call.start + position
             error = make_error(index)
-            outcome = self._failed(index, call.items[position], error, call.replica.name,
+            outcome = self._failed(index, call.items[position], error, call.replica,
                                    lambda error=error: error)
             if outcome is _RETRYING:
                 holes.add(index)
@@ -665,6 +667,6 @@ class MapRun:
 
     def _forget(self, token: Any) -> _Call:
         call = self._in_flight.pop(token)
-        self._in_flight_on[call.replica.name] -= 1
+        self._in_flight_on[call.replica] -= 1
         return call
 

@@ -82,11 +82,11 @@ class SlotIndex:
         replica.in_flight -= 1
         self._move(replica)
 
-    def least_loaded(self, spare: int = 0, avoid: str | None = None) -> Any | None:
+    def least_loaded(self, spare: int = 0, avoid: Any = None) -> Any | None:
         """The ready replica with the most free slots, or ``None`` if none has a free one.
 
-        ``spare`` extra calls may wait in a full replica's queue. ``avoid`` names a replica to
-        pass over while another one has room.
+        ``spare`` extra calls may wait in a full replica's queue. ``avoid`` is a replica to pass
+        over while another one has room.
         """
         while self._loads:
             load = self._loads[0]
@@ -100,7 +100,7 @@ class SlotIndex:
         if load >= spare:
             return None
         first = next(iter(bucket))
-        if avoid is None or first.name != avoid:
+        if first is not avoid:
             return first
         return self._other_than(first, spare) or first
 

@@ -14,7 +14,7 @@ import rhmapper as rm
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", [
     "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.signals",
-    "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.spawned",
+    "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.spawned", "rhmapper.clusters",
 ])
 def test_ray_edge_examples_run(ray_local, name):
     module = importlib.import_module(name)  # (`rhmapper.mapper` alone is the function)
