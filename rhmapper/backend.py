@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import ray
 
@@ -40,6 +40,9 @@ class Backend(Protocol):
     def names(self) -> list[str]: ...
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list: ...
+
+    def put_kwargs(self, kwargs: dict) -> dict:
+        """A map's constant keyword arguments, put where its replicas fetch them."""
 
     def shutdown(self, kill: bool) -> None: ...
 
@@ -92,6 +95,9 @@ class LocalBackend:
                 add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
                 raise
         return results
+
+    def put_kwargs(self, kwargs: dict) -> dict:
+        return self.pool.put_kwargs(kwargs)
 
     def shutdown(self, kill: bool) -> None:
         self.pool.shutdown(kill=kill)

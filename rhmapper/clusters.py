@@ -20,7 +20,7 @@ import ray
 from rhmapper import _ray_compat
 from rhmapper.env import Env
 from rhmapper.errors import NoReplicasError
-from rhmapper.replicas import RayReplica, ReplicaPool, wait_for_answers
+from rhmapper.replicas import ClusterKwargs, RayReplica, ReplicaPool, wait_for_answers
 from rhmapper.signals import EndSignal
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec
@@ -69,6 +69,11 @@ class MultiClusterPool:
     @property
     def replicas(self) -> list[RayReplica]:
         return [replica for pool in self.pools.values() for replica in pool.replicas]
+
+    def put_kwargs(self, kwargs: dict) -> ClusterKwargs:
+        """The map's constant keyword arguments, put on every reachable cluster."""
+        return ClusterKwargs({address: pool.put_kwargs(kwargs)
+                              for address, pool in self.pools.items() if not pool.unreachable})
 
     def ready_replicas(self) -> str:
         """Replicas per cluster, for the progress bar: ``"ray://a:10001=2 ray://b:10001=3"``."""

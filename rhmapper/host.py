@@ -26,7 +26,7 @@ import ray
 from rhmapper import _ray_compat
 from rhmapper.backend import OnProgress
 from rhmapper.errors import MapCancelledError, RhmapperError
-from rhmapper.replicas import NAMESPACE, upload_local_dirs
+from rhmapper.replicas import NAMESPACE, put_kwargs, upload_local_dirs
 from rhmapper.scheduler import MapPlan, MapStats
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
@@ -382,6 +382,9 @@ class ClusterBackend:
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         return self._call("broadcast", method, args, kwargs)
+
+    def put_kwargs(self, kwargs: dict) -> dict:
+        return put_kwargs(kwargs)  # the driver's refs; a spawned map's host copies them
 
     def shutdown(self, kill: bool) -> None:
         try:

@@ -10,8 +10,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 from typing_extensions import Unpack
 
-import ray
-
 from rhmapper import _ray_compat
 from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
@@ -421,34 +419,14 @@ class Mapper:
     def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
         method = settings.method or self.method
         target = self._method_of(method) if method else self._function
-        call = CallSpec(method=method or "fn", star=star, kwargs=self._put_kwargs(settings.kwargs),
+        kwargs = self._backend.put_kwargs(settings.kwargs) if settings.kwargs else None
+        call = CallSpec(method=method or "fn", star=star, kwargs=kwargs,
                         is_async=is_async_callable(target))
         return MapPlan(call=call, retries=Retries.of(settings.retries),
                        return_exceptions=settings.return_exceptions, timeout=settings.timeout,
                        batch_size=settings.batch_size,
                        max_replica_crashes=settings.max_replica_crashes,
                        max_call_bytes=self.max_call_bytes, **shape)
-
-    def _put_kwargs(self, kwargs: dict | None) -> dict | None:
-        """Put each constant keyword argument in the object store once for the whole map (an
-        ``ObjectRef`` value is passed on as it is, and reaches the function as its value)."""
-        if not kwargs:
-            return None
-        if self.clusters:
-            raise ValueError("kwargs= is not supported yet by a mapper over several clusters (a "
-                             "value would have to be put on each); bind constants with "
-                             "functools.partial(fn, ...) instead")
-        refs = {}
-        for key, value in kwargs.items():
-            if isinstance(value, ray.ObjectRef):
-                refs[key] = value
-                continue
-            try:
-                refs[key] = ray.put(value)
-            except TypeError:
-                check_picklable(value, f"kwargs[{key!r}]")
-                raise
-        return refs
 
     def _run(self, plan: MapPlan, source: Iterator, progress: bool | None,
              total: int | None) -> Iterator[list]:

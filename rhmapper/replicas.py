@@ -8,6 +8,7 @@ join the pool, and are dropped from it when they die, but are never killed by it
 from __future__ import annotations
 
 import collections
+import dataclasses
 import enum
 import functools
 import hashlib
@@ -195,6 +196,33 @@ def _unpicklable_item(start: int, items: list, error: TypeError) -> TypeError:
                 f"replica: {cause}. Pass picklable values (or build the object inside the replica)."
             )
     return error
+
+
+def put_kwargs(kwargs: dict) -> dict:
+    """A map's constant keyword arguments, each put in the object store once for the whole map
+    (an ``ObjectRef`` value is passed on as it is, and reaches the function as its value).
+
+    Examples:
+        >>> import ray
+        >>> refs = put_kwargs({"scale": 3}); ray.get(refs["scale"])
+        3
+    """
+    refs = {}
+    for key, value in kwargs.items():
+        if isinstance(value, ray.ObjectRef):
+            refs[key] = value
+            continue
+        try:
+            refs[key] = ray.put(value)
+        except TypeError:
+            check_picklable(value, f"kwargs[{key!r}]")
+            raise
+    return refs
+
+
+class ClusterKwargs(dict):
+    """A map's constant keyword arguments put on each of several clusters: cluster address ->
+    that cluster's refs (see `put_kwargs`)."""
 
 
 def check_picklable(obj: Any, what: str) -> None:
@@ -461,6 +489,11 @@ class ReplicaPool:
         self.handle_events()
         return done
 
+    @_on_its_cluster
+    def put_kwargs(self, kwargs: dict) -> dict:
+        """`put_kwargs` on this pool's cluster."""
+        return put_kwargs(kwargs)
+
     def ready_replicas(self) -> int:
         """How many replicas take calls now (for the progress bar)."""
         return len(self.slots)
@@ -587,6 +620,8 @@ class ReplicaPool:
         try:
             if self.unreachable:
                 raise ConnectionError(f"cluster {self.cluster} is unreachable")
+            if isinstance(call.kwargs, ClusterKwargs):
+                call = dataclasses.replace(call, kwargs=call.kwargs[self.cluster])
             ref = replica.start(call, start, items, budget, self.board)
         except Exception as error:  # on a lost cluster, the call fails like its replica
             if not self.unreachable and (self._connection is None or (

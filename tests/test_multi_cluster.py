@@ -1,5 +1,6 @@
 """One mapper over replicas on two Ray clusters (``replicas={"ray://a": n, "ray://b": m}``): both
-clusters do work in one map, your actors from each connection join, and when one cluster's head
+clusters do work in one map (with constant keyword arguments put on each), your actors from
+each connection join, and when one cluster's head
 is stopped mid-map the map completes on the other, every result once.
 
 Two independent heads on loopback (``tests/ray_head.py``: own ports, own temp dirs, Ray Client
@@ -45,8 +46,8 @@ BOTH_CLUSTERS = """
 
     a, b = sys.argv[1:3]
 
-    def tagged(x):
-        return x * 3, ray.get_runtime_context().get_node_id()
+    def tagged(x, factor):
+        return x * factor, ray.get_runtime_context().get_node_id()
 
     class Tagger:
         def tag(self, x):
@@ -54,8 +55,8 @@ BOTH_CLUSTERS = """
 
     m = rm.mapper(tagged, replicas={a: 2, b: 1}, env=rm.Env(compute={"CPU": 0.5}))
     m.wait_ready(timeout=120)
-    one_per_call = m.map(range(60), batch_size=1)
-    batched = m.map(range(3000))
+    one_per_call = m.map(range(60), batch_size=1, kwargs={"factor": 3})
+    batched = m.map(range(3000), kwargs={"factor": 3})
     m.shutdown()
     # Your actors, created over each connection, join one mapper of a class.
     users = rm.mapper(Tagger, method="tag", replicas={a: 0, b: 0})
