@@ -141,3 +141,14 @@ def test_spawn_map_needs_the_mapper_on_the_cluster(ray_local):
     with rm.mapper(square, replicas=0) as m:
         with pytest.raises(rm.RhmapperError, match="on_cluster=True"):
             m.spawn_map([1], name="x")
+
+
+def test_your_actors_join_a_mapper_on_the_cluster(ray_local):
+    actors = [ray.remote(Counter).options(num_cpus=0.1).remote() for _ in range(2)]
+    with rm.mapper(Counter, method="add", replicas=actors, on_cluster=True) as m:
+        m.wait_ready(timeout=120)
+        values = m.map([1] * 6, batch_size=1)
+        assert set(m.replicas) == set(actors)
+    totals = ray.get([actor.add.remote(0) for actor in actors])  # alive after shutdown
+    assert sum(totals) == 6
+    assert sorted(values) == sorted(n for total in totals for n in range(1, total + 1))
