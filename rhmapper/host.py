@@ -26,7 +26,7 @@ import ray
 from rhmapper import _ray_compat
 from rhmapper.backend import OnProgress
 from rhmapper.errors import MapCancelledError, RhmapperError
-from rhmapper.replicas import NAMESPACE, put_kwargs, upload_local_dirs
+from rhmapper.replicas import NAMESPACE, name_taken, put_kwargs, upload_local_dirs
 from rhmapper.scheduler import MapPlan, MapStats
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
@@ -327,18 +327,10 @@ class MapperHost:
                        if spawned.expired(hosted.finished_at, keep)]
             for name in old:
                 self.spawned_delete(name)
-            if self._spawned or (self._driver_board and _actor_exists(self._driver_board)):
+            if self._spawned or (self._driver_board and name_taken(self._driver_board)):
                 continue
             self.mapper.shutdown(kill=not self.mapper.env.detached)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-
-def _actor_exists(name: str) -> bool:
-    try:
-        ray.get_actor(name, namespace=NAMESPACE)
-    except ValueError:
-        return False
-    return True
 
 
 class ClusterBackend:

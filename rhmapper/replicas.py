@@ -89,11 +89,11 @@ class RayReplica:
     """
 
     def __init__(self, name: str, handle: Any, owned: bool, requested: int | None,
-                 index: int | None = None) -> None:
+                 index: int | None = None, cluster: str | None = None) -> None:
         self.name = name
         self.index = index
         """An auto replica's index in its pool's names (``None`` for your actors)."""
-        self.cluster: str | None = None
+        self.cluster = cluster
         """The address of the replica's cluster, when the mapper spans several."""
         self.handle = handle
         self.owned = owned
@@ -379,8 +379,8 @@ class ReplicaPool:
                 name = _actor_name(handle, self._class_name)
                 if any(replica.handle == handle for replica in self.replicas):
                     raise ValueError(f"actor {name} is already in the pool")
-                replica = RayReplica(name, handle, owned=False, requested=requested)
-                replica.cluster = self.cluster
+                replica = RayReplica(name, handle, owned=False, requested=requested,
+                                     cluster=self.cluster)
                 self.replicas.append(replica)
                 self._watch_probe(replica)
                 added.append(replica)
@@ -438,12 +438,11 @@ class ReplicaPool:
                         *self._init_args, **self._init_kwargs)
                     break
                 except ValueError:
-                    if not _name_taken(name):
+                    if not name_taken(name):
                         raise
                     index = self._free_index(index + 1)
             replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency,
-                                 index=index)
-            replica.cluster = self.cluster
+                                 index=index, cluster=self.cluster)
             self.replicas.append(replica)
             self._watch_probe(replica)
         return replica
@@ -623,21 +622,14 @@ class ReplicaPool:
             if isinstance(call.kwargs, ClusterKwargs):
                 call = dataclasses.replace(call, kwargs=call.kwargs[self.cluster])
             ref = replica.start(call, start, items, budget, self.board)
+            future = ref.future()
         except Exception as error:  # on a lost cluster, the call fails like its replica
             if not self.unreachable and (self._connection is None or (
                     ray.util.client.ray.is_connected()
                     and not _ray_compat.is_connection_failure(error))):
                 raise
             self.unreachable = True
-            ref = _Unreachable(str(error))
-            with self._wakeup:
-                inbox.put(ref)
-                self._wakeup.notify_all()
-            with self._lock:
-                self.slots.took(replica)
-                self._futures[ref] = ref
-            return ref
-        future = ref.future()
+            ref = future = _Unreachable(str(error))
         with self._lock:
             self.slots.took(replica)
             self._futures[ref] = future
@@ -818,10 +810,14 @@ def wait_for_answers(wakeup: threading.Condition, inbox: Inbox, timeout: float,
 
 
 class _Unreachable:
-    """The token of a call that could not be sent: its cluster is unreachable."""
+    """The token (and already failed future) of a call that could not be sent, or will not be
+    answered: its cluster is unreachable."""
 
     def __init__(self, cause: str) -> None:
         self.cause = cause
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        callback(self)
 
     def result(self) -> Any:
         raise ConnectionError(self.cause)
@@ -861,7 +857,7 @@ def wait_name_released(name: str, timeout: float = 30.0) -> None:
         >>> wait_name_released("no_such_replica_0")  # returns at once: nobody holds it
     """
     deadline = time.monotonic() + timeout
-    while _name_taken(name):
+    while name_taken(name):
         if time.monotonic() >= deadline:
             raise RhmapperError(f"replica {name} still exists {timeout}s after ray.kill")
         time.sleep(0.1)
@@ -874,9 +870,14 @@ def _task_failure(error: RayTaskError) -> RemoteFailure:
     return RemoteFailure(error.function_name, str(error), str(error))
 
 
-def _name_taken(name: str) -> bool:
-    """Whether an actor of the pool's namespace holds ``name`` (Ray releases a killed actor's
-    name asynchronously)."""
+def name_taken(name: str) -> bool:
+    """Whether an actor of rhmapper's namespace holds ``name`` (Ray releases a killed actor's
+    name asynchronously).
+
+    Examples:
+        >>> name_taken("no_such_replica_0")
+        False
+    """
     try:
         ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
