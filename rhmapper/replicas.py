@@ -541,11 +541,12 @@ class ReplicaPool:
             if left == 0.0:
                 raise TimeoutError(
                     f"{len(starting)} replica(s) of env {self.env.name!r} not ready after {timeout}s")
-            done, _ = ray.wait(list(starting), num_returns=1, timeout=left)
-            with self._lock:
-                for ref in done:
-                    if starting[ref].state is ReplicaState.STARTING:
-                        self._started(starting[ref])
+            done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=left)
+            answered = set(done)
+            with self._lock:  # in pool order: equally loaded replicas then take turns in it
+                for replica in list(self.replicas):
+                    if replica.ready_ref in answered and replica.state is ReplicaState.STARTING:
+                        self._started(replica)
 
     def _started(self, replica: RayReplica) -> None:
         try:
