@@ -318,6 +318,7 @@ class ReplicaPool:
         self._entered = threading.local()
         self.unreachable = False
         """Whether the cluster stopped answering (its replicas then leave the pool)."""
+        self._unreachable_cause = ""
         self.board: str | None = None
         """The end board of this pool's cluster, when it is not the driver's own."""
         self.replace_mismatched = replace_mismatched
@@ -619,7 +620,7 @@ class ReplicaPool:
         it answers."""
         try:
             if self.unreachable:
-                raise ConnectionError(f"cluster {self.cluster} is unreachable")
+                raise ConnectionError(self._unreachable_cause)
             if isinstance(call.kwargs, ClusterKwargs):
                 call = dataclasses.replace(call, kwargs=call.kwargs[self.cluster])
             ref = replica.start(call, start, items, budget, self.board)
@@ -629,8 +630,8 @@ class ReplicaPool:
                     ray.util.client.ray.is_connected()
                     and not _ray_compat.is_connection_failure(error))):
                 raise
-            self.unreachable = True
-            ref = future = _Unreachable(str(error))
+            self._cluster_lost(error)
+            ref = future = _Unreachable(self._unreachable_cause)
         with self._lock:
             self.slots.took(replica)
             self._futures[ref] = future
@@ -652,9 +653,11 @@ class ReplicaPool:
         try:
             value = future.result()
         except ConnectionError as error:
-            self.unreachable = self._connection is not None
-            raise ReplicaDied(f"cluster {self.cluster or 'of the driver'} is unreachable: "
-                              f"{error}") from error
+            if self._connection is None:
+                raise ReplicaDied(f"the cluster of the driver is unreachable: {error}") from error
+            self._cluster_lost(error)
+            raise ReplicaDied(f"cluster {self.cluster} is unreachable: {error}",
+                              blames_items=False) from error
         except ActorUnavailableError as error:
             raise ReplicaDied(str(error), permanent=False) from error
         except _REPLICA_DEATHS as error:
@@ -753,9 +756,6 @@ class ReplicaPool:
         with self._lock:
             if replica.state is ReplicaState.DEAD or replica not in self.replicas:
                 return
-            if self.unreachable:
-                self._cluster_lost(reason)
-                return
             if not replica.owned:
                 self._remove(replica)
                 warnings.warn(
@@ -767,11 +767,14 @@ class ReplicaPool:
 
     def _cluster_lost(self, reason: BaseException) -> None:
         """The cluster stopped answering: every replica on it leaves the pool (none can be
-        replaced there), with one warning naming the cluster."""
+        replaced there), with one warning naming the cluster. Only the first call acts."""
+        if self.unreachable:
+            return
         self.unreachable = True
+        self._unreachable_cause = (str(reason) or type(reason).__name__).splitlines()[0]
         with self._lock, self._wakeup:  # calls in flight there will not answer: they fail now
             for ref, inbox in list(self._inboxes.items()):
-                self._futures[ref] = _Unreachable(f"cluster {self.cluster} is unreachable")
+                self._futures[ref] = _Unreachable(self._unreachable_cause)
                 inbox.put(ref)
             self._inboxes.clear()
             self._wakeup.notify_all()
@@ -784,9 +787,8 @@ class ReplicaPool:
         self._any_removed = True
         warnings.warn(
             f"cluster {self.cluster} is unreachable: its {len(lost)} replica(s) left the pool, and "
-            f"their work goes to the other clusters' replicas. Cause: "
-            f"{(str(reason) or type(reason).__name__).splitlines()[0]}", RuntimeWarning,
-            stacklevel=3)
+            f"their work goes to the other clusters' replicas. Cause: {self._unreachable_cause}",
+            RuntimeWarning, stacklevel=3)
 
     def _replace(self, replica: RayReplica, wait_for_name: bool) -> None:
         """Kill the auto replica ``replica`` and start a new one at its place in the pool, under

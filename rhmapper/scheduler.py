@@ -556,6 +556,9 @@ class MapRun:
         resolved: dict[int, Any] = {}
         for position, item in enumerate(call.items):
             index = call.start + position
+            if not died.blames_items:
+                self._retry(_Retry(0.0, index, item, call.replica))
+                continue
             crashes = self._crashes.get(index, 0) + 1
             self._crashes[index] = crashes
             if crashes < self._plan.max_replica_crashes:

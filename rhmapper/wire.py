@@ -47,16 +47,21 @@ class ReplicaDied(Exception):
     """Raised by `Pool.fetch` when the replica behind a call died before answering.
 
     ``permanent`` is False when the replica may come back (it is restarting, or unreachable for
-    a while): its calls are run again, and the replica stays in the pool.
+    a while): its calls are run again, and the replica stays in the pool. ``blames_items`` is
+    False when the replica went down with its whole cluster: its calls' items are run again
+    without counting a crash against them.
 
     Examples:
         >>> ReplicaDied("restarting", permanent=False).permanent
         False
+        >>> ReplicaDied("cluster lost", blames_items=False).blames_items
+        False
     """
 
-    def __init__(self, message: str, permanent: bool = True) -> None:
+    def __init__(self, message: str, permanent: bool = True, blames_items: bool = True) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.blames_items = blames_items
 
 
 def dumps(value: Any) -> bytes:

@@ -46,7 +46,12 @@ class FakeCall:
 
 
 class ReplicaKiller(BaseException):
-    """Raised by a fake's function to mean: this item kills its replica."""
+    """Raised by a fake's function to mean: this item kills its replica (or, with
+    ``blames_items=False``, its replica is lost with its cluster while running it)."""
+
+    def __init__(self, message: str, blames_items: bool = True) -> None:
+        super().__init__(message)
+        self.blames_items = blames_items
 
 
 class FakePool:
@@ -140,7 +145,8 @@ class FakePool:
                 values.append(token.replica.fn(*item) if token.star else token.replica.fn(item))
             except ReplicaKiller as killer:
                 token.replica.alive = False
-                raise ReplicaDied(f"{token.replica.name} died: {killer}") from killer
+                raise ReplicaDied(f"{token.replica.name} died: {killer}",
+                                  blames_items=killer.blames_items) from killer
             except Exception as error:
                 failures[position] = RemoteFailure.capture(error)
                 values.append(None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 
 from rhmapper.errors import NoReplicasError, ReplicaLostError
@@ -190,6 +192,22 @@ def test_poison_item_fails_after_bounded_attempts():
     assert isinstance(results[42], ReplicaLostError)
     assert [r for i, r in enumerate(results) if i != 42] == [x for x in range(100) if x != 42]
     assert run.stats.done == 100, "done counts the item lost with its replicas, with no callback"
+
+
+def test_replicas_lost_with_their_cluster_count_no_crash_for_their_items():
+    losses = collections.Counter()
+
+    def lost_with_its_cluster_three_times(x):
+        if x == 5 and losses[x] < 3:
+            losses[x] += 1
+            raise ReplicaKiller("cluster unreachable", blames_items=False)
+        return x * 10
+
+    pool = FakePool(2, fn=lost_with_its_cluster_three_times)
+    results, run = collect(pool, list(range(20)), batch_size=4, max_replica_crashes=1)
+    assert results == [x * 10 for x in range(20)]
+    assert pool.lost_count == 3 and run.stats.replicas_lost == 3
+    assert sum(1 for _, _, items in pool.log if 5 in items) == 4, "lost 3 times, then ran"
 
 
 def test_no_replica_left_raises():
