@@ -11,13 +11,11 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-import ray
-
 from rhmapper.replicas import ReplicaPool
+from rhmapper.scheduler import MapPlan, MapRun, MapStats
 
 if TYPE_CHECKING:
     from rhmapper.clusters import MultiClusterPool
-from rhmapper.scheduler import MapPlan, MapRun, MapStats, add_note
 
 OnProgress = Callable[[int, MapStats, "int | str"], None]
 """Called with the items just done, the map's counters and the ready replicas (a count, or a
@@ -85,16 +83,7 @@ class LocalBackend:
         return [replica.name for replica in self.pool.replicas]
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        replicas = list(self.pool.replicas)
-        refs = [getattr(replica.handle, method).remote(*args, **kwargs) for replica in replicas]
-        results = []
-        for replica, ref in zip(replicas, refs):
-            try:
-                results.append(ray.get(ref))
-            except Exception as error:  # noted with the replica, then raised as it is
-                add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
-                raise
-        return results
+        return self.pool.broadcast(method, args, kwargs)
 
     def put_kwargs(self, kwargs: dict) -> dict:
         return self.pool.put_kwargs(kwargs)

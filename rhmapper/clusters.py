@@ -12,6 +12,7 @@ the others, as for any dead replica.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any, Callable
 
@@ -70,6 +71,14 @@ class MultiClusterPool:
     def replicas(self) -> list[RayReplica]:
         return [replica for pool in self.pools.values() for replica in pool.replicas]
 
+    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
+        """`ReplicaPool.broadcast` on each cluster in turn (a cluster lost meanwhile: none)."""
+        answers: list = []
+        for pool in self.pools.values():
+            if not pool.unreachable:
+                answers.extend(pool.broadcast(method, args, kwargs) or [])
+        return answers
+
     def put_kwargs(self, kwargs: dict) -> ClusterKwargs:
         """The map's constant keyword arguments, put on every reachable cluster."""
         return ClusterKwargs({address: pool.put_kwargs(kwargs)
@@ -108,8 +117,9 @@ class MultiClusterPool:
             pool.drop(1)
 
     def wait_ready(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         for pool in self.pools.values():
-            pool.wait_ready(timeout)
+            pool.wait_ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def shutdown(self, kill: bool = True) -> None:
         for pool in self.pools.values():
@@ -121,8 +131,11 @@ class MultiClusterPool:
     def open_end_signal(self) -> tuple[EndSignal, Callable[[], None]]:
         """One key on every cluster's end board; each pool sends its own board's name."""
         key = uuid.uuid4().hex
-        signals = [pool.open_end_signal(key) for pool in self.pools.values()
-                   if not pool.unreachable]
+        opened = [pool.open_end_signal(key) for pool in self.pools.values()
+                  if not pool.unreachable]
+        signals = [signal for signal in opened if signal is not None]  # None: lost meanwhile
+        if not signals:
+            raise self._none_left()
 
         def end_everywhere() -> None:
             for _, end in signals:
@@ -130,14 +143,17 @@ class MultiClusterPool:
 
         return signals[0][0], end_everywhere
 
+    def _none_left(self) -> NoReplicasError:
+        return NoReplicasError(
+            "no replica is left on any cluster: "
+            + ", ".join(f"{address} ({'unreachable' if pool.unreachable else 'no replicas'})"
+                        for address, pool in self.pools.items()))
+
     def wait(self, inbox: Inbox, timeout: float) -> list:
         live = [pool for pool in self.pools.values() if pool.replicas]
         if not inbox.owed and not self.slots:
             if not live:
-                raise NoReplicasError(
-                    "no replica is left on any cluster: "
-                    + ", ".join(f"{address} ({'unreachable' if pool.unreachable else 'no replicas'})"
-                                for address, pool in self.pools.items()))
+                raise self._none_left()
             for pool in live:
                 pool.check_alive()
         done = wait_for_answers(self._wakeup, inbox, timeout, list(self.pools.values()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import math
 import threading
 import time
@@ -30,6 +31,8 @@ from rhmapper.replicas import NAMESPACE, name_taken, put_kwargs, upload_local_di
 from rhmapper.scheduler import MapPlan, MapStats
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
+
+logger = logging.getLogger(__name__)
 
 TAKE_WAIT_SECONDS = 0.2
 """A driver's poll for results waits at most this long on the host (then reports progress)."""
@@ -74,6 +77,7 @@ class HostedMap:
         self.finished = False
         self.error: BaseException | None = None
         self.cancelled = threading.Event()
+        self._cancel_reason: BaseException | None = None
         self.result_bytes = 0.0
 
     def feed(self, number: int, items: list, last: bool) -> None:
@@ -114,6 +118,8 @@ class HostedMap:
 
     def finish(self, error: BaseException | None) -> None:
         with self._changed:
+            if isinstance(error, MapCancelledError) and self._cancel_reason is not None:
+                error = self._cancel_reason
             self.error, self.finished = error, True
             self.finished_at = time.monotonic()
             self._changed.notify_all()
@@ -126,9 +132,16 @@ class HostedMap:
                     "finished": self.finished,
                     "error": None if self.error is None else _portable(self.error)}
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    @property
+    def fed_all(self) -> bool:
+        """Whether every input has arrived."""
+        return self._fed_all
+
+    def cancel(self, reason: BaseException | None = None) -> None:
+        """End the map; it fails with ``reason`` if given (else `MapCancelledError`)."""
         with self._changed:
+            self._cancel_reason = self._cancel_reason or reason
+            self.cancelled.set()
             self._changed.notify_all()
 
     def take(self, wait: float, eager: bool) -> dict:
@@ -308,27 +321,54 @@ class MapperHost:
         self._spawned_map(name).cancel()
 
     def spawned_delete(self, name: str) -> None:
-        hosted = self._spawned_map(name)
-        hosted.cancel()
+        self._spawned_map(name)  # KeyError, saying so, if there is none
+        self._drop_spawned(name)
+
+    def _drop_spawned(self, name: str) -> None:
+        """Cancel and forget the spawned map ``name``, if it is still here."""
         with self._lock:
-            self._spawned.pop(name, None)
+            entry = self._spawned.pop(name, None)
             self._maps.pop(f"spawn:{name}", None)
-        spawned.unregister(name)
+        if entry is not None:
+            entry[0].cancel()
+            spawned.unregister(name, ray.get_runtime_context().current_actor)
 
     # -- lifetime ---------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Drop spawned maps kept past their time; once the driver that created this host is
-        gone (or shut the mapper down), exit as soon as no spawned map is left."""
+        """Every `DRIVER_CHECK_SECONDS`: see `_look_after_maps`. A failed look is logged, and
+        the next one comes as usual."""
         while True:
             time.sleep(DRIVER_CHECK_SECONDS)
-            with self._lock:
-                old = [name for name, (hosted, _, keep) in self._spawned.items()
-                       if spawned.expired(hosted.finished_at, keep)]
-            for name in old:
-                self.spawned_delete(name)
-            if self._spawned or (self._driver_board and name_taken(self._driver_board)):
-                continue
+            try:
+                self._look_after_maps()
+            except Exception:  # e.g. the directory actor did not answer: look again next time
+                logger.exception("rhmapper host %s: looking after its maps failed",
+                                 ray.get_runtime_context().get_actor_name())
+
+    def _look_after_maps(self) -> None:
+        """Drop spawned maps kept past their time. Once the driver that created this host is
+        gone (or shut the mapper down): end its maps, fail the spawned maps whose inputs it had
+        not all sent, and exit as soon as no spawned map is left."""
+        with self._lock:
+            old = [name for name, (hosted, _, keep) in self._spawned.items()
+                   if spawned.expired(hosted.finished_at, keep)]
+        for name in old:
+            self._drop_spawned(name)
+        if self._driver_board and name_taken(self._driver_board):
+            return
+        with self._lock:
+            orphans = [hosted for hosted in self._maps.values() if not hosted.keep]
+            self._maps = {map_id: hosted for map_id, hosted in self._maps.items() if hosted.keep}
+            unfed = [(name, hosted) for name, (hosted, _, _) in self._spawned.items()
+                     if not hosted.fed_all]
+        for hosted in orphans:
+            hosted.cancel()
+        for name, hosted in unfed:
+            hosted.cancel(RhmapperError(
+                f"spawned map {name!r} failed: the driver that spawned it went away before it "
+                "had sent all of its inputs; spawn it again"))
+        if not self._spawned:
             self.mapper.shutdown(kill=not self.mapper.env.detached)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
@@ -435,7 +475,11 @@ class ClusterBackend:
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
         ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.next_chunk(), len(items),
                                        keep_seconds, max_result_bytes))
-        ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
+        try:
+            ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
+        except BaseException:  # a map without all of its inputs must not run on
+            self.host.spawned_delete.remote(name)
+            raise
         return spawned.SpawnedMap(name, self.host)
 
 

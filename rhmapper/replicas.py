@@ -46,6 +46,7 @@ from rhmapper.module import (
 )
 from rhmapper.sizing import approx_bytes
 from rhmapper.signals import EndSignal, open_end_signal
+from rhmapper.scheduler import add_note
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
@@ -347,7 +348,9 @@ class ReplicaPool:
         self._direct_calls: set[ray.ObjectRef] = set()
         self._any_removed = False
         """Whether a replica ever left the pool (an empty pool then says so)."""
-        self._lock = threading.RLock()
+        self._lock = self.slots.lock
+        """The slot index's lock: the scheduler holds it while it dispatches (see `SlotIndex`),
+        and the pools of a mapper over several clusters share it."""
         self.fingerprint = pool_fingerprint(target, env, self.auto_concurrency)
         self._class_name = target.cls.__name__ if isinstance(target, Module) else "actor"
         if isinstance(target, Module):
@@ -490,6 +493,20 @@ class ReplicaPool:
         return done
 
     @_on_its_cluster
+    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
+        """Call ``method`` on every replica at once; their answers, in pool order."""
+        replicas = list(self.replicas)
+        refs = [getattr(replica.handle, method).remote(*args, **kwargs) for replica in replicas]
+        results = []
+        for replica, ref in zip(replicas, refs):
+            try:
+                results.append(ray.get(ref))
+            except Exception as error:  # noted with the replica, then raised as it is
+                add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
+                raise
+        return results
+
+    @_on_its_cluster
     def put_kwargs(self, kwargs: dict) -> dict:
         """`put_kwargs` on this pool's cluster."""
         return put_kwargs(kwargs)
@@ -499,7 +516,7 @@ class ReplicaPool:
         return len(self.slots)
 
     def has_events(self) -> bool:
-        return bool(self._events)
+        return bool(self._events) and not self.unreachable
 
     @_on_its_cluster
     def handle_events(self) -> None:
@@ -508,12 +525,14 @@ class ReplicaPool:
         with self._wakeup:
             events, self._events = self._events, []
         with self._lock:
+            probed = []
             for kind, replica, ref in events:
                 if kind == "drained":
                     self._drained(ref)
                 elif replica.state is ReplicaState.STARTING and replica.ready_ref == ref:
-                    self._started(replica)
+                    probed.append(replica)
             self._check_overtime()
+            self._start_all(probed)
 
     @_on_its_cluster
     def open_end_signal(self, key: str | None = None) -> tuple[EndSignal, Callable[[], None]]:
@@ -545,25 +564,40 @@ class ReplicaPool:
             done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=left)
             answered = set(done)
             with self._lock:  # in pool order: equally loaded replicas then take turns in it
-                for replica in list(self.replicas):
-                    if replica.ready_ref in answered and replica.state is ReplicaState.STARTING:
-                        self._started(replica)
+                self._start_all([replica for replica in self.replicas
+                                 if replica.ready_ref in answered
+                                 and replica.state is ReplicaState.STARTING])
+
+    def _start_all(self, replicas: list[RayReplica]) -> None:
+        """Put the replicas whose probe answered into rotation; one that can never start is
+        dropped, and the first such failure is raised once every replica has been handled."""
+        failures = []
+        for replica in replicas:
+            try:
+                self._started(replica)
+            except RhmapperError as error:
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
     def _started(self, replica: RayReplica) -> None:
         try:
             info = ray.get(replica.ready_ref)
         except RuntimeEnvSetupError as error:
+            self._remove(replica)
             raise RhmapperError(
                 f"replica {replica.name} could not set up its runtime_env "
-                f"{self.env.runtime_env()}: {error}. Check Env.reqs / working_dir / py_modules."
+                f"{self.env.runtime_env()}: {error}. Check Env.reqs / working_dir / py_modules. "
+                "It was dropped from the pool."
             ) from error
         except ActorUnavailableError:
             self._probe(replica)  # restarting, or unreachable for now: Ray queues the probe
             return
         except RayActorError as error:
             if error.actor_init_failed:
-                raise RhmapperError(
-                    f"replica {replica.name} failed in its constructor: {error}") from error
+                self._remove(replica)
+                raise RhmapperError(f"replica {replica.name} failed in its constructor: {error}. "
+                                    "It was dropped from the pool.") from error
             self.lost(replica, error)
             return
         if replica.owned and info["fingerprint"] != self.fingerprint:
@@ -648,10 +682,14 @@ class ReplicaPool:
         with self._lock:
             self.slots.gave_back(replica)
             future = self._futures.pop(token)
-        direct = token in self._direct_calls
-        self._direct_calls.discard(token)
+            direct = token in self._direct_calls
+            self._direct_calls.discard(token)
         try:
             value = future.result()
+        except RayTaskError as error:  # first: Ray's error for your exception also has its type
+            if not direct:
+                raise
+            return BatchReply([None], {0: _task_failure(error)}, None)
         except ConnectionError as error:
             if self._connection is None:
                 raise ReplicaDied(f"the cluster of the driver is unreachable: {error}") from error
@@ -662,10 +700,6 @@ class ReplicaPool:
             raise ReplicaDied(str(error), permanent=False) from error
         except _REPLICA_DEATHS as error:
             raise ReplicaDied(str(error)) from error
-        except RayTaskError as error:
-            if not direct:
-                raise
-            return BatchReply([None], {0: _task_failure(error)}, None)
         return BatchReply([value], None, None) if direct else BatchReply.from_wire(value).unpacked()
 
     @_on_its_cluster
@@ -675,12 +709,14 @@ class ReplicaPool:
         if not isinstance(token, _Unreachable):
             try:
                 ray.cancel(token)
-            except ConnectionError:
-                self.unreachable = self._connection is not None
-        self._direct_calls.discard(token)
-        with self._wakeup:
-            answered = self._inboxes.pop(token, None) is None
-        with self._lock:
+            except ConnectionError as error:
+                if self._connection is None:
+                    raise
+                self._cluster_lost(error)
+        with self._lock:  # with the lock, its "drained" event cannot be handled before this
+            self._direct_calls.discard(token)
+            with self._wakeup:
+                answered = self._inboxes.pop(token, None) is None
             if answered:  # its answer is in the map's inbox, which drops it
                 self._futures.pop(token, None)
                 self.slots.gave_back(replica)
@@ -768,23 +804,25 @@ class ReplicaPool:
     def _cluster_lost(self, reason: BaseException) -> None:
         """The cluster stopped answering: every replica on it leaves the pool (none can be
         replaced there), with one warning naming the cluster. Only the first call acts."""
-        if self.unreachable:
-            return
-        self.unreachable = True
-        self._unreachable_cause = (str(reason) or type(reason).__name__).splitlines()[0]
-        with self._lock, self._wakeup:  # calls in flight there will not answer: they fail now
-            for ref, inbox in list(self._inboxes.items()):
-                self._futures[ref] = _Unreachable(self._unreachable_cause)
-                inbox.put(ref)
-            self._inboxes.clear()
-            self._wakeup.notify_all()
-        lost = list(self.replicas)
+        with self._lock:
+            if self.unreachable:
+                return
+            self.unreachable = True
+            self._unreachable_cause = (str(reason) or type(reason).__name__).splitlines()[0]
+            with self._wakeup:  # calls in flight there will not answer: they fail now
+                for ref, inbox in list(self._inboxes.items()):
+                    self._futures[ref] = _Unreachable(self._unreachable_cause)
+                    inbox.put(ref)
+                self._inboxes.clear()
+                self._events.clear()  # probes and abandoned calls there will not answer either
+                self._wakeup.notify_all()
+            lost = list(self.replicas)
+            for replica in lost:
+                self.replicas.remove(replica)
+                self._set_state(replica, ReplicaState.DEAD)
+            self._any_removed = self._any_removed or bool(lost)
         if not lost:
             return
-        for replica in lost:
-            self.replicas.remove(replica)
-            self._set_state(replica, ReplicaState.DEAD)
-        self._any_removed = True
         warnings.warn(
             f"cluster {self.cluster} is unreachable: its {len(lost)} replica(s) left the pool, and "
             f"their work goes to the other clusters' replicas. Cause: {self._unreachable_cause}",

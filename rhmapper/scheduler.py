@@ -341,6 +341,10 @@ class MapRun:
     # -- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        with self._pool.slots.lock:  # other maps of the pool choose after this one took its slots
+            self._dispatch_locked()
+
+    def _dispatch_locked(self) -> None:
         slots = self._pool.slots
         spare = int(self._may_queue_ahead())
         while True:

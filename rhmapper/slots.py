@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import threading
 from typing import Any, Protocol
 
 
@@ -28,6 +29,10 @@ class SlotIndex:
     in, first out), so one-call maps visit the replicas in turn. The index owns the slot count:
     `took` and `gave_back` change ``in_flight``, also of replicas that are not ready.
 
+    Each method holds ``lock`` (re-entrant). A pool uses it as its own lock, and a scheduler
+    holds it from choosing a replica to taking its slot, so maps run from several threads
+    share one pool without two of them filling the same free slot.
+
     Examples:
         >>> class Replica:
         ...     def __init__(self, name, capacity):
@@ -45,6 +50,7 @@ class SlotIndex:
     """
 
     def __init__(self) -> None:
+        self.lock = threading.RLock()
         self._buckets: dict[int, dict[Any, None]] = {}
         self._loads: list[int] = []
         """A heap of loads whose bucket may hold replicas (empty buckets are dropped lazily)."""
@@ -61,26 +67,30 @@ class SlotIndex:
 
     def join(self, replica: Slotted) -> None:
         """``replica`` is ready to take calls."""
-        if replica not in self._load_of:
-            self.total += replica.capacity
-            self._place(replica)
+        with self.lock:
+            if replica not in self._load_of:
+                self.total += replica.capacity
+                self._place(replica)
 
     def leave(self, replica: Slotted) -> None:
         """``replica`` takes no more calls (starting again, benched or gone)."""
-        load = self._load_of.pop(replica, None)
-        if load is not None:
-            del self._buckets[load][replica]
-            self.total -= replica.capacity
+        with self.lock:
+            load = self._load_of.pop(replica, None)
+            if load is not None:
+                del self._buckets[load][replica]
+                self.total -= replica.capacity
 
     def took(self, replica: Slotted) -> None:
         """A call started on ``replica``."""
-        replica.in_flight += 1
-        self._move(replica)
+        with self.lock:
+            replica.in_flight += 1
+            self._move(replica)
 
     def gave_back(self, replica: Slotted) -> None:
         """A call of ``replica`` answered (or was given up for lost)."""
-        replica.in_flight -= 1
-        self._move(replica)
+        with self.lock:
+            replica.in_flight -= 1
+            self._move(replica)
 
     def least_loaded(self, spare: int = 0, avoid: Any = None) -> Any | None:
         """The ready replica with the most free slots, or ``None`` if none has a free one.
@@ -88,6 +98,10 @@ class SlotIndex:
         ``spare`` extra calls may wait in a full replica's queue. ``avoid`` is a replica to pass
         over while another one has room.
         """
+        with self.lock:
+            return self._least_loaded(spare, avoid)
+
+    def _least_loaded(self, spare: int, avoid: Any) -> Any | None:
         while self._loads:
             load = self._loads[0]
             bucket = self._buckets.get(load)

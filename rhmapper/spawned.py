@@ -44,8 +44,9 @@ class _Directory:
     def lookup(self, name: str) -> Any:
         return self._hosts.get(name)
 
-    def remove(self, name: str) -> None:
-        self._hosts.pop(name, None)
+    def remove(self, name: str, host: Any) -> None:
+        if self._hosts.get(name) == host:  # not a newer map's entry under the same name
+            del self._hosts[name]
 
     def names(self) -> list[str]:
         return sorted(self._hosts)
@@ -176,8 +177,9 @@ def name_taken(name: str) -> ValueError:
                       f"(rm.get_map({name!r}).delete()), or choose another name")
 
 
-def unregister(name: str) -> None:
-    ray.get(directory().remove.remote(name))
+def unregister(name: str, host: Any) -> None:
+    """Release ``name``, if ``host`` still holds it."""
+    ray.get(directory().remove.remote(name, host))
 
 
 def expired(finished_at: float | None, keep_seconds: float) -> bool:

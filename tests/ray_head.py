@@ -111,6 +111,8 @@ class RayHead:
     log_path: str
     env: dict[str, str] = field(default_factory=dict)
     client_address: str = ""
+    stopped: bool = False
+    """Whether `stop` was called."""
 
     def pids(self) -> set[int]:
         """Live pids of this head: its session's processes and any naming its temp dir."""
@@ -135,6 +137,7 @@ class RayHead:
 
     def stop(self, timeout: float = 30.0) -> set[int]:
         """Stop this head (and only it); return the pids that were running. Raises if any stays."""
+        self.stopped = True
         running = self.pids()
         if self.leader.poll() is None:
             self.leader.send_signal(signal.SIGTERM)

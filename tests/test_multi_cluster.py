@@ -10,27 +10,44 @@ servers), stopped by pid; the driver runs in a subprocess connected to both.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from tests.ray_head import start_head
+from tests.driver_process import DriverProcess
+from tests.ray_head import RayHead, start_head
 
 pytestmark = pytest.mark.slow
 
 
+class Heads:
+    """Test heads shared by the module's tests; a test that stopped one gets a new one next."""
+
+    def __init__(self) -> None:
+        self._heads: list[RayHead] = []
+
+    def live(self, count: int) -> list[RayHead]:
+        self._heads = [start_head_for_client() if head.stopped else head for head in self._heads]
+        while len(self._heads) < count:
+            self._heads.append(start_head_for_client())
+        return self._heads[:count]
+
+    def stop(self) -> None:
+        for head in self._heads:
+            head.stop()
+
+
+def start_head_for_client() -> RayHead:
+    return start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
+
+
 @pytest.fixture(scope="module")
-def two_heads():
-    heads = []
+def heads():
+    heads = Heads()
     try:
-        for _ in range(2):
-            heads.append(start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"}))
         yield heads
     finally:
-        for head in heads:
-            head.stop()
+        heads.stop()
 
 
 def driver_env(head, **extra: str) -> dict[str, str]:
@@ -60,16 +77,25 @@ BOTH_CLUSTERS = """
     m.shutdown()
     # Your actors, created over each connection, join one mapper of a class.
     users = rm.mapper(Tagger, method="tag", replicas={a: 0, b: 0})
-    handles = []
+    handles, node_of = [], {}
     for address, pool in users._backend.pool.pools.items():
         with rhmapper_connection(pool):
             handles.append(ray.remote(Tagger).options(num_cpus=0.1).remote())
+            node_of[address] = ray.get(handles[-1].tag.remote(0))[1]
     users.add_replicas(handles)
     users.wait_ready(timeout=120)
     from_users = users.map(range(20), batch_size=1)
-    print(json.dumps({"values": [v for v, _ in one_per_call], "nodes": sorted({n for _, n in one_per_call}),
-                      "batched": [v for v, _ in batched], "user_nodes": sorted({n for _, n in from_users}),
-                      "user_values": [v for v, _ in from_users]}))
+    broadcast = users.broadcast("tag", 1)
+    cluster_of = {node: address for address, node in node_of.items()}
+    def per_cluster(tagged_values):
+        return {address: sum(1 for _, node in tagged_values if cluster_of.get(node) == address)
+                for address in node_of}
+    print(json.dumps({"values": [v for v, _ in one_per_call], "per_cluster": per_cluster(one_per_call),
+                      "batched": [v for v, _ in batched], "batched_per_cluster": per_cluster(batched),
+                      "user_values": [v for v, _ in from_users],
+                      "user_per_cluster": per_cluster(from_users),
+                      "broadcast_per_cluster": per_cluster(broadcast),
+                      "broadcast_values": [v for v, _ in broadcast]}))
 """
 
 CONNECTION_HELPER = """
@@ -80,22 +106,25 @@ CONNECTION_HELPER = """
 """
 
 
-def run_driver(script: str, env: dict[str, str], *args: str, timeout: float = 240):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(CONNECTION_HELPER)
-                           + textwrap.dedent(script), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def start_driver(script: str, env: dict[str, str], *args: str) -> DriverProcess:
+    return DriverProcess(textwrap.dedent(CONNECTION_HELPER) + textwrap.dedent(script), env, *args)
 
 
 @pytest.mark.timeout(300)
-def test_one_map_spreads_over_both_clusters(two_heads):
-    a, b = two_heads
-    done = run_driver(BOTH_CLUSTERS, driver_env(a), a.client_address, b.client_address)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+def test_one_map_spreads_over_both_clusters(heads):
+    a, b = heads.live(2)
+    driver = start_driver(BOTH_CLUSTERS, driver_env(a), a.client_address, b.client_address)
+    result = json.loads(driver.finish(timeout=240))
     assert result["values"] == [3 * x for x in range(60)]
     assert result["batched"] == [3 * x for x in range(3000)]
-    assert len(result["nodes"]) == 2, "both clusters did work"
-    assert result["user_values"] == list(range(20)) and len(result["user_nodes"]) == 2
+    assert result["user_values"] == list(range(20))
+    for counts in ("per_cluster", "batched_per_cluster", "user_per_cluster"):
+        per_cluster = result[counts]
+        assert sorted(per_cluster) == sorted([a.client_address, b.client_address]), per_cluster
+        assert all(count > 0 for count in per_cluster.values()), f"both clusters did work: {counts}"
+    assert sum(result["per_cluster"].values()) == 60, "every item ran on one of the two clusters"
+    assert result["broadcast_values"] == [1, 1]
+    assert sorted(result["broadcast_per_cluster"].values()) == [1, 1], "one actor per cluster"
 
 
 FAILOVER = """
@@ -124,21 +153,16 @@ FAILOVER = """
 
 
 @pytest.mark.timeout(300)
-def test_map_completes_on_the_other_cluster_when_one_is_lost(two_heads):
-    a, b = two_heads
-    env = driver_env(a, RAY_CLIENT_RECONNECT_GRACE_PERIOD="3")
-    driver = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CONNECTION_HELPER) + textwrap.dedent(FAILOVER),
-         a.client_address, b.client_address],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_map_completes_on_the_other_cluster_when_one_is_lost(heads):
+    a, b = heads.live(2)
+    driver = start_driver(FAILOVER, driver_env(a, RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"),
+                          a.client_address, b.client_address)
     try:
-        assert driver.stdout.readline().strip() == "STOP", driver.stderr.read()
+        assert driver.next_line(timeout=150) == "STOP"
         b.stop()  # every process of cluster b, by pid, mid-map
-        out, err = driver.communicate(timeout=240)
+        result = json.loads(driver.finish(timeout=120))
     finally:
         driver.kill()
-    assert driver.returncode == 0, out + err
-    result = json.loads(out.strip().splitlines()[-1])
     assert result["values"] == [5 * x for x in range(80)], "every result once, in order"
     assert result["replicas"] == 2, "cluster b's replicas left the pool"
     assert any(b.client_address in message and "unreachable" in message
@@ -146,48 +170,38 @@ def test_map_completes_on_the_other_cluster_when_one_is_lost(two_heads):
 
 
 EVERY_CLUSTER_LOST = """
-    import json, sys, time
+    import itertools, json, sys, time
     import rhmapper as rm
 
-    a, c = sys.argv[1:3]
+    a, b = sys.argv[1:3]
 
     def slow(x):
         time.sleep(0.2)
         return x
 
-    m = rm.mapper(slow, replicas={a: 1, c: 1}, env=rm.Env(compute={"CPU": 0.5}))
+    m = rm.mapper(slow, replicas={a: 1, b: 1}, env=rm.Env(compute={"CPU": 0.5}))
     m.wait_ready(timeout=120)
     try:
-        for count, _ in enumerate(m.imap(range(200), batch_size=1), 1):
+        for count, _ in enumerate(m.imap(itertools.count(), batch_size=1), 1):
             if count == 4:
                 print("STOP", flush=True)  # the test stops both clusters now
-        error = None
     except rm.NoReplicasError as caught:
-        error = str(caught)
-    print(json.dumps({"error": error}))
+        print(json.dumps({"error": str(caught)}))
 """
 
 
 @pytest.mark.timeout(300)
-def test_losing_every_cluster_raises_no_replicas(two_heads):
-    a = two_heads[0]
-    c = start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
+def test_losing_every_cluster_raises_no_replicas(heads):
+    a, b = heads.live(2)
+    driver = start_driver(EVERY_CLUSTER_LOST,
+                          driver_env(a, RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"),
+                          a.client_address, b.client_address)
     try:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(CONNECTION_HELPER)
-             + textwrap.dedent(EVERY_CLUSTER_LOST), a.client_address, c.client_address],
-            env=driver_env(a, RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-        try:
-            assert driver.stdout.readline().strip() == "STOP", driver.stderr.read()
-            a.stop()
-            c.stop()
-            out, err = driver.communicate(timeout=240)
-        finally:
-            driver.kill()
+        assert driver.next_line(timeout=150) == "STOP"
+        a.stop()
+        b.stop()
+        error = json.loads(driver.finish(timeout=120))["error"]
     finally:
-        c.stop()
-    assert driver.returncode == 0, out + err
-    error = json.loads(out.strip().splitlines()[-1])["error"]
-    assert error is not None and "no replica is left on any cluster" in error, out + err
-    assert f"{a.client_address} (unreachable)" in error and f"{c.client_address} (unreachable)" in error
+        driver.kill()
+    assert "no replica is left on any cluster" in error, error
+    assert f"{a.client_address} (unreachable)" in error and f"{b.client_address} (unreachable)" in error

@@ -42,23 +42,25 @@ def test_map_survives_losing_a_worker_node(cluster):
         doomed = workers[0].node_id
         nodes = {node for _, node in m.map(range(60), batch_size=1)}
         assert doomed in nodes and len(nodes) >= 2, "replicas did not spread over the nodes"
-        done = [0]
+        two_hundred_done, removed = threading.Event(), threading.Event()
 
-        def remove_at_a_third():
-            while done[0] < 200:
-                time.sleep(0.01)
-            cluster.remove_node(workers[0])
+        def remove_when_200_are_done():
+            if two_hundred_done.wait(timeout=120):
+                cluster.remove_node(workers[0])
+                removed.set()
 
-        remover = threading.Thread(target=remove_at_a_third, daemon=True)
+        remover = threading.Thread(target=remove_when_200_are_done, daemon=True)
         remover.start()
-        results = []
-        for value in m.imap(range(600), batch_size=2):
+        results, removed_mid_map = [], False
+        for value in m.imap(range(1500), batch_size=2):
             results.append(value)
-            done[0] += 1
-        remover.join(30)
-        assert [square for square, _ in results] == [x * x for x in range(600)]
-        late_nodes = {node for _, node in results[400:]}
-        assert doomed not in late_nodes
+            if len(results) == 200:
+                two_hundred_done.set()
+            removed_mid_map = removed_mid_map or removed.is_set()
+        remover.join(60)
+        assert removed_mid_map, "the worker node was not removed while the map ran"
+        assert [square for square, _ in results] == [x * x for x in range(1500)]
+        assert doomed not in {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         survivors = {node for _, node in m.map(range(60), batch_size=1)}
         assert doomed not in survivors and survivors
 

@@ -26,7 +26,9 @@ def fails_on_three(x):
     return x
 
 
-def naps(x):
+def logged_naps(x, log):
+    with open(log, "a") as file:  # one line per item started, appended by the replicas
+        file.write(f"{x}\n")
     time.sleep(x)
     return x
 
@@ -65,9 +67,13 @@ def test_every_verb_runs_on_the_host(on_cluster):
 
 
 def test_host_runs_on_the_head_node_with_no_resources(on_cluster):
+    """(On a cluster of several nodes: tests/test_spillover.py.)"""
     host = on_cluster._backend.host
-    node = ray.get(host.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    node, resources = ray.get(host.__ray_call__.remote(lambda self: (
+        ray.get_runtime_context().get_node_id(),
+        ray.get_runtime_context().get_assigned_resources())))
     assert node == _ray_compat.head_node_id(ray.nodes())
+    assert "CPU" not in resources, resources
     assert on_cluster.map([4]) == [16]
 
 
@@ -82,15 +88,20 @@ def test_errors_are_the_users_own_with_their_notes(ray_local):
             m.map([1], retry=2)
 
 
-def test_timeout_and_cancel_end_the_map(ray_local):
-    with rm.mapper(naps, replicas=1, on_cluster=True) as m:
-        values = m.map([0.0, 5.0, 0.0], timeout=1.0, return_exceptions=True, batch_size=1)
+def test_timeout_and_cancel_end_the_map(ray_local, tmp_path):
+    log = tmp_path / "started.log"
+    with rm.mapper(logged_naps, replicas=1, on_cluster=True) as m:
+        values = m.map([0.0, 5.0, 0.0], timeout=1.0, return_exceptions=True, batch_size=1,
+                       kwargs={"log": str(log)})
         assert values[0] == 0.0 and values[2] == 0.0 and isinstance(values[1], TimeoutError)
+        log.write_text("")
         threading.Timer(1.0, m.cancel).start()
         started = time.monotonic()
         with pytest.raises(rm.MapCancelledError):
-            m.map([3.0] * 4, batch_size=1)
-        assert time.monotonic() - started < 2.9
+            m.map([6.0, 6.1, 6.2, 6.3], batch_size=1, kwargs={"log": str(log)})
+        assert time.monotonic() - started < 5, "cancel does not wait for the running item"
+        time.sleep(started + 7 - time.monotonic())  # a queued item would have started by now
+    assert log.read_text().split() == ["6.0"], "no item queued behind the cancel started"
 
 
 def test_broadcast_reaches_every_replica_of_a_class(ray_local):
@@ -122,19 +133,24 @@ def test_spawned_map_is_found_by_name_and_kept_until_collected(ray_local):
             rm.get_map("test_spawned_squares")
 
 
-def test_spawned_map_reports_failure_and_cancel(ray_local):
-    with rm.mapper(naps, replicas=1, on_cluster=True) as m:
-        spawned = m.spawn_map([0.0, 0.0, "x"], name="test_spawned_fails")
+def test_spawned_map_reports_failure_and_cancel(ray_local, tmp_path):
+    log = tmp_path / "started.log"
+    with rm.mapper(logged_naps, replicas=1, on_cluster=True) as m:
+        spawned = m.spawn_map([0.0, 0.0, "x"], name="test_spawned_fails", kwargs={"log": str(log)})
         with pytest.raises(TypeError):
             spawned.results()
         assert spawned.status().state == "failed"
         spawned.delete()
-        slow = m.spawn_map([2.0] * 5, name="test_spawned_cancel", batch_size=1)
+        log.write_text("")
+        slow = m.spawn_map([2.0, 2.1, 2.2, 2.3, 2.4], name="test_spawned_cancel", batch_size=1,
+                           kwargs={"log": str(log)})
         slow.cancel()
         with pytest.raises(rm.MapCancelledError):
             slow.results()
         assert slow.status().state == "cancelled" and slow.status().done < 5
         slow.delete()
+        time.sleep(2.5)  # a running item has ended: a queued one would have started by now
+    assert log.read_text().split() in ([], ["2.0"]), "no item queued behind the cancel started"
 
 
 def test_spawn_map_needs_the_mapper_on_the_cluster(ray_local):

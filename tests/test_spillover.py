@@ -69,3 +69,17 @@ def test_custom_resource_pins_a_replica_to_the_node_that_has_it(cluster):
         m.wait_ready(timeout=120)
         nodes = m.map(range(10), batch_size=1)
     assert set(nodes) == {special.node_id}
+
+
+def test_the_mapper_on_the_cluster_runs_on_the_head_and_spills_its_replicas(cluster):
+    env = rm.Env(name="hosted_spill", compute={"CPU": 0.5})
+    with rm.mapper(rm.module(Where), method="node", replicas=6, env=env, on_cluster=True) as m:
+        m.wait_ready(timeout=120)
+        host = m._backend.host
+        host_node, host_resources = ray.get(host.__ray_call__.remote(lambda self: (
+            ray.get_runtime_context().get_node_id(),
+            ray.get_runtime_context().get_assigned_resources())))
+        per_item = m.map(range(60), batch_size=1)
+    assert host_node == cluster[0].head_node.node_id
+    assert "CPU" not in host_resources, host_resources
+    assert len(set(per_item)) >= 2, f"the host's replicas all ran on one node: {per_item}"
