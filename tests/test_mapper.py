@@ -295,7 +295,10 @@ def test_shutdown_and_context_exit_kill_auto_replicas_but_not_user_actors():
     user = RemoteTagged.remote("mine")
     with rm.mapper(RemoteTagged, method="predict", replicas=[user], env=rm.Env(name="ctx")) as m:
         m.add_replicas(1)
-        assert len(m.map(range(5))) == 5
+        m.wait_ready(timeout=60)
+        tagged = m.map(range(20), batch_size=1)
+        assert [value for _, value in tagged] == [10 * x for x in range(20)]
+        assert {tag for tag, _ in tagged} == {"mine", "auto"}, "your actor and the auto replica"
         assert ray.get_actor("ctx_replica_0", namespace="rhmapper")
     assert wait_gone("ctx_replica_0")
     assert ray.get(user.whoami.remote())[0] == "mine"

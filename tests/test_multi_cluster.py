@@ -84,6 +84,13 @@ BOTH_CLUSTERS = """
             node_of[address] = ray.get(handles[-1].tag.remote(0))[1]
     users.add_replicas(handles)
     users.wait_ready(timeout=120)
+    only_a = rm.mapper(Tagger, method="tag", replicas={a: 0})
+    try:
+        only_a.add_replicas([handles[1]])  # created over b's connection
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    only_a.shutdown()
     from_users = users.map(range(20), batch_size=1)
     broadcast = users.broadcast("tag", 1)
     cluster_of = {node: address for address, node in node_of.items()}
@@ -95,7 +102,7 @@ BOTH_CLUSTERS = """
                       "user_values": [v for v, _ in from_users],
                       "user_per_cluster": per_cluster(from_users),
                       "broadcast_per_cluster": per_cluster(broadcast),
-                      "broadcast_values": [v for v, _ in broadcast]}))
+                      "broadcast_values": [v for v, _ in broadcast], "refused": refused}))
 """
 
 CONNECTION_HELPER = """
@@ -125,6 +132,7 @@ def test_one_map_spreads_over_both_clusters(heads):
     assert sum(result["per_cluster"].values()) == 60, "every item ran on one of the two clusters"
     assert result["broadcast_values"] == [1, 1]
     assert sorted(result["broadcast_per_cluster"].values()) == [1, 1], "one actor per cluster"
+    assert "was not created over one of this mapper's cluster connections" in result["refused"]
 
 
 FAILOVER = """

@@ -14,6 +14,7 @@ import ray
 
 import rhmapper as rm
 from rhmapper import _ray_compat
+from tests.ray_head import wait_until
 
 
 def square(x):
@@ -151,6 +152,27 @@ def test_spawned_map_reports_failure_and_cancel(ray_local, tmp_path):
         slow.delete()
         time.sleep(2.5)  # a running item has ended: a queued one would have started by now
     assert log.read_text().split() in ([], ["2.0"]), "no item queued behind the cancel started"
+
+
+def test_spawned_map_expires_and_is_bounded_in_size(ray_local):
+    with rm.mapper(square, replicas=1, on_cluster=True) as m:
+        short = m.spawn_map(range(10), name="test_spawned_expires", keep_seconds=0.5)
+        assert short.results(delete=False) == [x * x for x in range(10)]
+        assert wait_until(lambda: not spawned_exists("test_spawned_expires"), seconds=30), \
+            "a finished map is dropped keep_seconds after it ended (looked at every 5 s)"
+        big = m.spawn_map(range(1000), name="test_spawned_too_big", max_result_bytes=1000)
+        with pytest.raises(rm.RhmapperError, match="outgrew max_result_bytes=1000"):
+            big.results(delete=False)
+        assert big.status().state == "failed"
+        big.delete()
+
+
+def spawned_exists(name):
+    try:
+        rm.get_map(name)
+    except KeyError:
+        return False
+    return True
 
 
 def test_spawn_map_needs_the_mapper_on_the_cluster(ray_local):
