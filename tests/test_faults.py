@@ -149,7 +149,15 @@ def test_a_replica_that_fails_in_its_constructor_fails_once_and_is_dropped(tmp_p
         assert m.wait_ready(timeout=120) is m, "the other two replicas started"
         assert m.map(range(20), batch_size=1) == [2 * x for x in range(20)]
 
+
+def replica_pids(m):
+    return sorted(ray.get([handle.__ray_call__.remote(lambda self: os.getpid())
+                           for handle in m.replicas], timeout=60))
+
+
+def test_timeout_fails_the_item_and_frees_the_slot():
     with rm.mapper(slow_item, replicas=2, env=rm.Env(name="slowpoke")).wait_ready() as m:
+        pids_before = replica_pids(m)
         started = time.monotonic()
         with pytest.raises(TimeoutError, match="item 3 ran longer than timeout=0.5s"):
             m.map(range(8), kwargs={"slow": 3, "seconds": 30}, timeout=0.5)
@@ -160,9 +168,13 @@ def test_a_replica_that_fails_in_its_constructor_fails_once_and_is_dropped(tmp_p
         assert isinstance(results[3], TimeoutError)
         assert [r for i, r in enumerate(results) if i != 3] == [x for x in range(8) if x != 3]
         assert time.monotonic() - started < 15
-        # the stuck replica was restarted: both slots serve the next map promptly
-        m.wait_ready(timeout=30)
+        # Both replicas still run a 30 s item 3: the next map gets replicas only because the
+        # stuck ones are restarted once their 2 s of grace have passed.
+        started = time.monotonic()
         assert m.map(range(20), kwargs={"slow": -1, "seconds": 0}) == list(range(20))
+        assert time.monotonic() - started < 20, "the map waited for the stuck items"
+        m.wait_ready(timeout=60)
+        assert replica_pids(m) != pids_before, "a stuck replica was restarted"
 
 
 def logged_slow_item(x, slow, seconds, log):
