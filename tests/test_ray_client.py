@@ -359,5 +359,6 @@ def test_spawned_map_outlives_its_killed_driver(head, tmp_path):
     assert result["first"][2] == 40
     executions = log.read_text().split()
     assert sorted(map(int, executions)) == list(range(40)), "every item ran exactly once"
-    left = last_json(run_python(LEFT_ALIVE, driver_env(head), timeout=150))["left"]
+    left = last_json(run_python(LEFT_ALIVE, driver_env(head, RAY_ADDRESS=head.gcs_address),
+                                timeout=150))["left"]
     assert left == [], f"the host and its replicas should have exited: {left}"
