@@ -41,6 +41,7 @@ class SimReplica:
     name: str
     capacity: int
     in_flight: int = 0
+    queues_ahead: bool = True
 
     def max_items(self, call: CallSpec) -> int | None:
         return None

@@ -6,9 +6,7 @@ import operator
 import re
 import threading
 import uuid
-from typing import Any, Callable, Iterable, Iterator
-
-from typing_extensions import Unpack
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from rhmapper import _ray_compat
 from rhmapper.connect import ensure_ray
@@ -24,6 +22,9 @@ from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned
 from rhmapper.signals import start_board
 from rhmapper.wire import CallSpec
+
+if TYPE_CHECKING:  # annotations only: not a run-time dependency
+    from typing_extensions import Unpack
 
 
 def _default_name(obj: Any) -> str:

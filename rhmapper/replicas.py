@@ -116,6 +116,11 @@ class RayReplica:
         self.started_at = time.monotonic()
         self.ready_ref = self.handle.__ray_call__.remote(replica_info)
 
+    @property
+    def queues_ahead(self) -> bool:
+        """Only an auto replica gets a call queued beyond its slots (see `scheduler.Replica`)."""
+        return self.owned
+
     def calls_directly(self, call: CallSpec) -> bool:
         """Whether ``call`` goes to the user's method itself (an async method of your actor)."""
         return call.is_async and not self.owned

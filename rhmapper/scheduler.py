@@ -56,6 +56,9 @@ class Replica(Protocol):
     in_flight: int
     """How many it has (counted by the pool: `Pool.submit` takes a slot, `Pool.fetch` and an
     abandoned call's answer give it back)."""
+    queues_ahead: bool
+    """Whether one more call may wait in its queue while its slots are full (an auto replica);
+    your actors never get more calls than they run at once."""
 
     def max_items(self, call: "CallSpec") -> int | None:
         """The most items one call of ``call`` may carry on this replica (``None``: any)."""
@@ -363,8 +366,8 @@ class MapRun:
                 return
             max_items = replica.max_items(self._plan.call)
             queued = replica.in_flight >= replica.capacity
-            if queued and max_items == 1:
-                return  # a direct call to your actor's method has no guard for a queued call
+            if queued and not replica.queues_ahead:
+                return
             work = self._take_fresh(slots.total, max_items, queued)
             if work is None:
                 return

@@ -103,13 +103,30 @@ class SpawnedMap:
                 "results are lost") from error
 
     def status(self) -> MapStatus:
-        """Items done, total and failed, and the map's state."""
+        """Items done, total and failed, and the map's state.
+
+        Examples:
+            >>> import rhmapper as rm
+            >>> with rm.mapper(abs, replicas=1, on_cluster=True) as m:
+            ...     spawned = m.spawn_map([-1, -2], name="doc_status")
+            ...     _ = spawned.results(delete=False)
+            ...     print(spawned.status())
+            ...     spawned.delete()
+            MapStatus(done=2, total=2, failed=0, state='done')
+        """
         return MapStatus(**self._call("spawned_status"))
 
     def iter_results(self, delete: bool = True) -> Iterator:
         """The results in input order, each as soon as it and all before it are ready. Once all
         are read the map is deleted (unless ``delete=False``). Raises the map's error (the
         user's exception with its notes, `MapCancelledError`, ...) after the results before it.
+
+        Examples:
+            >>> import rhmapper as rm
+            >>> with rm.mapper(abs, replicas=1, on_cluster=True) as m:
+            ...     spawned = m.spawn_map(range(-3, 0), name="doc_iter")
+            ...     [value for value in rm.get_map("doc_iter").iter_results()]
+            [3, 2, 1]
         """
         start = 0
         while True:
@@ -125,15 +142,42 @@ class SpawnedMap:
 
     def results(self, delete: bool = True) -> list:
         """All results in input order, once the map has ended; then the map is deleted (unless
-        ``delete=False``)."""
+        ``delete=False``).
+
+        Examples:
+            >>> import rhmapper as rm
+            >>> with rm.mapper(abs, replicas=1, on_cluster=True) as m:
+            ...     m.spawn_map([-5, 6], name="doc_results").results()
+            [5, 6]
+        """
         return list(self.iter_results(delete))
 
     def cancel(self) -> None:
-        """Stop the map: no new item starts; `results` then raises `MapCancelledError`."""
+        """Stop the map: no new item starts; `results` then raises `MapCancelledError`.
+
+        Examples:
+            >>> import time, rhmapper as rm
+            >>> with rm.mapper(time.sleep, replicas=1, on_cluster=True) as m:
+            ...     spawned = m.spawn_map([1.0] * 5, name="doc_cancel", batch_size=1)
+            ...     spawned.cancel()
+            ...     spawned.status().state in ("running", "cancelled")
+            ...     spawned.delete()
+            True
+        """
         self._call("spawned_cancel")
 
     def delete(self) -> None:
-        """Cancel the map if it runs, and drop its results and its name."""
+        """Cancel the map if it runs, and drop its results and its name.
+
+        Examples:
+            >>> import rhmapper as rm
+            >>> with rm.mapper(abs, replicas=1, on_cluster=True) as m:
+            ...     m.spawn_map([-1], name="doc_delete").delete()
+            ...     rm.get_map("doc_delete")
+            Traceback (most recent call last):
+            ...
+            KeyError: "no spawned map named 'doc_delete'..."
+        """
         self._call("spawned_delete")
 
 

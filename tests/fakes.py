@@ -27,6 +27,7 @@ class FakeReplica:
     """How many of the pool's ``wait`` calls pass before this replica is ready."""
     in_flight: int = 0
     peak_in_flight: int = 0
+    queues_ahead: bool = True
     alive: bool = True
     calls: list = field(default_factory=list)
     log: list = field(default_factory=list)

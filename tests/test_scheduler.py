@@ -45,10 +45,13 @@ def test_slots_are_never_exceeded_and_every_replica_works(item_seconds, queued_a
     assert all(replica.calls for replica in pool.replicas)
 
 
-@pytest.mark.parametrize("options", [{"batch_size": 1, "timeout": 10.0}, {}],
-                         ids=["under a timeout", "with auto batches"])
-def test_no_call_is_queued_ahead(options):
+@pytest.mark.parametrize("options, queues_ahead", [
+    ({"batch_size": 1, "timeout": 10.0}, True), ({}, True), ({"batch_size": 1}, False)],
+    ids=["under a timeout", "with auto batches", "on your actors"])
+def test_no_call_is_queued_ahead(options, queues_ahead):
     pool = FakePool(5, capacity=3, item_seconds=1e-6)
+    for replica in pool.replicas:
+        replica.queues_ahead = queues_ahead
     results, _ = collect(pool, list(range(500)), **options)
     assert results == list(range(500))
     assert all(replica.peak_in_flight <= 3 for replica in pool.replicas)
