@@ -28,7 +28,7 @@ from rhmapper import _ray_compat
 from rhmapper.backend import OnProgress
 from rhmapper.errors import MapCancelledError, RhmapperError
 from rhmapper.replicas import NAMESPACE, name_taken, put_kwargs, upload_local_dirs
-from rhmapper.scheduler import MapPlan, MapStats
+from rhmapper.scheduler import MapPlan, MapStats, add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
 
@@ -477,8 +477,11 @@ class ClusterBackend:
                                        keep_seconds, max_result_bytes))
         try:
             ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
-        except BaseException:  # a map without all of its inputs must not run on
-            self.host.spawned_delete.remote(name)
+        except BaseException as error:  # a map without all of its inputs must not run on
+            try:
+                ray.get(self.host.spawned_delete.remote(name), timeout=60)
+            except Exception as failed:  # the original error is the one to raise
+                add_note(error, f"rhmapper: spawned map {name!r} could not be deleted: {failed}")
             raise
         return spawned.SpawnedMap(name, self.host)
 
