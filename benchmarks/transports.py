@@ -1,0 +1,108 @@
+"""One item per call over Ray's transports on this machine: what an ordinary actor call costs,
+against a Ray Compiled Graph (``experimental_compile``) over the same actors.
+
+The question it answers: can a one-item-per-call mapper beat ``ActorPool`` by 1.5x here (issue
+11.3)? Contenders, in one process on one local Ray, over the same 4 actors (``CPU: 0.5``),
+``x + 1`` on ``--items`` items, each timed ``--repeats`` times (median), interleaved:
+
+- ``actorpool``: ``list(ray.util.ActorPool(actors).map(lambda a, v: a.f.remote(v), items))``.
+- ``rhmapper_b1``: ``m.map(items, batch_size=1)`` with the same actors as replicas.
+- ``compiled``: one compiled graph per actor (``actor.f.bind(InputNode())``), two executions in
+  flight on each, results read in order. Compiling happens before the clock starts (like
+  creating the actors); the graphs are torn down after each run.
+
+Run: ``python benchmarks/transports.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import ray
+from ray.dag import InputNode
+from ray.util import ActorPool
+
+import rhmapper as rm
+from many_replicas import Worker, tiny
+
+ACTORS = 4
+IN_FLIGHT = 2
+"""Executions in flight per compiled graph (``_max_inflight_executions``)."""
+
+
+def compiled_graphs(actors: list, items: list[int]) -> tuple[list, float]:
+    """The results, and the seconds they took (compiling and tearing down excluded)."""
+    graphs = []
+    for actor in actors:
+        with InputNode() as item:
+            node = actor.f.bind(item)
+        graphs.append(node.experimental_compile(_max_inflight_executions=IN_FLIGHT))
+    try:
+        started = time.perf_counter()
+        results: list = [None] * len(items)
+        pending = [collections.deque() for _ in graphs]
+        feed = iter(enumerate(items))
+        while True:
+            for graph, sent in zip(graphs, pending):
+                while len(sent) < IN_FLIGHT and (next_item := next(feed, None)) is not None:
+                    index, item = next_item
+                    sent.append((index, graph.execute(item)))
+            if not any(pending):
+                break
+            for sent in pending:
+                if sent:
+                    index, ref = sent.popleft()
+                    results[index] = ray.get(ref)
+        return results, time.perf_counter() - started
+    finally:
+        for graph in graphs:
+            graph.teardown()
+
+
+def timed(run) -> tuple[list, float]:
+    started = time.perf_counter()
+    values = run()
+    return values, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--items", type=int, default=10_000)
+    args = parser.parse_args()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    actors = [ray.remote(num_cpus=0.5)(Worker).remote(tiny) for _ in range(ACTORS)]
+    ray.get([actor.f.remote(0) for actor in actors])
+    m = rm.mapper(Worker, method="f", replicas=actors, env=rm.Env(name="transports"))
+    m.wait_ready(timeout=300)
+    items = list(range(args.items))
+    expected = [tiny(x) for x in items]
+    contenders = {
+        "actorpool": lambda: timed(
+            lambda: list(ActorPool(actors).map(lambda a, v: a.f.remote(v), items))),
+        "rhmapper_b1": lambda: timed(lambda: m.map(items, batch_size=1)),
+        "compiled": lambda: compiled_graphs(actors, items),
+    }
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+        for name, run in contenders.items():
+            values, seconds = run()
+            if values != expected:
+                raise AssertionError(f"{name} returned wrong results")
+            times[name].append(seconds)
+    m.shutdown()
+    reference = statistics.median(times["actorpool"])
+    print(f"\n{args.items} items of x + 1, {ACTORS} actors x CPU 0.5, median of {args.repeats}")
+    print(f"{'contender':<13}{'seconds':>9}{'calls/s':>10}{'throughput / actorpool':>24}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"{name:<13}{median:>9.3f}{args.items / median:>10.0f}{reference / median:>24.2f}",
+              flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
