@@ -179,6 +179,7 @@ def test_map_completes_on_the_other_cluster_when_one_is_lost(heads):
 
 EVERY_CLUSTER_LOST = """
     import itertools, json, sys, time
+    import psutil
     import rhmapper as rm
 
     a, b = sys.argv[1:3]
@@ -194,7 +195,9 @@ EVERY_CLUSTER_LOST = """
             if count == 4:
                 print("STOP", flush=True)  # the test stops both clusters now
     except rm.NoReplicasError as caught:
-        print(json.dumps({"error": str(caught)}))
+        # A Ray call over a lost connection would start a local Ray under this driver.
+        local_ray = [child.name() for child in psutil.Process().children(recursive=True)]
+        print(json.dumps({"error": str(caught), "local_ray": local_ray}))
 """
 
 
@@ -208,8 +211,10 @@ def test_losing_every_cluster_raises_no_replicas(heads):
         assert driver.next_line(timeout=150) == "STOP"
         a.stop()
         b.stop()
-        error = json.loads(driver.finish(timeout=120))["error"]
+        result = json.loads(driver.finish(timeout=120))
     finally:
         driver.kill()
+    error = result["error"]
     assert "no replica is left on any cluster" in error, error
+    assert result["local_ray"] == [], "no Ray was started on the driver after the loss"
     assert f"{a.client_address} (unreachable)" in error and f"{b.client_address} (unreachable)" in error
