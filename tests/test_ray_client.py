@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -324,14 +325,14 @@ COLLECTS = """
 
 
 LEFT_ALIVE = """
-    import json, time
+    import json, sys, time
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + 120
     while True:  # the host exits once its driver's job ended and no spawned map is kept
         alive = [(actor.class_name, actor.name) for actor in list_actors(
             filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)]
-        left = [a for a in alive if a[0] == "MapperHost" or a[1].startswith("logged_")]
+        left = [a for a in alive if a[0] == "MapperHost" or a[1].startswith(sys.argv[1])]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -359,6 +360,67 @@ def test_spawned_map_outlives_its_killed_driver(head, tmp_path):
     assert result["first"][2] == 40
     executions = log.read_text().split()
     assert sorted(map(int, executions)) == list(range(40)), "every item ran exactly once"
-    left = last_json(run_python(LEFT_ALIVE, driver_env(head, RAY_ADDRESS=head.gcs_address),
-                                timeout=150))["left"]
-    assert left == [], f"the host and its replicas should have exited: {left}"
+    assert left_alive(head, "logged_") == [], "the host and its replicas exited after collection"
+
+
+def left_alive(head, replica_prefix: str) -> list:
+    """The hosts, and the actors named ``replica_prefix...``, still alive on ``head`` once they
+    are all gone or 120 s have passed."""
+    return last_json(run_python(LEFT_ALIVE, driver_env(head, RAY_ADDRESS=head.gcs_address),
+                                replica_prefix, timeout=150))["left"]
+
+
+MAPS_AND_IS_KILLED = """
+    import sys, time
+    import rhmapper as rm
+
+    def crawls(x, log):
+        with open(log, "a") as file:  # one line per execution, appended by the replicas
+            file.write(f"{x}\\n")
+        time.sleep(0.2)
+        return x
+
+    m = rm.mapper(crawls, replicas=1, env=rm.Env(compute={"CPU": 0.5}), on_cluster=True)
+    m.spawn_map([-1, -2], name="kept_past_its_driver", kwargs={"log": sys.argv[1]})
+    for count, _ in enumerate(m.imap(range(1000), batch_size=1, kwargs={"log": sys.argv[1]}), 1):
+        if count == 3:
+            print("MAPPING", flush=True)  # the test kills this driver now
+"""
+
+
+COLLECTS_KEPT = """
+    import json
+    import rhmapper as rm
+
+    print(json.dumps(rm.get_map("kept_past_its_driver").results()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_killed_drivers_map_on_the_cluster_ends_and_its_spawned_map_stays(head, tmp_path):
+    """A driver with a spawned map and a running imap on the host is killed (SIGKILL): the host
+    ends the imap once it sees the driver gone, keeps the spawned map for another driver, and
+    exits with its replica once that map is collected."""
+    log = tmp_path / "executions.log"
+    env = driver_env(head, RAY_ADDRESS=head.client_address)
+    driver = DriverProcess(MAPS_AND_IS_KILLED, env, str(log))
+    try:
+        assert driver.next_line(timeout=120) == "MAPPING"
+    finally:
+        driver.kill()
+
+    def imap_items_run() -> int:
+        return sum(1 for line in log.read_text().split() if int(line) >= 0)
+
+    counts = [imap_items_run()]
+
+    def imap_stopped() -> bool:
+        time.sleep(2.0)
+        counts.append(imap_items_run())
+        return counts[-1] == counts[-2]
+
+    assert wait_until(imap_stopped, seconds=150), f"the imap ran on: {counts}"
+    assert counts[-1] < 1000, "the imap ended before its last item"
+    assert last_json(run_python(COLLECTS_KEPT, env)) == [-1, -2], "the spawned map was kept"
+    assert left_alive(head, "crawls_") == [], "the host and its replica exited after collection"
