@@ -218,14 +218,18 @@ class MapperHost:
     def start(self, map_id: str, plan: MapPlan, items: list, last: bool) -> None:
         """Start a map with its first chunk of ``items``; the next come with `feed`, the results
         go with `take`."""
-        hosted = HostedMap(plan.window)
+        self._launch(map_id, HostedMap(plan.window), plan, items, last)
+
+    def _launch(self, map_id: str, hosted: HostedMap, plan: MapPlan, items: list, last: bool,
+                max_result_bytes: float = math.inf) -> None:
+        """Register ``hosted`` under ``map_id`` with its first chunk, and run it on a thread."""
         hosted.feed(0, [] if last else items, last)
         with self._registered:
             self._maps[map_id] = hosted
             self._registered.notify_all()
         source = iter(items) if last else hosted.source()  # all there: no need to wait for more
-        threading.Thread(target=self._run, args=(hosted, plan, source), daemon=True,
-                         name=f"rhmapper-map-{map_id[:8]}").start()
+        threading.Thread(target=self._run, args=(hosted, plan, source, max_result_bytes),
+                         daemon=True, name=f"rhmapper-{map_id}").start()
 
     def _run(self, hosted: HostedMap, plan: MapPlan, source: Iterator,
              max_result_bytes: float = math.inf) -> None:
@@ -283,15 +287,9 @@ class MapperHost:
             kwargs = {key: ray.put(ray.get(ref)) for key, ref in plan.call.kwargs.items()}
             plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, kwargs=kwargs))
         hosted = HostedMap(None, keep=True)
-        hosted.feed(0, [] if last else items, last)
-        with self._registered:
-            self._maps[f"spawn:{name}"] = hosted
+        with self._lock:
             self._spawned[name] = (hosted, total, keep_seconds)
-            self._registered.notify_all()
-        source = iter(items) if last else hosted.source()
-        threading.Thread(target=self._run, args=(hosted, plan, source, max_result_bytes),
-                         daemon=True,
-                         name=f"rhmapper-spawned-{name}").start()
+        self._launch(f"spawn:{name}", hosted, plan, items, last, max_result_bytes)
 
     def _spawned_map(self, name: str) -> HostedMap:
         with self._lock:

@@ -95,23 +95,20 @@ class Mapper:
 
             self._backend = LocalBackend(MultiClusterPool(
                 self.env, target, concurrency, ready_timeout, replace_mismatched, self.clusters))
-            self._cancel_events: set[threading.Event] = set()
-            self._shut_down = False
-            self.add_replicas(replicas)
-            return
-        ensure_ray()
-        board, _ = start_board()
-        if on_cluster:
-            from rhmapper.host import ClusterBackend
-
-            self._backend = ClusterBackend(
-                dict(obj=obj, method=method, env=self.env, concurrency=concurrency,
-                     ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
-                     max_call_bytes=max_call_bytes),
-                self.env.actor_options(), board)
         else:
-            self._backend = LocalBackend(
-                ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched))
+            ensure_ray()
+            board, _ = start_board()
+            if on_cluster:
+                from rhmapper.host import ClusterBackend
+
+                self._backend = ClusterBackend(
+                    dict(obj=obj, method=method, env=self.env, concurrency=concurrency,
+                         ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
+                         max_call_bytes=max_call_bytes),
+                    self.env.actor_options(), board)
+            else:
+                self._backend = LocalBackend(
+                    ReplicaPool(self.env, target, concurrency, ready_timeout, replace_mismatched))
         self._cancel_events: set[threading.Event] = set()
         self._shut_down = False
         self.add_replicas(replicas)

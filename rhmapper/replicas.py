@@ -284,8 +284,7 @@ def _on_its_cluster(method: Callable) -> Callable:
                 try:
                     return method(self, *args, **kwargs)
                 except Exception as error:  # a lost cluster fails any call
-                    if (ray.util.client.ray.is_connected()
-                            and not _ray_compat.is_connection_failure(error)):
+                    if not self._is_cluster_loss(error):
                         raise
                     self._cluster_lost(error)
                     return None
@@ -665,9 +664,7 @@ class ReplicaPool:
             ref = replica.start(call, start, items, budget, self.board)
             future = ref.future()
         except Exception as error:  # on a lost cluster, the call fails like its replica
-            if not self.unreachable and (self._connection is None or (
-                    ray.util.client.ray.is_connected()
-                    and not _ray_compat.is_connection_failure(error))):
+            if not self.unreachable and not self._is_cluster_loss(error):
                 raise
             self._cluster_lost(error)
             ref = future = _Unreachable(self._unreachable_cause)
@@ -715,7 +712,7 @@ class ReplicaPool:
             try:
                 ray.cancel(token)
             except ConnectionError as error:
-                if self._connection is None:
+                if not self._is_cluster_loss(error):
                     raise
                 self._cluster_lost(error)
         with self._lock:  # with the lock, its "drained" event cannot be handled before this
@@ -805,6 +802,12 @@ class ReplicaPool:
                     RuntimeWarning, stacklevel=2)
                 return
             self._replace(replica, wait_for_name=False)
+
+    def _is_cluster_loss(self, error: BaseException) -> bool:
+        """Whether ``error``, raised by a Ray call over this pool's connection, means its cluster
+        is lost (never for the driver's own cluster)."""
+        return self._connection is not None and (
+            _ray_compat.is_connection_failure(error) or not ray.util.client.ray.is_connected())
 
     def _cluster_lost(self, reason: BaseException) -> None:
         """The cluster stopped answering: every replica on it leaves the pool (none can be

@@ -563,11 +563,9 @@ class MapRun:
         resolved: dict[int, Any] = {}
         for position, item in enumerate(call.items):
             index = call.start + position
-            if not died.blames_items:
-                self._retry(_Retry(0.0, index, item, call.replica))
-                continue
-            crashes = self._crashes.get(index, 0) + 1
-            self._crashes[index] = crashes
+            if died.blames_items:
+                self._crashes[index] = self._crashes.get(index, 0) + 1
+            crashes = self._crashes.get(index, 0)
             if crashes < self._plan.max_replica_crashes:
                 self._retry(_Retry(0.0, index, item, call.replica))
                 continue

@@ -130,6 +130,15 @@ class RayHead:
         found.discard(os.getpid())
         return found
 
+    def driver_env(self, *, token: bool = True, **extra: str) -> dict[str, str]:
+        """This head's client environment without RAY_ADDRESS (a driver names the address it
+        joins), plus ``extra``; without ``token``, no RAY_AUTH_MODE."""
+        env = {key: value for key, value in self.env.items() if key != "RAY_ADDRESS"}
+        if not token:
+            env.pop("RAY_AUTH_MODE", None)
+        env.update(extra)
+        return env
+
     def log(self) -> str:
         """What ``ray start`` printed so far."""
         with open(self.log_path, errors="replace") as handle:

@@ -50,12 +50,6 @@ def heads():
         heads.stop()
 
 
-def driver_env(head, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in head.env.items() if key != "RAY_ADDRESS"}
-    env.update(extra)
-    return env
-
-
 BOTH_CLUSTERS = """
     import json, sys
     import ray
@@ -120,7 +114,7 @@ def start_driver(script: str, env: dict[str, str], *args: str) -> DriverProcess:
 @pytest.mark.timeout(300)
 def test_one_map_spreads_over_both_clusters(heads):
     a, b = heads.live(2)
-    driver = start_driver(BOTH_CLUSTERS, driver_env(a), a.client_address, b.client_address)
+    driver = start_driver(BOTH_CLUSTERS, a.driver_env(), a.client_address, b.client_address)
     result = json.loads(driver.finish(timeout=240))
     assert result["values"] == [3 * x for x in range(60)]
     assert result["batched"] == [3 * x for x in range(3000)]
@@ -163,7 +157,7 @@ FAILOVER = """
 @pytest.mark.timeout(300)
 def test_map_completes_on_the_other_cluster_when_one_is_lost(heads):
     a, b = heads.live(2)
-    driver = start_driver(FAILOVER, driver_env(a, RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"),
+    driver = start_driver(FAILOVER, a.driver_env(RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"),
                           a.client_address, b.client_address)
     try:
         assert driver.next_line(timeout=150) == "STOP"
@@ -205,7 +199,7 @@ EVERY_CLUSTER_LOST = """
 def test_losing_every_cluster_raises_no_replicas(heads):
     a, b = heads.live(2)
     driver = start_driver(EVERY_CLUSTER_LOST,
-                          driver_env(a, RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"),
+                          a.driver_env(RAY_CLIENT_RECONNECT_GRACE_PERIOD="3"),
                           a.client_address, b.client_address)
     try:
         assert driver.next_line(timeout=150) == "STOP"

@@ -37,15 +37,6 @@ def head():
         head.stop()
 
 
-def driver_env(head, *, token: bool = True, **extra: str) -> dict[str, str]:
-    """The head's client environment without RAY_ADDRESS; without ``token``, no RAY_AUTH_MODE."""
-    env = {key: value for key, value in head.env.items() if key != "RAY_ADDRESS"}
-    if not token:
-        env.pop("RAY_AUTH_MODE", None)
-    env.update(extra)
-    return env
-
-
 def run_python(script: str, env: dict[str, str], *args: str, timeout: float = 120):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -87,7 +78,7 @@ UNSCHEDULABLE = """
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_impossible_compute_over_ray_client_raises_unschedulable(head):
-    report = last_json(run_python(UNSCHEDULABLE, driver_env(head, RAY_ADDRESS=head.client_address)))
+    report = last_json(run_python(UNSCHEDULABLE, head.driver_env(RAY_ADDRESS=head.client_address)))
     assert report["client"] is True
     impossible = report["impossible"]
     assert impossible["type"] == "UnschedulableError", impossible
@@ -118,7 +109,7 @@ POOLS = """
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pools_are_listed_and_killed_over_ray_client(head):
-    report = last_json(run_python(POOLS, driver_env(head), head.client_address))
+    report = last_json(run_python(POOLS, head.driver_env(), head.client_address))
     assert sorted(report["listed"]) == ["by_api", "by_cli"]
     for pool in report["listed"].values():
         assert (pool["replicas"], pool["alive"], pool["detached"]) == (2, 2, True), pool
@@ -128,28 +119,28 @@ def test_pools_are_listed_and_killed_over_ray_client(head):
     assert wait_until(lambda: not any(alive(pid) for pid in api_pids)), api_pids
 
     client = ["--address", head.client_address]
-    table = run_cli("pools", *client, env=driver_env(head))
+    table = run_cli("pools", *client, env=head.driver_env())
     assert table.returncode == 0, table.stderr
     assert [line.split() for line in table.stdout.splitlines()] == [
         ["POOL", "REPLICAS", "ALIVE", "NODES", "DETACHED"], ["by_cli", "2", "2", "1", "yes"]]
     for source in ("state", "gcs"):
-        listed = run_cli("pools", *client, "--json", "--source", source, env=driver_env(head))
+        listed = run_cli("pools", *client, "--json", "--source", source, env=head.driver_env())
         assert listed.returncode == 0, listed.stderr
         (pool,) = json.loads(listed.stdout)
         assert (pool["pool"], pool["alive"]) == ("by_cli", 2), pool
         assert sorted(m["pid"] for m in pool["members"]) == sorted(
             m["pid"] for m in report["listed"]["by_cli"]["members"])
 
-    killed = run_cli("kill", "by_cli", *client, env=driver_env(head))
+    killed = run_cli("kill", "by_cli", *client, env=head.driver_env())
     assert killed.returncode == 0, killed.stderr
     assert "killed 2 replica(s) of pool 'by_cli'" in killed.stdout
     cli_pids = [member["pid"] for member in report["listed"]["by_cli"]["members"]]
     assert wait_until(lambda: not any(alive(pid) for pid in cli_pids)), cli_pids
     # Read back over the GCS address too, not only through the client.
-    after = run_cli("pools", "--address", head.gcs_address, "--json", env=driver_env(head))
+    after = run_cli("pools", "--address", head.gcs_address, "--json", env=head.driver_env())
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout) == []
-    assert "no rhmapper pools" in run_cli("pools", *client, env=driver_env(head)).stdout
+    assert "no rhmapper pools" in run_cli("pools", *client, env=head.driver_env()).stdout
 
 
 def alive(pid: int) -> bool:
@@ -182,14 +173,14 @@ MISMATCH = """
 def test_token_mismatch_fails_at_once_saying_how_to_fix_it(head):
     cases = {}
     for kind, address in (("client", head.client_address), ("gcs", head.gcs_address)):
-        cases[f"connect {kind}"] = run_python(MISMATCH, driver_env(head, token=False),
+        cases[f"connect {kind}"] = run_python(MISMATCH, head.driver_env(token=False),
                                               "connect", address, timeout=60)
-        cases[f"mapper {kind}"] = run_python(MISMATCH, driver_env(head, token=False,
+        cases[f"mapper {kind}"] = run_python(MISMATCH, head.driver_env(token=False,
                                                                   RAY_ADDRESS=address),
                                              "mapper", timeout=60)
         cases[f"cli {kind}"] = run_cli("pools", "--address", address,
-                                       env=driver_env(head, token=False), timeout=60)
-    wrong = driver_env(head, RAY_AUTH_TOKEN="0123456789abcdef0123456789abcdef")
+                                       env=head.driver_env(token=False), timeout=60)
+    wrong = head.driver_env(RAY_AUTH_TOKEN="0123456789abcdef0123456789abcdef")
     cases["wrong token"] = run_python(MISMATCH, wrong, "connect", head.client_address, timeout=60)
 
     for case, done in cases.items():
@@ -244,7 +235,7 @@ RAY_SEMANTICS = """
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_users_actors_async_functions_and_refs_over_ray_client(head):
-    result = last_json(run_python(RAY_SEMANTICS, driver_env(head, RAY_ADDRESS=head.client_address)))
+    result = last_json(run_python(RAY_SEMANTICS, head.driver_env(RAY_ADDRESS=head.client_address)))
     assert result["client"] is True
     assert result["values"] == [10 * x for x in range(12)]
     assert result["tags"] == ["a", "b"]
@@ -281,7 +272,7 @@ ON_CLUSTER = """
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_mapper_on_the_cluster_over_ray_client(head):
-    result = last_json(run_python(ON_CLUSTER, driver_env(head, RAY_ADDRESS=head.client_address)))
+    result = last_json(run_python(ON_CLUSTER, head.driver_env(RAY_ADDRESS=head.client_address)))
     assert result["client"] is True
     assert result["values"] == [x ** 3 for x in range(300)]
     assert result["streamed"] == [x ** 3 for x in range(50)]
@@ -347,7 +338,7 @@ def test_spawned_map_outlives_its_killed_driver(head, tmp_path):
     attaches by name and gets every result exactly once, each item ran exactly once, and the
     host and its replicas are gone once the map is collected."""
     log = tmp_path / "executions.log"
-    env = driver_env(head, RAY_ADDRESS=head.client_address)
+    env = head.driver_env(RAY_ADDRESS=head.client_address)
     first = DriverProcess(SPAWNS_AND_WAITS, env, str(log))
     try:
         spawned_at = json.loads(first.next_line(timeout=120))
@@ -366,7 +357,7 @@ def test_spawned_map_outlives_its_killed_driver(head, tmp_path):
 def left_alive(head, replica_prefix: str) -> list:
     """The hosts, and the actors named ``replica_prefix...``, still alive on ``head`` once they
     are all gone or 120 s have passed."""
-    return last_json(run_python(LEFT_ALIVE, driver_env(head, RAY_ADDRESS=head.gcs_address),
+    return last_json(run_python(LEFT_ALIVE, head.driver_env(RAY_ADDRESS=head.gcs_address),
                                 replica_prefix, timeout=150))["left"]
 
 
@@ -403,7 +394,7 @@ def test_a_killed_drivers_map_on_the_cluster_ends_and_its_spawned_map_stays(head
     ends the imap once it sees the driver gone, keeps the spawned map for another driver, and
     exits with its replica once that map is collected."""
     log = tmp_path / "executions.log"
-    env = driver_env(head, RAY_ADDRESS=head.client_address)
+    env = head.driver_env(RAY_ADDRESS=head.client_address)
     driver = DriverProcess(MAPS_AND_IS_KILLED, env, str(log))
     try:
         assert driver.next_line(timeout=120) == "MAPPING"
