@@ -221,6 +221,7 @@ class Rhmapper(Contender):
 
     name = "rhmapper"
     map_kwargs: Dict[str, Any] = {}
+    mapper_kwargs: Dict[str, Any] = {}
 
     def start(self):
         global _rhmapper_serial
@@ -232,10 +233,11 @@ class Rhmapper(Contender):
         env = rm.Env(name=f"bench_{self.wl.name}_{_rhmapper_serial}", compute={"CPU": ACTOR_CPUS})
         if self.wl.is_model:
             self.m = rm.mapper(rm.module(Model, *self.wl.model_args), method="predict",
-                               replicas=NUM_ACTORS, env=env, concurrency=1)
+                               replicas=NUM_ACTORS, env=env, concurrency=1,
+                               **self.mapper_kwargs)
         else:
             self.m = rm.mapper(self.wl.fn, replicas=NUM_ACTORS, env=env,
-                               concurrency=self.wl.concurrency)
+                               concurrency=self.wl.concurrency, **self.mapper_kwargs)
 
     def warm(self):
         # One item per call, so that (as for the other contenders) every replica has
@@ -260,6 +262,13 @@ class RhmapperB1(Rhmapper):
     map_kwargs = {"batch_size": 1}
 
 
+class RhmapperCompiledB1(RhmapperB1):
+    """rhmapper with batch_size=1 over a Ray Compiled Graph per replica (compiled_graphs=True)."""
+
+    name = "rhmapper_compiled_b1"
+    mapper_kwargs = {"compiled_graphs": True}
+
+
 class RhmapperTimeout(Rhmapper):
     """rhmapper with timeout=10 (seconds per item): calls still carry many items."""
 
@@ -268,7 +277,8 @@ class RhmapperTimeout(Rhmapper):
 
 
 CONTENDER_CLASSES = {c.name: c for c in (Optimum, PerItem, ActorPoolContender, MpPool,
-                                         Rhmapper, RhmapperB1, RhmapperTimeout)}
+                                         Rhmapper, RhmapperB1, RhmapperCompiledB1,
+                                         RhmapperTimeout)}
 """Contender name -> class, in report order."""
 
 ALL_CONTENDERS = list(CONTENDER_CLASSES)

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import cloudpickle
@@ -27,12 +28,14 @@ from ray.exceptions import (
     NodeDiedError,
     ObjectLostError,
     RayActorError,
+    RayChannelError,
     RayTaskError,
     RuntimeEnvSetupError,
     WorkerCrashedError,
 )
 
 from rhmapper import _ray_compat
+from rhmapper.compiled import CompiledCalls, GraphClosed
 from rhmapper.env import Env, replica_name
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.feasibility import check_feasible
@@ -56,7 +59,9 @@ NAMESPACE = "rhmapper"
 _FEASIBILITY_RECHECK_SECONDS = 1.0
 STUCK_GRACE_SECONDS = 2.0
 """An abandoned call still running after this long gets its auto replica restarted."""
-_REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
+_REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError,
+                   RayChannelError, GraphClosed)
+"""What a call to a replica that died raises (a channel error: over its compiled graph)."""
 
 
 class ReplicaState(enum.Enum):
@@ -105,6 +110,8 @@ class RayReplica:
         self.node_id: str | None = None
         self.started_at = time.monotonic()
         self.ready_ref = handle.__ray_call__.remote(replica_info)
+        self.compiled: CompiledCalls | None = None
+        """Its compiled graph, when the pool sends calls over one (``compiled_graphs=True``)."""
 
     def __repr__(self) -> str:
         return (f"RayReplica({self.name!r}, {self.state.value}, "
@@ -130,8 +137,9 @@ class RayReplica:
         return 1 if self.calls_directly(call) else None
 
     def start(self, call: CallSpec, start: int, items: list, budget: float | None = None,
-              board: str | None = None) -> ray.ObjectRef:
-        """Start one call on ``items``; return its ref (the pool counts the slot it takes). The
+              board: str | None = None) -> ray.ObjectRef | Future:
+        """Start one call on ``items``; return its ref, or the future of a call over the
+        replica's compiled graph (the pool counts the slot it takes). The
         replica starts no item once the map has ended or ``budget`` seconds have passed (see
         `rhmapper.module.CallGuard`; ``board`` names the end board of the replica's cluster when
         it is not the driver's).
@@ -152,6 +160,8 @@ class RayReplica:
                        call.kwargs, [board, key, deadline, now]]
             if not self.owned:
                 return self.handle.__ray_call__.remote(run_call, payload)
+            if self.compiled is not None:
+                return self.compiled.submit(payload, functools.partial(_unpicklable_item, start, items))
             if call.is_async:
                 return self.handle._rhmapper_run_async.remote(payload)
             return self.handle._rhmapper_run.remote(payload)
@@ -315,8 +325,11 @@ class ReplicaPool:
         connection: Any = None,
         slots: SlotIndex | None = None,
         wakeup: threading.Condition | None = None,
+        compiled_graphs: bool = False,
     ) -> None:
         self.env = env
+        self.compiled_graphs = compiled_graphs
+        """Whether calls to auto replicas go over a compiled graph each (see `rhmapper.compiled`)."""
         self.cluster = cluster
         """The address of the cluster the replicas run on, when the driver joins several."""
         self._connection = connection
@@ -419,7 +432,9 @@ class ReplicaPool:
             self.replicas.remove(replica)
         self._set_state(replica, ReplicaState.DEAD)
         self._any_removed = True
-        if replica.owned and kill:
+        if replica.compiled is not None:
+            replica.compiled.close(kill=replica.owned and kill)
+        elif replica.owned and kill:
             ray.kill(replica.handle, no_restart=True)
 
     def _free_index(self, start: int = 0) -> int:
@@ -610,6 +625,12 @@ class ReplicaPool:
         replica.node_id = info["node_id"]
         if not replica.owned:
             replica.set_capacity(info["max_concurrency"])
+        elif self.compiled_graphs and replica.compiled is None:
+            try:  # a call queued ahead and an abandoned call draining may be in flight beside one
+                replica.compiled = CompiledCalls(replica.handle, replica.capacity + 2, replica.name)
+            except _REPLICA_DEATHS as error:
+                self.lost(replica, error)
+                return
         if replica.state is ReplicaState.STARTING:
             self._set_state(replica, ReplicaState.READY)
 
@@ -662,7 +683,7 @@ class ReplicaPool:
             if isinstance(call.kwargs, ClusterKwargs):
                 call = dataclasses.replace(call, kwargs=call.kwargs[self.cluster])
             ref = replica.start(call, start, items, budget, self.board)
-            future = ref.future()
+            future = ref if isinstance(ref, Future) else ref.future()
         except Exception as error:  # on a lost cluster, the call fails like its replica
             if not self.unreachable and not self._is_cluster_loss(error):
                 raise
@@ -708,7 +729,7 @@ class ReplicaPool:
     def abandon(self, token: ray.ObjectRef, replica: RayReplica, timed_out: bool = False) -> None:
         """Cancel a call nobody waits for; its slot is given back when the replica answers (see
         `_check_overtime` for a call that ``timed_out`` and keeps running)."""
-        if not isinstance(token, _Unreachable):
+        if isinstance(token, ray.ObjectRef):  # a compiled call cannot be cancelled: its guard stops it
             try:
                 ray.cancel(token)
             except ConnectionError as error:
