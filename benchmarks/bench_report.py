@@ -81,10 +81,11 @@ def targets_table(by: Results) -> List[str]:
         ("cpu: rhmapper / optimum", ratio("cpu", "rhmapper"), "<=", 1.1),
         ("skew: rhmapper / optimum", ratio("skew", "rhmapper"), "<=", 0.6),
     ]
-    b1 = by.get(("tiny", "rhmapper_b1"), {}).get("median")
     ap = by.get(("tiny", "actorpool"), {}).get("median")
-    targets.append(("tiny: rhmapper_b1 throughput / actorpool throughput",
-                    (ap / b1) if (b1 and ap is not None) else None, ">=", 1.5))
+    for contender, goal in (("rhmapper_compiled_b1", 1.5), ("rhmapper_b1", None)):
+        b1 = by.get(("tiny", contender), {}).get("median")
+        targets.append((f"tiny: {contender} throughput / actorpool throughput",
+                        (ap / b1) if (b1 and ap is not None) else None, ">=", goal))
     with_timeout, plain = ratio("tiny", "rhmapper_timeout"), ratio("tiny", "rhmapper")
     targets.append(("tiny: rhmapper with timeout= / without",
                     with_timeout / plain if (with_timeout and plain) else None, "<=", 2.0))
@@ -92,6 +93,9 @@ def targets_table(by: Results) -> List[str]:
     for label, val, op, goal in targets:
         if val is None:
             verdict, shown = "n/a (not measured)", "—"
+        elif goal is None:  # reported beside a target, not one itself
+            out.append(f"| {label} | {val:.2f} | — | (for comparison) |")
+            continue
         else:
             ok = val <= goal if op == "<=" else val >= goal
             verdict, shown = ("PASS" if ok else "FAIL"), f"{val:.2f}"

@@ -1,0 +1,176 @@
+"""Calls over a Ray Compiled Graph per auto replica (``compiled_graphs=True``), on a real local
+Ray: the same values, failure model and cleanup as ordinary actor calls."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+import rhmapper as rm
+from rhmapper.env import replica_name
+from rhmapper.replicas import NAMESPACE
+from tests.conftest import REPO_DIR
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def nap(x, log=None):
+    """Sleep ``x`` seconds; ``(x, ran on the actor's main thread)``. With ``log``, one line per
+    item started, appended by the replicas."""
+    if log is not None:
+        with open(log, "a") as file:
+            file.write(f"{x}\n")
+    time.sleep(x)
+    return x, threading.current_thread() is threading.main_thread()
+
+
+def started(log) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+def values_and_threads(results: list) -> tuple[list, set]:
+    return [value for value, _ in results], {on_main for _, on_main in results}
+
+
+def test_calls_run_over_the_compiled_graph_with_the_right_values(tmp_path):
+    log = tmp_path / "started.log"
+    items = [i / 1e6 for i in range(500)]
+    with rm.mapper(nap, replicas=3, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+        values, on_main = values_and_threads(m.map(items, batch_size=1, kwargs={"log": str(log)}))
+        assert values == items
+        assert on_main == {False}, "every call ran on the graph's thread"
+        assert sorted(map(float, started(log))) == items, "each item ran once"
+        values, on_main = values_and_threads(m.map([0] * 5000))  # auto batches: the same graph
+        assert values == [0] * 5000 and on_main == {False}
+    with rm.mapper(nap, replicas=1) as m:  # without it: the actor's main thread
+        assert m.map([0, 0], batch_size=1) == [(0, True), (0, True)]
+
+
+def test_a_replica_killed_mid_map_loses_nothing_and_its_replacement_compiles(tmp_path):
+    log = tmp_path / "started.log"
+    with rm.mapper(nap, replicas=3, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+        names = sorted(m.replica_names)
+        victim = m.replicas[0]
+        killer = threading.Timer(1.0, lambda: ray.kill(victim, no_restart=True))
+        killer.start()
+        values, _ = values_and_threads(m.map([0.02] * 300, batch_size=1, kwargs={"log": str(log)}))
+        killer.join(10)
+        assert values == [0.02] * 300
+        runs = len(started(log))
+        assert 300 <= runs <= 301, f"{runs} runs: only the call running on the killed replica ran again"
+        m.wait_ready(timeout=120)
+        assert m.num_replicas == 3 and sorted(m.replica_names) == names
+        assert victim not in m.replicas, "the killed replica was replaced under its name"
+        values, on_main = values_and_threads(m.map([0] * 60, batch_size=1))
+        assert values == [0] * 60 and on_main == {False}, "the replacement has its own graph"
+
+
+def test_timeout_fails_the_hung_item_and_restarts_its_replica(tmp_path):
+    log = tmp_path / "started.log"
+    with rm.mapper(nap, replicas=2, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+        before = set(m.replicas)
+        items = [0.0, 0.01, 60.0, 0.02, 0.03]
+        results = m.map(items, batch_size=1, timeout=1.0, return_exceptions=True,
+                        kwargs={"log": str(log)})
+        assert isinstance(results[2], TimeoutError) and "ran longer than timeout=1.0s" in str(
+            results[2])
+        assert [r[0] for i, r in enumerate(results) if i != 2] == [0.0, 0.01, 0.02, 0.03]
+        assert sorted(map(float, started(log))) == sorted(items), "each item ran once"
+        started_at = time.monotonic()
+        values, on_main = values_and_threads(m.map([0] * 40, batch_size=1))
+        assert values == [0] * 40 and on_main == {False}
+        assert time.monotonic() - started_at < 30, "the next map did not wait for the 60 s item"
+        m.wait_ready(timeout=120)
+        assert len(before - set(m.replicas)) == 1, "the stuck replica was restarted"
+
+
+def test_cancel_starts_no_call_queued_on_a_replica(tmp_path):
+    log = tmp_path / "started.log"
+    items = [0.0] * 300 + [1.5] * 6  # fast items first: then one call is queued behind each
+    with rm.mapper(nap, replicas=2, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+
+        def cancel_once_both_replicas_nap() -> None:
+            deadline = time.monotonic() + 60
+            while started(log).count("1.5") < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            m.cancel()
+
+        canceller = threading.Thread(target=cancel_once_both_replicas_nap)
+        canceller.start()
+        with pytest.raises(rm.MapCancelledError):
+            m.map(items, batch_size=1, kwargs={"log": str(log)})
+        canceller.join(70)
+        time.sleep(3.0)  # the running naps have ended: a call queued behind one would start now
+        assert started(log).count("1.5") == 2, "no call queued behind the cancel started"
+        values, on_main = values_and_threads(m.map([0] * 10, batch_size=1))
+        assert values == [0] * 10 and on_main == {False}
+
+
+def test_an_unpicklable_item_is_named():
+    with rm.mapper(nap, replicas=1, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+        with pytest.raises(TypeError, match="item 1"):
+            m.map([0, threading.Lock(), 0], batch_size=1)
+        assert m.map([0], batch_size=1) == [(0, False)], "the graph still works after it"
+
+
+async def async_nap(x):
+    return x
+
+
+@pytest.mark.parametrize("options, why", [
+    ({"replicas": "actors"}, "auto replicas"),
+    ({"concurrency": 2}, "concurrency=1"),
+    ({"obj": async_nap}, "async target"),
+    ({"env": rm.Env(name="compiled_detached", detached=True)}, "detached pool"),
+    ({"on_cluster": True}, "not over Ray Client"),
+])
+def test_compiled_graphs_are_refused_where_they_cannot_serve(options, why):
+    if options.get("replicas") == "actors":
+        options = {"replicas": [ray.remote(num_cpus=0)(Sleeper).remote()], "obj": Sleeper,
+                   "method": "nap"}
+    obj = options.pop("obj", nap)
+    env = options.setdefault("env", rm.Env(name="compiled_refused"))
+    with pytest.raises(ValueError, match=f"compiled_graphs=True cannot be used here: .*{why}"):
+        rm.mapper(obj, compiled_graphs=True, **options)
+    with pytest.raises(ValueError):  # refused before any replica was made
+        ray.get_actor(replica_name(env.name, 0), namespace=NAMESPACE)
+
+
+class Sleeper:
+    def nap(self, x):
+        return nap(x)
+
+
+EXITS_WITH_GRAPHS_OPEN = """
+import ray, rhmapper as rm
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+m = rm.mapper(abs, replicas=2, compiled_graphs=True)
+print(m.map([-1, -2, -3], batch_size=1), flush=True)
+"""
+
+
+def test_a_driver_that_never_shuts_its_mapper_down_exits():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": REPO_DIR}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-c", EXITS_WITH_GRAPHS_OPEN], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+    assert "[1, 2, 3]" in output, output
+    assert driver.returncode == 0, output
