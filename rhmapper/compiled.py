@@ -66,7 +66,10 @@ class CompiledCalls:
         self._handle = handle
         self._name = name
         self._to_send: collections.deque[tuple[list, Future, Callable]] = collections.deque()
-        self._sent: collections.deque[tuple[Any, Future]] = collections.deque()
+        self._sent: collections.deque[tuple[Any, Future, list]] = collections.deque()
+        """Each call sent and not yet read, with its payload: an item sent by reference
+        (``ray.put``) must outlive the call, and a channel does not count references as a
+        task's arguments do."""
         self._closing = False
         self._kill = False
         self._wake = threading.Condition()
@@ -126,7 +129,7 @@ class CompiledCalls:
         with self._wake:
             if not self._sent:
                 return not self._closing
-            ref, future = self._sent[0]
+            ref, future, _ = self._sent[0]
         try:
             outcome: tuple[Any, BaseException | None] = (ref.get(timeout=-1), None)
         except Exception as error:  # the call's own outcome: the pool sorts it out in fetch
@@ -159,11 +162,11 @@ class CompiledCalls:
                 future.set_exception(error)
                 continue
             with self._wake:
-                self._sent.append((ref, future))
+                self._sent.append((ref, future, payload))
 
     def _fail_all(self, error: BaseException) -> None:
         with self._wake:
-            futures = [future for _, future, _ in self._to_send] + [f for _, f in self._sent]
+            futures = [future for _, future, _ in self._to_send + self._sent]
             self._to_send.clear()
             self._sent.clear()
         for future in futures:

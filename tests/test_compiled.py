@@ -117,6 +117,14 @@ def test_cancel_starts_no_call_queued_on_a_replica(tmp_path):
         assert values == [0] * 10 and on_main == {False}
 
 
+def test_large_items_go_by_reference_over_the_graph():
+    items = [bytes([i]) * (3 << 20) for i in range(8)]  # over 1 MiB: sent with ray.put
+    with rm.mapper(len, replicas=2, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+        assert m.map(items, batch_size=1) == [3 << 20] * 8
+        assert m.map(items, batch_size=2) == [3 << 20] * 8
+
+
 def test_an_unpicklable_item_is_named():
     with rm.mapper(nap, replicas=1, compiled_graphs=True) as m:
         m.wait_ready(timeout=120)

@@ -15,6 +15,7 @@ import rhmapper as rm
 @pytest.mark.parametrize("name", [
     "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.signals",
     "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.spawned", "rhmapper.clusters",
+    "rhmapper.compiled",
 ])
 def test_ray_edge_examples_run(ray_local, name):
     module = importlib.import_module(name)  # (`rhmapper.mapper` alone is the function)
