@@ -34,6 +34,10 @@ def started(log) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
+def graph_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("rhmapper-graph-")]
+
+
 def values_and_threads(results: list) -> tuple[list, set]:
     return [value for value, _ in results], {on_main for _, on_main in results}
 
@@ -49,6 +53,8 @@ def test_calls_run_over_the_compiled_graph_with_the_right_values(tmp_path):
         assert sorted(map(float, started(log))) == items, "each item ran once"
         values, on_main = values_and_threads(m.map([0] * 5000))  # auto batches: the same graph
         assert values == [0] * 5000 and on_main == {False}
+        assert len(graph_threads()) == 3, "one thread drives each replica's graph"
+    assert graph_threads() == [], "shutdown ended every graph's thread"
     with rm.mapper(nap, replicas=1) as m:  # without it: the actor's main thread
         assert m.map([0, 0], batch_size=1) == [(0, True), (0, True)]
 
