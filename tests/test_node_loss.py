@@ -35,10 +35,12 @@ def cluster():
         cluster.shutdown()
 
 
-def test_map_survives_losing_a_worker_node(cluster):
+@pytest.mark.parametrize("compiled_graphs", [False, True])
+def test_map_survives_losing_a_worker_node(cluster, compiled_graphs):
     cluster, workers = cluster
     env = rm.Env(name="spread", compute={"CPU": 0.5})
-    with rm.mapper(where, replicas=6, env=env).wait_ready(timeout=120) as m:
+    with rm.mapper(where, replicas=6, env=env, compiled_graphs=compiled_graphs
+                   ).wait_ready(timeout=120) as m:
         doomed = workers[0].node_id
         nodes = {node for _, node in m.map(range(60), batch_size=1)}
         assert doomed in nodes and len(nodes) >= 2, "replicas did not spread over the nodes"
