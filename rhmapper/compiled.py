@@ -1,16 +1,17 @@
 """Calls to one auto replica over a Ray Compiled Graph (``rm.mapper(..., compiled_graphs=True)``).
 
 An ordinary actor call costs the driver and the actor about 0.9 ms of CPU together; a compiled
-graph (``replica._rhmapper_run.bind(InputNode()).experimental_compile()``) passes the same call
-through channels set up once, several times cheaper (see docs/benchmarks.md). The call is the
-same payload, run by the same entry point and guard, so a compiled call keeps every promise of an
-ordinary one.
+graph (``replica._rhmapper_run_compiled.bind(InputNode()).experimental_compile()``) passes the
+same call through channels set up once, several times cheaper (see docs/benchmarks.md). The call
+is the same payload, run by the same batch code and guard, so a compiled call keeps every promise
+of an ordinary one (`rhmapper.module.run_call_compiled` adds one refusal: results that hold Ray
+references, which a channel does not count).
 
 A graph is not thread-safe and its results have no ``future()``. So one thread per replica owns
 its graph: it sends the calls the pool hands it, reads the answers in order, and completes a
 `concurrent.futures.Future` for each, which the pool treats like an ``ObjectRef.future()``. The
-thread sends every waiting call before it completes an answer, so a call queued ahead reaches
-the replica without a round trip through the scheduler.
+thread sends the waiting calls before it completes an answer, so a call queued ahead reaches the
+replica as soon as the call before it has answered, without a round trip through the scheduler.
 
 The method then runs on Ray's compiled-graph thread of the actor, not on its main thread (where
 the constructor and ordinary calls run): that is why the transport is chosen, not the default.
@@ -18,10 +19,12 @@ the constructor and ordinary calls run): that is why the transport is chosen, no
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import threading
 import warnings
+import weakref
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -33,50 +36,59 @@ from rhmapper.errors import RhmapperError
 _logger = logging.getLogger(__name__)
 
 CLOSE_WAIT_SECONDS = 30.0
-"""How long closing waits for the graph's teardown (Ray's own teardown gives up after 30 s)."""
+"""How long `CompiledCalls.wait_closed` waits for a teardown (Ray's own gives up after 30 s)."""
+
+_open_graphs: "weakref.WeakSet[CompiledCalls]" = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
 
 
 class GraphClosed(RhmapperError):
     """A call was handed to a replica whose compiled graph is closed (the replica left the
-    pool); the pool takes it for the replica's death, so its items run elsewhere."""
+    pool, or its graph failed); the pool takes it for the replica's death, so its items run
+    elsewhere."""
 
 
 class CompiledCalls:
     """The compiled graph of one auto replica, and the thread that drives it.
 
-    ``handle`` is the replica's actor (it has ``_rhmapper_run``); at most ``max_in_flight``
-    calls are sent and unanswered at once (the pool never hands it more).
+    ``handle`` is the replica's actor (it has ``_rhmapper_run_compiled``); at most
+    ``max_in_flight`` calls are sent and unanswered at once (more wait in the driver).
 
     Examples:
         >>> import ray
         >>> from rhmapper.module import function_replica_class
         >>> actor = ray.remote(function_replica_class(abs)).remote(ray.put(abs))
         >>> calls = CompiledCalls(actor, max_in_flight=2, name="abs_replica_0")
-        >>> reply = calls.submit(["fn", [-3], False, None, None],
-        ...                      on_unsendable=lambda error: error)
+        >>> reply = calls.submit(["fn", [-3], False, None, None], on_unsendable=lambda error: error)
         >>> reply.result(timeout=60)[0]
         [3]
-        >>> calls.close(kill=True)
+        >>> calls.close(kill=True); calls.wait_closed()
     """
 
     def __init__(self, handle: Any, max_in_flight: int, name: str) -> None:
         with InputNode() as payload:
-            node = handle._rhmapper_run.bind(payload)
+            node = handle._rhmapper_run_compiled.bind(payload)
         self._graph = node.experimental_compile(_max_inflight_executions=max_in_flight)
         self._handle = handle
         self._name = name
+        self._max_in_flight = max_in_flight
         self._to_send: collections.deque[tuple[list, Future, Callable]] = collections.deque()
         self._sent: collections.deque[tuple[Any, Future, list]] = collections.deque()
         """Each call sent and not yet read, with its payload: an item sent by reference
         (``ray.put``) must outlive the call, and a channel does not count references as a
         task's arguments do."""
+        self._sending = 0
+        """Calls taken from `_to_send` and not yet in `_sent` (being sent)."""
         self._closing = False
         self._kill = False
         self._wake = threading.Condition()
-        """Guards the four above."""
+        """Guards the five above."""
         self._thread = threading.Thread(target=self._drive, name=f"rhmapper-graph-{name}",
                                         daemon=True)
         self._thread.start()
+        _open_graphs.add(self)
+        _kill_busy_replicas_at_exit()
 
     def submit(self, payload: list, on_unsendable: Callable[[TypeError], BaseException]
                ) -> Future:
@@ -92,21 +104,31 @@ class CompiledCalls:
             self._wake.notify()
         return future
 
+    def kill_if_busy(self) -> None:
+        """Kill the replica if a call is on it (sent, or being sent, and not answered)."""
+        with self._wake:
+            busy = bool(self._sent) or self._sending > 0
+        if busy and ray.is_initialized():
+            ray.kill(self._handle, no_restart=True)
+
     def close(self, kill: bool) -> None:
-        """Tear the graph down (then kill the actor, if ``kill``); calls not yet sent fail with
-        `GraphClosed`. A replica still running a call is killed first, as a running call
-        cannot be interrupted and teardown would wait for it."""
+        """Close the graph without waiting (see `wait_closed`): calls not yet sent fail with
+        `GraphClosed`; the thread tears the graph down once the calls sent have answered, then
+        kills the actor if ``kill``. A replica running a call is killed at once, as a running
+        call cannot be interrupted and teardown would wait for it."""
         with self._wake:
             self._closing = True
             self._kill = kill
-            busy = bool(self._sent)
             self._wake.notify()
-        if kill and busy:
-            ray.kill(self._handle, no_restart=True)
-        self._thread.join(CLOSE_WAIT_SECONDS)
+        if kill:
+            self.kill_if_busy()
+
+    def wait_closed(self, timeout: float = CLOSE_WAIT_SECONDS) -> None:
+        """Wait for the teardown that `close` started (warns if it takes over ``timeout`` s)."""
+        self._thread.join(timeout)
         if self._thread.is_alive():
             warnings.warn(f"the compiled graph of replica {self._name} is still tearing down "
-                          f"after {CLOSE_WAIT_SECONDS:.0f}s (a call is still running on it)",
+                          f"after {timeout:.0f}s (a call is still running on it)",
                           RuntimeWarning, stacklevel=2)
 
     def _drive(self) -> None:
@@ -117,7 +139,8 @@ class CompiledCalls:
             _logger.exception("rhmapper: the compiled graph of replica %s failed", self._name)
             self._fail_all(error)
         self._graph.teardown()
-        if self._kill:
+        _open_graphs.discard(self)
+        if self._kill and ray.is_initialized():
             ray.kill(self._handle, no_restart=True)
 
     def _send_and_read_one(self) -> bool:
@@ -146,29 +169,49 @@ class CompiledCalls:
 
     def _send_waiting(self) -> None:
         with self._wake:
-            waiting = list(self._to_send)
-            self._to_send.clear()
             closing = self._closing
+            room = len(self._to_send) if closing else self._max_in_flight - len(self._sent)
+            waiting = [self._to_send.popleft() for _ in range(min(room, len(self._to_send)))]
+            self._sending = len(waiting)
         for payload, future, on_unsendable in waiting:
+            ref = None
             if closing:
                 future.set_exception(GraphClosed(f"replica {self._name} left the pool"))
-                continue
-            try:
-                ref = self._graph.execute(payload)
-            except TypeError as error:
-                future.set_exception(on_unsendable(error))
-                continue
-            except Exception as error:  # the graph is broken (its actor died); fetch sorts it out
-                future.set_exception(error)
-                continue
+            else:
+                try:
+                    ref = self._graph.execute(payload)
+                except TypeError as error:
+                    future.set_exception(on_unsendable(error))
+                except Exception as error:  # the graph is broken (its actor died); fetch sorts it out
+                    future.set_exception(error)
             with self._wake:
-                self._sent.append((ref, future, payload))
+                self._sending -= 1
+                if ref is not None:
+                    self._sent.append((ref, future, payload))
 
     def _fail_all(self, error: BaseException) -> None:
         with self._wake:
+            self._closing = True
             futures = [future for _, future, _ in self._to_send + self._sent]
             self._to_send.clear()
             self._sent.clear()
         for future in futures:
             if not future.done():
-                future.set_exception(error)
+                closed = GraphClosed(f"the compiled graph of replica {self._name} failed: {error}")
+                closed.__cause__ = error
+                future.set_exception(closed)
+
+
+def _kill_busy_replicas_at_exit() -> None:
+    """Once per process: at exit, kill the replicas still running a call over a graph, before
+    Ray's own exit tears the graphs down (it would wait up to 30 s for each such call)."""
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_kill_busy_replicas)  # after Ray's: runs before it
+            _exit_hook_registered = True
+
+
+def _kill_busy_replicas() -> None:
+    for calls in list(_open_graphs):
+        calls.kill_if_busy()

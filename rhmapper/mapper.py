@@ -94,6 +94,10 @@ class Mapper:
         self.on_cluster = on_cluster
         self.clusters = list(replicas) if isinstance(replicas, dict) else []
         """The Ray Client addresses of a mapper over several clusters (``replicas={...}``)."""
+        self.compiled_graphs = compiled_graphs
+        """Whether calls to auto replicas go over a compiled graph each."""
+        if not isinstance(compiled_graphs, bool):
+            raise TypeError(f"compiled_graphs must be True or False, got {compiled_graphs!r}")
         if compiled_graphs:
             if not self.clusters:
                 ensure_ray()  # whether it is over Ray Client is known once connected
@@ -195,6 +199,8 @@ class Mapper:
                     "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
             self._backend.add_auto(replicas)
         elif isinstance(replicas, (list, tuple)):
+            if self.compiled_graphs and replicas:
+                raise ValueError(f"compiled_graphs=True cannot be used here: {_AUTO_ONLY}.")
             if self._class is None and replicas:
                 raise TypeError(
                     "your own actors join a mapper of a class: rm.mapper(Model, method='predict', "
@@ -502,13 +508,16 @@ def _check_inputs(verb: str, iterables: tuple) -> None:
                 f"given to rm.mapper(fn, ...) once; then call m.{verb}(inputs)")
 
 
+_AUTO_ONLY = ("it applies to auto replicas (replicas=N); make a mapper without it for your own "
+              "actors")
+
+
 def _check_compiled_graphs(target: Any, cls: type | None, replicas: Any, env: Env,
                            concurrency: int | None, on_cluster: bool) -> None:
     """Refuse ``compiled_graphs=True`` where a compiled graph per replica cannot serve it."""
     why = None
-    if isinstance(replicas, list):
-        why = ("it applies to auto replicas (replicas=N); calls to your actors stay ordinary "
-               "actor calls")
+    if isinstance(replicas, (list, tuple)):
+        why = _AUTO_ONLY
     elif isinstance(replicas, dict) or on_cluster or over_ray_client():
         why = ("Ray Compiled Graphs are driven from a driver on the cluster, not over Ray Client "
                "or from the mapper's host actor (on_cluster=True): run the script on the head "

@@ -24,7 +24,7 @@ import ray
 
 from rhmapper import _ray_compat
 from rhmapper.signals import EndSignal, ended
-from rhmapper.wire import BatchReply, RemoteFailure, pack_values
+from rhmapper.wire import BatchReply, RawValue, RemoteFailure, pack_values
 
 _CACHE_ENTRIES = 8
 _shared_objects: OrderedDict[tuple, Any] = OrderedDict()
@@ -104,6 +104,36 @@ def run_call(instance: Any, payload: "Payload") -> list:
     return run_batch(instance, payload).to_wire()
 
 
+_NO_REFERENCES_OVER_GRAPHS = (
+    "the item's result holds a Ray ObjectRef or actor handle, which a compiled graph cannot "
+    "carry: Ray counts no references through a graph's channels, so the object (or actor) could "
+    "be gone before the driver reads it. Return the value itself, or make the mapper without "
+    "compiled_graphs=True.")
+
+
+def run_call_compiled(instance: Any, payload: "Payload") -> list:
+    """`run_call` for a call over the replica's compiled graph (``_rhmapper_run_compiled``,
+    see `rhmapper.compiled`): a result that holds Ray references fails its item instead.
+
+    Examples:
+        >>> import ray
+        >>> put_in_a_list = lambda x: [ray.put(x)]
+        >>> reply = run_call_compiled(FunctionReplica(put_in_a_list), ["fn", [1], False, None, None])
+        >>> reply[0], reply[1][0].type_name
+        ([None], 'TypeError')
+    """
+    reply = run_batch(instance, payload)
+    if not reply.packed or not any(isinstance(value, RawValue) for value in reply.values):
+        return reply.to_wire()
+    failures = dict(reply.failures or {})
+    values = list(reply.values)
+    for position, value in enumerate(values):
+        if isinstance(value, RawValue):
+            failures[position] = RemoteFailure.capture(TypeError(_NO_REFERENCES_OVER_GRAPHS))
+            values[position] = None
+    return BatchReply(values, failures, reply.seconds, True, reply.not_started).to_wire()
+
+
 async def run_call_async(instance: Any, payload: "Payload") -> list:
     """`run_call` for ``async def`` targets (``_rhmapper_run_async``).
 
@@ -152,6 +182,7 @@ class FunctionReplica:
     """
 
     _rhmapper_run = run_call
+    _rhmapper_run_compiled = run_call_compiled
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
@@ -196,7 +227,8 @@ def replica_class(cls: type) -> type:
         >>> isinstance(replica, Model), replica._rhmapper_run(["predict", [7], False, None, None])[0]
         (True, [7])
     """
-    entry_points: dict[str, Any] = {"_rhmapper_run": run_call}
+    entry_points: dict[str, Any] = {"_rhmapper_run": run_call,
+                                    "_rhmapper_run_compiled": run_call_compiled}
     if has_async_methods(cls):
         entry_points["_rhmapper_run_async"] = run_call_async
     return _subclass(cls, "replica_class", entry_points)
@@ -506,11 +538,16 @@ async def run_batch_async(instance: Any, payload: Payload) -> BatchReply:
 
 def _awaitable_positions(values: list) -> list[int]:
     """The positions of values to await: results of an ``async def`` target, or of a plain
-    function that returns coroutines (a decorated ``async def``), told by the first value."""
+    function that returns coroutines (a decorated ``async def``), told by the first value. An
+    ``ObjectRef`` is awaitable too, but a result, as an actor call would return it."""
     first = next((value for value in values if value is not None), None)
-    if not inspect.isawaitable(first):
+    if not _to_await(first):
         return []
-    return [position for position, value in enumerate(values) if inspect.isawaitable(value)]
+    return [position for position, value in enumerate(values) if _to_await(value)]
+
+
+def _to_await(value: Any) -> bool:
+    return inspect.isawaitable(value) and not isinstance(value, ray.ObjectRef)
 
 
 async def _await_into(values: list, failures: dict[int, RemoteFailure], pending: list[int]) -> None:

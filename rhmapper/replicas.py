@@ -49,7 +49,7 @@ from rhmapper.module import (
 )
 from rhmapper.sizing import approx_bytes
 from rhmapper.signals import EndSignal, open_end_signal
-from rhmapper.scheduler import add_note
+from rhmapper.scheduler import add_note, remote_error
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
@@ -60,7 +60,7 @@ _FEASIBILITY_RECHECK_SECONDS = 1.0
 STUCK_GRACE_SECONDS = 2.0
 """An abandoned call still running after this long gets its auto replica restarted."""
 _REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError,
-                   RayChannelError, GraphClosed)
+                   RayChannelError)
 """What a call to a replica that died raises (a channel error: over its compiled graph)."""
 
 
@@ -167,6 +167,23 @@ class RayReplica:
             return self.handle._rhmapper_run.remote(payload)
         except TypeError as error:
             raise _unpicklable_item(start, items, error) from error
+
+    def broadcast(self, method: str, args: tuple, kwargs: dict) -> ray.ObjectRef | Future:
+        """Start ``method(*args, **kwargs)`` on the replica: an actor call, or a call over its
+        compiled graph (so that it runs on the thread, and in the turn, of the mapped calls)."""
+        if self.compiled is None:
+            return getattr(self.handle, method).remote(*args, **kwargs)
+        return self.compiled.submit([method, [args], True, kwargs, None],
+                                    functools.partial(_unpicklable_item, 0, [args]))
+
+    def answer_of_broadcast(self, answer: ray.ObjectRef | Future) -> Any:
+        """The value `broadcast` returned (or its error, raised)."""
+        if not isinstance(answer, Future):
+            return ray.get(answer)
+        reply = BatchReply.from_wire(answer.result()).unpacked()
+        if reply.failures:
+            raise remote_error(reply.failures[0])
+        return reply.values[0]
 
     def set_capacity(self, max_concurrency: int | None) -> None:
         """Fit the slots to what the actor runs at once (an unreadable limit counts as 1)."""
@@ -424,8 +441,12 @@ class ReplicaPool:
     def shutdown(self, kill: bool = True) -> None:
         """Forget every replica; kill the auto replicas if ``kill`` (the user's actors stay alive)."""
         with self._lock:
-            for replica in list(self.replicas):
+            removed = list(self.replicas)
+            for replica in removed:
                 self._remove(replica, kill)
+        for replica in removed:  # not under the lock: maps on other threads go on meanwhile
+            if replica.compiled is not None:
+                replica.compiled.wait_closed()
 
     def _remove(self, replica: RayReplica, kill: bool = True) -> None:
         if replica in self.replicas:
@@ -515,11 +536,11 @@ class ReplicaPool:
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         """Call ``method`` on every replica at once; their answers, in pool order."""
         replicas = list(self.replicas)
-        refs = [getattr(replica.handle, method).remote(*args, **kwargs) for replica in replicas]
+        answers = [replica.broadcast(method, args, kwargs) for replica in replicas]
         results = []
-        for replica, ref in zip(replicas, refs):
+        for replica, answer in zip(replicas, answers):
             try:
-                results.append(ray.get(ref))
+                results.append(replica.answer_of_broadcast(answer))
             except Exception as error:  # noted with the replica, then raised as it is
                 add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
                 raise
@@ -626,11 +647,16 @@ class ReplicaPool:
         if not replica.owned:
             replica.set_capacity(info["max_concurrency"])
         elif self.compiled_graphs and replica.compiled is None:
-            try:  # a call queued ahead and an abandoned call draining may be in flight beside one
-                replica.compiled = CompiledCalls(replica.handle, replica.capacity + 2, replica.name)
+            try:  # its slot, and one call queued ahead
+                replica.compiled = CompiledCalls(replica.handle, replica.capacity + 1, replica.name)
             except _REPLICA_DEATHS as error:
                 self.lost(replica, error)
                 return
+            except Exception as error:  # it would fail the same way again: not replaced
+                self._remove(replica)
+                raise RhmapperError(f"replica {replica.name} could not set up its compiled graph "
+                                    f"(compiled_graphs=True): {error}. It was dropped from the "
+                                    "pool.") from error
         if replica.state is ReplicaState.STARTING:
             self._set_state(replica, ReplicaState.READY)
 
@@ -721,6 +747,8 @@ class ReplicaPool:
                               blames_items=False) from error
         except ActorUnavailableError as error:
             raise ReplicaDied(str(error), permanent=False) from error
+        except GraphClosed as error:  # its items were never sent
+            raise ReplicaDied(str(error), blames_items=False) from error
         except _REPLICA_DEATHS as error:
             raise ReplicaDied(str(error)) from error
         return BatchReply([value], None, None) if direct else BatchReply.from_wire(value).unpacked()

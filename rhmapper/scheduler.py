@@ -176,13 +176,26 @@ def user_error(failure: RemoteFailure, index: int, replica_name: str) -> BaseExc
         >>> type(error).__name__, error.__notes__[-1]
         ('ValueError', 'rhmapper: item 7 failed on replica double_replica_0')
     """
+    error = remote_error(failure)
+    add_note(error, f"rhmapper: item {index} failed on replica {replica_name}")
+    return error
+
+
+def remote_error(failure: RemoteFailure) -> BaseException:
+    """The exception a replica raised, rebuilt here (else an `RhmapperError` naming it), with
+    its remote traceback as a note.
+
+    Examples:
+        >>> error = remote_error(RemoteFailure.capture(KeyError("k")))
+        >>> type(error).__name__, error.__notes__[0].splitlines()[0]
+        ('KeyError', 'Remote traceback:')
+    """
     error = failure.error
     if error is None:
         problem = failure.rebuild_problem
         error = RhmapperError(f"{failure.type_name}: {failure.message}"
                               + (f" (the exception could not be {problem})" if problem else ""))
     add_note(error, f"Remote traceback:\n{failure.remote_traceback.rstrip()}")
-    add_note(error, f"rhmapper: item {index} failed on replica {replica_name}")
     return error
 
 

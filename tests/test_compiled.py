@@ -145,15 +145,17 @@ async def async_nap(x):
 
 @pytest.mark.parametrize("options, why", [
     ({"replicas": "actors"}, "auto replicas"),
+    ({"replicas": "actor tuple"}, "auto replicas"),
     ({"concurrency": 2}, "concurrency=1"),
     ({"obj": async_nap}, "async target"),
     ({"env": rm.Env(name="compiled_detached", detached=True)}, "detached pool"),
     ({"on_cluster": True}, "not over Ray Client"),
 ])
 def test_compiled_graphs_are_refused_where_they_cannot_serve(options, why):
-    if options.get("replicas") == "actors":
-        options = {"replicas": [ray.remote(num_cpus=0)(Sleeper).remote()], "obj": Sleeper,
-                   "method": "nap"}
+    if options.get("replicas") in ("actors", "actor tuple"):
+        actors = [ray.remote(num_cpus=0)(Sleeper).remote()]
+        replicas = actors if options["replicas"] == "actors" else tuple(actors)
+        options = {"replicas": replicas, "obj": Sleeper, "method": "nap"}
     obj = options.pop("obj", nap)
     env = options.setdefault("env", rm.Env(name="compiled_refused"))
     with pytest.raises(ValueError, match=f"compiled_graphs=True cannot be used here: .*{why}"):
@@ -166,6 +168,44 @@ class Sleeper:
     def nap(self, x):
         return nap(x)
 
+    def on_main_thread(self) -> bool:
+        return threading.current_thread() is threading.main_thread()
+
+
+def test_your_actors_cannot_join_a_compiled_mapper():
+    actor = ray.remote(num_cpus=0)(Sleeper).remote()
+    with rm.mapper(Sleeper, method="nap", replicas=1, compiled_graphs=True) as m:
+        with pytest.raises(ValueError, match="compiled_graphs=True cannot be used here: .*auto "):
+            m.add_replicas([actor])
+        assert m.num_replicas == 1
+    with pytest.raises(TypeError, match="compiled_graphs must be True or False"):
+        rm.mapper(nap, compiled_graphs="yes")
+    ray.kill(actor)
+
+
+def test_broadcast_runs_on_the_thread_and_in_the_turn_of_the_mapped_calls():
+    with rm.mapper(Sleeper, method="nap", replicas=2, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)
+        assert m.broadcast("on_main_thread") == [False, False]
+        with pytest.raises(TypeError, match="missing 1 required positional argument"):
+            m.broadcast("nap")
+        assert m.map([0, 0], batch_size=1) == [(0, False), (0, False)]
+    with rm.mapper(Sleeper, method="nap", replicas=1) as m:  # without it: the main thread
+        assert m.broadcast("on_main_thread") == [True]
+
+
+def put_in_a_list(x):
+    return [ray.put(x)]
+
+
+def test_a_result_holding_a_ray_reference_fails_its_item_over_a_graph():
+    with rm.mapper(put_in_a_list, replicas=1, compiled_graphs=True) as m:
+        results = m.map([1, 2], batch_size=1, return_exceptions=True)
+        assert all(isinstance(error, TypeError) and "compiled graph cannot carry" in str(error)
+                   for error in results), results
+    with rm.mapper(put_in_a_list, replicas=1) as m:  # actor calls count the reference
+        assert [ray.get(refs[0]) for refs in m.map([1, 2], batch_size=1)] == [1, 2]
+
 
 EXITS_WITH_GRAPHS_OPEN = """
 import ray, rhmapper as rm
@@ -173,6 +213,38 @@ ray.init(address="local", num_cpus=2, include_dashboard=False)
 m = rm.mapper(abs, replicas=2, compiled_graphs=True)
 print(m.map([-1, -2, -3], batch_size=1), flush=True)
 """
+
+
+EXITS_WITH_A_CALL_RUNNING = """
+import threading, time, ray, rhmapper as rm
+ray.init(address="local", num_cpus=2, include_dashboard=False)
+m = rm.mapper(time.sleep, replicas=1, compiled_graphs=True)
+m.wait_ready(timeout=120)
+threading.Thread(target=m.map, args=([600],), daemon=True).start()
+time.sleep(2)
+print("exiting", flush=True)
+"""
+
+
+def test_a_driver_exits_at_once_while_a_replica_runs_a_call():
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": REPO_DIR}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, "-c", EXITS_WITH_A_CALL_RUNNING], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "exiting" not in line and time.monotonic() < deadline and driver.poll() is None:
+            line = driver.stdout.readline()
+        assert "exiting" in line, "the driver did not get its call running"
+        exit_started = time.monotonic()
+        driver.wait(timeout=60)
+        assert time.monotonic() - exit_started < 20, "exit waited for Ray's 30 s teardown"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+    assert driver.returncode == 0
 
 
 def test_a_driver_that_never_shuts_its_mapper_down_exits():

@@ -199,6 +199,17 @@ def test_object_ref_items_reach_the_function_as_values():
         assert m.map(refs) == [2 * x for x in range(10)]
 
 
+def put(x):
+    return ray.put(x)
+
+
+def test_an_object_ref_result_stays_a_reference_as_an_actor_call_returns_it():
+    with rm.mapper(put, replicas=1) as m:
+        refs = m.map([1, 2], batch_size=1)
+        assert all(isinstance(ref, ray.ObjectRef) for ref in refs), refs
+        assert ray.get(refs) == [1, 2]
+
+
 def test_object_ref_made_by_a_task_and_in_kwargs():
     @ray.remote
     def make(x):
