@@ -24,6 +24,7 @@ from typing import Any, Callable
 import cloudpickle
 import ray
 from ray.exceptions import (
+    ActorAlreadyExistsError,
     ActorUnavailableError,
     NodeDiedError,
     ObjectLostError,
@@ -481,8 +482,8 @@ class ReplicaPool:
                     handle = self._actor_class.options(name=name, **options).remote(
                         *self._init_args, **self._init_kwargs)
                     break
-                except ValueError:
-                    if not name_taken(name):
+                except ValueError as error:  # a dead actor's name may not be released yet
+                    if not isinstance(error, ActorAlreadyExistsError) and not name_taken(name):
                         raise
                     index = self._free_index(index + 1)
             replica = RayReplica(name, handle, owned=True, requested=self.auto_concurrency,
