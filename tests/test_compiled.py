@@ -4,8 +4,6 @@ Ray: the same values, failure model and cleanup as ordinary actor calls."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,6 +14,7 @@ import rhmapper as rm
 from rhmapper.env import replica_name
 from rhmapper.replicas import NAMESPACE
 from tests.conftest import REPO_DIR
+from tests.driver_process import DriverProcess
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -226,37 +225,27 @@ print("exiting", flush=True)
 """
 
 
-def test_a_driver_exits_at_once_while_a_replica_runs_a_call():
+def local_ray_driver(script: str) -> DriverProcess:
+    """``script`` in a process of its own, which starts its own local Ray."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": REPO_DIR}
     env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen([sys.executable, "-c", EXITS_WITH_A_CALL_RUNNING], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return DriverProcess(script, env)
+
+
+def test_a_driver_exits_at_once_while_a_replica_runs_a_call():
+    driver = local_ray_driver(EXITS_WITH_A_CALL_RUNNING)
     try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "exiting" not in line and time.monotonic() < deadline and driver.poll() is None:
-            line = driver.stdout.readline()
-        assert "exiting" in line, "the driver did not get its call running"
+        assert driver.next_line(timeout=120) == "exiting"
         exit_started = time.monotonic()
-        driver.wait(timeout=60)
+        driver.finish(timeout=60)
         assert time.monotonic() - exit_started < 20, "exit waited for Ray's 30 s teardown"
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(10)
-    assert driver.returncode == 0
+        driver.kill()
 
 
 def test_a_driver_that_never_shuts_its_mapper_down_exits():
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": REPO_DIR}
-    env.pop("RAY_ADDRESS", None)
-    driver = subprocess.Popen([sys.executable, "-c", EXITS_WITH_GRAPHS_OPEN], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = local_ray_driver(EXITS_WITH_GRAPHS_OPEN)
     try:
-        output, _ = driver.communicate(timeout=180)
+        assert driver.finish(timeout=180) == "[1, 2, 3]"
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait(10)
-    assert "[1, 2, 3]" in output, output
-    assert driver.returncode == 0, output
+        driver.kill()
