@@ -39,7 +39,8 @@ CLOSE_WAIT_SECONDS = 30.0
 """How long `CompiledCalls.wait_closed` waits for a teardown (Ray's own gives up after 30 s)."""
 
 _open_graphs: "weakref.WeakSet[CompiledCalls]" = weakref.WeakSet()
-_exit_hook_lock = threading.Lock()
+_open_graphs_lock = threading.Lock()
+"""Guards `_open_graphs` (graph threads leave it while the exit hook reads it) and the flag."""
 _exit_hook_registered = False
 
 
@@ -82,13 +83,14 @@ class CompiledCalls:
         """Calls taken from `_to_send` and not yet in `_sent` (being sent)."""
         self._closing = False
         self._kill = False
+        self._done = False
+        """Whether the thread has ended (a kill asked for later is then done by `close`)."""
         self._wake = threading.Condition()
-        """Guards the five above."""
+        """Guards the six above."""
         self._thread = threading.Thread(target=self._drive, name=f"rhmapper-graph-{name}",
                                         daemon=True)
         self._thread.start()
-        _open_graphs.add(self)
-        _kill_busy_replicas_at_exit()
+        _watch_at_exit(self)
 
     def submit(self, payload: list, on_unsendable: Callable[[TypeError], BaseException]
                ) -> Future:
@@ -119,8 +121,11 @@ class CompiledCalls:
         with self._wake:
             self._closing = True
             self._kill = kill
+            done = self._done
             self._wake.notify()
-        if kill:
+        if kill and done and ray.is_initialized():
+            ray.kill(self._handle, no_restart=True)
+        elif kill:
             self.kill_if_busy()
 
     def wait_closed(self, timeout: float = CLOSE_WAIT_SECONDS) -> None:
@@ -138,10 +143,16 @@ class CompiledCalls:
         except Exception as error:  # a bug here would leave every waiting call hanging
             _logger.exception("rhmapper: the compiled graph of replica %s failed", self._name)
             self._fail_all(error)
-        self._graph.teardown()
-        _open_graphs.discard(self)
-        if self._kill and ray.is_initialized():
-            ray.kill(self._handle, no_restart=True)
+        try:
+            self._graph.teardown()
+        finally:
+            with _open_graphs_lock:
+                _open_graphs.discard(self)
+            with self._wake:
+                self._done = True
+                kill = self._kill
+            if kill and ray.is_initialized():
+                ray.kill(self._handle, no_restart=True)
 
     def _send_and_read_one(self) -> bool:
         """Send the waiting calls, then read the oldest answer; False once closed and done."""
@@ -150,8 +161,8 @@ class CompiledCalls:
                 self._wake.wait()
         self._send_waiting()
         with self._wake:
-            if not self._sent:
-                return not self._closing
+            if not self._sent:  # calls handed over meanwhile are sent, or failed, next turn
+                return not self._closing or bool(self._to_send)
             ref, future, _ = self._sent[0]
         try:
             outcome: tuple[Any, BaseException | None] = (ref.get(timeout=-1), None)
@@ -181,7 +192,7 @@ class CompiledCalls:
                 try:
                     ref = self._graph.execute(payload)
                 except TypeError as error:
-                    future.set_exception(on_unsendable(error))
+                    future.set_exception(_described(on_unsendable, error))
                 except Exception as error:  # the graph is broken (its actor died); fetch sorts it out
                     future.set_exception(error)
             with self._wake:
@@ -202,16 +213,32 @@ class CompiledCalls:
                 future.set_exception(closed)
 
 
-def _kill_busy_replicas_at_exit() -> None:
-    """Once per process: at exit, kill the replicas still running a call over a graph, before
-    Ray's own exit tears the graphs down (it would wait up to 30 s for each such call)."""
+def _described(on_unsendable: Callable[[TypeError], BaseException], error: TypeError
+               ) -> BaseException:
+    try:
+        return on_unsendable(error)
+    except Exception:  # describing it failed (an item's repr raised): the plain error it is
+        _logger.exception("rhmapper: could not describe an input that cannot be sent")
+        return error
+
+
+def _watch_at_exit(calls: CompiledCalls) -> None:
+    """Remember ``calls`` until its graph is torn down; once per process, register the exit
+    hook that kills the replicas still running a call over a graph, before Ray's own exit tears
+    the graphs down (it would wait up to 30 s for each such call)."""
     global _exit_hook_registered
-    with _exit_hook_lock:
+    with _open_graphs_lock:
+        _open_graphs.add(calls)
         if not _exit_hook_registered:
-            atexit.register(_kill_busy_replicas)  # after Ray's: runs before it
+            atexit.register(_kill_busy_replicas)  # Ray registers its hook at import: ours runs first
             _exit_hook_registered = True
 
 
 def _kill_busy_replicas() -> None:
-    for calls in list(_open_graphs):
-        calls.kill_if_busy()
+    with _open_graphs_lock:
+        open_graphs = list(_open_graphs)
+    for calls in open_graphs:
+        try:
+            calls.kill_if_busy()
+        except Exception:  # at exit: the other replicas still get theirs
+            _logger.exception("rhmapper: could not kill a replica running a call at exit")

@@ -174,7 +174,7 @@ class RayReplica:
         compiled graph (so that it runs on the thread, and in the turn, of the mapped calls)."""
         if self.compiled is None:
             return getattr(self.handle, method).remote(*args, **kwargs)
-        return self.compiled.submit([method, [args], True, kwargs, None],
+        return self.compiled.submit([method, [args], True, put_kwargs(kwargs) or None, None],
                                     functools.partial(_unpicklable_item, 0, [args]))
 
     def answer_of_broadcast(self, answer: ray.ObjectRef | Future) -> Any:
@@ -536,6 +536,8 @@ class ReplicaPool:
     @_on_its_cluster
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         """Call ``method`` on every replica at once; their answers, in pool order."""
+        if self.compiled_graphs:  # a starting replica has no graph yet to take it
+            self.wait_ready()
         replicas = list(self.replicas)
         answers = [replica.broadcast(method, args, kwargs) for replica in replicas]
         results = []

@@ -170,6 +170,9 @@ class Sleeper:
     def on_main_thread(self) -> bool:
         return threading.current_thread() is threading.main_thread()
 
+    def scaled(self, x, scale=1):
+        return x * scale
+
 
 def test_your_actors_cannot_join_a_compiled_mapper():
     actor = ray.remote(num_cpus=0)(Sleeper).remote()
@@ -184,8 +187,8 @@ def test_your_actors_cannot_join_a_compiled_mapper():
 
 def test_broadcast_runs_on_the_thread_and_in_the_turn_of_the_mapped_calls():
     with rm.mapper(Sleeper, method="nap", replicas=2, compiled_graphs=True) as m:
-        m.wait_ready(timeout=120)
-        assert m.broadcast("on_main_thread") == [False, False]
+        assert m.broadcast("on_main_thread") == [False, False], "even before they were ready"
+        assert m.broadcast("scaled", 2, scale=3) == [6, 6]
         with pytest.raises(TypeError, match="missing 1 required positional argument"):
             m.broadcast("nap")
         assert m.map([0, 0], batch_size=1) == [(0, False), (0, False)]

@@ -77,3 +77,27 @@ def test_replicas_that_cannot_be_placed_again_fail_clearly(cluster):
         with pytest.raises(rm.NoReplicasError, match="worker_1"):
             m.map(range(100))
         assert time.monotonic() - started < 60
+
+
+def logged_nap(x, log):
+    with open(log, "a") as file:  # one line per item started, appended by the replicas
+        file.write(f"{x}\n")
+    time.sleep(x)
+    return x
+
+
+def test_a_long_call_on_another_node_keeps_its_compiled_replica(cluster, tmp_path):
+    """A call queued behind one that outlasts Ray's 10 s send timeout, over a graph to another
+    node (whose channel Ray gives a single buffer), is sent without timing out: a timeout would
+    count as the replica's death and run the long item again."""
+    cluster, workers = cluster
+    log = tmp_path / "started.log"
+    env = rm.Env(name="remote_graphs", compute={"CPU": 0.5, "worker_0": 0.5})
+    with rm.mapper(logged_nap, replicas=2, env=env, compiled_graphs=True
+                   ).wait_ready(timeout=120) as m:
+        items = [0.0] * 200 + [12.0] + [0.0] * 20  # fast items first: calls are queued ahead
+        assert m.map(items, batch_size=1, kwargs={"log": str(log)}) == items
+        runs = log.read_text().split()
+        assert runs.count("12.0") == 1, "the long item ran once: its replica was not killed"
+        assert len(runs) == len(items)
+
