@@ -52,6 +52,9 @@ def test_calls_run_over_the_compiled_graph_with_the_right_values(tmp_path):
         assert sorted(map(float, started(log))) == items, "each item ran once"
         values, on_main = values_and_threads(m.map([0] * 5000))  # auto batches: the same graph
         assert values == [0] * 5000 and on_main == {False}
+        assert m.call(0.0) == (0.0, False)
+        assert sorted(m.imap_unordered(items[:50], batch_size=1)) == [(x, False) for x in items[:50]]
+        assert m.starmap([(0.0, None)] * 3, batch_size=1) == [(0.0, False)] * 3
         assert len(graph_threads()) == 3, "one thread drives each replica's graph"
     assert graph_threads() == [], "shutdown ended every graph's thread"
     with rm.mapper(nap, replicas=1) as m:  # without it: the actor's main thread

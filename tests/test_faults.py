@@ -223,7 +223,8 @@ def test_cancel_from_another_thread_returns_promptly():
         assert m.map(range(4), kwargs={"seconds": 0}) == list(range(4))
 
 
-def test_keyboard_interrupt_cancels_and_context_exit_kills_replicas():
+@pytest.mark.parametrize("compiled_graphs", [False, True])
+def test_keyboard_interrupt_cancels_and_context_exit_kills_replicas(compiled_graphs):
     mapping = threading.Event()
     finished = threading.Event()
 
@@ -243,7 +244,8 @@ def test_keyboard_interrupt_cancels_and_context_exit_kills_replicas():
     presser = threading.Thread(target=press_ctrl_c, daemon=True)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with rm.mapper(sleep_then, replicas=2, env=rm.Env(name="ctrlc")).wait_ready() as m:
+            with rm.mapper(sleep_then, replicas=2, env=rm.Env(name="ctrlc"),
+                           compiled_graphs=compiled_graphs).wait_ready() as m:
                 started = time.monotonic()
                 mapping.set()
                 presser.start()
