@@ -268,16 +268,20 @@ def test_keyboard_interrupt_cancels_and_context_exit_kills_replicas(compiled_gra
             pytest.fail(f"{name} outlived the with block")
 
 
-def test_stress_random_failures_and_two_kills(capsys):
-    with rm.mapper(sometimes_fails, replicas=8, concurrency=2,
-                   env=rm.Env(name="stress", compute={"CPU": 0.25})).wait_ready() as m:
+@pytest.mark.parametrize("compiled_graphs", [False, True])
+def test_stress_random_failures_and_two_kills(capsys, compiled_graphs):
+    # Over compiled graphs: one item per call (the path they are for) and concurrency 1.
+    options = {"batch_size": 1} if compiled_graphs else {}
+    with rm.mapper(sometimes_fails, replicas=8, concurrency=1 if compiled_graphs else 2,
+                   env=rm.Env(name="stress", compute={"CPU": 0.25}),
+                   compiled_graphs=compiled_graphs).wait_ready() as m:
         done = [0]
         killed: list = []
         first = kill_when(m, 6000, lambda: done[0], killed)
         second = kill_when(m, 13000, lambda: done[0], killed)
         results = []
         for value in m.imap(range(20_000), retries=rm.Retries(max_retries=3, initial_delay=0.01),
-                            progress=True):
+                            progress=True, **options):
             results.append(value)
             done[0] += 1
         first.join(5)
