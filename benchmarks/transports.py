@@ -2,21 +2,24 @@
 against a Ray Compiled Graph (``experimental_compile``) over the same actors.
 
 The question it answers: can a one-item-per-call mapper beat ``ActorPool`` by 1.5x here (issue
-11.3)? Contenders, in one process on one local Ray, over the same 4 actors (``CPU: 0.5``),
+11.3)? Contenders, in one process on one local Ray, over the same ``--actors`` actors (default
+4, each asking for ``CPU: 2 / actors``, 0.5 by default),
 ``x + 1`` on ``--items`` items, each timed ``--repeats`` times (median), interleaved:
 
 - ``actorpool``: ``list(ray.util.ActorPool(actors).map(lambda a, v: a.f.remote(v), items))``.
 - ``rhmapper_b1``: ``m.map(items, batch_size=1)`` with the same actors as replicas.
-- ``rhmapper_compiled_b1``: ``m.map(items, batch_size=1)`` on 4 auto replicas (``CPU: 0.5``) of
+- ``rhmapper_compiled_b1``: ``m.map(items, batch_size=1)`` on as many auto replicas of
   ``rm.mapper(..., compiled_graphs=True)``: rhmapper's scheduler over a compiled graph each.
 - ``compiled``: one compiled graph per actor (``actor.f.bind(InputNode())``), two executions in
   flight on each, results read in order. Compiling happens before the clock starts (like
   creating the actors); the graphs are torn down after each run.
 
-Also printed: the seconds from creating a mapper of 4 auto replicas to all of them ready, with
-and without ``compiled_graphs`` (a graph is set up per replica once its probe answers).
+Also printed: the seconds from creating a mapper of as many auto replicas to all of them
+ready, with and without ``compiled_graphs`` (a graph is set up per replica once its probe
+answers).
 
-Run: ``python benchmarks/transports.py``.
+Run: ``python benchmarks/transports.py`` (``--actors 24``: more actors, each asking for a
+share of the 4 CPUs).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from ray.util import ActorPool
 import rhmapper as rm
 from many_replicas import Worker, tiny
 
-ACTORS = 4
 IN_FLIGHT = 2
 """Executions in flight per compiled graph (``_max_inflight_executions``)."""
 
@@ -73,10 +75,10 @@ def timed(run) -> tuple[list, float]:
     return values, time.perf_counter() - started
 
 
-def ready_seconds(compiled: bool) -> tuple[rm.Mapper, float]:
-    """A mapper of 4 auto replicas, and the seconds until every one was ready."""
+def ready_seconds(compiled: bool, actors: int) -> tuple[rm.Mapper, float]:
+    """A mapper of ``actors`` auto replicas, and the seconds until every one was ready."""
     started = time.perf_counter()
-    m = rm.mapper(tiny, replicas=ACTORS, env=rm.Env(compute={"CPU": 0.5}),
+    m = rm.mapper(tiny, replicas=actors, env=rm.Env(compute={"CPU": 2 / actors}),
                   compiled_graphs=compiled)
     m.wait_ready(timeout=300)
     return m, time.perf_counter() - started
@@ -86,18 +88,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--actors", type=int, default=4)
     args = parser.parse_args()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    actors = [ray.remote(num_cpus=0.5)(Worker).remote(tiny) for _ in range(ACTORS)]
+    actors = [ray.remote(num_cpus=2 / args.actors)(Worker).remote(tiny)
+              for _ in range(args.actors)]
     ray.get([actor.f.remote(0) for actor in actors])
     m = rm.mapper(Worker, method="f", replicas=actors, env=rm.Env(name="transports"))
     m.wait_ready(timeout=300)
     for actor in actors:  # room for the auto replicas' CPUs while they start
         ray.kill(actor)
-    ordinary, ordinary_ready = ready_seconds(compiled=False)
+    ordinary, ordinary_ready = ready_seconds(compiled=False, actors=args.actors)
     ordinary.shutdown()
-    compiled, compiled_ready = ready_seconds(compiled=True)
-    actors = [ray.remote(num_cpus=0.5)(Worker).remote(tiny) for _ in range(ACTORS)]
+    compiled, compiled_ready = ready_seconds(compiled=True, actors=args.actors)
+    actors = [ray.remote(num_cpus=2 / args.actors)(Worker).remote(tiny)
+              for _ in range(args.actors)]
     ray.get([actor.f.remote(0) for actor in actors])
     m.shutdown()
     m = rm.mapper(Worker, method="f", replicas=actors, env=rm.Env(name="transports"))
@@ -121,14 +126,15 @@ def main() -> None:
     m.shutdown()
     compiled.shutdown()
     reference = statistics.median(times["actorpool"])
-    print(f"\n{args.items} items of x + 1, {ACTORS} actors x CPU 0.5, median of {args.repeats}")
+    print(f"\n{args.items} items of x + 1, {args.actors} actors x CPU {2 / args.actors:.3g}, "
+          f"median of {args.repeats}")
     print(f"{'contender':<22}{'seconds':>9}{'calls/s':>10}{'throughput / actorpool':>24}")
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"{name:<22}{median:>9.3f}{args.items / median:>10.0f}{reference / median:>24.2f}",
               flush=True)
-    print(f"\n4 auto replicas ready after {ordinary_ready:.2f} s; with compiled_graphs=True "
-          f"{compiled_ready:.2f} s")
+    print(f"\n{args.actors} auto replicas ready after {ordinary_ready:.2f} s; with "
+          f"compiled_graphs=True {compiled_ready:.2f} s")
     ray.shutdown()
 
 
