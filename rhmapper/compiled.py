@@ -37,6 +37,13 @@ _logger = logging.getLogger(__name__)
 
 CLOSE_WAIT_SECONDS = 30.0
 """How long `CompiledCalls.wait_closed` waits for a teardown (Ray's own gives up after 30 s)."""
+IDLE_SECONDS = 5.0
+"""A graph without calls for this long is torn down, and set up again for the next call: Ray's
+channels wait by spinning, so an open graph keeps its replica, and the thread reading it while
+a call runs, about half a core busy (measured)."""
+
+_compile_lock = threading.Lock()
+"""Graphs are compiled one at a time: Ray does not say that compiling is thread-safe."""
 
 _open_graphs: "weakref.WeakSet[CompiledCalls]" = weakref.WeakSet()
 _open_graphs_lock = threading.Lock()
@@ -54,7 +61,8 @@ class CompiledCalls:
     """The compiled graph of one auto replica, and the thread that drives it.
 
     ``handle`` is the replica's actor (it has ``_rhmapper_run_compiled``); at most
-    ``max_in_flight`` calls are sent and unanswered at once (more wait in the driver).
+    ``max_in_flight`` calls are sent and unanswered at once (more wait in the driver). The graph
+    is compiled for the first call, and again for the first call after `IDLE_SECONDS` without.
 
     Examples:
         >>> import ray
@@ -68,9 +76,8 @@ class CompiledCalls:
     """
 
     def __init__(self, handle: Any, max_in_flight: int, name: str) -> None:
-        with InputNode() as payload:
-            node = handle._rhmapper_run_compiled.bind(payload)
-        self._graph = node.experimental_compile(_max_inflight_executions=max_in_flight)
+        self._graph: Any = None
+        """The compiled graph while open (only the thread touches it)."""
         self._handle = handle
         self._name = name
         self._max_in_flight = max_in_flight
@@ -144,7 +151,7 @@ class CompiledCalls:
             _logger.exception("rhmapper: the compiled graph of replica %s failed", self._name)
             self._fail_all(error)
         try:
-            self._graph.teardown()
+            self._close_graph()
         finally:
             with _open_graphs_lock:
                 _open_graphs.discard(self)
@@ -155,10 +162,16 @@ class CompiledCalls:
                 ray.kill(self._handle, no_restart=True)
 
     def _send_and_read_one(self) -> bool:
-        """Send the waiting calls, then read the oldest answer; False once closed and done."""
+        """Send the waiting calls, then read the oldest answer; False once closed and done. A
+        graph idle for `IDLE_SECONDS` is torn down."""
         with self._wake:
             while not (self._to_send or self._sent or self._closing):
-                self._wake.wait()
+                if not self._wake.wait(None if self._graph is None else IDLE_SECONDS):
+                    break
+            idle = not (self._to_send or self._sent or self._closing)
+        if idle:
+            self._close_graph()
+            return True
         self._send_waiting()
         with self._wake:
             if not self._sent:  # calls handed over meanwhile are sent, or failed, next turn
@@ -190,7 +203,7 @@ class CompiledCalls:
                 future.set_exception(GraphClosed(f"replica {self._name} left the pool"))
             else:
                 try:
-                    ref = self._graph.execute(payload)
+                    ref = self._open_graph().execute(payload)
                 except TypeError as error:
                     future.set_exception(_described(on_unsendable, error))
                 except Exception as error:  # the graph is broken (its actor died); fetch sorts it out
@@ -199,6 +212,20 @@ class CompiledCalls:
                 self._sending -= 1
                 if ref is not None:
                     self._sent.append((ref, future, payload))
+
+    def _open_graph(self) -> Any:
+        if self._graph is None:
+            with InputNode() as payload:
+                node = self._handle._rhmapper_run_compiled.bind(payload)
+            with _compile_lock:
+                self._graph = node.experimental_compile(
+                    _max_inflight_executions=self._max_in_flight)
+        return self._graph
+
+    def _close_graph(self) -> None:
+        graph, self._graph = self._graph, None
+        if graph is not None:
+            graph.teardown()
 
     def _fail_all(self, error: BaseException) -> None:
         with self._wake:

@@ -649,17 +649,8 @@ class ReplicaPool:
         replica.node_id = info["node_id"]
         if not replica.owned:
             replica.set_capacity(info["max_concurrency"])
-        elif self.compiled_graphs and replica.compiled is None:
-            try:  # its slot, and one call queued ahead
-                replica.compiled = CompiledCalls(replica.handle, replica.capacity + 1, replica.name)
-            except _REPLICA_DEATHS as error:
-                self.lost(replica, error)
-                return
-            except Exception as error:  # it would fail the same way again: not replaced
-                self._remove(replica)
-                raise RhmapperError(f"replica {replica.name} could not set up its compiled graph "
-                                    f"(compiled_graphs=True): {error}. It was dropped from the "
-                                    "pool.") from error
+        elif self.compiled_graphs and replica.compiled is None:  # its slot, and one queued ahead
+            replica.compiled = CompiledCalls(replica.handle, replica.capacity + 1, replica.name)
         if replica.state is ReplicaState.STARTING:
             self._set_state(replica, ReplicaState.READY)
 

@@ -11,6 +11,7 @@ import pytest
 import ray
 
 import rhmapper as rm
+from rhmapper import compiled
 from rhmapper.env import replica_name
 from rhmapper.replicas import NAMESPACE
 from tests.conftest import REPO_DIR
@@ -123,6 +124,25 @@ def test_cancel_starts_no_call_queued_on_a_replica(tmp_path):
         assert started(log).count("1.5") == 2, "no call queued behind the cancel started"
         values, on_main = values_and_threads(m.map([0] * 10, batch_size=1))
         assert values == [0] * 10 and on_main == {False}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_graph_is_torn_down_and_set_up_again(monkeypatch):
+    monkeypatch.setattr(compiled, "IDLE_SECONDS", 1.0)
+    with rm.mapper(nap, replicas=2, compiled_graphs=True) as m:
+        assert m.map([0] * 10, batch_size=1) == [(0, False)] * 10
+        pids = ray.get([replica.__ray_call__.remote(lambda self: os.getpid())
+                        for replica in m.replicas], timeout=60)
+        time.sleep(2.5)  # idle for longer than IDLE_SECONDS: the graphs are closed
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(2.0)
+        used = [cpu_seconds(pid) - start for pid, start in zip(pids, before)]
+        assert max(used) < 0.3, f"idle replicas used {used} s of CPU in 2 s (an open graph spins)"
+        assert m.map([0] * 10, batch_size=1) == [(0, False)] * 10, "set up again for the next map"
 
 
 def test_large_items_go_by_reference_over_the_graph():
