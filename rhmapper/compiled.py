@@ -14,7 +14,9 @@ thread sends the waiting calls before it completes an answer, so a call queued a
 replica as soon as the call before it has answered, without a round trip through the scheduler.
 
 The method then runs on Ray's compiled-graph thread of the actor, not on its main thread (where
-the constructor and ordinary calls run): that is why the transport is chosen, not the default.
+the constructor and ordinary calls run), and Ray's channels spin while they wait (an open graph
+keeps its idle replica busy; the thread here spins while a call runs): that is why the
+transport is chosen, not the default, and why an idle graph is closed (`IDLE_SECONDS`).
 """
 
 from __future__ import annotations
