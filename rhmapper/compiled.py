@@ -109,7 +109,7 @@ class CompiledCalls:
         future: Future = Future()
         with self._wake:
             if self._closing:
-                future.set_exception(GraphClosed(f"replica {self._name} left the pool"))
+                future.set_exception(self._left_the_pool())
                 return future
             self._to_send.append((payload, future, on_unsendable))
             self._wake.notify()
@@ -119,8 +119,8 @@ class CompiledCalls:
         """Kill the replica if a call is on it (sent, or being sent, and not answered)."""
         with self._wake:
             busy = bool(self._sent) or self._sending > 0
-        if busy and ray.is_initialized():
-            ray.kill(self._handle, no_restart=True)
+        if busy:
+            self._kill_actor()
 
     def close(self, kill: bool) -> None:
         """Close the graph without waiting (see `wait_closed`): calls not yet sent fail with
@@ -132,8 +132,8 @@ class CompiledCalls:
             self._kill = kill
             done = self._done
             self._wake.notify()
-        if kill and done and ray.is_initialized():
-            ray.kill(self._handle, no_restart=True)
+        if kill and done:
+            self._kill_actor()
         elif kill:
             self.kill_if_busy()
 
@@ -160,8 +160,15 @@ class CompiledCalls:
             with self._wake:
                 self._done = True
                 kill = self._kill
-            if kill and ray.is_initialized():
-                ray.kill(self._handle, no_restart=True)
+            if kill:
+                self._kill_actor()
+
+    def _kill_actor(self) -> None:
+        if ray.is_initialized():  # after ray.shutdown() its actors are gone already
+            ray.kill(self._handle, no_restart=True)
+
+    def _left_the_pool(self) -> GraphClosed:
+        return GraphClosed(f"replica {self._name} left the pool")
 
     def _send_and_read_one(self) -> bool:
         """Send the waiting calls, then read the oldest answer; False once closed and done. A
@@ -202,7 +209,7 @@ class CompiledCalls:
         for payload, future, on_unsendable in waiting:
             ref = None
             if closing:
-                future.set_exception(GraphClosed(f"replica {self._name} left the pool"))
+                future.set_exception(self._left_the_pool())
             else:
                 try:
                     ref = self._open_graph().execute(payload)
