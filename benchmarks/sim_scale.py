@@ -102,7 +102,10 @@ class SimPool:
         self.slots.gave_back(replica)
         return BatchReply(token.items, None, self.call_seconds)
 
-    def abandon(self, token: Any, replica: SimReplica, timed_out: bool) -> None:
+    def sent_at(self, token: SimCall, replica: SimReplica) -> float:
+        raise AssertionError("no map of the simulation has a timeout")
+
+    def abandon(self, token: Any, replica: SimReplica, deadline: float | None) -> None:
         self.busy -= self.call_seconds  # an abandoned call's remaining time is not work
 
     def lost(self, replica: SimReplica, reason: BaseException) -> None:

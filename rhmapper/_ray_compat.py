@@ -29,6 +29,17 @@ def current_actor_max_concurrency() -> int | None:
     return concurrency if isinstance(concurrency, int) and concurrency > 0 else None
 
 
+def current_actor_is_async() -> bool:
+    """Whether this code runs in an async actor, where Ray cancels a call by raising
+    ``CancelledError`` in it and ``ray.get_runtime_context().is_canceled()`` raises.
+
+    Missing public API: the runtime context says neither whether the actor is async nor (there)
+    whether the call was cancelled. Checked on Ray 2.60.
+    """
+    core_worker = getattr(ray._private.worker.global_worker, "core_worker", None)
+    return bool(core_worker is not None and core_worker.current_actor_is_asyncio())
+
+
 def autoscaler_cluster_config():
     """The cluster config an autoscaler reported to the GCS (``ReportClusterConfig``), or None.
 
@@ -94,6 +105,20 @@ def actor_table_entry(handle) -> dict:
     connected to the GCS (not a Ray Client driver). Checked on Ray 2.60.
     """
     return ray._private.state.actors(actor_id=handle._actor_id.hex()) or {}
+
+
+RAY_CLOUDPICKLE = ray.cloudpickle
+"""The copy of cloudpickle Ray serializes with (arguments, results, Ray Client traffic), for
+rhmapper's own by-value pickles of user objects (see `rhmapper.wire.use_by_value_pickler`).
+
+cloudpickle gives a class it pickles by value (one of the driver's ``__main__``) an id in a
+registry of its own copy, and unpickling gives back the class held under that id: pickled by
+this copy, a replica's exception or value is an instance of the driver's own class, because Ray
+sent that class to the replica under the same id; pickled by the ``cloudpickle`` package (a
+separate registry), it arrives as a new class of the same name (``except MyError`` misses it).
+
+Missing public API: Ray documents neither which pickler its serializer uses nor a way to share
+its class registry. Checked on Ray 2.60 (its vendored cloudpickle 3.1.2)."""
 
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"

@@ -14,13 +14,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import ray
 
 from rhmapper import _ray_compat
 from rhmapper.env import Env
-from rhmapper.errors import NoReplicasError
+from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError
 from rhmapper.replicas import ClusterKwargs, RayReplica, ReplicaPool, wait_for_answers
 from rhmapper.signals import EndSignal
 from rhmapper.slots import Inbox, SlotIndex
@@ -100,15 +100,32 @@ class MultiClusterPool:
             self.pools[address].add_auto(number)
 
     def add_user(self, handles: list, concurrency: int | None) -> None:
-        """Your actors, each joined to the pool of the cluster its handle came from."""
+        """Your actors, each joined to the pool of the cluster its handle came from (created
+        under `connection`: a Ray Client handle is called over the connection that made it)."""
         by_worker = {id(_ray_compat.client_worker(pool._connection)): pool
                      for pool in self.pools.values()}
         for handle in handles:
             pool = by_worker.get(id(_ray_compat.connection_of(handle)))
             if pool is None:
-                raise ValueError(f"actor {handle!r} was not created over one of this mapper's "
-                                 f"cluster connections ({', '.join(self.pools)})")
+                raise ValueError(
+                    f"actor {handle!r} was not created over one of this mapper's cluster "
+                    f"connections ({', '.join(self.pools)}); a Ray Client actor can only be "
+                    "called over the connection that created it, and the mapper calls it over "
+                    "its own. Create it under `with m.connection(address):` (not over a "
+                    "connection of your own from ray.init), then m.add_replicas([actor]).")
             pool.add_user([handle], concurrency)
+
+    def connection(self, address: str) -> ContextManager[None]:
+        """A context manager under which this thread's Ray calls go over this mapper's
+        connection to the cluster at ``address`` (see `rhmapper.Mapper.connection`)."""
+        pool = self.pools.get(address)
+        if pool is None:
+            raise ValueError(f"{address!r} is not one of this mapper's clusters "
+                             f"({', '.join(self.pools)})")
+        if pool.unreachable:  # a Ray call over a lost connection would start a local Ray
+            raise ConnectionError(f"cluster {address} is unreachable (its replicas left the "
+                                  "pool); create a new mapper once it answers again")
+        return _ray_compat.using_client_connection(pool._connection)
 
     def drop(self, count: int) -> None:
         """Drop ``count`` replicas, from the cluster with the most first."""
@@ -135,7 +152,7 @@ class MultiClusterPool:
                   if not pool.unreachable]
         signals = [signal for signal in opened if signal is not None]  # None: lost meanwhile
         if not signals:
-            raise self._none_left()
+            raise self._none_left({})
 
         def end_everywhere() -> None:
             for _, end in signals:
@@ -143,19 +160,61 @@ class MultiClusterPool:
 
         return signals[0][0], end_everywhere
 
-    def _none_left(self) -> NoReplicasError:
+    def _check_alive(self) -> None:
+        """Raise `NoReplicasError` when no cluster can take work, naming each cluster's state.
+
+        One cluster's trouble is not the map's: while any cluster has a replica that is ready or
+        may yet start, a cluster whose replicas cannot start (past ``ready_timeout``, or no node
+        can host one) or are all benched does not fail it. Every cluster's membership is read
+        under the lock the pools share, so a replica being replaced is never seen missing; the
+        feasibility checks (Ray calls) are made before, without it.
+        """
+        unschedulable = {address: pool.unschedulable() for address, pool in self.pools.items()
+                         if not pool.unreachable}
+        with self.slots.lock:
+            if self.slots:
+                return  # a replica became ready meanwhile
+            errors: dict[str, RhmapperError] = {}
+            for address, pool in self.pools.items():
+                if pool.unreachable:
+                    continue
+                error = pool.idle_error(unschedulable.get(address))
+                if error is None:
+                    return  # this cluster may yet take work
+                errors[address] = error
+            none_left = self._none_left(errors)
+        causes = [error.__cause__ for error in errors.values() if error.__cause__ is not None]
+        raise none_left from (causes[0] if causes else None)
+
+    def _none_left(self, errors: dict[str, RhmapperError]) -> NoReplicasError:
+        """The error of a map no cluster can take work for: ``errors`` says why of each
+        reachable cluster that has replicas."""
+        states = {}
+        for address, pool in self.pools.items():
+            error = errors.get(address)
+            if pool.unreachable:
+                states[address] = "unreachable"
+            elif error is None or (not pool.replicas and not isinstance(error, PoolMismatchError)):
+                states[address] = "no replicas"
+            else:
+                states[address] = str(error)
+        if all(state in ("unreachable", "no replicas") for state in states.values()):
+            return NoReplicasError(
+                "no replica is left on any cluster: "
+                + "; ".join(f"{address} ({state})" for address, state in states.items())
+                + ". Add replicas with m.add_replicas({address: n}) on a cluster that answers, "
+                "or create a new mapper once the clusters are back.")
         return NoReplicasError(
-            "no replica is left on any cluster: "
-            + ", ".join(f"{address} ({'unreachable' if pool.unreachable else 'no replicas'})"
-                        for address, pool in self.pools.items()))
+            "no replica can take work on any cluster: "
+            + "; ".join(f"{address} ({state})" for address, state in states.items()),
+            benched=any(getattr(error, "benched", False) for error in errors.values()))
 
     def wait(self, inbox: Inbox, timeout: float) -> list:
-        live = [pool for pool in self.pools.values() if pool.replicas]
         if not inbox.owed and not self.slots:
-            if not live:
-                raise self._none_left()
-            for pool in live:
-                pool.check_alive()
+            for pool in self.pools.values():
+                pool.handle_events()  # a replica may have come back (a benched one's call answered)
+            if not self.slots:
+                self._check_alive()
         done = wait_for_answers(self._wakeup, inbox, timeout, list(self.pools.values()))
         for pool in self.pools.values():
             pool.handle_events()
@@ -168,8 +227,11 @@ class MultiClusterPool:
     def fetch(self, token: Any, replica: RayReplica) -> BatchReply:
         return self._pool_of(replica).fetch(token, replica)
 
-    def abandon(self, token: Any, replica: RayReplica, timed_out: bool) -> None:
-        self._pool_of(replica).abandon(token, replica, timed_out)
+    def abandon(self, token: Any, replica: RayReplica, deadline: float | None) -> None:
+        self._pool_of(replica).abandon(token, replica, deadline)
+
+    def sent_at(self, token: Any, replica: RayReplica) -> float | None:
+        return self._pool_of(replica).sent_at(token, replica)
 
     def lost(self, replica: RayReplica, reason: BaseException) -> None:
         self._pool_of(replica).lost(replica, reason)

@@ -25,6 +25,7 @@ import atexit
 import collections
 import logging
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import Future
@@ -34,6 +35,7 @@ import ray
 from ray.dag import InputNode
 
 from rhmapper.errors import RhmapperError
+from rhmapper.module import sent_now
 
 _logger = logging.getLogger(__name__)
 
@@ -105,8 +107,14 @@ class CompiledCalls:
                ) -> Future:
         """Hand one call's payload (see `rhmapper.module.run_call`) to the graph; the future
         completes with the replica's reply. A payload the graph cannot serialise fails the
-        future with ``on_unsendable(error)``."""
+        future with ``on_unsendable(error)``.
+
+        The future's ``sent_at`` is when the thread sent the call over the graph
+        (``time.monotonic()``), ``None`` until then: a call waits in the driver while its graph
+        compiles (for the first call, and after `IDLE_SECONDS` idle), and its ``timeout=``
+        runs from ``sent_at``, as does its guard's deadline in the replica (`sent_now`)."""
         future: Future = Future()
+        future.sent_at = None  # type: ignore[attr-defined]
         with self._wake:
             if self._closing:
                 future.set_exception(self._left_the_pool())
@@ -212,7 +220,12 @@ class CompiledCalls:
                 future.set_exception(self._left_the_pool())
             else:
                 try:
-                    ref = self._open_graph().execute(payload)
+                    graph = self._open_graph(payload[0])  # counts against no call's timeout=
+                    with self._wake:
+                        queued = bool(self._sent)  # behind a call the replica has not answered
+                    payload = sent_now(payload, time.time(), queued)
+                    future.sent_at = time.monotonic()  # type: ignore[attr-defined]
+                    ref = graph.execute(payload)
                 except TypeError as error:
                     future.set_exception(_described(on_unsendable, error))
                 except Exception as error:  # the graph is broken (its actor died); fetch sorts it out
@@ -222,13 +235,18 @@ class CompiledCalls:
                 if ref is not None:
                     self._sent.append((ref, future, payload))
 
-    def _open_graph(self) -> Any:
+    def _open_graph(self, method: str) -> Any:
+        """The graph, compiled first if closed. A graph just compiled runs one empty call of
+        ``method`` (no items) before it is used: the replica's side of a graph starts after
+        ``experimental_compile`` returns, and the first call would wait for it (measured: up to
+        0.1 s on a busy machine) on its own ``timeout=``."""
         if self._graph is None:
             with InputNode() as payload:
                 node = self._handle._rhmapper_run_compiled.bind(payload)
             with _compile_lock:
                 self._graph = node.experimental_compile(
                     _max_inflight_executions=self._max_in_flight)
+            self._graph.execute([method, [], False, None, None]).get(timeout=-1)
         return self._graph
 
     def _close_graph(self) -> None:

@@ -19,11 +19,20 @@ class NoReplicasError(RhmapperError):
     Raised when every replica in the pool has died (or could not be placed again)
     while inputs were still waiting.
 
+    ``benched`` is True when every replica is your actor still running a call that outlived
+    ``timeout=``: they may come back once those calls answer.
+
     Examples:
         >>> import rhmapper as rm
         >>> str(rm.NoReplicasError("all 2 replicas died"))
         'all 2 replicas died'
+        >>> rm.NoReplicasError("all busy", benched=True).benched
+        True
     """
+
+    def __init__(self, message: str, benched: bool = False) -> None:
+        super().__init__(message)
+        self.benched = benched
 
 
 class ReplicaLostError(RhmapperError):

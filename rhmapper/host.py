@@ -21,7 +21,6 @@ import time
 import uuid
 from typing import Any, Iterator
 
-import cloudpickle
 import ray
 
 from rhmapper import _ray_compat
@@ -156,13 +155,15 @@ class HostedMap:
 
 
 def _portable(error: BaseException) -> bytes:
-    """``error`` pickled for the driver (its own type and notes; a type the driver may not
-    import becomes an `RhmapperError` naming it)."""
+    """``error`` pickled for the driver (its own type and notes; pickled by Ray's cloudpickle,
+    so that a class of the driver's ``__main__`` arrives as the driver's own class; an error
+    that cannot be pickled becomes an `RhmapperError` naming it)."""
     try:
-        return cloudpickle.dumps(error)
+        return _ray_compat.RAY_CLOUDPICKLE.dumps(error)
     except Exception as cause:  # an exception that cannot travel: say what it was
-        return cloudpickle.dumps(RhmapperError(f"{type(error).__name__}: {error} (the exception "
-                                               f"could not be sent from the host: {cause})"))
+        return _ray_compat.RAY_CLOUDPICKLE.dumps(RhmapperError(
+            f"{type(error).__name__}: {error} (the exception could not be sent from the host: "
+            f"{cause})"))
 
 
 class MapperHost:
@@ -171,7 +172,7 @@ class MapperHost:
     def __init__(self, mapper_args: bytes, driver_board: str | None) -> None:
         from rhmapper.mapper import Mapper  # the host runs an ordinary mapper
 
-        self.mapper = Mapper(**cloudpickle.loads(mapper_args), replicas=0)
+        self.mapper = Mapper(**_ray_compat.RAY_CLOUDPICKLE.loads(mapper_args), replicas=0)
         self._maps: dict[str, HostedMap] = {}
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
@@ -387,7 +388,7 @@ class ClusterBackend:
             max_concurrency=MAX_CONCURRENCY, max_restarts=0,
             runtime_env=options.get("runtime_env"),
             resources={_ray_compat.HEAD_NODE_RESOURCE: 0.001},
-        ).remote(cloudpickle.dumps(mapper_args), driver_board)
+        ).remote(_ray_compat.RAY_CLOUDPICKLE.dumps(mapper_args), driver_board)
 
     def _call(self, method: str, *args: Any) -> Any:
         return ray.get(getattr(self.host, method).remote(*args))
@@ -454,7 +455,7 @@ class ClusterBackend:
                         yield chunk
                 if reply["error"] is not None:
                     finished = True
-                    raise cloudpickle.loads(reply["error"])
+                    raise _ray_compat.RAY_CLOUDPICKLE.loads(reply["error"])
                 if reply["finished"]:
                     finished = True
                     if plan.collect:

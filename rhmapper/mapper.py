@@ -6,7 +6,7 @@ import operator
 import re
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
 
 from rhmapper import _ray_compat
 from rhmapper.connect import ensure_ray, over_ray_client
@@ -20,7 +20,7 @@ from rhmapper.module import (
     module,
     plain_class,
 )
-from rhmapper.options import MapOptions, MapSettings, StreamOptions
+from rhmapper.options import MapOptions, MapSettings, StreamOptions, check_count, check_seconds
 from rhmapper.progress import Progress
 from rhmapper.backend import Backend, LocalBackend
 from rhmapper.replicas import ReplicaPool, check_picklable
@@ -69,12 +69,8 @@ class Mapper:
         on_cluster: bool = False,
         compiled_graphs: bool = False,
     ) -> None:
-        _check_concurrency(concurrency)
-        if isinstance(max_call_bytes, bool) or not isinstance(max_call_bytes, int) \
-                or max_call_bytes < 1:
-            raise ValueError(f"max_call_bytes must be a whole number of bytes >= 1, "
-                             f"got {max_call_bytes!r}")
-        self.max_call_bytes = max_call_bytes
+        concurrency = _check_concurrency(concurrency)
+        self.max_call_bytes = check_count("max_call_bytes", max_call_bytes)
         if env is not None and not isinstance(env, Env):
             raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
         target, self._class = self._target_of(obj)
@@ -86,7 +82,7 @@ class Mapper:
                 "a detached Env needs an explicit name, so that a later driver finds the same "
                 "pool: rm.Env(name='embed', detached=True)")
         self.env = env if env.name else env.named(_default_name(self._class or obj))
-        self.concurrency = concurrency
+        self._concurrency = concurrency
         if self._class is None:
             check_picklable(target, f"the function {getattr(obj, '__qualname__', obj)!r}")
         else:
@@ -179,25 +175,14 @@ class Mapper:
             ...     m.num_replicas
             3
         """
-        if isinstance(replicas, bool):
-            raise TypeError("replicas must be a count or a list of Ray actor handles, not a bool")
-        _check_concurrency(concurrency)
+        concurrency = _check_concurrency(concurrency)
         self._check_open()
         if isinstance(replicas, dict):
             if not self.clusters:
                 raise TypeError("replicas={address: count} is for a mapper over several clusters: "
                                 "create it with rm.mapper(fn, replicas={'ray://host:10001': n, ...})")
-            if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in replicas.values()):
-                raise ValueError(f"replicas={{address: count}} needs counts >= 0, got {replicas!r}")
-            self._backend.add_auto(replicas)
-        elif isinstance(replicas, int):
-            if replicas < 0:
-                raise ValueError(f"replicas must be >= 0, got {replicas}")
-            if concurrency is not None:
-                raise ValueError(
-                    "add_replicas(n, concurrency=...) applies to your own actors; auto replicas "
-                    "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
-            self._backend.add_auto(replicas)
+            self._backend.add_auto({address: check_count(f"replicas[{address!r}]", n, minimum=0)
+                                    for address, n in replicas.items()})
         elif isinstance(replicas, (list, tuple)):
             if self.compiled_graphs and replicas:
                 raise ValueError(f"compiled_graphs=True cannot be used here: {_AUTO_ONLY}.")
@@ -210,8 +195,13 @@ class Mapper:
                     raise AttributeError(f"actor {handle!r} has no method {self.method!r} to map")
             self._backend.add_user(list(replicas), concurrency)
         else:
-            raise TypeError(
-                f"replicas must be a count or a list of Ray actor handles, got {type(replicas).__name__}")
+            count = check_count("replicas", replicas, minimum=0,
+                                or_else="a list of Ray actor handles")
+            if concurrency is not None:
+                raise ValueError(
+                    "add_replicas(n, concurrency=...) applies to your own actors; auto replicas "
+                    "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
+            self._backend.add_auto(count)
 
     def wait_ready(self, timeout: float | None = None) -> "Mapper":
         """Block until every replica has started (maps do not need this: each replica takes work
@@ -235,7 +225,7 @@ class Mapper:
             ...     m.replica_names
             ['drop_replica_0']
         """
-        self._backend.drop(count)
+        self._backend.drop(check_count("count", count, minimum=0))
 
     @property
     def replicas(self) -> list:
@@ -269,6 +259,21 @@ class Mapper:
             2
         """
         return len(self._backend.names())
+
+    @property
+    def concurrency(self) -> int:
+        """The calls in flight on each auto replica: the mapper's ``concurrency``, or 1 when it
+        was created with ``concurrency=None`` (the default).
+
+        Your own actors may run a different number: ``min(concurrency, max_concurrency)``, or
+        with ``concurrency=None`` their own ``max_concurrency`` (see `add_replicas`).
+
+        Examples:
+            >>> with rm.mapper(abs, replicas=1) as m:
+            ...     m.concurrency
+            1
+        """
+        return self._concurrency or 1
 
     # -- the verbs --------------------------------------------------------------------------
 
@@ -372,6 +377,8 @@ class Mapper:
             ...     spawned.results()
             [1, 2, 3]
         """
+        keep_seconds = check_seconds("keep_seconds", keep_seconds)
+        max_result_bytes = check_count("max_result_bytes", max_result_bytes)
         if not self.on_cluster:
             raise RhmapperError(
                 "spawn_map runs the map on the cluster, without this driver: create the mapper "
@@ -485,6 +492,36 @@ class Mapper:
             while chunk:
                 yield chunk.pop()
 
+    def connection(self, address: str) -> ContextManager[None]:
+        """A context manager under which this thread's Ray calls go over the mapper's own
+        connection to the cluster at ``address``, on a mapper over several clusters
+        (``replicas={address: n, ...}``): create your actors there, then `add_replicas` them.
+
+        A Ray Client actor can only be called over the connection that created it, and the
+        mapper calls each of your actors over its own connection to the actor's cluster: an
+        actor created over a connection of your own (``ray.init(address,
+        allow_multiple=True)``) is refused with ``ValueError``. To call the actor yourself,
+        do it inside such a block too.
+
+        Examples:
+            >>> with rm.mapper(abs, replicas=0) as m:
+            ...     m.connection("ray://10.0.0.5:10001")
+            Traceback (most recent call last):
+            ...
+            ValueError: m.connection(address) is for a mapper over several clusters ...
+            >>> m = rm.mapper(Model, method="predict", replicas={  # doctest: +SKIP
+            ...     "ray://10.0.0.5:10001": 2, "ray://10.1.0.7:10001": 1})
+            >>> with m.connection("ray://10.0.0.5:10001"):  # doctest: +SKIP
+            ...     actor = ray.remote(Model).remote()
+            >>> m.add_replicas([actor])  # doctest: +SKIP
+        """
+        if not self.clusters:
+            raise ValueError(
+                "m.connection(address) is for a mapper over several clusters "
+                "(rm.mapper(..., replicas={'ray://host:10001': n, ...})); this mapper's Ray "
+                "calls go over the driver's own Ray connection: create your actors as usual")
+        return self._backend.pool.connection(address)  # a LocalBackend over a MultiClusterPool
+
 
 def _items_of(verb: str, iterables: tuple) -> tuple[list, bool]:
     """The items of a map over ``iterables`` (tuples of arguments if more than one), and whether
@@ -534,10 +571,10 @@ def _check_compiled_graphs(target: Any, cls: type | None, replicas: Any, env: En
         raise ValueError(f"compiled_graphs=True cannot be used here: {why}.")
 
 
-def _check_concurrency(concurrency: int | None) -> None:
-    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
-                                    or concurrency < 1):
-        raise ValueError(f"concurrency must be a whole number >= 1 (or None), got {concurrency!r}")
+def _check_concurrency(concurrency: int | None) -> int | None:
+    """``concurrency`` checked (see `rhmapper.options.check_count`): ``None`` or a count."""
+    return None if concurrency is None else check_count("concurrency", concurrency,
+                                                        or_else="None")
 
 
 def mapper(

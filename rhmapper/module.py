@@ -21,10 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
+from ray.actor import ActorHandle
 
 from rhmapper import _ray_compat
 from rhmapper.signals import EndSignal, ended
-from rhmapper.wire import BatchReply, RawValue, RemoteFailure, pack_values
+from rhmapper.wire import BatchReply, RawValue, RemoteFailure, pack_values, use_by_value_pickler
+
+use_by_value_pickler(_ray_compat.RAY_CLOUDPICKLE)  # replicas' values and errors keep their class
 
 _CACHE_ENTRIES = 8
 _shared_objects: OrderedDict[tuple, Any] = OrderedDict()
@@ -396,7 +399,8 @@ class CallGuard:
     ``spec`` is ``[board, key, deadline, sent_at]``: the map's end signal (the board actor's
     name and the map's key, see `rhmapper.signals.EndSignal`; ``None`` and ``None`` for none), a
     wall-clock deadline in seconds since the epoch (or ``None``), and when the driver sent the
-    call. Plain values, so that Ray packs them without pickling.
+    call (``None``: it had no call ahead of it on the replica, so it waited in no queue; a
+    compiled graph's thread knows). Plain values, so that Ray packs them without pickling.
 
     Examples:
         >>> CallGuard([None, None, 0.0, 0.0]).stop_reason()
@@ -426,10 +430,38 @@ class CallGuard:
         self._checked_at, self._checked_position = now, position
         if self.deadline is not None and now > self.deadline:
             return "timeout"
-        if self.signal is not None and ended(self.signal, self._started_at - self.sent_at,
+        if self.signal is not None and ended(self.signal, self._queued_seconds(),
                                              now - self._started_at):
             return "cancelled"
         return None
+
+    def _queued_seconds(self) -> float:
+        return 0.0 if self.sent_at is None else self._started_at - self.sent_at
+
+
+def sent_now(payload: "Payload", now: float, queued: bool) -> "Payload":
+    """``payload`` as sent at ``now`` (``time.time()``) rather than when the driver made it: its
+    guard's deadline moves on by as long as the call waited in the driver. A compiled graph's
+    thread sends a call only once the graph is compiled, and compiling counts against no call's
+    ``timeout=`` (see `rhmapper.compiled`). A call sent with no call ahead of it on the replica
+    (not ``queued``) is marked so: it waits in no queue there, however slow the transport, so
+    its replica does not ask whether its map ended before it starts (see `CallGuard`).
+
+    Examples:
+        >>> sent_now(["fn", [1], False, None, [None, None, 10.0, 4.0]], now=5.5, queued=True)[4]
+        [None, None, 11.5, 5.5]
+        >>> sent_now(["fn", [1], False, None, [None, None, None, 4.0]], now=5.5, queued=False)[4]
+        [None, None, None, None]
+        >>> sent_now(["fn", [1], False, None, None], now=5.5, queued=False)[4] is None
+        True
+    """
+    guard = payload[4]
+    if guard is None:
+        return payload
+    board, key, deadline, made_at = guard
+    if deadline is not None:
+        deadline += max(0.0, now - made_at)
+    return [*payload[:4], [board, key, deadline, now if queued else None]]
 
 
 def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
@@ -469,8 +501,17 @@ def _caller(target: Callable, star: bool, kwargs: dict | None) -> Callable[[Any]
 
 def _reply(values: list, failures: dict[int, RemoteFailure], seconds: float,
            not_started: tuple[int, str] | None) -> BatchReply:
-    values, failures, packed = pack_values(values, failures)
+    values, failures, packed = pack_values(values, failures, _is_ray_reference)
     return BatchReply(values, failures or None, seconds, packed, not_started)
+
+
+_RAY_REFERENCES = (ray.ObjectRef, ActorHandle, ray.ObjectRefGenerator)
+
+
+def _is_ray_reference(obj: Any) -> bool:
+    """Whether ``obj`` is a Ray reference, which only Ray's serializer keeps alive across
+    processes (a value holding one travels as a `RawValue`; see `pack_values`)."""
+    return isinstance(obj, _RAY_REFERENCES)
 
 
 Payload = list

@@ -6,6 +6,8 @@ each one); `MapSettings` holds them with their defaults, checked as they are bui
 
 from __future__ import annotations
 
+import numbers
+import operator
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypedDict
 
@@ -70,6 +72,10 @@ class MapSettings:
         Traceback (most recent call last):
         ...
         ValueError: timeout must be a number of seconds > 0, got 0
+        >>> MapSettings(window="64")
+        Traceback (most recent call last):
+        ...
+        TypeError: window must be a whole number >= 1, got '64' (str)
     """
 
     method: str | None = None
@@ -89,18 +95,17 @@ class MapSettings:
             raise TypeError(
                 f"kwargs must be a dict of constant keyword arguments, got {self.kwargs!r}")
         Retries.of(self.retries)
-        if self.batch_size != "auto" and not _whole(self.batch_size):
-            raise ValueError(
-                f"batch_size must be 'auto' or a whole number >= 1, got {self.batch_size!r}")
-        if self.timeout is not None and (isinstance(self.timeout, bool)
-                                         or not isinstance(self.timeout, (int, float))
-                                         or self.timeout <= 0):
-            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
-        if not _whole(self.max_replica_crashes):
-            raise ValueError(
-                f"max_replica_crashes must be a whole number >= 1, got {self.max_replica_crashes!r}")
-        if not _whole(self.window):
-            raise ValueError(f"window must be a whole number >= 1, got {self.window!r}")
+        if self.batch_size != "auto":
+            self._set("batch_size", check_count("batch_size", self.batch_size, or_else="'auto'"))
+        if self.timeout is not None:
+            check_seconds("timeout", self.timeout)
+        self._set("max_replica_crashes", check_count("max_replica_crashes",
+                                                     self.max_replica_crashes))
+        self._set("window", check_count("window", self.window))
+
+    def _set(self, name: str, value: Any) -> None:
+        """Store a checked value (a NumPy integer becomes an int) in this frozen dataclass."""
+        object.__setattr__(self, name, value)
 
     @classmethod
     def of(cls, options: dict[str, Any], stream: bool = True) -> "MapSettings":
@@ -121,5 +126,59 @@ class MapSettings:
         return cls(**options)
 
 
-def _whole(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+def check_count(option: str, value: Any, minimum: int = 1, or_else: str = "") -> int:
+    """``value`` as an ``int``, checked for the count option ``option``: a whole number of at
+    least ``minimum``. The one check of every count option of rhmapper.
+
+    As CPython's executors check ``buffersize``: a value of the wrong type (a ``str``, a
+    ``float`` even if whole, a ``bool``, ``None``) raises ``TypeError``; a whole number below
+    ``minimum`` raises ``ValueError``. Either names the option, what it got and what it takes
+    (``or_else``: the option's other accepted values, said in the message). Integers of other
+    types (a NumPy ``int64``) are taken, as ``int``.
+
+    Examples:
+        >>> check_count("window", 64)
+        64
+        >>> check_count("window", 2.0)
+        Traceback (most recent call last):
+        ...
+        TypeError: window must be a whole number >= 1, got 2.0 (float)
+        >>> check_count("concurrency", 0, or_else="None")
+        Traceback (most recent call last):
+        ...
+        ValueError: concurrency must be a whole number >= 1 or None, got 0
+    """
+    takes = f"a whole number >= {minimum}" + (f" or {or_else}" if or_else else "")
+
+    def wrong_type() -> TypeError:
+        return TypeError(f"{option} must be {takes}, got {value!r} ({type(value).__name__})")
+
+    if isinstance(value, bool):
+        raise wrong_type()
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise wrong_type() from None
+    if count < minimum:
+        raise ValueError(f"{option} must be {takes}, got {value!r}")
+    return count
+
+
+def check_seconds(option: str, value: Any) -> float:
+    """``value``, checked for the option ``option``, a number of seconds > 0: another type
+    (a ``str``, a ``bool``) raises ``TypeError``, a number <= 0 (or NaN) ``ValueError``.
+
+    Examples:
+        >>> check_seconds("timeout", 2.5)
+        2.5
+        >>> check_seconds("keep_seconds", "1h")
+        Traceback (most recent call last):
+        ...
+        TypeError: keep_seconds must be a number of seconds > 0, got '1h' (str)
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{option} must be a number of seconds > 0, got {value!r} "
+                        f"({type(value).__name__})")
+    if not value > 0:
+        raise ValueError(f"{option} must be a number of seconds > 0, got {value!r}")
+    return value

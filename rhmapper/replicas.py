@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import heapq
 import itertools
 import json
 import tempfile
@@ -369,18 +370,21 @@ class ReplicaPool:
         one mapper on several clusters."""
         self._feasible_checked_at = 0.0
         self._actor_options = upload_local_dirs(env.actor_options())
-        self._futures: dict[ray.ObjectRef, Any] = {}
-        """Each call in flight's ``ObjectRef.future()``: its answer, once it came."""
+        self._calls: dict[ray.ObjectRef, _CallRecord] = {}
+        """Each call in flight (until fetched, or its abandoned answer came)."""
         self._inboxes: dict[ray.ObjectRef, Inbox] = {}
         """Where each unanswered call's answer goes (abandoned calls are not here)."""
         self._events: list[tuple[str, Any, Any]] = []
         """Answers the pool itself waits for: probes, and calls of ended maps."""
         self._wakeup = wakeup if wakeup is not None else threading.Condition()
         """Guards the three above; Ray's callback threads take only this lock, never `_lock`."""
-        self._draining: dict[ray.ObjectRef, tuple[RayReplica, float, bool]] = {}
-        self._overtime: collections.deque[tuple[float, ray.ObjectRef]] = collections.deque()
-        """Abandoned calls that timed out, oldest first, to check once their grace has passed."""
-        self._direct_calls: set[ray.ObjectRef] = set()
+        self._draining: dict[ray.ObjectRef, RayReplica] = {}
+        """Abandoned calls not answered yet, with their replica."""
+        self._overtime: list[tuple[float, int, ray.ObjectRef]] = []
+        """A heap of abandoned calls with a deadline: (deadline + grace, sequence, ref)."""
+        self._overtime_sequence = itertools.count()
+        self._refused: str | None = None
+        """Why a named replica was refused (`PoolMismatchError`), said again by later maps."""
         self._any_removed = False
         """Whether a replica ever left the pool (an empty pool then says so)."""
         self._lock = self.slots.lock
@@ -514,13 +518,15 @@ class ReplicaPool:
             self._wakeup.notify_all()
 
     def _answered(self, ref: ray.ObjectRef, _future: Any) -> None:
-        """Ray's callback thread: a call answered; its map's inbox gets it, unless abandoned."""
+        """Ray's callback thread: a call answered; its map's inbox gets it (and its slot frees
+        at the next `handle_events` of any map), unless abandoned ("drained")."""
         with self._wakeup:
             inbox = self._inboxes.pop(ref, None)
             if inbox is None:
                 self._events.append(("drained", None, ref))
             else:
                 inbox.put(ref)
+                self._events.append(("answered", None, ref))  # its slot frees before its fetch
             self._wakeup.notify_all()
 
     def wait(self, inbox: Inbox, timeout: float) -> list:
@@ -528,7 +534,9 @@ class ReplicaPool:
         abandoned call gave its slot back), at most ``timeout`` seconds; return the answered
         calls. Raises `NoReplicasError` when nothing is in flight and no replica can take work."""
         if not inbox.owed and not self.slots:
-            self.check_alive()
+            self.handle_events()  # a replica may have come back (a benched one's call answered)
+            if not self.slots:
+                self.check_alive()
         done = wait_for_answers(self._wakeup, inbox, timeout, [self])
         self.handle_events()
         return done
@@ -563,14 +571,18 @@ class ReplicaPool:
 
     @_on_its_cluster
     def handle_events(self) -> None:
-        """Act on what the pool's own calls answered: probes, abandoned calls; check calls that
-        outlived their timeout."""
+        """Act on what answered: free the slots of answered calls, take in probed replicas and
+        abandoned calls; check calls that outlived their timeout."""
         with self._wakeup:
             events, self._events = self._events, []
         with self._lock:
             probed = []
             for kind, replica, ref in events:
-                if kind == "drained":
+                if kind == "answered":
+                    record = self._calls.get(ref)
+                    if record is not None:
+                        self._give_back(record)
+                elif kind == "drained":
                     self._drained(ref)
                 elif replica.state is ReplicaState.STARTING and replica.ready_ref == ref:
                     probed.append(replica)
@@ -662,35 +674,78 @@ class ReplicaPool:
     @_on_its_cluster
     def check_alive(self) -> None:
         """With nothing ready, fail rather than wait for replicas that can never start."""
-        starting = [r for r in self.replicas if r.state is ReplicaState.STARTING]
-        if not self.replicas and not self._any_removed:
-            raise NoReplicasError(
+        error = self.idle_error(self.unschedulable())
+        if error is not None:
+            raise error
+
+    @_on_its_cluster
+    def unschedulable(self) -> UnschedulableError | None:
+        """While a replica is starting, at most once a second: the `UnschedulableError` saying
+        that no node of the cluster can ever host one, else None. A Ray call, made without the
+        pool's lock; `idle_error` takes its answer.
+
+        Examples:
+            >>> pool = ReplicaPool(Env(name="calm"), target=abs, concurrency=1)
+            >>> pool.unschedulable() is None  # no replica is starting: nothing to ask
+            True
+        """
+        with self._lock:
+            starting = any(r.state is ReplicaState.STARTING for r in self.replicas)
+        now = time.monotonic()
+        if not starting or now - self._feasible_checked_at <= _FEASIBILITY_RECHECK_SECONDS:
+            return None
+        self._feasible_checked_at = now
+        try:
+            check_feasible(self.env)
+        except UnschedulableError as error:
+            return error
+        return None
+
+    def idle_error(self, unschedulable: UnschedulableError | None = None) -> RhmapperError | None:
+        """Why no replica of the pool can take work, now or later (the error `check_alive`
+        raises), or None while one is ready or may yet start. ``unschedulable`` is what
+        `unschedulable` found. Reads the membership under the pool's lock, so that a replica
+        being replaced is never seen missing; makes no Ray call.
+
+        Examples:
+            >>> print(ReplicaPool(Env(name="idle"), target=abs, concurrency=1).idle_error())
+            the mapper has no replicas: create it with replicas=N (or a list of your actors), or add some with m.add_replicas(N)
+        """
+        with self._lock:
+            return self._idle_error_locked(unschedulable)
+
+    def _idle_error_locked(self, unschedulable: UnschedulableError | None) -> RhmapperError | None:
+        replicas = self.replicas
+        if any(r.state is ReplicaState.READY for r in replicas):
+            return None
+        starting = [r for r in replicas if r.state is ReplicaState.STARTING]
+        if not replicas and self._refused is not None:
+            return PoolMismatchError(self._refused)
+        if not replicas and not self._any_removed:
+            return NoReplicasError(
                 "the mapper has no replicas: create it with replicas=N (or a list of your "
                 "actors), or add some with m.add_replicas(N)")
-        if not self.replicas:
-            raise NoReplicasError(
+        if not replicas:
+            return NoReplicasError(
                 "the pool has no replicas left: every replica died or was dropped. "
                 "Add replicas with Mapper.add_replicas().")
-        if not starting and all(r.state is ReplicaState.BENCHED for r in self.replicas):
-            raise NoReplicasError(
-                f"no replica can take work: all {len(self.replicas)} are your actors still "
+        if not starting and all(r.state is ReplicaState.BENCHED for r in replicas):
+            return NoReplicasError(
+                f"no replica can take work: all {len(replicas)} are your actors still "
                 "running calls that outlived timeout= (a running call cannot be interrupted). "
-                "Make the function return in time, or add replicas.")
+                "Make the function return in time, or add replicas.", benched=True)
+        if starting and unschedulable is not None:
+            error = NoReplicasError(f"no replica is ready and none can start again: {unschedulable}")
+            error.__cause__, error.__suppress_context__ = unschedulable, True
+            return error
         now = time.monotonic()
-        if starting and now - self._feasible_checked_at > _FEASIBILITY_RECHECK_SECONDS:
-            self._feasible_checked_at = now
-            try:
-                check_feasible(self.env)
-            except UnschedulableError as error:
-                raise NoReplicasError(
-                    f"no replica is ready and none can start again: {error}") from error
-        if self.ready_timeout is None:
-            return
-        if starting and all(now - r.started_at > self.ready_timeout for r in starting):
-            raise NoReplicasError(
+        if starting and self.ready_timeout is not None and all(
+                now - r.started_at > self.ready_timeout for r in starting):
+            return NoReplicasError(
                 f"no replica is ready: {len(starting)} replica(s) of env {self.env.name!r} have not "
                 f"started within ready_timeout={self.ready_timeout}s (not enough free "
                 f"{', '.join(self.env.resource_request()) or 'resources'} on the cluster?)")
+        return None
 
     @_on_its_cluster
     def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
@@ -711,9 +766,8 @@ class ReplicaPool:
             ref = future = _Unreachable(self._unreachable_cause)
         with self._lock:
             self.slots.took(replica)
-            self._futures[ref] = future
-            if replica.calls_directly(call):
-                self._direct_calls.add(ref)
+            self._calls[ref] = _CallRecord(future, replica, time.monotonic(),
+                                           replica.calls_directly(call))
         with self._wakeup:
             self._inboxes[ref] = inbox
         future.add_done_callback(functools.partial(self._answered, ref))
@@ -723,12 +777,11 @@ class ReplicaPool:
         """The reply of an answered call, giving its slot back; `ReplicaDied` if its replica
         died (``permanent=False`` when Ray says the actor may come back)."""
         with self._lock:
-            self.slots.gave_back(replica)
-            future = self._futures.pop(token)
-            direct = token in self._direct_calls
-            self._direct_calls.discard(token)
+            record = self._calls.pop(token)
+            self._give_back(record)
+        direct = record.direct
         try:
-            value = future.result()
+            value = record.future.result()
         except RayTaskError as error:  # first: Ray's error for your exception also has its type
             if not direct:
                 raise
@@ -747,10 +800,27 @@ class ReplicaPool:
             raise ReplicaDied(str(error)) from error
         return BatchReply([value], None, None) if direct else BatchReply.from_wire(value).unpacked()
 
+    def sent_at(self, token: Any, replica: RayReplica) -> float | None:
+        """When the call ``token`` was sent (``time.monotonic()``); over a compiled graph, when
+        the graph thread executed it (``None`` while it waits for its graph to compile)."""
+        record = self._calls.get(token)
+        if record is None:
+            return 0.0  # answered meanwhile: its time is up as it was
+        if isinstance(token, Future):  # a call over a compiled graph
+            return getattr(token, "sent_at", record.submitted_at)
+        return record.submitted_at
+
+    def _give_back(self, record: "_CallRecord") -> None:
+        """The call of ``record`` answered (or was given up): its slot is free, once."""
+        if record.holds_slot:
+            record.holds_slot = False
+            self.slots.gave_back(record.replica)
+
     @_on_its_cluster
-    def abandon(self, token: ray.ObjectRef, replica: RayReplica, timed_out: bool = False) -> None:
+    def abandon(self, token: ray.ObjectRef, replica: RayReplica,
+                deadline: float | None = None) -> None:
         """Cancel a call nobody waits for; its slot is given back when the replica answers (see
-        `_check_overtime` for a call that ``timed_out`` and keeps running)."""
+        `_check_overtime` for a call still running `STUCK_GRACE_SECONDS` past its ``deadline``)."""
         if isinstance(token, ray.ObjectRef):  # a compiled call cannot be cancelled: its guard stops it
             try:
                 ray.cancel(token)
@@ -759,55 +829,57 @@ class ReplicaPool:
                     raise
                 self._cluster_lost(error)
         with self._lock:  # with the lock, its "drained" event cannot be handled before this
-            self._direct_calls.discard(token)
             with self._wakeup:
                 answered = self._inboxes.pop(token, None) is None
             if answered:  # its answer is in the map's inbox, which drops it
-                self._futures.pop(token, None)
-                self.slots.gave_back(replica)
+                record = self._calls.pop(token, None)
+                if record is not None:
+                    self._give_back(record)
                 return
-            now = time.monotonic()
-            self._draining[token] = (replica, now, timed_out)
-            if timed_out:
-                self._overtime.append((now, token))
+            self._draining[token] = replica
+            if deadline is not None:
+                heapq.heappush(self._overtime, (deadline + STUCK_GRACE_SECONDS,
+                                                next(self._overtime_sequence), token))
 
     def _drained(self, token: ray.ObjectRef) -> None:
         """An abandoned call answered: its slot is free again (and its replica, if benched for
         it and for no other call)."""
-        self._futures.pop(token, None)
-        entry = self._draining.pop(token, None)
-        if entry is None:
+        record = self._calls.pop(token, None)
+        replica = self._draining.pop(token, None)
+        if replica is None or record is None:
             return  # its replica was restarted for it (`_check_overtime`)
-        replica = entry[0]
-        self.slots.gave_back(replica)
+        self._give_back(record)
         if replica.state is ReplicaState.BENCHED and not self._stuck_on(replica):
             self._set_state(replica, ReplicaState.READY)
 
     def _check_overtime(self) -> None:
-        """A call that timed out and still runs after the grace period takes its replica out
-        of rotation (a running call cannot be interrupted): an auto replica is restarted, your
-        actor benched until the call answers. Other abandoned calls (the map ended) keep their
-        slot until they answer."""
+        """An abandoned call still running `STUCK_GRACE_SECONDS` past its deadline (it timed
+        out, or its map ended early and its ``timeout=`` has passed since) takes its replica out
+        of rotation, as a running call cannot be interrupted: an auto replica is restarted, your
+        actor benched until the call answers. Abandoned calls of maps without ``timeout=`` keep
+        their slot until they answer."""
         now = time.monotonic()
-        while self._overtime and now - self._overtime[0][0] > STUCK_GRACE_SECONDS:
-            _, token = self._overtime.popleft()
-            if token not in self._draining:
+        while self._overtime and self._overtime[0][0] <= now:
+            _, _, token = heapq.heappop(self._overtime)
+            replica = self._draining.get(token)
+            if replica is None:
                 continue
-            replica = self._draining[token][0]
-            if replica.state is not ReplicaState.READY:
-                self._overtime.append((now, token))  # look again once it is back in rotation
+            if replica.state is not ReplicaState.READY:  # look again once it is back in rotation
+                heapq.heappush(self._overtime, (now + STUCK_GRACE_SECONDS,
+                                                next(self._overtime_sequence), token))
                 continue
             if replica.owned:
                 del self._draining[token]
-                self._futures.pop(token, None)
-                self.slots.gave_back(replica)
+                record = self._calls.pop(token, None)
+                if record is not None:
+                    self._give_back(record)
                 self.lost(replica, RhmapperError(
                     "restarted: a call that outlived timeout= kept running"))
             else:
                 self._set_state(replica, ReplicaState.BENCHED)
 
     def _stuck_on(self, replica: RayReplica) -> bool:
-        return any(owner is replica for owner, _, _ in self._draining.values())
+        return any(owner is replica for owner in self._draining.values())
 
     @_on_its_cluster
     def unavailable(self, replica: RayReplica) -> None:
@@ -822,12 +894,15 @@ class ReplicaPool:
         differs = sorted(key for key in self.fingerprint
                          if (found or {}).get(key) != self.fingerprint[key]) or ["all of it"]
         if not self.replace_mismatched:
-            raise PoolMismatchError(
+            self._refused = (
                 f"pool {self.env.name!r} already has replica {replica.name}, built from another "
                 f"{', '.join(differs)} than this mapper's; it would run the old code, so the "
                 f"mapper will not use it. Kill the old pool (`rhmapper kill {self.env.name}`), "
                 "use another Env name, or pass rm.mapper(..., replace_mismatched=True) to kill "
                 "and rebuild its replicas.")
+            with self._lock:  # it leaves this pool, alive: it is another mapper's replica
+                self._remove(replica, kill=False)
+            raise PoolMismatchError(self._refused)
         with self._lock:
             self._replace(replica, wait_for_name=True)
 
@@ -862,7 +937,7 @@ class ReplicaPool:
             self._unreachable_cause = (str(reason) or type(reason).__name__).splitlines()[0]
             with self._wakeup:  # calls in flight there will not answer: they fail now
                 for ref, inbox in list(self._inboxes.items()):
-                    self._futures[ref] = _Unreachable(self._unreachable_cause)
+                    self._calls[ref].future = _Unreachable(self._unreachable_cause)
                     inbox.put(ref)
                 self._inboxes.clear()
                 self._events.clear()  # probes and abandoned calls there will not answer either
@@ -899,6 +974,22 @@ def wait_for_answers(wakeup: threading.Condition, inbox: Inbox, timeout: float,
         if not inbox and not any(pool.has_events() for pool in pools):
             wakeup.wait(timeout)
         return inbox.take()
+
+
+@dataclasses.dataclass
+class _CallRecord:
+    """A call in flight, as its pool keeps it."""
+
+    future: Any
+    """Its ``ObjectRef.future()`` (or compiled graph's future): its answer, once it came."""
+    replica: RayReplica
+    submitted_at: float
+    direct: bool
+    """Whether it calls your async method directly (its reply is the bare value)."""
+    holds_slot: bool = True
+    """Whether its slot is still taken: given back when it answers, before its map fetches it,
+    so that a map that reads its results late (a suspended ``imap``) holds no slot another map
+    needs."""
 
 
 class _Unreachable:

@@ -38,6 +38,13 @@ class Retries(BaseModel):
     max_delay: float = Field(default=10.0, ge=0)
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
+    @field_validator("max_retries", mode="before")
+    @classmethod
+    def _check_max_retries(cls, max_retries: object) -> int:
+        from rhmapper.options import check_count  # options imports this module
+
+        return check_count("max_retries", max_retries, minimum=0)
+
     @field_validator("retry_on", mode="before")
     @classmethod
     def _check_retry_on(cls, retry_on: object) -> object:
@@ -52,15 +59,23 @@ class Retries(BaseModel):
     def of(cls, retries: "int | Retries") -> "Retries":
         """The policy for a map's ``retries=`` argument (an int or a ``Retries``).
 
+        A count of another type (``"2"``, ``2.0``, ``True``) raises ``TypeError``, a negative
+        one ``ValueError`` (see `rhmapper.options.check_count`).
+
         Examples:
             >>> Retries.of(2).max_retries
             2
+            >>> Retries.of(2.0)
+            Traceback (most recent call last):
+            ...
+            TypeError: retries must be a whole number >= 0 or rm.Retries(...), got 2.0 (float)
         """
+        from rhmapper.options import check_count  # options imports this module
+
         if isinstance(retries, Retries):
             return retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a whole number >= 0 or rm.Retries(...), got {retries!r}")
-        return cls(max_retries=retries)
+        return cls(max_retries=check_count("retries", retries, minimum=0,
+                                           or_else="rm.Retries(...)"))
 
     def should_retry(self, error: BaseException | None, attempt: int) -> bool:
         """Whether an item that failed on its ``attempt``-th run (1 = first) runs again.

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from rhmapper.errors import MapCancelledError, ReplicaLostError, RhmapperError
+from rhmapper.errors import MapCancelledError, NoReplicasError, ReplicaLostError, RhmapperError
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 from rhmapper.retries import Retries
 from rhmapper.sizing import mean_item_bytes
@@ -90,11 +90,17 @@ class Pool(Protocol):
         """The reply of an answered call, giving its slot back; raises `ReplicaDied` if its
         replica died."""
 
-    def abandon(self, token: Any, replica: Replica, timed_out: bool) -> None:
+    def abandon(self, token: Any, replica: Replica, deadline: float | None) -> None:
         """Cancel a call whose result is no longer wanted. Its slot stays taken until the replica
-        gives it back. A call that ``timed_out`` and still runs after a grace period takes its
-        replica out of rotation: an auto replica is restarted, your actor benched until it
-        answers."""
+        gives it back. A call still running a grace period past its ``deadline`` (a
+        ``time.monotonic()`` value: now for a call that timed out, its map's deadline for a call
+        of a map that ended early; ``None``: no time limit) takes its replica out of rotation:
+        an auto replica is restarted, your actor benched until it answers."""
+
+    def sent_at(self, token: Any, replica: Replica) -> float | None:
+        """When the call ``token`` reached its replica's transport (``time.monotonic()``), or
+        ``None`` while it waits in the driver (a compiled graph still compiling): a call's
+        ``timeout=`` runs from then."""
 
     def lost(self, replica: Replica, reason: BaseException) -> None:
         """A replica died: drop it, and replace it if the pool owns it."""
@@ -128,6 +134,7 @@ class _Call:
     items: list
     is_retry: bool
     deadline: float | None
+    budget: float | None
 
 
 @dataclass(order=True)
@@ -296,7 +303,9 @@ class MapRun:
         self._on_progress = on_progress
         self._cancelled = cancelled or threading.Event()
         self._next_index = 0
-        self._exhausted = False
+        self._source_done = False
+        self._wanted = 0
+        """Items the last dispatch would have sent but had not pulled yet (see `_dispatch`)."""
         self._inbox = Inbox()
         self._in_flight: dict[Any, _Call] = {}
         self._in_flight_on: dict[Replica, int] = {}
@@ -314,9 +323,15 @@ class MapRun:
         """Decaying sums of the items' run time and count: the per-item time weighs each call
         by its items, so one-item probes do not outweigh the large calls that follow."""
         self._bytes_per_item: float | None = None
+        """A decaying mean of the input items' size, which sizes the next pulls."""
+        self._held_item_bytes = 0.0
+        """The mean size of the items held (of the larger pull, when two are held), which
+        bounds the call that sends them."""
         self._replica_deaths = 0
         self._held: collections.deque = collections.deque()
-        """Items pulled from the source but held back by the byte bound of a call."""
+        """Items pulled from the source and not sent yet."""
+        self._benched_since: float | None = None
+        """Since when no replica could take work because all are benched (see `_wait`)."""
         self.stats = MapStats()
         if plan.collect:
             self._sink: _ListSink | _OrderedSink | _UnorderedSink = _ListSink(plan.total or 0)
@@ -346,7 +361,7 @@ class MapRun:
                     yield from self._sink.drain()
                     return
                 self._inbox.owed = len(self._in_flight)
-                for token in self._pool.wait(self._inbox, self._wait_seconds()):
+                for token in self._wait():
                     if token in self._in_flight:  # else it timed out while its answer came
                         self._complete(token)
                 self._expire_deadlines()
@@ -356,9 +371,21 @@ class MapRun:
 
     # -- dispatch ---------------------------------------------------------------------------
 
+    @property
+    def _exhausted(self) -> bool:
+        return self._source_done and not self._held
+
     def _dispatch(self) -> None:
-        with self._pool.slots.lock:  # other maps of the pool choose after this one took its slots
-            self._dispatch_locked()
+        """Send what the free slots take. The pool's lock is held from choosing a replica to
+        taking its slot (other maps of the pool choose after this one), but inputs are pulled
+        outside it: a slow or blocking input iterator holds up its own map only."""
+        while True:
+            self._wanted = 0
+            with self._pool.slots.lock:
+                self._dispatch_locked()
+            if not self._wanted:
+                return
+            self._prefetch(self._wanted)
 
     def _dispatch_locked(self) -> None:
         slots = self._pool.slots
@@ -392,7 +419,7 @@ class MapRun:
             budget = self._budget(len(items))
             deadline = time.monotonic() + budget
         token = self._pool.submit(replica, self._plan.call, start, items, budget, self._inbox)
-        self._in_flight[token] = _Call(replica, start, items, is_retry, deadline)
+        self._in_flight[token] = _Call(replica, start, items, is_retry, deadline, budget)
         self._in_flight_on[replica] = self._in_flight_on.get(replica, 0) + 1
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
@@ -433,35 +460,29 @@ class MapRun:
             return None
         if self._bytes_per_item:
             size = min(size, max(1, int(self._plan.max_call_bytes // self._bytes_per_item)))
-        items = self._pull(size)
-        if not items:
+        if len(self._held) < size and not self._source_done:
+            self._wanted = size - len(self._held)  # pulled outside the lock, then sent
             return None
-        items = self._fit_bytes(items)
+        fits = max(1, int(self._plan.max_call_bytes // max(self._held_item_bytes, 1.0)))
+        items = [self._held.popleft() for _ in range(min(size, fits, len(self._held)))]
         start = self._next_index
         self._next_index += len(items)
         return start, items, False
 
-    def _pull(self, size: int) -> list:
-        """Up to ``size`` items: those held back from an earlier batch first."""
-        items = [self._held.popleft() for _ in range(min(size, len(self._held)))]
-        if len(items) < size:
-            items.extend(itertools.islice(self._source, size - len(items)))
-            if len(items) < size:
-                self._exhausted = not self._held
-        return items
-
-    def _fit_bytes(self, items: list) -> list:
-        """Keep the batch under ``max_call_bytes`` (at least one item); hold back the rest."""
+    def _prefetch(self, count: int) -> None:
+        """Pull up to ``count`` items from the source into `_held` (not under the pool's lock),
+        and measure their size for the byte bound of the calls that carry them."""
+        items = list(itertools.islice(self._source, count))
+        if len(items) < count:
+            self._source_done = True
+        if not items:
+            return
         per_item = mean_item_bytes(items)
+        self._held_item_bytes = max(self._held_item_bytes, per_item) if self._held else per_item
         previous = self._bytes_per_item
         self._bytes_per_item = per_item if previous is None else (
             previous + _EWMA_WEIGHT * (per_item - previous))
-        fits = max(1, int(self._plan.max_call_bytes // max(per_item, 1.0)))
-        if len(items) <= fits:
-            return items
-        self._held.extendleft(reversed(items[fits:]))
-        self._exhausted = False
-        return items[:fits]
+        self._held.extend(items)
 
     def _batch_size(self, slots: int) -> int:
         plan = self._plan
@@ -605,6 +626,53 @@ class MapRun:
 
     # -- time -------------------------------------------------------------------------------
 
+    def _wait(self) -> list:
+        """The calls that answered (`Pool.wait`). When every replica is your actor benched by a
+        call that outlived ``timeout=``, a map with ``return_exceptions=True`` waits up to one
+        ``timeout`` for one to come back; then the items it could not start get ``TimeoutError``
+        values (`_fail_unstarted`), as items that missed their deadline."""
+        try:
+            answered = self._pool.wait(self._inbox, self._wait_seconds())
+        except NoReplicasError as error:
+            timeout = self._plan.timeout
+            if not (error.benched and timeout is not None and self._plan.return_exceptions):
+                raise
+            now = time.monotonic()
+            self._benched_since = self._benched_since or now
+            waited = now - self._benched_since
+            if waited < timeout:
+                time.sleep(min(WAIT_TICK_SECONDS, timeout - waited))
+            else:
+                self._fail_unstarted(str(error))
+            return []
+        self._benched_since = None
+        return answered
+
+    def _fail_unstarted(self, reason: str) -> None:
+        """Give the due retries, and the next call's worth of fresh items, ``TimeoutError``
+        values: they could not start within ``timeout`` (``reason`` says why)."""
+        def error(index: int) -> TimeoutError:
+            return TimeoutError(f"item {index} was not started within timeout="
+                                f"{self._plan.timeout}s: {reason}")
+
+        retries = [*self._due, *self._delayed]
+        self._due.clear()
+        self._delayed.clear()
+        for retry in retries:
+            self._sink.fill(retry.index, error(retry.index))
+        size = self._batch_size(max(1, self._pool.slots.total))
+        if len(self._held) < size and not self._source_done:
+            self._prefetch(size - len(self._held))
+        items = [self._held.popleft() for _ in range(min(size, len(self._held)))]
+        start = self._next_index
+        self._next_index += len(items)
+        self._sink.put(start, [error(start + position) for position in range(len(items))], set())
+        failed = len(retries) + len(items)
+        self.stats.failures += failed
+        self.stats.done += failed
+        if failed and self._on_progress is not None:
+            self._on_progress(failed, self.stats)
+
     def _retry(self, retry: _Retry) -> None:
         if retry.not_before <= time.monotonic():
             self._due.append(retry)
@@ -631,8 +699,10 @@ class MapRun:
             call = self._in_flight.get(token)
             if call is None:
                 continue
+            if self._sent_late(token, call, now):
+                continue
             self._forget(token)
-            self._pool.abandon(token, call.replica, timed_out=True)
+            self._pool.abandon(token, call.replica, deadline=now)
             values = [None] * len(call.items)
             if len(call.items) > 1:
                 holes = self._run_alone(call, 0)
@@ -641,6 +711,19 @@ class MapRun:
                     f"item {index} ran longer than timeout={self._plan.timeout}s "
                     f"on replica {call.replica.name}"))
             self._deliver(call, values, holes)
+
+    def _sent_late(self, token: Any, call: _Call, now: float) -> bool:
+        """Whether ``call`` reached its replica after it was submitted (or not yet: its compiled
+        graph is compiling), so that its budget ends later than it seemed; its deadline then
+        moves to when the budget really ends."""
+        assert call.budget is not None
+        sent_at = self._pool.sent_at(token, call.replica)
+        deadline = (now if sent_at is None else sent_at) + call.budget
+        if deadline <= now:
+            return False
+        call.deadline = deadline
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
+        return True
 
     def _budget(self, items: int) -> float:
         """How long a call of ``items`` may run under ``timeout=``: ``timeout`` for one item.
@@ -682,7 +765,7 @@ class MapRun:
 
     def _cancel_all(self) -> None:
         for token, call in self._in_flight.items():
-            self._pool.abandon(token, call.replica, timed_out=False)
+            self._pool.abandon(token, call.replica, deadline=call.deadline)
         self._in_flight.clear()
         self._in_flight_on.clear()
 

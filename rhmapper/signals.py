@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from rhmapper import _ray_compat
+
 BOARD_NAMESPACE = "rhmapper"
 _ENDED_KEYS_KEPT = 100_000
 """A board remembers this many ended maps, so that a replica asking late still hears the end."""
@@ -171,10 +173,13 @@ def _ask_once(signal: EndSignal) -> tuple[Any, Any] | None:
 def _resolve(signal: EndSignal, asked: tuple[Any, Any], answer: bool | None) -> bool:
     if answer is None:
         # The question was asked from a call that ``ray.cancel`` reached (it cancels the tasks a
-        # call started): ask again next time, and stop if it is this call that was cancelled.
+        # call started): ask again next time, and stop if it is this call that was cancelled
+        # (an async actor's cancelled call gets CancelledError from Ray instead).
         with _lock:
             if _futures.get(signal.key) is asked:
                 del _futures[signal.key]
+        if _ray_compat.current_actor_is_async():
+            return False  # Ray raises CancelledError in a cancelled call of an async actor
         return ray.get_runtime_context().is_canceled()
     return answer
 

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import cloudpickle
 import ray
 
+from rhmapper import _ray_compat
 from rhmapper.errors import RhmapperError
 from rhmapper.replicas import NAMESPACE
 
@@ -134,7 +134,7 @@ class SpawnedMap:
             start += len(reply["values"])
             yield from reply["values"]
             if reply["error"] is not None:
-                raise cloudpickle.loads(reply["error"])
+                raise _ray_compat.RAY_CLOUDPICKLE.loads(reply["error"])
             if reply["finished"] and start >= reply["emitted"]:
                 break
         if delete:

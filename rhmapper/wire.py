@@ -10,17 +10,20 @@ Plain values (numbers, strings, bytes, ``None``) travel as they are, at no cost.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
 _RAY_HANDLE_MARKERS = (b"ObjectRef", b"ActorHandle", b"ray._raylet")
-"""Values whose pickle names these hold Ray references, which only Ray's own serializer keeps
-alive across processes: they travel unpacked (see `RawValue`)."""
+"""Names that the pickle of a Ray reference holds: a pickle without any of them holds no Ray
+reference (the cheap test). One with them may (or it merely holds the text, as
+``("ObjectRef", 1)`` does): the objects met while pickling the value again decide
+(`_holds_reference`)."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,38 @@ class ReplicaDied(Exception):
         self.blames_items = blames_items
 
 
+_by_value: Any = cloudpickle
+"""The pickler of what the C pickler cannot pickle by reference (see `use_by_value_pickler`)."""
+
+
+def use_by_value_pickler(pickler: Any) -> Any:
+    """Pickle by value with ``pickler`` (a copy of cloudpickle: a module with its ``dumps``) in
+    this process from now on; return the one used until now.
+
+    cloudpickle keeps the identity of a class it pickles by value (one defined in the driver's
+    ``__main__``, say) through a registry of its own: the class travels with an id, and the copy
+    that unpickles it gives back the class it already holds under that id. Ray serializes with
+    its own copy of cloudpickle, so the Ray edge hands that copy here (`rhmapper.module` does, on
+    import): an exception or value sent back from a replica is then an instance of the driver's
+    own class, not of a class of the same name. Without Ray, this is the ``cloudpickle``
+    package.
+
+    Examples:
+        >>> import cloudpickle
+        >>> previous = use_by_value_pickler(cloudpickle)
+        >>> pickle.loads(dumps(lambda: 3))()
+        3
+        >>> use_by_value_pickler(previous) is cloudpickle
+        True
+    """
+    global _by_value
+    previous, _by_value = _by_value, pickler
+    return previous
+
+
 def dumps(value: Any) -> bytes:
-    """Pickle ``value``: the fast C pickler, else cloudpickle (lambdas, classes made at run time).
+    """Pickle ``value``: the fast C pickler, else by value (lambdas, classes of ``__main__`` or
+    made at run time) with the pickler of `use_by_value_pickler`.
 
     Examples:
         >>> pickle.loads(dumps(lambda: 3))()
@@ -74,7 +107,7 @@ def dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=5)
     except Exception:  # by reference failed (a lambda, a class made at run time): by value
-        return cloudpickle.dumps(value, protocol=5)
+        return _by_value.dumps(value, protocol=5)
 
 
 @dataclass
@@ -196,7 +229,7 @@ class BatchReply:
         its own item.
 
         Examples:
-            >>> values, failures, packed = pack_values([(1, 2)], {})
+            >>> values, failures, packed = pack_values([(1, 2)], {}, lambda obj: False)
             >>> BatchReply(values, failures, None, packed).unpacked().values
             [(1, 2)]
         """
@@ -224,17 +257,28 @@ def _unpack(position: int, value: Any, failures: dict[int, RemoteFailure]) -> An
         return None
 
 
-def pack_values(values: list, failures: dict[int, RemoteFailure]) -> tuple[list, dict, bool]:
+def pack_values(values: list, failures: dict[int, RemoteFailure],
+                is_reference: Callable[[Any], bool]) -> tuple[list, dict, bool]:
     """Values ready to travel: as they are when all are plain, else one pickle per value. A
     value that cannot be pickled becomes its item's failure (in ``failures``).
+
+    A value that holds a Ray reference (an object for which ``is_reference`` is true, met while
+    pickling the value: the Ray edge passes the test for an ``ObjectRef`` or actor handle)
+    travels as it is, a `RawValue`, for Ray's serializer, which keeps the references alive.
 
     Returns ``(values, failures, packed)``.
 
     Examples:
         >>> import threading
-        >>> values, failures, packed = pack_values([1, threading.Lock()], {})
+        >>> values, failures, packed = pack_values([1, threading.Lock()], {}, lambda obj: False)
         >>> packed, values[1], failures[1].type_name
         (True, None, 'TypeError')
+        >>> class ObjectRef:  # stands for Ray's here
+        ...     pass
+        >>> values, _, _ = pack_values([("ObjectRef", 1), [ObjectRef()]], {},
+        ...                            lambda obj: isinstance(obj, ObjectRef))
+        >>> pickle.loads(values[0]), type(values[1]).__name__
+        (('ObjectRef', 1), 'RawValue')
     """
     if _PLAIN_TYPES.issuperset(map(type, values)):
         return values, failures, False
@@ -245,12 +289,54 @@ def pack_values(values: list, failures: dict[int, RemoteFailure]) -> tuple[list,
             continue
         try:
             blob = dumps(value)
+            raw = (any(marker in blob for marker in _RAY_HANDLE_MARKERS)
+                   and _holds_reference(value, is_reference))
         except Exception as cause:  # this item's result cannot travel: its own failure
             failures[position] = RemoteFailure.capture(TypeError(
                 f"the item's result ({type(value).__qualname__}) cannot be pickled to send it "
                 f"back: {cause}. Return picklable values."))
             packed.append(None)
             continue
-        packed.append(RawValue(value) if any(marker in blob for marker in _RAY_HANDLE_MARKERS)
-                      else blob)
+        packed.append(RawValue(value) if raw else blob)
     return packed, failures, True
+
+
+class _ReferenceMet(Exception):
+    """Raised by the pickler of `_holds_reference` at the first reference it meets."""
+
+
+class _Discard:
+    """A file that keeps nothing written to it."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_spotter(pickler: type) -> type:
+    """A subclass of the by-value ``pickler`` (cloudpickle's) that raises `_ReferenceMet` when
+    it meets an object its ``is_reference`` test is true of; it sees each object it pickles
+    before reducing it (``reducer_override``), however deep the object is."""
+
+    class ReferenceSpotter(pickler):  # type: ignore[misc, valid-type]
+        def __init__(self, is_reference: Callable[[Any], bool]) -> None:
+            super().__init__(_Discard(), protocol=5)
+            self.is_reference = is_reference
+
+        def reducer_override(self, obj: Any) -> Any:
+            if self.is_reference(obj):
+                raise _ReferenceMet
+            return super().reducer_override(obj)
+
+    return ReferenceSpotter
+
+
+def _holds_reference(value: Any, is_reference: Callable[[Any], bool]) -> bool:
+    """Whether pickling ``value`` meets an object ``is_reference`` is true of: pickled again by
+    value (meeting every object `dumps` met), the output discarded, stopped at the first one
+    (so a Ray reference is not pickled once more)."""
+    try:
+        _reference_spotter(_by_value.Pickler)(is_reference).dump(value)
+    except _ReferenceMet:
+        return True
+    return False

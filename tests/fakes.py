@@ -44,6 +44,7 @@ class FakeCall:
     star: bool
     hung: bool
     inbox: Inbox | None
+    submitted_at: float = field(default_factory=time.monotonic)
 
 
 class ReplicaKiller(BaseException):
@@ -153,7 +154,10 @@ class FakePool:
                 values.append(None)
         return BatchReply(values, failures or None, self.item_seconds * len(token.items))
 
-    def abandon(self, token: FakeCall, replica: FakeReplica, timed_out: bool = False) -> None:
+    def sent_at(self, token: FakeCall, replica: FakeReplica) -> float:
+        return token.submitted_at
+
+    def abandon(self, token: FakeCall, replica: FakeReplica, deadline: float | None) -> None:
         self.cancelled.append(token)
         self.abandoned.append(token)
         if token in self._pending:

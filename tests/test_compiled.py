@@ -3,6 +3,7 @@ Ray: the same values, failure model and cleanup as ordinary actor calls."""
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -11,7 +12,7 @@ import pytest
 import ray
 
 import rhmapper as rm
-from rhmapper import compiled
+from rhmapper import _ray_compat, compiled
 from rhmapper.env import replica_name
 from rhmapper.replicas import NAMESPACE
 from tests.conftest import REPO_DIR
@@ -145,6 +146,36 @@ def test_an_idle_graph_is_torn_down_and_set_up_again(monkeypatch):
         assert m.map([0] * 10, batch_size=1) == [(0, False)] * 10, "set up again for the next map"
 
 
+CALLS: collections.Counter = collections.Counter()
+"""In each replica's process: how many items `counted` ran there."""
+
+
+def counted(x):
+    CALLS["items"] += 1
+    return x
+
+
+def items_counted(_instance) -> int:
+    return CALLS["items"]
+
+
+def test_compiling_a_graph_counts_against_no_calls_timeout(monkeypatch):
+    monkeypatch.setattr(compiled, "IDLE_SECONDS", 1.0)
+    items = list(range(40))
+    with rm.mapper(counted, replicas=4, compiled_graphs=True) as m:
+        m.wait_ready(timeout=120)  # ready, and no graph compiled yet: the map's calls compile them
+        actors = [_ray_compat.actor_id_hex(handle) for handle in m.replicas]
+        for turn, when in enumerate(["first calls", "after the graphs idled"], start=1):
+            assert m.map(items, batch_size=1, timeout=0.15) == items, when
+            assert [_ray_compat.actor_id_hex(handle) for handle in m.replicas] == actors, (
+                f"{when}: a replica was restarted as overtime while its graph compiled")
+            counts = ray.get([handle.__ray_call__.remote(items_counted) for handle in m.replicas],
+                             timeout=60)
+            assert sum(counts) == turn * len(items), f"{when}: each item ran once ({counts})"
+            assert min(counts) > 0, f"{when}: every replica compiled and ran calls ({counts})"
+            time.sleep(2.0)  # idle past IDLE_SECONDS: the graphs are closed, compiled again next
+
+
 def test_large_items_go_by_reference_over_the_graph():
     items = [bytes([i]) * (3 << 20) for i in range(8)]  # over 1 MiB: sent with ray.put
     with rm.mapper(len, replicas=2, compiled_graphs=True) as m:
@@ -223,6 +254,20 @@ def put_in_a_list(x):
     return [ray.put(x)]
 
 
+class ObjectRefCounter:
+    """Its name holds "ObjectRef"; it holds no Ray reference."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+def look_alike(kind: str):
+    """A result whose pickle holds the bytes ``ObjectRef`` (or ``ActorHandle``), or a real
+    reference (``"ref"``)."""
+    return {"tuple": ("ObjectRef", 1), "counter": ObjectRefCounter(2),
+            "handle text": {"ActorHandle": "ray._raylet"}, "ref": [ray.put(3)]}[kind]
+
+
 def test_a_result_holding_a_ray_reference_fails_its_item_over_a_graph():
     with rm.mapper(put_in_a_list, replicas=1, compiled_graphs=True) as m:
         results = m.map([1, 2], batch_size=1, return_exceptions=True)
@@ -230,6 +275,23 @@ def test_a_result_holding_a_ray_reference_fails_its_item_over_a_graph():
                    for error in results), results
     with rm.mapper(put_in_a_list, replicas=1) as m:  # actor calls count the reference
         assert [ray.get(refs[0]) for refs in m.map([1, 2], batch_size=1)] == [1, 2]
+
+
+def test_results_that_only_name_ray_references_are_values_over_a_graph():
+    kinds = ["tuple", "counter", "handle text", "ref"]
+    with rm.mapper(look_alike, replicas=1, compiled_graphs=True) as m:
+        for batch_size in (1, len(kinds)):  # a call per item, and one call for all
+            results = m.map(kinds, batch_size=batch_size, return_exceptions=True)
+            assert results[0] == ("ObjectRef", 1), results
+            assert type(results[1]).__name__ == "ObjectRefCounter" and results[1].count == 2
+            assert results[2] == {"ActorHandle": "ray._raylet"}
+            assert isinstance(results[3], TypeError), results
+            assert "holds a Ray ObjectRef or actor handle" in str(results[3])
+    with rm.mapper(look_alike, replicas=1) as m:  # actor calls: the same values, and the reference
+        results = m.map(kinds, batch_size=len(kinds))
+        assert results[0] == ("ObjectRef", 1) and results[1].count == 2
+        assert results[2] == {"ActorHandle": "ray._raylet"}
+        assert ray.get(results[3][0], timeout=60) == 3
 
 
 EXITS_WITH_GRAPHS_OPEN = """

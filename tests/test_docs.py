@@ -28,8 +28,8 @@ API_OBJECTS = {
 
 MAPPER_MEMBERS = [
     "map", "starmap", "imap", "imap_unordered", "call", "broadcast", "add_replicas",
-    "drop_replicas", "wait_ready", "replicas", "replica_names", "num_replicas", "spawn_map",
-    "cancel", "shutdown",
+    "drop_replicas", "wait_ready", "replicas", "replica_names", "num_replicas", "concurrency",
+    "spawn_map", "cancel", "shutdown", "connection",
 ]
 
 

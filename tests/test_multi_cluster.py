@@ -1,6 +1,8 @@
 """One mapper over replicas on two Ray clusters (``replicas={"ray://a": n, "ray://b": m}``): both
-clusters do work in one map (with constant keyword arguments put on each), your actors from
-each connection join, and when one cluster's head
+clusters do work in one map (with constant keyword arguments put on each), your actors created
+under ``m.connection(address)`` join (one from a connection of your own is refused, saying so),
+a cluster whose replicas cannot start does not fail a map the other can run, a replacement in
+progress does not make a map see an empty pool, and when one cluster's head
 is stopped mid-map the map completes on the other, every result once.
 
 Two independent heads on loopback (``tests/ray_head.py``: own ports, own temp dirs, Ray Client
@@ -61,31 +63,43 @@ BOTH_CLUSTERS = """
         return x * factor, ray.get_runtime_context().get_node_id()
 
     class Tagger:
+        def __init__(self):
+            self.calls = 0
+
         def tag(self, x):
+            self.calls += 1
             return x, ray.get_runtime_context().get_node_id()
+
+        def calls_made(self):
+            return self.calls
+
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
 
     m = rm.mapper(tagged, replicas={a: 2, b: 1}, env=rm.Env(compute={"CPU": 0.5}))
     m.wait_ready(timeout=120)
     one_per_call = m.map(range(60), batch_size=1, kwargs={"factor": 3})
     batched = m.map(range(3000), kwargs={"factor": 3})
     m.shutdown()
-    # Your actors, created over each connection, join one mapper of a class.
+    # Your actors, created under the mapper's connection to each cluster, join it.
     users = rm.mapper(Tagger, method="tag", replicas={a: 0, b: 0})
     handles, node_of = [], {}
-    for address, pool in users._backend.pool.pools.items():
-        with rhmapper_connection(pool):
+    for address in users.clusters:
+        with users.connection(address):
             handles.append(ray.remote(Tagger).options(num_cpus=0.1).remote())
-            node_of[address] = ray.get(handles[-1].tag.remote(0))[1]
-    users.add_replicas(handles)
-    users.wait_ready(timeout=120)
-    only_a = rm.mapper(Tagger, method="tag", replicas={a: 0})
+            node_of[address] = ray.get(handles[-1].node.remote())
+    # One created over a connection of your own to cluster a is refused, saying what to do.
+    with ray.init(a, allow_multiple=True, log_to_driver=False):
+        mine = ray.remote(Tagger).options(num_cpus=0.1).remote()
     try:
-        only_a.add_replicas([handles[1]])  # created over b's connection
+        users.add_replicas([mine])
         refused = None
     except ValueError as error:
         refused = str(error)
-    only_a.shutdown()
+    users.add_replicas(handles)
+    users.wait_ready(timeout=120)
     from_users = users.map(range(20), batch_size=1)
+    calls = dict(zip(users.clusters, users.broadcast("calls_made")))  # counted in each actor
     broadcast = users.broadcast("tag", 1)
     cluster_of = {node: address for address, node in node_of.items()}
     def per_cluster(tagged_values):
@@ -96,19 +110,13 @@ BOTH_CLUSTERS = """
                       "user_values": [v for v, _ in from_users],
                       "user_per_cluster": per_cluster(from_users),
                       "broadcast_per_cluster": per_cluster(broadcast),
-                      "broadcast_values": [v for v, _ in broadcast], "refused": refused}))
-"""
-
-CONNECTION_HELPER = """
-    from rhmapper import _ray_compat
-
-    def rhmapper_connection(pool):
-        return _ray_compat.using_client_connection(pool._connection)
+                      "broadcast_values": [v for v, _ in broadcast], "refused": refused,
+                      "calls": calls}))
 """
 
 
 def start_driver(script: str, env: dict[str, str], *args: str) -> DriverProcess:
-    return DriverProcess(textwrap.dedent(CONNECTION_HELPER) + textwrap.dedent(script), env, *args)
+    return DriverProcess(textwrap.dedent(script), env, *args)
 
 
 @pytest.mark.timeout(300)
@@ -126,7 +134,91 @@ def test_one_map_spreads_over_both_clusters(heads):
     assert sum(result["per_cluster"].values()) == 60, "every item ran on one of the two clusters"
     assert result["broadcast_values"] == [1, 1]
     assert sorted(result["broadcast_per_cluster"].values()) == [1, 1], "one actor per cluster"
+    assert result["calls"] == result["user_per_cluster"], "each actor ran its cluster's calls"
     assert "was not created over one of this mapper's cluster connections" in result["refused"]
+    assert "with m.connection(address):" in result["refused"], result["refused"]
+
+
+ONE_CLUSTER_CANNOT_START = """
+    import json, sys, time
+    import rhmapper as rm
+
+    a, b = sys.argv[1:3]
+
+    class Triple:
+        def __init__(self):
+            time.sleep(2)  # so that no replica is ready yet when the map starts
+
+        def triple(self, x):
+            return 3 * x
+
+    # 1.5 of b's 2 CPUs taken: a replica of 1 CPU fits b's node, but is never placed.
+    blocker = rm.mapper(abs, replicas={b: 1}, env=rm.Env(compute={"CPU": 1.5}))
+    blocker.wait_ready(timeout=120)
+    m = rm.mapper(Triple, method="triple", replicas={a: 0, b: 1},
+                  env=rm.Env(compute={"CPU": 1}), ready_timeout=15)
+    time.sleep(15.5)  # b's replica is past ready_timeout
+    m.add_replicas({a: 1})  # a's starts now, well within it
+    values = m.map(range(40), batch_size=1)
+    print(json.dumps({"values": values, "replicas": m.num_replicas}))
+    m.shutdown()
+    blocker.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_cluster_whose_replicas_cannot_start_does_not_fail_the_map(heads):
+    a, b = heads.live(2)
+    driver = start_driver(ONE_CLUSTER_CANNOT_START, a.driver_env(), a.client_address,
+                          b.client_address)
+    result = json.loads(driver.finish(timeout=240))
+    assert result["values"] == [3 * x for x in range(40)], "the map completed on cluster a"
+    assert result["replicas"] == 2, "b's replica still waits for room"
+
+
+REPLACEMENT_IN_PROGRESS = """
+    import json, sys, threading, time
+    import rhmapper as rm
+    from rhmapper.replicas import ReplicaPool
+    from rhmapper.slots import Inbox
+
+    a, b = sys.argv[1:3]
+
+    m = rm.mapper(abs, replicas={a: 1, b: 0})
+    m.wait_ready(timeout=120)
+    pool = m._backend.pool
+    replacing, create = threading.Event(), ReplicaPool._create
+
+    def slow_create(self, index):  # the replacement holds the pool's lock, the old one gone
+        replacing.set()
+        time.sleep(3)
+        return create(self, index)
+
+    ReplicaPool._create = slow_create
+    replacer = threading.Thread(target=pool.pools[a].lost,
+                                args=(pool.pools[a].replicas[0], RuntimeError("replaced")))
+    replacer.start()
+    assert replacing.wait(60)
+    try:  # what a map does between its dispatches: wait, with nothing in flight or ready
+        pool.wait(Inbox(), 0.5)
+        raised = None
+    except rm.NoReplicasError as error:
+        raised = str(error)
+    replacer.join(60)
+    ReplicaPool._create = create
+    print(json.dumps({"raised": raised, "values": m.map(range(-20, 0))}))
+    m.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_map_does_not_see_a_pool_empty_while_a_replica_is_replaced(heads):
+    a, b = heads.live(2)
+    driver = start_driver(REPLACEMENT_IN_PROGRESS, a.driver_env(), a.client_address,
+                          b.client_address)
+    result = json.loads(driver.finish(timeout=240))
+    assert result["raised"] is None, result["raised"]
+    assert result["values"] == [abs(x) for x in range(-20, 0)]
 
 
 FAILOVER = """

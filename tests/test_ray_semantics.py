@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import time
 import warnings
@@ -318,8 +319,47 @@ def test_call_and_broadcast_pass_self_and_method_keywords_through():
         assert m.map([1]) == [(1, "chosen")]
 
 
-@pytest.mark.parametrize("window", [0, 1.5, True, "8"])
-def test_window_must_be_a_whole_number(window):
+@pytest.mark.parametrize("window, error", [
+    (0, ValueError), (-3, ValueError), (1.5, TypeError), (2.0, TypeError), (True, TypeError),
+    ("8", TypeError), ("foo", TypeError)])
+def test_window_must_be_a_whole_number(window, error):
     with rm.mapper(double, replicas=1) as m:
-        with pytest.raises(ValueError, match="window must be a whole number >= 1"):
+        with pytest.raises(error, match="window must be a whole number >= 1"):
             m.imap(range(3), window=window)
+        assert list(m.imap(range(3), window=2)) == [0, 2, 4]
+
+
+def test_counts_of_a_live_mapper_follow_one_rule():
+    """add_replicas, drop_replicas and spawn_map check their counts as rm.mapper does (see
+    tests/test_options.py): the wrong type is a TypeError, out of range a ValueError."""
+    with rm.mapper(double, replicas=1) as m:
+        cases = [
+            (m.add_replicas, "replicas", 0),
+            (lambda value: m.add_replicas([], concurrency=value), "concurrency", 1),
+            (m.drop_replicas, "count", 0),
+            (lambda value: m.spawn_map([1], name="never", max_result_bytes=value),
+             "max_result_bytes", 1),
+        ]
+        for call, option, minimum in cases:
+            for wrong in ("1", 1.0, True, None):
+                if option == "concurrency" and wrong is None:
+                    continue  # the default
+                with pytest.raises(TypeError, match=rf"^{option} must be a whole number >= "
+                                                    rf"{minimum}.*, got {re.escape(repr(wrong))} "
+                                                    rf"\({type(wrong).__name__}\)$"):
+                    call(wrong)
+            with pytest.raises(ValueError, match=rf"^{option} must be a whole number >= "
+                                                 rf"{minimum}.*, got {minimum - 1}$"):
+                call(minimum - 1)
+        for wrong, error in (("1h", TypeError), (True, TypeError), (0, ValueError)):
+            with pytest.raises(error, match="keep_seconds must be a number of seconds > 0"):
+                m.spawn_map([1], name="never", keep_seconds=wrong)
+        assert m.num_replicas == 1 and m.map([1, 2]) == [2, 4]
+
+
+def test_concurrency_is_the_one_in_effect():
+    with rm.mapper(abs, replicas=1) as m:
+        assert m.concurrency == 1
+        assert "concurrency=1)" in repr(m)
+    with rm.mapper(abs, replicas=0, concurrency=3) as m:
+        assert m.concurrency == 3
