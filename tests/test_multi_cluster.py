@@ -304,3 +304,54 @@ def test_losing_every_cluster_raises_no_replicas(heads):
     assert "no replica is left on any cluster" in error, error
     assert result["local_ray"] == [], "no Ray was started on the driver after the loss"
     assert f"{a.client_address} (unreachable)" in error and f"{b.client_address} (unreachable)" in error
+
+
+COMBINED_VERBS = """
+    import json, queue, sys, threading, time
+    import rhmapper as rm
+
+    a, b = sys.argv[1:3]
+
+    def plus_one(x):
+        return x + 1
+
+    def blocking(inputs):
+        while (item := inputs.get()) is not None:
+            yield item
+
+    m = rm.mapper(plus_one, replicas={a: 1, b: 1}, env=rm.Env(compute={"CPU": 0.5}))
+    m.wait_ready(timeout=120)
+    nested = [(r, m.map([r], timeout=10)[0], m.call(r)) for r in m.imap(range(6), batch_size=1)]
+    zipped = list(zip(m.imap(range(20), window=4), m.imap(range(100, 120), window=4)))
+    inputs = queue.Queue()
+    inputs.put(1)
+    blocked = []
+    reader = threading.Thread(target=lambda: blocked.extend(m.imap(blocking(inputs), batch_size=1)),
+                              daemon=True)
+    reader.start()
+    time.sleep(1.0)  # the reader waits inside its input iterator
+    began = time.monotonic()
+    beside = m.map(range(30), timeout=10)
+    beside_seconds = time.monotonic() - began
+    inputs.put(2)
+    inputs.put(None)
+    reader.join(60)
+    print(json.dumps({"nested": nested, "zipped": zipped, "beside": beside,
+                      "beside_seconds": beside_seconds, "blocked": blocked,
+                      "reader_done": not reader.is_alive()}))
+    m.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_verbs_combined_end_over_several_clusters(heads):
+    """A map and a call inside an imap loop, two imaps read in turn, and a map beside another
+    thread's blocking input iterator, on a mapper over two clusters: each ends (the driver's wait
+    is bounded), with every value right."""
+    a, b = heads.live(2)
+    driver = start_driver(COMBINED_VERBS, a.driver_env(), a.client_address, b.client_address)
+    result = json.loads(driver.finish(timeout=240))
+    assert result["nested"] == [[x + 1, x + 2, x + 2] for x in range(6)]
+    assert result["zipped"] == [[x + 1, x + 101] for x in range(20)]
+    assert result["beside"] == list(range(1, 31)) and result["beside_seconds"] < 30
+    assert result["reader_done"] and result["blocked"] == [2, 3]
