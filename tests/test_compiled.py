@@ -161,14 +161,25 @@ def items_counted(_instance) -> int:
 
 def test_compiling_a_graph_counts_against_no_calls_timeout(monkeypatch):
     monkeypatch.setattr(compiled, "IDLE_SECONDS", 1.0)
+    open_graph = compiled.CompiledCalls._open_graph
+
+    def compile_slowly(calls, *args):  # 0.4 s more per compile, one compile at a time (as Ray's)
+        if calls._graph is None:
+            with compiled._compile_lock:
+                time.sleep(0.4)
+        return open_graph(calls, *args)
+
+    monkeypatch.setattr(compiled.CompiledCalls, "_open_graph", compile_slowly)
     items = list(range(40))
     with rm.mapper(counted, replicas=4, compiled_graphs=True) as m:
         m.wait_ready(timeout=120)  # ready, and no graph compiled yet: the map's calls compile them
         actors = [_ray_compat.actor_id_hex(handle) for handle in m.replicas]
         for turn, when in enumerate(["first calls", "after the graphs idled"], start=1):
-            assert m.map(items, batch_size=1, timeout=0.15) == items, when
+            started_at = time.monotonic()
+            assert m.map(items, batch_size=1, timeout=0.5) == items, when
+            assert time.monotonic() - started_at > 1.6, f"{when}: the four graphs were compiled"
             assert [_ray_compat.actor_id_hex(handle) for handle in m.replicas] == actors, (
-                f"{when}: a replica was restarted as overtime while its graph compiled")
+                f"{when}: a replica was restarted as overtime while graphs compiled")
             counts = ray.get([handle.__ray_call__.remote(items_counted) for handle in m.replicas],
                              timeout=60)
             assert sum(counts) == turn * len(items), f"{when}: each item ran once ({counts})"
