@@ -51,3 +51,15 @@ def head():
         yield head
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="module")
+def heads():
+    """Ray heads of the module's own, started as its tests ask (see tests/ray_head.py)."""
+    from tests.ray_head import Heads
+
+    heads = Heads()
+    try:
+        yield heads
+    finally:
+        heads.stop()

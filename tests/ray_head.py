@@ -242,6 +242,29 @@ def _wait_started(head: RayHead, timeout: float) -> None:
             time.sleep(0.3)
 
 
+class Heads:
+    """Test heads shared by one module's tests (the ``heads`` fixture); a test that stopped
+    one gets a new one from the next `live`."""
+
+    def __init__(self) -> None:
+        self._heads: list[RayHead] = []
+
+    def live(self, count: int) -> list[RayHead]:
+        self._heads = [start_head_for_client() if head.stopped else head for head in self._heads]
+        while len(self._heads) < count:
+            self._heads.append(start_head_for_client())
+        return self._heads[:count]
+
+    def stop(self) -> None:
+        for head in self._heads:
+            head.stop()
+
+
+def start_head_for_client() -> RayHead:
+    """A head for drivers that connect over Ray Client (gRPC fork support off, as they need)."""
+    return start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
+
+
 def wait_until(predicate, seconds: float = 30.0) -> bool:
     """Poll ``predicate`` every 0.2 s until it is true (True) or ``seconds`` pass (False).
 

@@ -20,7 +20,6 @@ import textwrap
 import pytest
 
 from tests.driver_process import DriverProcess
-from tests.test_multi_cluster import Heads
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +101,6 @@ EXPECTED = {"values": ["Point(0)", "Point(1)", "Point(2)"], "streamed": ["Point(
             "raised": "MyError(Point(-2))", "returned": ["Point(5)", "MyError(Point(-6))"]}
 EXPECTED_SPAWNED = {"values": ["Point(7)", "Point(8)"], "raised": "MyError(Point(-10))",
                     "returned": ["Point(11)", "MyError(Point(-12))"]}
-
-
-@pytest.fixture(scope="module")
-def heads():
-    heads = Heads()
-    try:
-        yield heads
-    finally:
-        heads.stop()
 
 
 def run_driver(mode: str, env: dict[str, str], *addresses: str) -> dict:

@@ -17,39 +17,8 @@ import textwrap
 import pytest
 
 from tests.driver_process import DriverProcess
-from tests.ray_head import RayHead, start_head
 
 pytestmark = pytest.mark.slow
-
-
-class Heads:
-    """Test heads shared by the module's tests; a test that stopped one gets a new one next."""
-
-    def __init__(self) -> None:
-        self._heads: list[RayHead] = []
-
-    def live(self, count: int) -> list[RayHead]:
-        self._heads = [start_head_for_client() if head.stopped else head for head in self._heads]
-        while len(self._heads) < count:
-            self._heads.append(start_head_for_client())
-        return self._heads[:count]
-
-    def stop(self) -> None:
-        for head in self._heads:
-            head.stop()
-
-
-def start_head_for_client() -> RayHead:
-    return start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
-
-
-@pytest.fixture(scope="module")
-def heads():
-    heads = Heads()
-    try:
-        yield heads
-    finally:
-        heads.stop()
 
 
 BOTH_CLUSTERS = """
@@ -119,11 +88,17 @@ def start_driver(script: str, env: dict[str, str], *args: str) -> DriverProcess:
     return DriverProcess(textwrap.dedent(script), env, *args)
 
 
+def run_on_both(heads, script: str) -> dict:
+    """Run ``script`` as a driver given both heads' Ray Client addresses; its JSON output."""
+    a, b = heads.live(2)
+    driver = start_driver(script, a.driver_env(), a.client_address, b.client_address)
+    return json.loads(driver.finish(timeout=240))
+
+
 @pytest.mark.timeout(300)
 def test_one_map_spreads_over_both_clusters(heads):
+    result = run_on_both(heads, BOTH_CLUSTERS)
     a, b = heads.live(2)
-    driver = start_driver(BOTH_CLUSTERS, a.driver_env(), a.client_address, b.client_address)
-    result = json.loads(driver.finish(timeout=240))
     assert result["values"] == [3 * x for x in range(60)]
     assert result["batched"] == [3 * x for x in range(3000)]
     assert result["user_values"] == list(range(20))
@@ -168,10 +143,7 @@ ONE_CLUSTER_CANNOT_START = """
 
 @pytest.mark.timeout(300)
 def test_a_cluster_whose_replicas_cannot_start_does_not_fail_the_map(heads):
-    a, b = heads.live(2)
-    driver = start_driver(ONE_CLUSTER_CANNOT_START, a.driver_env(), a.client_address,
-                          b.client_address)
-    result = json.loads(driver.finish(timeout=240))
+    result = run_on_both(heads, ONE_CLUSTER_CANNOT_START)
     assert result["values"] == [3 * x for x in range(40)], "the map completed on cluster a"
     assert result["replicas"] == 2, "b's replica still waits for room"
 
@@ -213,10 +185,7 @@ REPLACEMENT_IN_PROGRESS = """
 
 @pytest.mark.timeout(300)
 def test_a_map_does_not_see_a_pool_empty_while_a_replica_is_replaced(heads):
-    a, b = heads.live(2)
-    driver = start_driver(REPLACEMENT_IN_PROGRESS, a.driver_env(), a.client_address,
-                          b.client_address)
-    result = json.loads(driver.finish(timeout=240))
+    result = run_on_both(heads, REPLACEMENT_IN_PROGRESS)
     assert result["raised"] is None, result["raised"]
     assert result["values"] == [abs(x) for x in range(-20, 0)]
 
@@ -348,9 +317,7 @@ def test_verbs_combined_end_over_several_clusters(heads):
     """A map and a call inside an imap loop, two imaps read in turn, and a map beside another
     thread's blocking input iterator, on a mapper over two clusters: each ends (the driver's wait
     is bounded), with every value right."""
-    a, b = heads.live(2)
-    driver = start_driver(COMBINED_VERBS, a.driver_env(), a.client_address, b.client_address)
-    result = json.loads(driver.finish(timeout=240))
+    result = run_on_both(heads, COMBINED_VERBS)
     assert result["nested"] == [[x + 1, x + 2, x + 2] for x in range(6)]
     assert result["zipped"] == [[x + 1, x + 101] for x in range(20)]
     assert result["beside"] == list(range(1, 31)) and result["beside_seconds"] < 30
