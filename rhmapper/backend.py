@@ -1,18 +1,25 @@
 """Where a mapper's maps run: `LocalBackend` runs the dispatch loop in this process over a
-`ReplicaPool`; `rhmapper.host.ClusterBackend` runs the same loop in an actor on the cluster.
+`ReplicaPool`; `rhmapper.host_driver.ClusterBackend` runs the same loop in an actor on the
+cluster (`rhmapper.host.MapperHost`).
 
 `rhmapper.Mapper` checks the user's arguments and shows progress; everything it does with
 replicas and maps goes through one of these, so that every verb behaves the same on both.
+`MapperSpec` is what a mapper was made of, checked and frozen: a `LocalBackend` is built from
+it, here or in the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from rhmapper.checks import check_count
+from rhmapper.env import Env
+from rhmapper.errors import RhmapperError
+from rhmapper.module import FunctionReplica, Module
 from rhmapper.replicas import ReplicaPool
-from rhmapper.scheduler import MapPlan, MapRun, MapStats
+from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapRun, MapStats
 
 if TYPE_CHECKING:
     from rhmapper.clusters import MultiClusterPool
@@ -48,6 +55,133 @@ class Backend(Protocol):
             cancelled: threading.Event) -> Iterator[list]:
         """Run one map: yield chunks of results as the plan's ordering allows, then (for a
         ``collect`` plan) the whole list of results."""
+
+
+def method_of(cls: type | None, method: str) -> Callable:
+    """The method ``method`` of the mapped class ``cls`` (for a function mapper, ``cls`` is
+    ``None``: of its replica class); ``AttributeError`` saying so if there is none.
+
+    Examples:
+        >>> method_of(dict, "keys") is dict.keys
+        True
+        >>> method_of(dict, "predict")
+        Traceback (most recent call last):
+        ...
+        AttributeError: class dict has no method 'predict'; check the method name
+    """
+    owner = cls or FunctionReplica
+    attribute = getattr(owner, method, None)
+    if attribute is None or not callable(attribute):
+        what = f"class {owner.__name__}" if cls else "a function mapper (it has no methods)"
+        raise AttributeError(f"{what} has no method {method!r}; check the method name")
+    return attribute
+
+
+AUTO_ONLY = ("it applies to auto replicas (replicas=N); make a mapper without it for your own "
+             "actors")
+"""Why ``compiled_graphs=True`` refuses the user's own actors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MapperSpec:
+    """What a mapper maps and how its pool is built, as `rhmapper.Mapper` checked it from the
+    user's arguments: frozen, so that the mapper's host on the cluster (`rhmapper.host`) builds
+    the same pool from it (`local_backend`) and checks the pool's verbs the same way, without a
+    `Mapper`.
+
+    ``target`` is what replicas run: the function, or the `rhmapper.module.Module` each builds.
+    ``env`` is named. ``clusters`` are the Ray Client addresses of a mapper over several
+    clusters (see `rhmapper.clusters`).
+
+    Examples:
+        >>> import collections
+        >>> from rhmapper.module import module
+        >>> counter = MapperSpec(module(collections.Counter), "most_common", Env(name="count"))
+        >>> counter.cls.__name__, counter.method_of("update").__name__
+        ('Counter', 'update')
+        >>> spec = MapperSpec(target=abs, method=None, env=Env(name="spec_abs"))
+        >>> spec.method_of("predict")
+        Traceback (most recent call last):
+        ...
+        AttributeError: a function mapper (it has no methods) has no method 'predict'; check the method name
+        >>> backend = spec.local_backend()
+        >>> spec.add_replicas(backend, 1, None); backend.names()
+        ['spec_abs_replica_0']
+        >>> backend.shutdown(kill=True)
+        >>> spec.check_open(shut_down=True)
+        Traceback (most recent call last):
+        ...
+        rhmapper.errors.RhmapperError: this mapper (env 'spec_abs') was shut down; ...
+    """
+
+    target: Callable | Module
+    method: str | None
+    env: Env
+    concurrency: int | None = None
+    ready_timeout: float | None = None
+    replace_mismatched: bool = False
+    max_call_bytes: int = DEFAULT_MAX_CALL_BYTES
+    compiled_graphs: bool = False
+    clusters: tuple[str, ...] = ()
+
+    @property
+    def cls(self) -> type | None:
+        """The user's class (of a `Module` target), or ``None`` for a function."""
+        return self.target.cls if isinstance(self.target, Module) else None
+
+    def method_of(self, method: str) -> Callable:
+        """The class's method ``method`` (see `method_of`)."""
+        return method_of(self.cls, method)
+
+    def check_open(self, shut_down: bool) -> None:
+        """Raise `RhmapperError` if the mapper was shut down."""
+        if shut_down:
+            raise RhmapperError(
+                f"this mapper (env {self.env.name!r}) was shut down; create a new one with "
+                "rm.mapper(...) to map again")
+
+    def add_replicas(self, backend: "Backend", replicas: Any, concurrency: int | None) -> None:
+        """Add ``replicas`` to ``backend``, checked as `rhmapper.Mapper.add_replicas` says: a
+        count of auto replicas, a list of the user's actor handles, or (over several clusters)
+        a count per cluster. ``concurrency`` is checked already."""
+        if isinstance(replicas, dict):
+            if not self.clusters:
+                raise TypeError("replicas={address: count} is for a mapper over several clusters: "
+                                "create it with rm.mapper(fn, replicas={'ray://host:10001': n, ...})")
+            backend.add_auto({address: check_count(f"replicas[{address!r}]", n, minimum=0)
+                              for address, n in replicas.items()})
+        elif isinstance(replicas, (list, tuple)):
+            if self.compiled_graphs and replicas:
+                raise ValueError(f"compiled_graphs=True cannot be used here: {AUTO_ONLY}.")
+            if self.cls is None and replicas:
+                raise TypeError(
+                    "your own actors join a mapper of a class: rm.mapper(Model, method='predict', "
+                    "replicas=[actor, ...]); a function mapper runs only on auto replicas")
+            for handle in replicas:
+                if hasattr(handle, "__ray_call__") and not hasattr(handle, self.method):
+                    raise AttributeError(f"actor {handle!r} has no method {self.method!r} to map")
+            backend.add_user(list(replicas), concurrency)
+        else:
+            count = check_count("replicas", replicas, minimum=0,
+                                or_else="a list of Ray actor handles")
+            if concurrency is not None:
+                raise ValueError(
+                    "add_replicas(n, concurrency=...) applies to your own actors; auto replicas "
+                    "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
+            backend.add_auto(count)
+
+    def local_backend(self) -> "LocalBackend":
+        """The dispatch loop in this process over a new, empty pool of this spec: a
+        `ReplicaPool`, or a `rhmapper.clusters.MultiClusterPool` over ``clusters``."""
+        if self.clusters:
+            from rhmapper.clusters import MultiClusterPool  # joins clusters over Ray Client
+
+            return LocalBackend(MultiClusterPool(
+                self.env, self.target, self.concurrency, self.ready_timeout,
+                self.replace_mismatched, list(self.clusters)))
+        return LocalBackend(ReplicaPool(
+            self.env, self.target, self.concurrency, self.ready_timeout, self.replace_mismatched,
+            compiled_graphs=self.compiled_graphs))
 
 
 class LocalBackend:

@@ -32,9 +32,9 @@ from rhmapper.connect import (
     over_ray_client,
     run_on_head_node,
 )
-from rhmapper.env import parse_replica_name
 from rhmapper.errors import RhmapperError
-from rhmapper.replicas import NAMESPACE, wait_name_released
+from rhmapper.names import NAMESPACE, parse_replica_name
+from rhmapper.replicas import wait_name_released
 
 _CLUSTER_LOOKUP_SECONDS = 60.0
 

@@ -21,6 +21,7 @@ import ray
 from rhmapper import _ray_compat
 from rhmapper.env import Env
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError
+from rhmapper.names import NAMESPACE
 from rhmapper.replicas import ClusterKwargs, RayReplica, ReplicaPool, wait_for_answers
 from rhmapper.signals import EndSignal
 from rhmapper.slots import Inbox, SlotIndex
@@ -39,7 +40,7 @@ def connect(address: str) -> Any:
     if not isinstance(address, str) or not address.startswith("ray://"):
         raise ValueError(f"replicas={{...}} takes Ray Client addresses ('ray://host:10001'), "
                          f"got {address!r}")
-    context = ray.init(address, allow_multiple=True, namespace="rhmapper",
+    context = ray.init(address, allow_multiple=True, namespace=NAMESPACE,
                        log_to_driver=False)
     return _ray_compat.client_connection(context)
 

@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rhmapper import _ray_compat
 from rhmapper.errors import ClusterAuthenticationError, ClusterNotFoundError
+from rhmapper.names import NAMESPACE
 
 _PROBE_SECONDS = 3.0
 _CLIENT_PREFIX = "ray://"
@@ -83,8 +84,6 @@ def connect(address: str | None = None) -> bool:
         if target != "auto":  # ray.init turns token auth on itself for a cluster found by "auto"
             check_token_accepted(target)
         target = resolved
-    from rhmapper.replicas import NAMESPACE  # here: replicas imports this module
-
     try:
         ray.init(address=target, namespace=NAMESPACE, logging_level=logging.WARNING,
                  log_to_driver=False, configure_logging=False)

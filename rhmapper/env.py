@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rhmapper.names import replica_name
+
 _MEMORY_UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
@@ -43,30 +45,6 @@ def parse_memory(value: int | float | str) -> int:
     if amount < 0:
         raise ValueError(f"memory must not be negative, got {value!r}")
     return int(amount)
-
-
-def replica_name(pool: str, index: int) -> str:
-    """The Ray actor name of auto replica ``index`` of the pool (env) ``pool``.
-
-    Examples:
-        >>> replica_name("embed", 3)
-        'embed_replica_3'
-    """
-    return f"{pool}_replica_{index}"
-
-
-_REPLICA_NAME = re.compile(r"^(?P<pool>.+)_replica_(?P<index>\d+)$")
-
-
-def parse_replica_name(name: str | None) -> tuple[str, int] | None:
-    """The pool and index of an auto replica's name (`replica_name` reversed), else ``None``.
-
-    Examples:
-        >>> parse_replica_name("embed_replica_3"), parse_replica_name("other")
-        (('embed', 3), None)
-    """
-    match = _REPLICA_NAME.match(name or "")
-    return (match["pool"], int(match["index"])) if match else None
 
 
 class Env(BaseModel):

@@ -1,9 +1,11 @@
 """The mapper on the cluster (``rm.mapper(..., on_cluster=True)``): the dispatch loop and the
 replica pool run in a Ray actor, the *host*, by default on the head node; the driver sends inputs
-and receives results in bulk.
+and receives results in bulk. This module is the cluster's side; the driver's side,
+`rhmapper.host_driver.ClusterBackend`, creates the host and talks to it.
 
-The host runs an ordinary `rhmapper.Mapper` (with a `LocalBackend`): the scheduler is the same
-code. Each map is a `HostedMap`: the driver feeds its inputs in chunks (`MapperHost.feed`) and
+The host builds a `LocalBackend` from the mapper's frozen `MapperSpec` (the scheduler and the
+pool are the same code as on a driver) and checks the pool's verbs as `rhmapper.Mapper` does.
+Each map is a `HostedMap`: the driver feeds its inputs in chunks (`MapperHost.feed`) and
 collects its results and progress with long polls (`MapperHost.take`), so a map costs a few
 round trips per chunk, not one per call. Maps started with `Mapper.spawn_map` keep running when
 the driver goes away (see `rhmapper.spawned`).
@@ -13,21 +15,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import math
 import threading
 import time
-import uuid
-from typing import Any, Iterator
+from typing import Iterator
 
 import ray
 
 from rhmapper import _ray_compat
-from rhmapper.backend import OnProgress
+from rhmapper.backend import MapperSpec
+from rhmapper.checks import check_concurrency, check_count
 from rhmapper.errors import MapCancelledError, RhmapperError
-from rhmapper.replicas import NAMESPACE, name_taken, put_kwargs, upload_local_dirs
-from rhmapper.scheduler import MapPlan, MapStats, add_note
+from rhmapper.replicas import name_taken
+from rhmapper.scheduler import MapPlan, MapStats
+from rhmapper.signals import start_board
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
 
@@ -35,10 +37,6 @@ logger = logging.getLogger(__name__)
 
 TAKE_WAIT_SECONDS = 0.2
 """A driver's poll for results waits at most this long on the host (then reports progress)."""
-FEED_CHUNK_BYTES = 2**20
-"""Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
-START_ALL_BYTES = 64 * 2**20
-"""A list of inputs up to this size (estimated) goes to the host whole, with the map's start."""
 DRIVER_CHECK_SECONDS = 5.0
 """How often a host looks whether the driver that created it is still there."""
 MAX_CONCURRENCY = 64
@@ -167,12 +165,36 @@ def _portable(error: BaseException) -> bytes:
 
 
 class MapperHost:
-    """The actor that runs a mapper on the cluster. Created by `ClusterBackend`."""
+    """The actor that runs a mapper on the cluster, from the mapper's `MapperSpec` (pickled by
+    Ray's cloudpickle). Created by `rhmapper.host_driver.ClusterBackend`.
 
-    def __init__(self, mapper_args: bytes, driver_board: str | None) -> None:
-        from rhmapper.mapper import Mapper  # the host runs an ordinary mapper
+    Examples:
+        >>> import ray
+        >>> from rhmapper.env import Env
+        >>> spec = MapperSpec(target=abs, method=None, env=Env(name="host_doc"))
+        >>> board, _ = start_board()
+        >>> host = ray.remote(MapperHost).options(max_concurrency=MAX_CONCURRENCY).remote(
+        ...     _ray_compat.RAY_CLOUDPICKLE.dumps(spec), board)
+        >>> ray.get(host.add_replicas.remote(1, None)); ray.get(host.names.remote())
+        ['host_doc_replica_0']
+        >>> try:  # checked as Mapper.broadcast checks it
+        ...     ray.get(host.broadcast.remote("predict", (), {}))
+        ... except AttributeError as error:
+        ...     print(type(error).__name__)
+        RayTaskError(AttributeError)
+        >>> try:
+        ...     ray.get(host.shutdown.remote(True))
+        ... except ray.exceptions.RayActorError:
+        ...     print("the host exited with its pool")
+        the host exited with its pool
+    """
 
-        self.mapper = Mapper(**_ray_compat.RAY_CLOUDPICKLE.loads(mapper_args), replicas=0)
+    def __init__(self, spec: bytes, driver_board: str | None) -> None:
+        self._spec: MapperSpec = _ray_compat.RAY_CLOUDPICKLE.loads(spec)
+        start_board()  # as a mapper does when it is created, so that no map waits for it
+        self._backend = self._spec.local_backend()
+        self._shut_down = False
+        self._backend.add_auto(0)  # as a mapper of replicas=0: does the env fit the cluster?
         self._maps: dict[str, HostedMap] = {}
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
@@ -184,22 +206,30 @@ class MapperHost:
     # -- the pool's verbs -------------------------------------------------------------------
 
     def add_replicas(self, replicas: int | list, concurrency: int | None) -> None:
-        self.mapper.add_replicas(replicas, concurrency)
+        concurrency = check_concurrency(concurrency)
+        self._spec.check_open(self._shut_down)
+        self._spec.add_replicas(self._backend, replicas, concurrency)
 
     def drop_replicas(self, count: int) -> None:
-        self.mapper.drop_replicas(count)
+        self._backend.drop(check_count("count", count, minimum=0))
 
     def wait_ready(self, timeout: float | None) -> None:
-        self.mapper.wait_ready(timeout)
+        self._backend.wait_ready(timeout)
 
     def handles(self) -> list:
-        return self.mapper.replicas
+        return self._backend.handles()
 
     def names(self) -> list[str]:
-        return self.mapper.replica_names
+        return self._backend.names()
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        return self.mapper.broadcast(method, *args, **kwargs)
+        self._spec.method_of(method)
+        return self._backend.broadcast(method, args, kwargs)
+
+    def _shutdown_pool(self, kill: bool) -> None:
+        """Empty the pool (killing its auto replicas if ``kill``); no replica joins it after."""
+        self._backend.shutdown(kill=kill)
+        self._shut_down = True
 
     def shutdown(self, kill: bool) -> None:
         """End the driver's maps; exit (with the pool) unless spawned maps are still kept, in
@@ -211,7 +241,7 @@ class MapperHost:
         for hosted in running:
             hosted.cancel()
         if not spawned_left:
-            self.mapper.shutdown(kill=kill)
+            self._shutdown_pool(kill)
             ray.actor.exit_actor()
 
     # -- maps -------------------------------------------------------------------------------
@@ -236,8 +266,7 @@ class MapperHost:
              max_result_bytes: float = math.inf) -> None:
         error = None
         try:
-            for chunk in self.mapper._backend.run(plan, source, hosted.on_progress,
-                                                  hosted.cancelled):
+            for chunk in self._backend.run(plan, source, hosted.on_progress, hosted.cancelled):
                 if chunk:
                     hosted.result_bytes += mean_item_bytes(chunk) * len(chunk)
                     if hosted.result_bytes > max_result_bytes:
@@ -368,159 +397,5 @@ class MapperHost:
                 f"spawned map {name!r} failed: the driver that spawned it went away before it "
                 "had sent all of its inputs; spawn it again"))
         if not self._spawned:
-            self.mapper.shutdown(kill=not self.mapper.env.detached)
+            self._shutdown_pool(kill=not self._spec.env.detached)
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-
-class ClusterBackend:
-    """The driver's side of a mapper whose host runs on the cluster (see the module docstring).
-
-    The host is created with the env's ``runtime_env`` (it imports the user's code), no
-    resources, on the head node (`rhmapper._ray_compat.HEAD_NODE_RESOURCE`).
-    """
-
-    def __init__(self, mapper_args: dict, env_options: dict, driver_board: str) -> None:
-        options = upload_local_dirs(env_options)
-        host_class = ray.remote(MapperHost)
-        self.name = f"rhmapper_host_{uuid.uuid4().hex[:12]}"
-        self.host = host_class.options(
-            name=self.name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
-            max_concurrency=MAX_CONCURRENCY, max_restarts=0,
-            runtime_env=options.get("runtime_env"),
-            resources={_ray_compat.HEAD_NODE_RESOURCE: 0.001},
-        ).remote(_ray_compat.RAY_CLOUDPICKLE.dumps(mapper_args), driver_board)
-
-    def _call(self, method: str, *args: Any) -> Any:
-        return ray.get(getattr(self.host, method).remote(*args))
-
-    def add_auto(self, count: int) -> None:
-        self._call("add_replicas", count, None)
-
-    def add_user(self, handles: list, concurrency: int | None) -> None:
-        self._call("add_replicas", handles, concurrency)
-
-    def drop(self, count: int) -> None:
-        self._call("drop_replicas", count)
-
-    def wait_ready(self, timeout: float | None) -> None:
-        self._call("wait_ready", timeout)
-
-    def handles(self) -> list:
-        return self._call("handles")
-
-    def names(self) -> list[str]:
-        return self._call("names")
-
-    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        return self._call("broadcast", method, args, kwargs)
-
-    def put_kwargs(self, kwargs: dict) -> dict:
-        return put_kwargs(kwargs)  # the driver's refs; a spawned map's host copies them
-
-    def shutdown(self, kill: bool) -> None:
-        try:
-            self._call("shutdown", kill)
-        except ray.exceptions.RayActorError:
-            pass  # the host exits in shutdown: its call ends with the actor
-
-    def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
-            cancelled: threading.Event) -> Iterator[list]:
-        map_id = uuid.uuid4().hex
-        feeder = _Feeder(source, plan.window, plan.total if plan.collect else None)
-        # The host streams a list's results in order as they come (not all at the end), so
-        # that sending them overlaps with the map.
-        hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
-        started = self.host.start.remote(map_id, hosted_plan, *feeder.next_chunk())
-        results: list = []
-        finished = False
-        done = 0
-        try:
-            feeder.top_up(self.host.feed, map_id)
-            while True:
-                if cancelled.is_set():
-                    raise MapCancelledError("the map was cancelled with Mapper.cancel()")
-                try:
-                    reply = ray.get(self.host.take.remote(map_id, not plan.collect))
-                except ray.exceptions.RayTaskError:
-                    ray.get(started)  # the map could not start: raise why
-                    raise
-                if reply["done"] > done:
-                    on_progress(reply["done"] - done, reply["stats"], reply["ready"])
-                    done = reply["done"]
-                for chunk in reply["chunks"]:
-                    feeder.received += len(chunk)
-                    if plan.collect:
-                        results.extend(chunk)
-                    else:
-                        yield chunk
-                if reply["error"] is not None:
-                    finished = True
-                    raise _ray_compat.RAY_CLOUDPICKLE.loads(reply["error"])
-                if reply["finished"]:
-                    finished = True
-                    if plan.collect:
-                        yield results
-                    return
-                feeder.top_up(self.host.feed, map_id)
-        finally:
-            if not finished:
-                self.host.cancel.remote(map_id)
-
-
-    def spawn(self, name: str, plan: MapPlan, items: list, keep_seconds: float,
-              max_result_bytes: float) -> "spawned.SpawnedMap":
-        """Ship ``items`` to the host and start the spawned map ``name`` there."""
-        feeder = _Feeder(iter(items), None, len(items))
-        hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
-        ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.next_chunk(), len(items),
-                                       keep_seconds, max_result_bytes))
-        try:
-            ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
-        except BaseException as error:  # a map without all of its inputs must not run on
-            try:
-                ray.get(self.host.spawned_delete.remote(name), timeout=60)
-            except Exception as failed:  # the original error is the one to raise
-                add_note(error, f"rhmapper: spawned map {name!r} could not be deleted: {failed}")
-            raise
-        return spawned.SpawnedMap(name, self.host)
-
-
-class _Feeder:
-    """A map's inputs, taken from ``source`` in chunks of about `FEED_CHUNK_BYTES`, keeping at
-    most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
-    verbs that collect a list already hold every input)."""
-
-    def __init__(self, source: Iterator, window: int | None, total: int | None = None) -> None:
-        self._source, self._window, self._total = source, window, total
-        self._per_chunk: int | None = None
-        self.sent = 0
-        self.received = 0
-        self.chunks = 0
-        self.exhausted = False
-
-    def next_chunk(self) -> tuple[list, bool]:
-        """The next chunk and whether it is the last."""
-        room = self._per_chunk or 16
-        if self._window is not None:
-            room = min(room, self._window - (self.sent - self.received))
-        chunk = list(itertools.islice(self._source, room))
-        if self._per_chunk is None and chunk:
-            per_item = max(mean_item_bytes(chunk), 1.0)
-            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // per_item))
-            if self._window is None and (self._total or 0) * per_item <= START_ALL_BYTES:
-                chunk.extend(self._source)  # a list held by the driver anyway: all in one go
-                room = len(chunk) + 1
-        self.exhausted = len(chunk) < room
-        self.sent += len(chunk)
-        self.chunks += 1
-        return chunk, self.exhausted
-
-    def top_up(self, feed: Any, map_id: str) -> list:
-        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows;
-        return their refs."""
-        sent = []
-        while not self.exhausted and (self._window is None
-                                      or self.sent - self.received < self._window):
-            number = self.chunks
-            sent.append(feed.remote(map_id, number, *self.next_chunk()))
-        return sent

@@ -9,21 +9,21 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
 
 from rhmapper import _ray_compat
+from rhmapper.checks import check_concurrency, check_count, check_seconds
 from rhmapper.connect import ensure_ray, over_ray_client
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
 from rhmapper.module import (
-    FunctionReplica,
     Module,
     has_async_methods,
     is_async_callable,
     module,
     plain_class,
 )
-from rhmapper.options import MapOptions, MapSettings, StreamOptions, check_count, check_seconds
+from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.progress import Progress
-from rhmapper.backend import Backend, LocalBackend
-from rhmapper.replicas import ReplicaPool, check_picklable
+from rhmapper.backend import AUTO_ONLY, Backend, MapperSpec, method_of
+from rhmapper.replicas import check_picklable
 from rhmapper.retries import Retries
 from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned
@@ -69,7 +69,7 @@ class Mapper:
         on_cluster: bool = False,
         compiled_graphs: bool = False,
     ) -> None:
-        concurrency = _check_concurrency(concurrency)
+        concurrency = check_concurrency(concurrency)
         self.max_call_bytes = check_count("max_call_bytes", max_call_bytes)
         if env is not None and not isinstance(env, Env):
             raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
@@ -98,30 +98,27 @@ class Mapper:
             if not self.clusters:
                 ensure_ray()  # whether it is over Ray Client is known once connected
             _check_compiled_graphs(target, self._class, replicas, self.env, concurrency, on_cluster)
+        self.spec = MapperSpec(
+            target=target, method=self.method, env=self.env, concurrency=concurrency,
+            ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
+            max_call_bytes=self.max_call_bytes, compiled_graphs=compiled_graphs,
+            clusters=tuple(self.clusters))
+        """What this mapper was made of, checked (a host on the cluster builds its pool from it)."""
         self._backend: Backend
         if self.clusters:
             if on_cluster:
                 raise ValueError("on_cluster=True runs the mapper on one cluster; a mapper over "
                                  "several (replicas={...}) runs on the driver")
-            from rhmapper.clusters import MultiClusterPool
-
-            self._backend = LocalBackend(MultiClusterPool(
-                self.env, target, concurrency, ready_timeout, replace_mismatched, self.clusters))
+            self._backend = self.spec.local_backend()
         else:
             ensure_ray()
             board, _ = start_board()
             if on_cluster:
-                from rhmapper.host import ClusterBackend
+                from rhmapper.host_driver import ClusterBackend  # the host's code: loaded if used
 
-                self._backend = ClusterBackend(
-                    dict(obj=obj, method=method, env=self.env, concurrency=concurrency,
-                         ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
-                         max_call_bytes=max_call_bytes),
-                    self.env.actor_options(), board)
+                self._backend = ClusterBackend(self.spec, self.env.actor_options(), board)
             else:
-                self._backend = LocalBackend(ReplicaPool(
-                    self.env, target, concurrency, ready_timeout, replace_mismatched,
-                    compiled_graphs=compiled_graphs))
+                self._backend = self.spec.local_backend()
         self._cancel_events: set[threading.Event] = set()
         self._shut_down = False
         self.add_replicas(replicas)
@@ -152,12 +149,7 @@ class Mapper:
         return method
 
     def _method_of(self, method: str) -> Callable:
-        cls = self._class or FunctionReplica
-        attribute = getattr(cls, method, None)
-        if attribute is None or not callable(attribute):
-            what = f"class {cls.__name__}" if self._class else "a function mapper (it has no methods)"
-            raise AttributeError(f"{what} has no method {method!r}; check the method name")
-        return attribute
+        return method_of(self._class, method)
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -175,33 +167,9 @@ class Mapper:
             ...     m.num_replicas
             3
         """
-        concurrency = _check_concurrency(concurrency)
+        concurrency = check_concurrency(concurrency)
         self._check_open()
-        if isinstance(replicas, dict):
-            if not self.clusters:
-                raise TypeError("replicas={address: count} is for a mapper over several clusters: "
-                                "create it with rm.mapper(fn, replicas={'ray://host:10001': n, ...})")
-            self._backend.add_auto({address: check_count(f"replicas[{address!r}]", n, minimum=0)
-                                    for address, n in replicas.items()})
-        elif isinstance(replicas, (list, tuple)):
-            if self.compiled_graphs and replicas:
-                raise ValueError(f"compiled_graphs=True cannot be used here: {_AUTO_ONLY}.")
-            if self._class is None and replicas:
-                raise TypeError(
-                    "your own actors join a mapper of a class: rm.mapper(Model, method='predict', "
-                    "replicas=[actor, ...]); a function mapper runs only on auto replicas")
-            for handle in replicas:
-                if hasattr(handle, "__ray_call__") and not hasattr(handle, self.method):
-                    raise AttributeError(f"actor {handle!r} has no method {self.method!r} to map")
-            self._backend.add_user(list(replicas), concurrency)
-        else:
-            count = check_count("replicas", replicas, minimum=0,
-                                or_else="a list of Ray actor handles")
-            if concurrency is not None:
-                raise ValueError(
-                    "add_replicas(n, concurrency=...) applies to your own actors; auto replicas "
-                    "all run the mapper's concurrency (set it in rm.mapper(..., concurrency=k))")
-            self._backend.add_auto(count)
+        self.spec.add_replicas(self._backend, replicas, concurrency)
 
     def wait_ready(self, timeout: float | None = None) -> "Mapper":
         """Block until every replica has started (maps do not need this: each replica takes work
@@ -435,10 +403,7 @@ class Mapper:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._shut_down:
-            raise RhmapperError(
-                f"this mapper (env {self.env.name!r}) was shut down; create a new one with "
-                "rm.mapper(...) to map again")
+        self.spec.check_open(self._shut_down)
 
     def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
         method = settings.method or self.method
@@ -545,16 +510,12 @@ def _check_inputs(verb: str, iterables: tuple) -> None:
                 f"given to rm.mapper(fn, ...) once; then call m.{verb}(inputs)")
 
 
-_AUTO_ONLY = ("it applies to auto replicas (replicas=N); make a mapper without it for your own "
-              "actors")
-
-
 def _check_compiled_graphs(target: Any, cls: type | None, replicas: Any, env: Env,
                            concurrency: int | None, on_cluster: bool) -> None:
     """Refuse ``compiled_graphs=True`` where a compiled graph per replica cannot serve it."""
     why = None
     if isinstance(replicas, (list, tuple)):
-        why = _AUTO_ONLY
+        why = AUTO_ONLY
     elif isinstance(replicas, dict) or on_cluster or over_ray_client():
         why = ("Ray Compiled Graphs are driven from a driver on the cluster, not over Ray Client "
                "or from the mapper's host actor (on_cluster=True): run the script on the head "
@@ -569,12 +530,6 @@ def _check_compiled_graphs(target: Any, cls: type | None, replicas: Any, env: En
                "graphs still open when a driver exits")
     if why is not None:
         raise ValueError(f"compiled_graphs=True cannot be used here: {why}.")
-
-
-def _check_concurrency(concurrency: int | None) -> int | None:
-    """``concurrency`` checked (see `rhmapper.options.check_count`): ``None`` or a count."""
-    return None if concurrency is None else check_count("concurrency", concurrency,
-                                                        or_else="None")
 
 
 def mapper(

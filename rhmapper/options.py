@@ -6,11 +6,10 @@ each one); `MapSettings` holds them with their defaults, checked as they are bui
 
 from __future__ import annotations
 
-import numbers
-import operator
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypedDict
 
+from rhmapper.checks import check_count, check_seconds
 from rhmapper.retries import Retries
 from rhmapper.scheduler import DEFAULT_WINDOW
 
@@ -124,61 +123,3 @@ class MapSettings:
             raise TypeError(f"unknown map option {unknown[0]!r}; the options are: "
                             f"{', '.join(sorted(known))}")
         return cls(**options)
-
-
-def check_count(option: str, value: Any, minimum: int = 1, or_else: str = "") -> int:
-    """``value`` as an ``int``, checked for the count option ``option``: a whole number of at
-    least ``minimum``. The one check of every count option of rhmapper.
-
-    As CPython's executors check ``buffersize``: a value of the wrong type (a ``str``, a
-    ``float`` even if whole, a ``bool``, ``None``) raises ``TypeError``; a whole number below
-    ``minimum`` raises ``ValueError``. Either names the option, what it got and what it takes
-    (``or_else``: the option's other accepted values, said in the message). Integers of other
-    types (a NumPy ``int64``) are taken, as ``int``.
-
-    Examples:
-        >>> check_count("window", 64)
-        64
-        >>> check_count("window", 2.0)
-        Traceback (most recent call last):
-        ...
-        TypeError: window must be a whole number >= 1, got 2.0 (float)
-        >>> check_count("concurrency", 0, or_else="None")
-        Traceback (most recent call last):
-        ...
-        ValueError: concurrency must be a whole number >= 1 or None, got 0
-    """
-    takes = f"a whole number >= {minimum}" + (f" or {or_else}" if or_else else "")
-
-    def wrong_type() -> TypeError:
-        return TypeError(f"{option} must be {takes}, got {value!r} ({type(value).__name__})")
-
-    if isinstance(value, bool):
-        raise wrong_type()
-    try:
-        count = operator.index(value)
-    except TypeError:
-        raise wrong_type() from None
-    if count < minimum:
-        raise ValueError(f"{option} must be {takes}, got {value!r}")
-    return count
-
-
-def check_seconds(option: str, value: Any) -> float:
-    """``value``, checked for the option ``option``, a number of seconds > 0: another type
-    (a ``str``, a ``bool``) raises ``TypeError``, a number <= 0 (or NaN) ``ValueError``.
-
-    Examples:
-        >>> check_seconds("timeout", 2.5)
-        2.5
-        >>> check_seconds("keep_seconds", "1h")
-        Traceback (most recent call last):
-        ...
-        TypeError: keep_seconds must be a number of seconds > 0, got '1h' (str)
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{option} must be a number of seconds > 0, got {value!r} "
-                        f"({type(value).__name__})")
-    if not value > 0:
-        raise ValueError(f"{option} must be a number of seconds > 0, got {value!r}")
-    return value

@@ -7,7 +7,6 @@ join the pool, and are dropped from it when they die, but are never killed by it
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import functools
@@ -38,9 +37,10 @@ from ray.exceptions import (
 
 from rhmapper import _ray_compat
 from rhmapper.compiled import CompiledCalls, GraphClosed
-from rhmapper.env import Env, replica_name
+from rhmapper.env import Env
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.feasibility import check_feasible
+from rhmapper.names import NAMESPACE, replica_name
 from rhmapper.module import (
     Module,
     fingerprinted,
@@ -54,9 +54,6 @@ from rhmapper.signals import EndSignal, open_end_signal
 from rhmapper.scheduler import add_note, remote_error
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
-
-NAMESPACE = "rhmapper"
-"""The Ray namespace of every auto replica."""
 
 _FEASIBILITY_RECHECK_SECONDS = 1.0
 STUCK_GRACE_SECONDS = 2.0
@@ -114,6 +111,8 @@ class RayReplica:
         self.ready_ref = handle.__ray_call__.remote(replica_info)
         self.compiled: CompiledCalls | None = None
         """Its compiled graph, when the pool sends calls over one (``compiled_graphs=True``)."""
+        self.broadcasts: set = set()
+        """Its `broadcast` calls not answered yet: a mapped call may wait behind them."""
 
     def __repr__(self) -> str:
         return (f"RayReplica({self.name!r}, {self.state.value}, "
@@ -139,12 +138,14 @@ class RayReplica:
         return 1 if self.calls_directly(call) else None
 
     def start(self, call: CallSpec, start: int, items: list, budget: float | None = None,
-              board: str | None = None) -> ray.ObjectRef | Future:
+              board: str | None = None, idle: bool = False) -> ray.ObjectRef | Future:
         """Start one call on ``items``; return its ref, or the future of a call over the
         replica's compiled graph (the pool counts the slot it takes). The
         replica starts no item once the map has ended or ``budget`` seconds have passed (see
         `rhmapper.module.CallGuard`; ``board`` names the end board of the replica's cluster when
-        it is not the driver's).
+        it is not the driver's). ``idle`` says that nothing can be ahead of the call in the
+        actor's queue (the pool knows, see `ReplicaPool.submit`): the replica then does not ask
+        whether the map ended before it starts, however long the call took to get there.
 
         Auto replicas run the batch in their own entry point; your actors run `run_call`
         through ``__ray_call__``, except an ``async def`` method, which is called directly (one
@@ -158,8 +159,11 @@ class RayReplica:
             deadline = None if budget is None else now + budget
             signal_board, key = call.end_signal or (None, None)
             board = board or signal_board  # the end board of this replica's own cluster
+            # When the call was sent (``None``: it waits behind nothing); a compiled graph's
+            # thread stamps its calls itself (`rhmapper.module.sent_now`).
+            sent_at = None if idle and self.compiled is None else now
             payload = [call.method, _large_items_by_ref(items, call.star), call.star,
-                       call.kwargs, [board, key, deadline, now]]
+                       call.kwargs, [board, key, deadline, sent_at]]
             if not self.owned:
                 return self.handle.__ray_call__.remote(run_call, payload)
             if self.compiled is not None:
@@ -174,7 +178,10 @@ class RayReplica:
         """Start ``method(*args, **kwargs)`` on the replica: an actor call, or a call over its
         compiled graph (so that it runs on the thread, and in the turn, of the mapped calls)."""
         if self.compiled is None:
-            return getattr(self.handle, method).remote(*args, **kwargs)
+            ref = getattr(self.handle, method).remote(*args, **kwargs)
+            self.broadcasts.add(ref)
+            ref.future().add_done_callback(lambda _: self.broadcasts.discard(ref))
+            return ref
         return self.compiled.submit([method, [args], True, put_kwargs(kwargs) or None, None],
                                     functools.partial(_unpicklable_item, 0, [args]))
 
@@ -546,8 +553,9 @@ class ReplicaPool:
         """Call ``method`` on every replica at once; their answers, in pool order."""
         if self.compiled_graphs:  # a starting replica has no graph yet to take it
             self.wait_ready()
-        replicas = list(self.replicas)
-        answers = [replica.broadcast(method, args, kwargs) for replica in replicas]
+        with self._lock:  # a mapped call sent meanwhile sees the broadcast ahead of it
+            replicas = list(self.replicas)
+            answers = [replica.broadcast(method, args, kwargs) for replica in replicas]
         results = []
         for replica, answer in zip(replicas, answers):
             try:
@@ -751,13 +759,20 @@ class ReplicaPool:
     def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
                budget: float | None, inbox: Inbox) -> ray.ObjectRef:
         """Start one call on ``replica``, taking one of its slots; ``inbox`` gets its ref when
-        it answers."""
+        it answers.
+
+        A call that takes a free slot of an auto replica that only this pool calls (not a
+        detached pool's, which other drivers share) and that runs no broadcast waits behind
+        nothing there: it goes as ``idle`` (see `RayReplica.start`), so that a map nobody ends
+        early costs no question to the end board. (The scheduler holds the lock here.)"""
         try:
             if self.unreachable:
                 raise ConnectionError(self._unreachable_cause)
             if isinstance(call.kwargs, ClusterKwargs):
                 call = dataclasses.replace(call, kwargs=call.kwargs[self.cluster])
-            ref = replica.start(call, start, items, budget, self.board)
+            idle = (replica.owned and not self.env.detached and not replica.broadcasts
+                    and replica.in_flight < replica.capacity)
+            ref = replica.start(call, start, items, budget, self.board, idle)
             future = ref if isinstance(ref, Future) else ref.future()
         except Exception as error:  # on a lost cluster, the call fails like its replica
             if not self.unreachable and not self._is_cluster_loss(error):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from rhmapper.checks import check_count
+
 
 class Retries(BaseModel):
     """Retry policy for items whose user code raised: exponential backoff, optional error filter.
@@ -41,8 +43,6 @@ class Retries(BaseModel):
     @field_validator("max_retries", mode="before")
     @classmethod
     def _check_max_retries(cls, max_retries: object) -> int:
-        from rhmapper.options import check_count  # options imports this module
-
         return check_count("max_retries", max_retries, minimum=0)
 
     @field_validator("retry_on", mode="before")
@@ -60,7 +60,7 @@ class Retries(BaseModel):
         """The policy for a map's ``retries=`` argument (an int or a ``Retries``).
 
         A count of another type (``"2"``, ``2.0``, ``True``) raises ``TypeError``, a negative
-        one ``ValueError`` (see `rhmapper.options.check_count`).
+        one ``ValueError`` (see `rhmapper.checks.check_count`).
 
         Examples:
             >>> Retries.of(2).max_retries
@@ -70,8 +70,6 @@ class Retries(BaseModel):
             ...
             TypeError: retries must be a whole number >= 0 or rm.Retries(...), got 2.0 (float)
         """
-        from rhmapper.options import check_count  # options imports this module
-
         if isinstance(retries, Retries):
             return retries
         return cls(max_retries=check_count("retries", retries, minimum=0,

@@ -21,8 +21,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rhmapper import _ray_compat
+from rhmapper.names import NAMESPACE, new_board_name
 
-BOARD_NAMESPACE = "rhmapper"
 _ENDED_KEYS_KEPT = 100_000
 """A board remembers this many ended maps, so that a replica asking late still hears the end."""
 _FIRST_CHECK_MAX_SECONDS = 0.1
@@ -85,9 +85,9 @@ def start_board() -> tuple[str, Any]:
     session = (context.get_session_name(), context.get_job_id())
     with _lock:
         if session not in _boards:
-            name = f"rhmapper_end_board_{uuid.uuid4().hex[:12]}"
+            name = new_board_name()
             handle = ray.remote(_EndBoard).options(
-                name=name, namespace=BOARD_NAMESPACE, num_cpus=0, max_concurrency=100_000,
+                name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=100_000,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(context.get_node_id(),
                                                                    soft=True)).remote()
             _boards[session] = (name, handle)
@@ -188,7 +188,7 @@ def _ask(signal: EndSignal) -> Any:
     """Ask the board to answer when the map ends (``None``: the board is gone)."""
     if signal.board not in _board_handles:
         try:
-            _board_handles[signal.board] = ray.get_actor(signal.board, namespace=BOARD_NAMESPACE)
+            _board_handles[signal.board] = ray.get_actor(signal.board, namespace=NAMESPACE)
         except ValueError:  # the driver, and its board, are gone
             _board_handles[signal.board] = None
     board = _board_handles[signal.board]

@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import ray
 
 from rhmapper import _ray_compat
+from rhmapper.connect import ensure_ray
 from rhmapper.errors import RhmapperError
-from rhmapper.replicas import NAMESPACE
+from rhmapper.names import NAMESPACE, SPAWNED_DIRECTORY
 
-DIRECTORY_NAME = "rhmapper_spawned_maps"
 DEFAULT_KEEP_SECONDS = 24 * 3600.0
 DEFAULT_MAX_RESULT_BYTES = 2**30
 READ_WAIT_SECONDS = 1.0
@@ -55,7 +55,7 @@ class _Directory:
 def directory() -> Any:
     """The cluster's directory of spawned maps (created on first use, detached, no resources)."""
     return ray.remote(_Directory).options(
-        name=DIRECTORY_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        name=SPAWNED_DIRECTORY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         num_cpus=0).remote()
 
 
@@ -192,8 +192,6 @@ def get_map(name: str) -> SpawnedMap:
         ...
         KeyError: "no spawned map named 'never_spawned' on this cluster (it was never spawned, or it was collected, deleted or expired)"
     """
-    from rhmapper.connect import ensure_ray
-
     ensure_ray()
     host = ray.get(directory().lookup.remote(name))
     if host is None:

@@ -9,9 +9,9 @@ import pytest
 
 
 @pytest.mark.parametrize("name", [
-    "rhmapper.env", "rhmapper.errors", "rhmapper.options", "rhmapper.progress",
-    "rhmapper.retries", "rhmapper.scheduler", "rhmapper.sizing", "rhmapper.slots",
-    "rhmapper.wire",
+    "rhmapper.checks", "rhmapper.env", "rhmapper.errors", "rhmapper.names", "rhmapper.options",
+    "rhmapper.progress", "rhmapper.retries", "rhmapper.scheduler", "rhmapper.sizing",
+    "rhmapper.slots", "rhmapper.wire",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

@@ -14,7 +14,8 @@ import rhmapper as rm
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", [
     "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.signals",
-    "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.spawned", "rhmapper.clusters",
+    "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.host_driver",
+    "rhmapper.spawned", "rhmapper.clusters",
     "rhmapper.compiled",
 ])
 def test_ray_edge_examples_run(ray_local, name):

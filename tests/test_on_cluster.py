@@ -14,7 +14,7 @@ import ray
 
 import rhmapper as rm
 from rhmapper import _ray_compat
-from rhmapper import host as host_module
+from rhmapper import host_driver
 from tests.ray_head import wait_until
 
 
@@ -169,7 +169,7 @@ def test_spawned_map_expires_and_is_bounded_in_size(ray_local):
 
 
 def test_a_spawned_map_whose_inputs_cannot_all_be_sent_is_deleted(ray_local, monkeypatch):
-    monkeypatch.setattr(host_module, "START_ALL_BYTES", 0)  # inputs go in chunks, not with the start
+    monkeypatch.setattr(host_driver, "START_ALL_BYTES", 0)  # inputs go in chunks, not with the start
     with rm.mapper(square, replicas=1, on_cluster=True) as m:
         with pytest.raises(TypeError, match="lock"):
             m.spawn_map(list(range(100)) + [threading.Lock()], name="test_spawned_unsendable")

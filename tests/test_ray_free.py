@@ -14,7 +14,9 @@ WITHOUT_RAY = """
     sys.modules["ray"] = None  # any `import ray` now raises ImportError
 
     import rhmapper
+    from rhmapper.checks import check_count
     from rhmapper.env import Env
+    from rhmapper.names import NAMESPACE, parse_replica_name
     from rhmapper.retries import Retries
     from rhmapper.scheduler import MapPlan, MapRun
     from rhmapper.wire import CallSpec, ReplicaDied
@@ -34,6 +36,8 @@ WITHOUT_RAY = """
         2 * x for x in range(200) if x != 7]
     assert type(run.results[7]).__name__ == "ReplicaLostError"
     assert Env(name="e", compute={"CPU": 1}).actor_options()["num_cpus"] == 1
+    assert parse_replica_name("e_replica_2") == ("e", 2) and NAMESPACE == "rhmapper"
+    assert check_count("window", 3) == 3
     assert "mapper" not in rhmapper.__all__ and "Env" in rhmapper.__all__
     print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
 """

@@ -1,0 +1,193 @@
+"""The driver's side of a mapper on the cluster (``rm.mapper(..., on_cluster=True)``):
+`ClusterBackend` creates the mapper's host (`rhmapper.host.MapperHost`, the cluster's side) from
+the mapper's `MapperSpec` and runs each map through it: inputs go in chunks of about
+`FEED_CHUNK_BYTES`, results come back by long polls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import uuid
+from typing import Any, Iterator
+
+import ray
+
+from rhmapper import _ray_compat
+from rhmapper.backend import MapperSpec, OnProgress
+from rhmapper.errors import MapCancelledError
+from rhmapper.host import MAX_CONCURRENCY, MapperHost
+from rhmapper.names import NAMESPACE, new_host_name
+from rhmapper.replicas import put_kwargs, upload_local_dirs
+from rhmapper.scheduler import MapPlan, add_note
+from rhmapper.sizing import mean_item_bytes
+from rhmapper import spawned
+
+FEED_CHUNK_BYTES = 2**20
+"""Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
+START_ALL_BYTES = 64 * 2**20
+"""A list of inputs up to this size (estimated) goes to the host whole, with the map's start."""
+
+
+class ClusterBackend:
+    """The driver's side of a mapper whose host runs on the cluster (see the module docstring).
+
+    The host is created with the env's ``runtime_env`` (it imports the user's code), no
+    resources, on the head node (`rhmapper._ray_compat.HEAD_NODE_RESOURCE`).
+
+    Examples:
+        >>> from rhmapper.env import Env
+        >>> from rhmapper.signals import start_board
+        >>> spec = MapperSpec(target=abs, method=None, env=Env(name="cluster_doc"))
+        >>> backend = ClusterBackend(spec, spec.env.actor_options(), start_board()[0])
+        >>> backend.add_auto(1); backend.names()
+        ['cluster_doc_replica_0']
+        >>> backend.shutdown(kill=True)
+    """
+
+    def __init__(self, spec: MapperSpec, env_options: dict, driver_board: str) -> None:
+        options = upload_local_dirs(env_options)
+        host_class = ray.remote(MapperHost)
+        self.name = new_host_name()
+        self.host = host_class.options(
+            name=self.name, namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+            max_concurrency=MAX_CONCURRENCY, max_restarts=0,
+            runtime_env=options.get("runtime_env"),
+            resources={_ray_compat.HEAD_NODE_RESOURCE: 0.001},
+        ).remote(_ray_compat.RAY_CLOUDPICKLE.dumps(spec), driver_board)
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return ray.get(getattr(self.host, method).remote(*args))
+
+    def add_auto(self, count: int) -> None:
+        self._call("add_replicas", count, None)
+
+    def add_user(self, handles: list, concurrency: int | None) -> None:
+        self._call("add_replicas", handles, concurrency)
+
+    def drop(self, count: int) -> None:
+        self._call("drop_replicas", count)
+
+    def wait_ready(self, timeout: float | None) -> None:
+        self._call("wait_ready", timeout)
+
+    def handles(self) -> list:
+        return self._call("handles")
+
+    def names(self) -> list[str]:
+        return self._call("names")
+
+    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
+        return self._call("broadcast", method, args, kwargs)
+
+    def put_kwargs(self, kwargs: dict) -> dict:
+        return put_kwargs(kwargs)  # the driver's refs; a spawned map's host copies them
+
+    def shutdown(self, kill: bool) -> None:
+        try:
+            self._call("shutdown", kill)
+        except ray.exceptions.RayActorError:
+            pass  # the host exits in shutdown: its call ends with the actor
+
+    def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
+            cancelled: threading.Event) -> Iterator[list]:
+        map_id = uuid.uuid4().hex
+        feeder = _Feeder(source, plan.window, plan.total if plan.collect else None)
+        # The host streams a list's results in order as they come (not all at the end), so
+        # that sending them overlaps with the map.
+        hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
+        started = self.host.start.remote(map_id, hosted_plan, *feeder.next_chunk())
+        results: list = []
+        finished = False
+        done = 0
+        try:
+            feeder.top_up(self.host.feed, map_id)
+            while True:
+                if cancelled.is_set():
+                    raise MapCancelledError("the map was cancelled with Mapper.cancel()")
+                try:
+                    reply = ray.get(self.host.take.remote(map_id, not plan.collect))
+                except ray.exceptions.RayTaskError:
+                    ray.get(started)  # the map could not start: raise why
+                    raise
+                if reply["done"] > done:
+                    on_progress(reply["done"] - done, reply["stats"], reply["ready"])
+                    done = reply["done"]
+                for chunk in reply["chunks"]:
+                    feeder.received += len(chunk)
+                    if plan.collect:
+                        results.extend(chunk)
+                    else:
+                        yield chunk
+                if reply["error"] is not None:
+                    finished = True
+                    raise _ray_compat.RAY_CLOUDPICKLE.loads(reply["error"])
+                if reply["finished"]:
+                    finished = True
+                    if plan.collect:
+                        yield results
+                    return
+                feeder.top_up(self.host.feed, map_id)
+        finally:
+            if not finished:
+                self.host.cancel.remote(map_id)
+
+
+    def spawn(self, name: str, plan: MapPlan, items: list, keep_seconds: float,
+              max_result_bytes: float) -> "spawned.SpawnedMap":
+        """Ship ``items`` to the host and start the spawned map ``name`` there."""
+        feeder = _Feeder(iter(items), None, len(items))
+        hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
+        ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.next_chunk(), len(items),
+                                       keep_seconds, max_result_bytes))
+        try:
+            ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
+        except BaseException as error:  # a map without all of its inputs must not run on
+            try:
+                ray.get(self.host.spawned_delete.remote(name), timeout=60)
+            except Exception as failed:  # the original error is the one to raise
+                add_note(error, f"rhmapper: spawned map {name!r} could not be deleted: {failed}")
+            raise
+        return spawned.SpawnedMap(name, self.host)
+
+
+class _Feeder:
+    """A map's inputs, taken from ``source`` in chunks of about `FEED_CHUNK_BYTES`, keeping at
+    most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
+    verbs that collect a list already hold every input)."""
+
+    def __init__(self, source: Iterator, window: int | None, total: int | None = None) -> None:
+        self._source, self._window, self._total = source, window, total
+        self._per_chunk: int | None = None
+        self.sent = 0
+        self.received = 0
+        self.chunks = 0
+        self.exhausted = False
+
+    def next_chunk(self) -> tuple[list, bool]:
+        """The next chunk and whether it is the last."""
+        room = self._per_chunk or 16
+        if self._window is not None:
+            room = min(room, self._window - (self.sent - self.received))
+        chunk = list(itertools.islice(self._source, room))
+        if self._per_chunk is None and chunk:
+            per_item = max(mean_item_bytes(chunk), 1.0)
+            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // per_item))
+            if self._window is None and (self._total or 0) * per_item <= START_ALL_BYTES:
+                chunk.extend(self._source)  # a list held by the driver anyway: all in one go
+                room = len(chunk) + 1
+        self.exhausted = len(chunk) < room
+        self.sent += len(chunk)
+        self.chunks += 1
+        return chunk, self.exhausted
+
+    def top_up(self, feed: Any, map_id: str) -> list:
+        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows;
+        return their refs."""
+        sent = []
+        while not self.exhausted and (self._window is None
+                                      or self.sent - self.received < self._window):
+            number = self.chunks
+            sent.append(feed.remote(map_id, number, *self.next_chunk()))
+        return sent
