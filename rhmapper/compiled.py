@@ -221,9 +221,7 @@ class CompiledCalls:
             else:
                 try:
                     graph = self._open_graph(payload[0])  # counts against no call's timeout=
-                    with self._wake:
-                        queued = bool(self._sent)  # behind a call the replica has not answered
-                    payload = sent_now(payload, time.time(), queued)
+                    payload = sent_now(payload, time.time())
                     future.sent_at = time.monotonic()  # type: ignore[attr-defined]
                     ref = graph.execute(payload)
                 except TypeError as error:

@@ -439,20 +439,18 @@ class CallGuard:
         return 0.0 if self.sent_at is None else self._started_at - self.sent_at
 
 
-def sent_now(payload: "Payload", now: float, queued: bool) -> "Payload":
+def sent_now(payload: "Payload", now: float) -> "Payload":
     """``payload`` as sent at ``now`` (``time.time()``) rather than when the driver made it: its
     guard's deadline moves on by as long as the call waited in the driver. A compiled graph's
     thread sends a call only once the graph is compiled, and compiling counts against no call's
-    ``timeout=`` (see `rhmapper.compiled`). A call sent with no call ahead of it on the replica
-    (not ``queued``) is marked so: it waits in no queue there, however slow the transport, so
-    its replica does not ask whether its map ended before it starts (see `CallGuard`).
+    ``timeout=`` (see `rhmapper.compiled`). When it was made stays as it is: a call that waited
+    in the driver behind its replica's running call asks, before it starts, whether its map
+    ended meanwhile (see `CallGuard`), as a call queued in the actor does.
 
     Examples:
-        >>> sent_now(["fn", [1], False, None, [None, None, 10.0, 4.0]], now=5.5, queued=True)[4]
-        [None, None, 11.5, 5.5]
-        >>> sent_now(["fn", [1], False, None, [None, None, None, 4.0]], now=5.5, queued=False)[4]
-        [None, None, None, None]
-        >>> sent_now(["fn", [1], False, None, None], now=5.5, queued=False)[4] is None
+        >>> sent_now(["fn", [1], False, None, [None, None, 10.0, 4.0]], now=5.5)[4]
+        [None, None, 11.5, 4.0]
+        >>> sent_now(["fn", [1], False, None, None], now=5.5)[4] is None
         True
     """
     guard = payload[4]
@@ -461,7 +459,7 @@ def sent_now(payload: "Payload", now: float, queued: bool) -> "Payload":
     board, key, deadline, made_at = guard
     if deadline is not None:
         deadline += max(0.0, now - made_at)
-    return [*payload[:4], [board, key, deadline, now if queued else None]]
+    return [*payload[:4], [board, key, deadline, made_at]]
 
 
 def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
