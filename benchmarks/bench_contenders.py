@@ -238,6 +238,8 @@ class Rhmapper(Contender):
         else:
             self.m = rm.mapper(self.wl.fn, replicas=NUM_ACTORS, env=env,
                                concurrency=self.wl.concurrency, **self.mapper_kwargs)
+        if not self.wl.construct_timed:  # as the other contenders' actors: all ready first
+            self.m.wait_ready()
 
     def warm(self):
         # One item per call, so that (as for the other contenders) every replica has

@@ -468,7 +468,8 @@ def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
     """Call ``target`` on each item not already failed; a failing item does not stop the others,
     and no item starts once the guard says stop. Returns the values and where it stopped."""
     call = _caller(target, star, kwargs)
-    values: list = []
+    unfetched = set(failures)  # items whose arguments could not be fetched: not called
+    values: list = []  # values[i] is item i's: len(values) is the next item's index
     append = values.append
     position, count = 0, len(items)
     while position < count:
@@ -477,15 +478,14 @@ def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
             values.extend([None] * (count - position))
             return values, (position, reason)
         end = min(count, guard.next_check)
-        skip = failures.copy() if failures else None  # items whose arguments could not be fetched
-        for index, item in enumerate(items[position:end], position):
-            if skip and index in skip:
+        for item in items[position:end]:
+            if unfetched and len(values) in unfetched:
                 append(None)
                 continue
             try:
                 append(call(item))
             except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
-                failures[index] = RemoteFailure.capture(error)
+                failures[len(values)] = RemoteFailure.capture(error)
                 append(None)
         position = end
     return values, None

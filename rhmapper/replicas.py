@@ -50,7 +50,7 @@ from rhmapper.module import (
     run_call,
 )
 from rhmapper.sizing import approx_bytes
-from rhmapper.signals import EndSignal, open_end_signal
+from rhmapper.signals import ASK_AFTER_RUNNING_SECONDS, EndSignal, open_end_signal
 from rhmapper.scheduler import add_note, remote_error
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
@@ -113,6 +113,8 @@ class RayReplica:
         """Its compiled graph, when the pool sends calls over one (``compiled_graphs=True``)."""
         self.broadcasts: set = set()
         """Its `broadcast` calls not answered yet: a mapped call may wait behind them."""
+        self.unsure = False
+        """Whether calls that failed as unavailable may still run there (Ray cannot say)."""
 
     def __repr__(self) -> str:
         return (f"RayReplica({self.name!r}, {self.state.value}, "
@@ -387,6 +389,9 @@ class ReplicaPool:
         """Guards the three above; Ray's callback threads take only this lock, never `_lock`."""
         self._draining: dict[ray.ObjectRef, RayReplica] = {}
         """Abandoned calls not answered yet, with their replica."""
+        self._heard: set[str] = set()
+        """Keys of maps whose replicas may have asked the end board about them (or may still
+        start one of their calls): only these maps' ends are sent (see `open_end_signal`)."""
         self._overtime: list[tuple[float, int, ray.ObjectRef]] = []
         """A heap of abandoned calls with a deadline: (deadline + grace, sequence, ref)."""
         self._overtime_sequence = itertools.count()
@@ -601,16 +606,23 @@ class ReplicaPool:
     def open_end_signal(self, key: str | None = None) -> tuple[EndSignal, Callable[[], None]]:
         """A map's end signal on this pool's cluster (see `rhmapper.signals.open_end_signal`)."""
         signal, end = open_end_signal(key)
-        if self._connection is None:
-            return signal, end
-        self.board = signal.board
+        if self._connection is not None:
+            self.board = signal.board
 
-        def end_on_its_cluster() -> None:
+        def end_if_heard() -> None:
+            """Send the end only to a map some replica may have asked about, or whose calls
+            may still start (its abandoned ones): the end of any other map tells no one."""
+            if signal.key not in self._heard:
+                return
+            self._heard.discard(signal.key)
+            if self._connection is None:
+                end()
+                return
             with _ray_compat.using_client_connection(self._connection):
                 if not self.unreachable and ray.util.client.ray.is_connected():
                     end()
 
-        return signal, end_on_its_cluster
+        return signal, end_if_heard
 
     @_on_its_cluster
     def wait_ready(self, timeout: float | None = None) -> None:
@@ -762,16 +774,20 @@ class ReplicaPool:
         it answers.
 
         A call that takes a free slot of an auto replica that only this pool calls (not a
-        detached pool's, which other drivers share) and that runs no broadcast waits behind
-        nothing there: it goes as ``idle`` (see `RayReplica.start`), so that a map nobody ends
-        early costs no question to the end board. (The scheduler holds the lock here.)"""
+        detached pool's, which other drivers share), that runs no broadcast and that never
+        failed calls as unavailable (they may still run there) waits behind nothing there: it
+        goes as ``idle`` (see `RayReplica.start`), so that a map nobody ends early costs no
+        question to the end board, and (when every call of it answered within
+        `ASK_AFTER_RUNNING_SECONDS`) no end sent to it either. (The scheduler holds the lock
+        here.)"""
+        idle = (replica.owned and not self.env.detached and not replica.unsure
+                and not replica.broadcasts and replica.in_flight < replica.capacity)
+        sent_at = time.monotonic()
         try:
             if self.unreachable:
                 raise ConnectionError(self._unreachable_cause)
             if isinstance(call.kwargs, ClusterKwargs):
                 call = dataclasses.replace(call, kwargs=call.kwargs[self.cluster])
-            idle = (replica.owned and not self.env.detached and not replica.broadcasts
-                    and replica.in_flight < replica.capacity)
             ref = replica.start(call, start, items, budget, self.board, idle)
             future = ref if isinstance(ref, Future) else ref.future()
         except Exception as error:  # on a lost cluster, the call fails like its replica
@@ -779,10 +795,14 @@ class ReplicaPool:
                 raise
             self._cluster_lost(error)
             ref = future = _Unreachable(self._unreachable_cause)
+        key = call.end_signal.key if call.end_signal is not None else None
+        quiet = idle and replica.compiled is None  # asks the board only after running 20 ms
         with self._lock:
             self.slots.took(replica)
-            self._calls[ref] = _CallRecord(future, replica, time.monotonic(),
-                                           replica.calls_directly(call))
+            self._calls[ref] = _CallRecord(future, replica, sent_at,
+                                           replica.calls_directly(call), key)
+            if key is not None and not quiet:
+                self._heard.add(key)
         with self._wakeup:
             self._inboxes[ref] = inbox
         future.add_done_callback(functools.partial(self._answered, ref))
@@ -794,6 +814,9 @@ class ReplicaPool:
         with self._lock:
             record = self._calls.pop(token)
             self._give_back(record)
+            if (record.key is not None
+                    and time.monotonic() - record.submitted_at >= ASK_AFTER_RUNNING_SECONDS):
+                self._heard.add(record.key)  # it may have run long enough to ask
         direct = record.direct
         try:
             value = record.future.result()
@@ -844,6 +867,9 @@ class ReplicaPool:
                     raise
                 self._cluster_lost(error)
         with self._lock:  # with the lock, its "drained" event cannot be handled before this
+            record = self._calls.get(token)
+            if record is not None and record.key is not None:
+                self._heard.add(record.key)  # it may still start: its replica must hear the end
             with self._wakeup:
                 answered = self._inboxes.pop(token, None) is None
             if answered:  # its answer is in the map's inbox, which drops it
@@ -900,6 +926,7 @@ class ReplicaPool:
     def unavailable(self, replica: RayReplica) -> None:
         """Take no calls to ``replica`` until it answers a new probe (it may be restarting)."""
         with self._lock:
+            replica.unsure = True  # its failed calls may yet run: later calls may queue behind
             if replica.state is ReplicaState.READY:
                 self._probe(replica)
 
@@ -1001,6 +1028,8 @@ class _CallRecord:
     submitted_at: float
     direct: bool
     """Whether it calls your async method directly (its reply is the bare value)."""
+    key: str | None = None
+    """Its map's end-signal key."""
     holds_slot: bool = True
     """Whether its slot is still taken: given back when it answers, before its map fetches it,
     so that a map that reads its results late (a suspended ``imap``) holds no slot another map

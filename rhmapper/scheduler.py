@@ -464,7 +464,12 @@ class MapRun:
             self._wanted = size - len(self._held)  # pulled outside the lock, then sent
             return None
         fits = max(1, int(self._plan.max_call_bytes // max(self._held_item_bytes, 1.0)))
-        items = [self._held.popleft() for _ in range(min(size, fits, len(self._held)))]
+        count = min(size, fits, len(self._held))
+        if count == len(self._held):  # the usual case (the pull was sized for this call): in C
+            items = list(self._held)
+            self._held.clear()
+        else:
+            items = [self._held.popleft() for _ in range(count)]
         start = self._next_index
         self._next_index += len(items)
         return start, items, False

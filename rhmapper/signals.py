@@ -29,8 +29,9 @@ _FIRST_CHECK_MAX_SECONDS = 0.1
 _QUEUED_SECONDS = 0.005
 """A call that starts later than this after it was sent waited in the actor's queue: before it
 starts anything, the replica waits for the board's answer."""
-_ASK_AFTER_RUNNING_SECONDS = 0.02
-"""A call that started at once asks the board only once it has run this long."""
+ASK_AFTER_RUNNING_SECONDS = 0.02
+"""A call that started at once asks the board only once it has run this long (so a driver that
+saw each call of a map answer sooner knows that no replica asked about it)."""
 _FUTURES_KEPT = 64
 
 
@@ -139,7 +140,7 @@ def ended(signal: EndSignal, queued_seconds: float, running_seconds: float) -> b
         asked = _futures.get(signal.key)
     queued = queued_seconds >= _QUEUED_SECONDS
     if asked is None:
-        if not queued and running_seconds < _ASK_AFTER_RUNNING_SECONDS:
+        if not queued and running_seconds < ASK_AFTER_RUNNING_SECONDS:
             return False  # started at once and runs briefly: its map was running a moment ago
         asked = _ask_once(signal)
         if asked is None:

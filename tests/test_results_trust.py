@@ -8,12 +8,14 @@ import gc
 import os
 import threading
 import time
+import types
 import weakref
 
 import pytest
 import ray
 
 import rhmapper as rm
+from rhmapper.signals import start_board
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 REPLICA_ONLY_DIR = os.path.join(os.path.dirname(__file__), "replica_only")
@@ -41,6 +43,15 @@ def raises_base_exceptions(x):
     if x == 3:
         raise CustomBase("base")
     return (os.getpid(), x)
+
+
+def double(x):
+    return 2 * x
+
+
+def sleepy_double(x):
+    time.sleep(0.03)
+    return 2 * x
 
 
 async def async_system_exit(x):
@@ -185,6 +196,74 @@ def test_a_cancelled_batch_starts_no_more_items():
     counts = ray.get(actor.counts.remote())
     assert all(runs == 1 for runs in counts.values()) and 1 <= len(counts) <= 5, counts
     ray.kill(actor)
+
+
+def test_a_call_queued_behind_a_broadcast_on_an_auto_replica_never_runs_once_cancelled():
+    with rm.mapper(Counted, method="work", replicas=1) as m:
+        m.wait_ready()
+        broadcast = threading.Thread(target=m.broadcast, args=("block", 2.0))
+        broadcast.start()
+        time.sleep(0.3)  # the broadcast runs: the map's call queues behind it
+        threading.Timer(0.5, m.cancel).start()
+        with pytest.raises(rm.MapCancelledError):
+            m.map(range(5), batch_size=5)
+        broadcast.join(timeout=10)
+        time.sleep(0.3)
+        assert m.broadcast("counts") == [{}], "the cancelled call ran its items"
+
+
+def test_a_cancelled_batch_on_an_idle_auto_replica_starts_no_more_items():
+    with rm.mapper(Counted, method="work", replicas=1) as m:
+        m.wait_ready()
+        threading.Timer(0.5, m.cancel).start()
+        with pytest.raises(rm.MapCancelledError):
+            m.map(range(10), batch_size=10, kwargs={"seconds": 0.2})
+        time.sleep(1.0)
+        [counts] = m.broadcast("counts")
+        assert all(runs == 1 for runs in counts.values()) and 1 <= len(counts) <= 5, counts
+
+
+def _questions_asked(handle) -> int:
+    """How many maps the replica of ``handle`` asked the end board about."""
+    def asked(_instance):
+        from rhmapper import signals
+
+        return len(signals._futures)
+
+    return ray.get(handle.__ray_call__.remote(asked))
+
+
+def _unanswered_questions() -> int:
+    """Questions waiting on this driver's end board (each is answered when its map ends)."""
+    _, board = start_board()
+    return ray.get(board.__ray_call__.remote(lambda board: len(board._waiting)))
+
+
+def test_a_map_nobody_ends_early_asks_the_end_board_nothing(monkeypatch):
+    """Calls sent to idle auto replicas wait behind nothing there, however slow their way: a
+    replica does not stop to ask the board before it starts them."""
+    from rhmapper import replicas
+
+    with rm.mapper(double, replicas=2) as m:
+        m.wait_ready()
+        real_time = time.time  # the driver's clock 1 s behind: every call looks 1 s in transit
+        monkeypatch.setattr(replicas, "time", types.SimpleNamespace(
+            time=lambda: real_time() - 1.0, monotonic=time.monotonic, sleep=time.sleep))
+        assert m.map(range(2000)) == [2 * x for x in range(2000)]
+        assert list(m.imap(range(500))) == [2 * x for x in range(500)]
+        assert [_questions_asked(handle) for handle in m.replicas] == [0, 0]
+
+
+def test_every_question_to_the_end_board_is_answered():
+    """Calls that run long enough ask the board about their map; its end answers them all
+    (a map's end is sent whenever a replica may have asked)."""
+    with rm.mapper(sleepy_double, replicas=2) as m:
+        assert m.map(range(12), batch_size=3) == [2 * x for x in range(12)]
+        assert sum(_questions_asked(handle) for handle in m.replicas) >= 1
+        deadline = time.monotonic() + 10
+        while _unanswered_questions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _unanswered_questions() == 0
 
 
 def test_a_timed_out_queued_call_never_runs():
