@@ -34,7 +34,7 @@ from rhmapper.connect import (
 )
 from rhmapper.errors import RhmapperError
 from rhmapper.names import NAMESPACE, parse_replica_name
-from rhmapper.replicas import wait_name_released
+from rhmapper.pool_setup import wait_name_released
 
 _CLUSTER_LOOKUP_SECONDS = 60.0
 

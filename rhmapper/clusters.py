@@ -22,7 +22,10 @@ from rhmapper import _ray_compat
 from rhmapper.env import Env
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError
 from rhmapper.names import NAMESPACE
-from rhmapper.replicas import ClusterKwargs, RayReplica, ReplicaPool, wait_for_answers
+from rhmapper.pool_setup import ClusterKwargs
+from rhmapper.ray_replica import RayReplica
+from rhmapper.call_sender import wait_for_answers
+from rhmapper.replicas import ReplicaPool
 from rhmapper.signals import EndSignal
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec

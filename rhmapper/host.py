@@ -27,7 +27,7 @@ from rhmapper import _ray_compat
 from rhmapper.backend import MapperSpec
 from rhmapper.checks import check_concurrency, check_count
 from rhmapper.errors import MapCancelledError, RhmapperError
-from rhmapper.replicas import name_taken
+from rhmapper.pool_setup import name_taken
 from rhmapper.scheduler import MapPlan, MapStats
 from rhmapper.signals import start_board
 from rhmapper.sizing import mean_item_bytes

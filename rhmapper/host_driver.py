@@ -19,7 +19,7 @@ from rhmapper.backend import MapperSpec, OnProgress
 from rhmapper.errors import MapCancelledError
 from rhmapper.host import MAX_CONCURRENCY, MapperHost
 from rhmapper.names import NAMESPACE, new_host_name
-from rhmapper.replicas import put_kwargs, upload_local_dirs
+from rhmapper.pool_setup import put_kwargs, upload_local_dirs
 from rhmapper.scheduler import MapPlan, add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned

@@ -23,7 +23,7 @@ from rhmapper.module import (
 from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.progress import Progress
 from rhmapper.backend import AUTO_ONLY, Backend, MapperSpec, method_of
-from rhmapper.replicas import check_picklable
+from rhmapper.pool_setup import check_picklable
 from rhmapper.retries import Retries
 from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned

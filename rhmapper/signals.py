@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rhmapper import _ray_compat
 from rhmapper.names import NAMESPACE, new_board_name
+from rhmapper.pool_calls import ASK_AFTER_RUNNING_SECONDS
 
 _ENDED_KEYS_KEPT = 100_000
 """A board remembers this many ended maps, so that a replica asking late still hears the end."""
@@ -29,9 +30,6 @@ _FIRST_CHECK_MAX_SECONDS = 0.1
 _QUEUED_SECONDS = 0.005
 """A call that starts later than this after it was sent waited in the actor's queue: before it
 starts anything, the replica waits for the board's answer."""
-ASK_AFTER_RUNNING_SECONDS = 0.02
-"""A call that started at once asks the board only once it has run this long (so a driver that
-saw each call of a map answer sooner knows that no replica asked about it)."""
 _FUTURES_KEPT = 64
 
 

@@ -1,8 +1,11 @@
 """An in-process pool for unit tests of the scheduler: no Ray, deterministic, any scale.
 
-It behaves like the Ray pool where the scheduler can tell: replicas start after a while, a call
-holds its slot until it answers (an abandoned one too), a hung call never answers, and ``wait``
-returns nothing but the time it was given when nothing is done.
+Its policy is the real one: replicas, their states, slots and calls in flight live in a
+`rhmapper.pool_state.PoolState`, and the fake carries out its actions as the Ray pool does (a
+`Create` makes a new fake replica, a `Stop` retires one), so the fake cannot drift from the real
+pool. What it fakes is Ray: replicas start after a while, calls answer in shuffled order when the
+scheduler waits, a hung call never answers, and ``wait`` returns nothing but the time it was
+given when nothing is done.
 """
 
 from __future__ import annotations
@@ -13,24 +16,45 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rhmapper.errors import NoReplicasError
-from rhmapper.slots import Inbox, SlotIndex
+from rhmapper.pool_events import (
+    Action,
+    Create,
+    Died,
+    Drained,
+    Fail,
+    Probe,
+    Probed,
+    ProbeOutcome,
+    Stop,
+    Tick,
+    Unavailable,
+    Warn,
+)
+from rhmapper.pool_records import (
+    CallRecord,
+    ReplicaRecord,
+    ReplicaState,
+)
+from rhmapper.pool_state import PoolState
+from rhmapper.slots import Inbox
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
 
-@dataclass(eq=False)
-class FakeReplica:
-    name: str
-    capacity: int
-    fn: Callable
-    starts_after: int = 0
-    """How many of the pool's ``wait`` calls pass before this replica is ready."""
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    queues_ahead: bool = True
-    alive: bool = True
-    calls: list = field(default_factory=list)
-    log: list = field(default_factory=list)
+class FakeReplica(ReplicaRecord):
+    """A replica record whose calls run ``fn`` in the driver's process."""
+
+    queues_ahead = True  # as an auto replica, also when the fake plays your actors
+
+    def __init__(self, name: str, owned: bool, capacity: int, fn: Callable, index: int,
+                 log: list, starts_after: int = 0) -> None:
+        super().__init__(name, owned=owned, requested=capacity, index=index)
+        self.fn = fn
+        self.starts_after = starts_after
+        """How many of the pool's ``wait`` calls pass before this replica is ready."""
+        self.peak_in_flight = 0
+        self.alive = True
+        self.calls: list = []
+        self.log = log
 
     def max_items(self, call: CallSpec) -> int | None:
         return None
@@ -60,9 +84,10 @@ class FakePool:
     """Replicas run ``fn`` on each item when a call completes; completion order is shuffled.
 
     A function raising :class:`ReplicaKiller` kills its replica: the call's fetch raises
-    ``ReplicaDied`` and the pool replaces the replica (``replace=True``) or drops it. A call
-    holding an item for which ``hangs(item)`` is true never completes. ``starts_after[i]`` is how
-    many ``wait`` calls pass before replica ``i`` is ready (default: all ready at once).
+    ``ReplicaDied`` and the pool replaces the replica (``replace=True``: they play auto
+    replicas) or drops it (``replace=False``: they play your actors). A call holding an item
+    for which ``hangs(item)`` is true never completes. ``starts_after[i]`` is how many ``wait``
+    calls pass before replica ``i`` is ready (default: all ready at once).
     """
 
     def __init__(self, replicas: int, fn: Callable = lambda x: x, capacity: int = 1,
@@ -77,9 +102,10 @@ class FakePool:
         self._names = itertools.count()
         self.log: list = []
         """Every call in submission order: (replica name, start index, items)."""
-        delays = starts_after or [0] * replicas
-        self.slots = SlotIndex()
-        self.replicas = [self._new(delay) for delay in delays]
+        self.state = PoolState("fake", fingerprint={})
+        self.slots = self.state.slots
+        for index, delay in enumerate(starts_after or [0] * replicas):
+            self._new(index, delay)
         self.retired: list[FakeReplica] = []
         self.random = random.Random(seed)
         self.waits = 0
@@ -90,38 +116,63 @@ class FakePool:
         """Abandoned calls still holding their slot (answered at the next ``wait``, unless hung)."""
         self.lost_count = 0
         self.unavailable_count = 0
+        self.warnings: list[str] = []
 
-    def _new(self, starts_after: int = 0) -> FakeReplica:
-        return FakeReplica(f"fake_replica_{next(self._names)}", self.capacity, self.fn,
-                           starts_after=starts_after, log=self.log)
+    @property
+    def replicas(self) -> list[FakeReplica]:
+        return self.state.replicas
 
     @property
     def all_replicas(self) -> list[FakeReplica]:
         return self.replicas + self.retired
 
+    def _new(self, index: int, starts_after: int = 0, position: int | None = None) -> FakeReplica:
+        replica = FakeReplica(f"fake_replica_{next(self._names)}", self.replace, self.capacity,
+                              self.fn, index, self.log, starts_after)
+        return self.state.join(replica, position)
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Create):
+                self._new(action.index, self.waits, action.position)
+            elif isinstance(action, Stop):
+                action.replica.alive = False
+                self.retired.append(action.replica)
+            elif isinstance(action, Warn):
+                self.warnings.append(action.message)
+            elif isinstance(action, Fail):
+                raise action.error
+            else:
+                assert isinstance(action, Probe)  # answered at the next wait
+
     def _start_ready(self) -> None:
-        for replica in self.replicas:
-            if replica.alive and replica.starts_after <= self.waits:
-                self.slots.join(replica)
+        for replica in list(self.replicas):
+            if replica.state is ReplicaState.STARTING and replica.starts_after <= self.waits:
+                self._carry_out(self.state.handle(Probed(replica, ProbeOutcome.READY, fingerprint={})))
 
     def submit(self, replica: FakeReplica, call: CallSpec, start: int, items: list,
                budget: float | None, inbox: Inbox) -> FakeCall:
-        self.slots.took(replica)
+        token = FakeCall(replica, start, list(items), call.star,
+                         hung=any(self.hangs(item) for item in items), inbox=inbox)
+        self.state.calls.submitted(token, CallRecord(None, replica, token.submitted_at),
+                             asks_at_once=True)
         replica.peak_in_flight = max(replica.peak_in_flight, replica.in_flight)
         replica.calls.append((start, list(items)))
         self.log.append((replica.name, start, list(items)))
-        token = FakeCall(replica, start, list(items), call.star,
-                         hung=any(self.hangs(item) for item in items), inbox=inbox)
         self._pending.append(token)
         return token
 
     def wait(self, inbox: Inbox, timeout: float) -> list:
         self.waits += 1
-        self._answer_abandoned()
+        answered = [token for token in self.abandoned if not token.hung]
+        for token in answered:
+            self.abandoned.remove(token)
+        self._carry_out(self.state.handle(*map(Drained, answered), Tick(time.monotonic())))
         self._start_ready()
-        if not inbox.owed and not self.slots and not any(
-                replica.alive and replica.starts_after > self.waits for replica in self.replicas):
-            raise NoReplicasError("no fake replicas left")
+        if not inbox.owed and not self.slots:
+            error = self.state.idle_error()
+            if error is not None:
+                raise error
         answering = [token for token in self._pending if token.inbox is inbox and not token.hung]
         if not answering:
             time.sleep(timeout)
@@ -132,13 +183,8 @@ class FakePool:
             self._pending.remove(token)
         return done
 
-    def _answer_abandoned(self) -> None:
-        for token in [token for token in self.abandoned if not token.hung]:
-            self.abandoned.remove(token)
-            self.slots.gave_back(token.replica)
-
     def fetch(self, token: FakeCall, replica: FakeReplica) -> BatchReply:
-        self.slots.gave_back(replica)
+        self.state.calls.fetched(token, time.monotonic())
         if not token.replica.alive:
             raise ReplicaDied(f"{token.replica.name} died earlier")
         values, failures = [], {}
@@ -162,18 +208,15 @@ class FakePool:
         self.abandoned.append(token)
         if token in self._pending:
             self._pending.remove(token)
+        self.state.calls.abandoned(token, replica, deadline, answered=False)
 
     def unavailable(self, replica: FakeReplica) -> None:
         self.unavailable_count += 1
+        self._carry_out(self.state.handle(Unavailable(replica)))
 
     def lost(self, replica: FakeReplica, reason: BaseException) -> None:
         if replica not in self.replicas:
             return
         self.lost_count += 1
-        replica.alive = False
-        self.slots.leave(replica)
-        self.replicas.remove(replica)
-        self.retired.append(replica)
-        if self.replace:
-            self.replicas.append(self._new())
-            self._start_ready()
+        self._carry_out(self.state.handle(Died(replica, str(reason))))
+        self._start_ready()  # a replacement starts at once

@@ -14,7 +14,7 @@ import ray
 import rhmapper as rm
 from rhmapper import _ray_compat, compiled
 from rhmapper.env import replica_name
-from rhmapper.replicas import NAMESPACE
+from rhmapper.names import NAMESPACE
 from tests.conftest import REPO_DIR
 from tests.driver_process import DriverProcess
 

@@ -11,7 +11,8 @@ import pytest
 @pytest.mark.parametrize("name", [
     "rhmapper.checks", "rhmapper.env", "rhmapper.errors", "rhmapper.names", "rhmapper.options",
     "rhmapper.progress", "rhmapper.retries", "rhmapper.scheduler", "rhmapper.sizing",
-    "rhmapper.slots", "rhmapper.wire",
+    "rhmapper.slots", "rhmapper.wire", "rhmapper.pool_state", "rhmapper.pool_calls",
+    "rhmapper.pool_records", "rhmapper.pool_events",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

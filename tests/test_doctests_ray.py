@@ -16,7 +16,8 @@ import rhmapper as rm
     "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.signals",
     "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.host_driver",
     "rhmapper.spawned", "rhmapper.clusters",
-    "rhmapper.compiled",
+    "rhmapper.compiled", "rhmapper.ray_replica", "rhmapper.pool_setup", "rhmapper.replica_launcher",
+    "rhmapper.call_sender",
 ])
 def test_ray_edge_examples_run(ray_local, name):
     module = importlib.import_module(name)  # (`rhmapper.mapper` alone is the function)
