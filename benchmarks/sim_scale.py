@@ -1,6 +1,7 @@
 """Simulated scale: the real scheduler (`MapRun`) driving a pool of up to 10,000 replicas, no Ray.
 
-The pool (`SimPool`) runs on a virtual clock. Every call takes ``call_seconds`` of virtual time
+The pool (`SimPool`) runs on a virtual clock; its replicas, slots and calls in flight are the real
+pool state's (`rhmapper.pool_state.PoolState` and its `CallBook`), so their cost is measured too. Every call takes ``call_seconds`` of virtual time
 on its replica. The clock also advances by the real time the scheduler spends between two waits,
 so a scheduler that is slow to dispatch leaves replicas idle, as it would on a real cluster.
 Reported per configuration (replicas x concurrency):
@@ -31,17 +32,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from rhmapper.pool_events import Probed, ProbeOutcome
+from rhmapper.pool_records import CallRecord, ReplicaRecord
+from rhmapper.pool_state import PoolState
 from rhmapper.scheduler import MapPlan, MapRun
-from rhmapper.slots import Inbox, SlotIndex
+from rhmapper.slots import Inbox
 from rhmapper.wire import BatchReply, CallSpec
 
 
-@dataclass(eq=False)
-class SimReplica:
-    name: str
-    capacity: int
-    in_flight: int = 0
-    queues_ahead: bool = True
+class SimReplica(ReplicaRecord):
+    """A replica record of the real pool state, whose calls take virtual time."""
 
     def max_items(self, call: CallSpec) -> int | None:
         return None
@@ -57,10 +57,13 @@ class SimPool:
     """A pool of ``replicas`` x ``capacity`` slots on a virtual clock (see the module docstring)."""
 
     def __init__(self, replicas: int, capacity: int, call_seconds: float) -> None:
-        self.replicas = [SimReplica(f"sim_replica_{i}", capacity) for i in range(replicas)]
-        self.slots = SlotIndex()
-        for replica in self.replicas:
-            self.slots.join(replica)
+        self.state = PoolState("sim", fingerprint={})
+        """The real pool state: its records, slots and call book, at the simulated scale."""
+        self.slots = self.state.slots
+        for index in range(replicas):
+            replica = self.state.join(SimReplica(f"sim_replica_{index}", owned=True,
+                                                 requested=capacity, index=index))
+            assert self.state.handle(Probed(replica, ProbeOutcome.READY, fingerprint={})) == []
         self.call_seconds = call_seconds
         self.calls = 0
         self.clock = 0.0
@@ -79,8 +82,8 @@ class SimPool:
                budget: float | None, inbox: Inbox) -> SimCall:
         self._catch_up()
         self.calls += 1
-        self.slots.took(replica)
         token = SimCall(replica, items)
+        self.state.calls.submitted(token, CallRecord(None, replica, self.clock), asks_at_once=False)
         heapq.heappush(self._done, (self.clock + self.call_seconds, next(self._sequence), token))
         self.busy += self.call_seconds
         return token
@@ -99,7 +102,7 @@ class SimPool:
         return done
 
     def fetch(self, token: SimCall, replica: SimReplica) -> BatchReply:
-        self.slots.gave_back(replica)
+        self.state.calls.fetched(token, self.clock)
         return BatchReply(token.items, None, self.call_seconds)
 
     def sent_at(self, token: SimCall, replica: SimReplica) -> float:
