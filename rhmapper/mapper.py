@@ -1,29 +1,26 @@
-"""Mapper and mapper(): the user-facing verbs, wiring env, replicas, scheduler and progress."""
+"""Mapper and mapper(): the user-facing verbs, wiring env, replicas, scheduler and progress.
+
+`rhmapper.arguments` checks ``rm.mapper``'s arguments into a `MapperSpec`; the pool's verbs
+(adding, dropping and listing replicas, shutdown) are `rhmapper.pool_verbs.PoolVerbs`, the base
+of `Mapper`; the map verbs are here.
+"""
 
 from __future__ import annotations
 
 import operator
-import re
 import threading
-import uuid
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from rhmapper import _ray_compat
-from rhmapper.checks import check_concurrency, check_count, check_seconds
-from rhmapper.connect import ensure_ray, over_ray_client
+from rhmapper.arguments import spec_of
+from rhmapper.checks import check_count, check_seconds
+from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
-from rhmapper.module import (
-    Module,
-    has_async_methods,
-    is_async_callable,
-    module,
-    plain_class,
-)
+from rhmapper.module import Module, is_async_callable
 from rhmapper.options import MapOptions, MapSettings, StreamOptions
+from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
-from rhmapper.backend import AUTO_ONLY, Backend, MapperSpec, method_of
-from rhmapper.pool_setup import check_picklable
+from rhmapper.backend import Backend, MapperSpec
 from rhmapper.retries import Retries
 from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned
@@ -34,14 +31,7 @@ if TYPE_CHECKING:  # annotations only: not a run-time dependency
     from typing_extensions import Unpack
 
 
-def _default_name(obj: Any) -> str:
-    """``<function or class name>_<6 hex>``: unique, so that two functions (or lambdas) that
-    share a ``__name__`` never share a pool by accident."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(obj, "__name__", type(obj).__name__)).strip("_")
-    return f"{name or 'mapper'}_{uuid.uuid4().hex[:6]}"
-
-
-class Mapper:
+class Mapper(PoolVerbs):
     """Maps a function, or a method of a stateful class, over inputs on a pool of Ray actors.
 
     Build one with `mapper`. A ``Mapper`` holds its replicas until `shutdown` (or the
@@ -69,179 +59,17 @@ class Mapper:
         on_cluster: bool = False,
         compiled_graphs: bool = False,
     ) -> None:
-        concurrency = check_concurrency(concurrency)
-        self.max_call_bytes = check_count("max_call_bytes", max_call_bytes)
-        if env is not None and not isinstance(env, Env):
-            raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
-        target, self._class = self._target_of(obj)
-        self._function = None if self._class else target
-        self.method = self._check_method(method)
-        env = env or Env()
-        if env.detached and not env.name:
-            raise ValueError(
-                "a detached Env needs an explicit name, so that a later driver finds the same "
-                "pool: rm.Env(name='embed', detached=True)")
-        self.env = env if env.name else env.named(_default_name(self._class or obj))
-        self._concurrency = concurrency
-        if self._class is None:
-            check_picklable(target, f"the function {getattr(obj, '__qualname__', obj)!r}")
-        else:
-            check_picklable(target, f"the module {self._class.__qualname__}(...) with its arguments")
+        spec = spec_of(obj, method, replicas, env, concurrency, ready_timeout, replace_mismatched,
+                       max_call_bytes, on_cluster, compiled_graphs)
+        super().__init__(spec, _backend_of(spec, on_cluster))
+        self.method, self.env, self.max_call_bytes = spec.method, spec.env, spec.max_call_bytes
         self.on_cluster = on_cluster
-        self.clusters = list(replicas) if isinstance(replicas, dict) else []
+        self.clusters = list(spec.clusters)
         """The Ray Client addresses of a mapper over several clusters (``replicas={...}``)."""
         self.compiled_graphs = compiled_graphs
         """Whether calls to auto replicas go over a compiled graph each."""
-        if not isinstance(compiled_graphs, bool):
-            raise TypeError(f"compiled_graphs must be True or False, got {compiled_graphs!r}")
-        if compiled_graphs:
-            if not self.clusters:
-                ensure_ray()  # whether it is over Ray Client is known once connected
-            _check_compiled_graphs(target, self._class, replicas, self.env, concurrency, on_cluster)
-        self.spec = MapperSpec(
-            target=target, method=self.method, env=self.env, concurrency=concurrency,
-            ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
-            max_call_bytes=self.max_call_bytes, compiled_graphs=compiled_graphs,
-            clusters=tuple(self.clusters))
-        """What this mapper was made of, checked (a host on the cluster builds its pool from it)."""
-        self._backend: Backend
-        if self.clusters:
-            if on_cluster:
-                raise ValueError("on_cluster=True runs the mapper on one cluster; a mapper over "
-                                 "several (replicas={...}) runs on the driver")
-            self._backend = self.spec.local_backend()
-        else:
-            ensure_ray()
-            board, _ = start_board()
-            if on_cluster:
-                from rhmapper.host_driver import ClusterBackend  # the host's code: loaded if used
-
-                self._backend = ClusterBackend(self.spec, self.env.actor_options(), board)
-            else:
-                self._backend = self.spec.local_backend()
         self._cancel_events: set[threading.Event] = set()
-        self._shut_down = False
         self.add_replicas(replicas)
-
-    @staticmethod
-    def _target_of(obj: Any) -> tuple[Any, type | None]:
-        if isinstance(obj, Module):
-            return obj, obj.cls
-        if isinstance(obj, type) or _ray_compat.is_actor_class(obj):
-            cls = plain_class(obj)
-            return module(cls), cls
-        if callable(obj):
-            return obj, None
-        raise TypeError(f"rm.mapper() maps a function, a class or rm.module(...), got {obj!r}")
-
-    def _check_method(self, method: str | None) -> str | None:
-        if self._class is None:
-            if method is not None:
-                raise ValueError(f"method={method!r} applies to a class; a function is called as is")
-            return None
-        if method is None:
-            if callable(getattr(self._class, "__call__", None)) and "__call__" in dir(self._class):
-                method = "__call__"
-            else:
-                raise ValueError(
-                    f"say which method of {self._class.__name__} to map: rm.mapper(..., method='name')")
-        self._method_of(method)
-        return method
-
-    def _method_of(self, method: str) -> Callable:
-        return method_of(self._class, method)
-
-    # -- replicas ---------------------------------------------------------------------------
-
-    def add_replicas(self, replicas: int | list, concurrency: int | None = None) -> None:
-        """Add ``replicas`` auto replicas (an int), or the given Ray actor handles (a list).
-
-        Auto replicas are created in parallel and take work as soon as each is ready. For your
-        actors, ``concurrency`` caps the calls in flight on each (default: the mapper's
-        ``concurrency``, else each actor's own ``max_concurrency``); the pool never keeps more
-        in flight on an actor than its ``max_concurrency``.
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=1) as m:
-            ...     m.add_replicas(2)
-            ...     m.num_replicas
-            3
-        """
-        concurrency = check_concurrency(concurrency)
-        self._check_open()
-        self.spec.add_replicas(self._backend, replicas, concurrency)
-
-    def wait_ready(self, timeout: float | None = None) -> "Mapper":
-        """Block until every replica has started (maps do not need this: each replica takes work
-        as soon as it is ready). Raises ``TimeoutError`` after ``timeout`` seconds.
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=2) as m:
-            ...     m.wait_ready(timeout=60).num_replicas
-            2
-        """
-        self._backend.wait_ready(timeout)
-        return self
-
-    def drop_replicas(self, count: int) -> None:
-        """Remove ``count`` replicas: auto replicas first (they are killed), then your actors
-        (removed from the pool, never killed).
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=2, env=rm.Env(name="drop")) as m:
-            ...     m.drop_replicas(1)
-            ...     m.replica_names
-            ['drop_replica_0']
-        """
-        self._backend.drop(check_count("count", count, minimum=0))
-
-    @property
-    def replicas(self) -> list:
-        """The Ray actor handles of the pool, in pool order.
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=2) as m:
-            ...     [type(handle).__name__ for handle in m.replicas]
-            ['ActorHandle', 'ActorHandle']
-        """
-        return self._backend.handles()
-
-    @property
-    def replica_names(self) -> list[str]:
-        """The names of the pool's replicas (``<env>_replica_<i>`` for auto replicas).
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=2, env=rm.Env(name="double")) as m:
-            ...     m.replica_names
-            ['double_replica_0', 'double_replica_1']
-        """
-        return self._backend.names()
-
-    @property
-    def num_replicas(self) -> int:
-        """How many replicas the pool has (ready or starting).
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=2) as m:
-            ...     m.num_replicas
-            2
-        """
-        return len(self._backend.names())
-
-    @property
-    def concurrency(self) -> int:
-        """The calls in flight on each auto replica: the mapper's ``concurrency``, or 1 when it
-        was created with ``concurrency=None`` (the default).
-
-        Your own actors may run a different number: ``min(concurrency, max_concurrency)``, or
-        with ``concurrency=None`` their own ``max_concurrency`` (see `add_replicas`).
-
-        Examples:
-            >>> with rm.mapper(abs, replicas=1) as m:
-            ...     m.concurrency
-            1
-        """
-        return self._concurrency or 1
 
     # -- the verbs --------------------------------------------------------------------------
 
@@ -320,7 +148,7 @@ class Mapper:
             [None, None]
             [[('a', 2)], [('a', 2), ('b', 2)]]
         """
-        self._method_of(method)
+        self.spec.method_of(method)
         return self._backend.broadcast(method, args, kwargs)
 
     def spawn_map(self, *iterables: Iterable, name: str,
@@ -376,38 +204,15 @@ class Mapper:
         for event in list(self._cancel_events):
             event.set()
 
-    def shutdown(self, kill: bool | None = None) -> None:
-        """Empty the pool and kill its auto replicas; your own actors stay alive.
-
-        A detached env's replicas (``Env(detached=True)``) are left running for a later driver
-        to attach to, unless ``kill=True``.
-
-        Examples:
-            >>> m = rm.mapper(abs, replicas=2)
-            >>> m.shutdown(); m.num_replicas
-            0
-        """
-        self._backend.shutdown(kill=not self.env.detached if kill is None else kill)
-        self._shut_down = True
-
-    def __enter__(self) -> "Mapper":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.shutdown()
-
     def __repr__(self) -> str:
         return (f"Mapper(env={self.env.name!r}, method={self.method!r}, "
                 f"replicas={self.num_replicas}, concurrency={self.concurrency})")
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        self.spec.check_open(self._shut_down)
-
     def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
         method = settings.method or self.method
-        target = self._method_of(method) if method else self._function
+        target = self.spec.method_of(method) if method else self.spec.target
         kwargs = self._backend.put_kwargs(settings.kwargs) if settings.kwargs else None
         call = CallSpec(method=method or "fn", star=star, kwargs=kwargs,
                         is_async=is_async_callable(target))
@@ -457,35 +262,18 @@ class Mapper:
             while chunk:
                 yield chunk.pop()
 
-    def connection(self, address: str) -> ContextManager[None]:
-        """A context manager under which this thread's Ray calls go over the mapper's own
-        connection to the cluster at ``address``, on a mapper over several clusters
-        (``replicas={address: n, ...}``): create your actors there, then `add_replicas` them.
 
-        A Ray Client actor can only be called over the connection that created it, and the
-        mapper calls each of your actors over its own connection to the actor's cluster: an
-        actor created over a connection of your own (``ray.init(address,
-        allow_multiple=True)``) is refused with ``ValueError``. To call the actor yourself,
-        do it inside such a block too.
+def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:
+    """Where the maps of a mapper of ``spec`` run: here, or on its host on the cluster."""
+    if spec.clusters:
+        return spec.local_backend()
+    ensure_ray()
+    board, _ = start_board()
+    if on_cluster:
+        from rhmapper.host_driver import ClusterBackend  # the host's code: loaded if used
 
-        Examples:
-            >>> with rm.mapper(abs, replicas=0) as m:
-            ...     m.connection("ray://10.0.0.5:10001")
-            Traceback (most recent call last):
-            ...
-            ValueError: m.connection(address) is for a mapper over several clusters ...
-            >>> m = rm.mapper(Model, method="predict", replicas={  # doctest: +SKIP
-            ...     "ray://10.0.0.5:10001": 2, "ray://10.1.0.7:10001": 1})
-            >>> with m.connection("ray://10.0.0.5:10001"):  # doctest: +SKIP
-            ...     actor = ray.remote(Model).remote()
-            >>> m.add_replicas([actor])  # doctest: +SKIP
-        """
-        if not self.clusters:
-            raise ValueError(
-                "m.connection(address) is for a mapper over several clusters "
-                "(rm.mapper(..., replicas={'ray://host:10001': n, ...})); this mapper's Ray "
-                "calls go over the driver's own Ray connection: create your actors as usual")
-        return self._backend.pool.connection(address)  # a LocalBackend over a MultiClusterPool
+        return ClusterBackend(spec, spec.env.actor_options(), board)
+    return spec.local_backend()
 
 
 def _items_of(verb: str, iterables: tuple) -> tuple[list, bool]:
@@ -508,28 +296,6 @@ def _check_inputs(verb: str, iterables: tuple) -> None:
             raise TypeError(
                 f"{verb}() takes only the inputs, got the callable {iterable!r}: the function is "
                 f"given to rm.mapper(fn, ...) once; then call m.{verb}(inputs)")
-
-
-def _check_compiled_graphs(target: Any, cls: type | None, replicas: Any, env: Env,
-                           concurrency: int | None, on_cluster: bool) -> None:
-    """Refuse ``compiled_graphs=True`` where a compiled graph per replica cannot serve it."""
-    why = None
-    if isinstance(replicas, (list, tuple)):
-        why = AUTO_ONLY
-    elif isinstance(replicas, dict) or on_cluster or over_ray_client():
-        why = ("Ray Compiled Graphs are driven from a driver on the cluster, not over Ray Client "
-               "or from the mapper's host actor (on_cluster=True): run the script on the head "
-               "node or with `ray job submit`")
-    elif concurrency not in (None, 1):
-        why = "a compiled graph runs one call at a time on its replica: use concurrency=1"
-    elif has_async_methods(cls) if cls is not None else is_async_callable(target):
-        why = ("an async target runs on its actor's event loop; compiled graphs call a "
-               "synchronous method")
-    elif env.detached:
-        why = ("a detached pool is shared by drivers, and Ray kills the actors of compiled "
-               "graphs still open when a driver exits")
-    if why is not None:
-        raise ValueError(f"compiled_graphs=True cannot be used here: {why}.")
 
 
 def mapper(
