@@ -35,7 +35,8 @@ from typing import Any
 from rhmapper.pool_events import Probed, ProbeOutcome
 from rhmapper.pool_records import CallRecord, ReplicaRecord
 from rhmapper.pool_state import PoolState
-from rhmapper.scheduler import MapPlan, MapRun
+from rhmapper.plan import MapPlan
+from rhmapper.scheduler import MapRun
 from rhmapper.slots import Inbox
 from rhmapper.wire import BatchReply, CallSpec
 

@@ -17,7 +17,7 @@ from rhmapper.connect import ensure_ray, over_ray_client
 from rhmapper.env import Env
 from rhmapper.module import Module, has_async_methods, is_async_callable, module, plain_class
 from rhmapper.pool_setup import check_picklable
-from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES
+from rhmapper.plan import DEFAULT_MAX_CALL_BYTES
 
 
 def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: Any = 1,

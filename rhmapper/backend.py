@@ -19,7 +19,8 @@ from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module
 from rhmapper.replicas import ReplicaPool
-from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapRun, MapStats
+from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
+from rhmapper.scheduler import MapRun
 
 if TYPE_CHECKING:
     from rhmapper.clusters import MultiClusterPool

@@ -3,9 +3,9 @@
 An ordinary actor call costs the driver and the actor about 0.9 ms of CPU together; a compiled
 graph (``replica._rhmapper_run_compiled.bind(InputNode()).experimental_compile()``) passes the
 same call through channels set up once, several times cheaper (see docs/benchmarks.md). The call
-is the same payload, run by the same batch code and guard, so a compiled call keeps every promise
-of an ordinary one (`rhmapper.module.run_call_compiled` adds one refusal: results that hold Ray
-references, which a channel does not count).
+carries the same `rhmapper.wire.CallRequest`, run by the same batch code and guard, so a compiled
+call keeps every promise of an ordinary one (`rhmapper.module.run_call_compiled` adds one
+refusal: results that hold Ray references, which a channel does not count).
 
 A graph is not thread-safe and its results have no ``future()``. So one thread per replica owns
 its graph: it sends the calls the pool hands it, reads the answers in order, and completes a
@@ -35,7 +35,7 @@ import ray
 from ray.dag import InputNode
 
 from rhmapper.errors import RhmapperError
-from rhmapper.module import sent_now
+from rhmapper.wire import CallRequest
 
 _logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class CompiledCalls:
         >>> from rhmapper.module import function_replica_class
         >>> actor = ray.remote(function_replica_class(abs)).remote(ray.put(abs))
         >>> calls = CompiledCalls(actor, max_in_flight=2, name="abs_replica_0")
-        >>> reply = calls.submit(["fn", [-3], False, None, None], on_unsendable=lambda error: error)
+        >>> reply = calls.submit(CallRequest("fn", [-3]), on_unsendable=lambda error: error)
         >>> reply.result(timeout=60)[0]
         [3]
         >>> calls.close(kill=True); calls.wait_closed()
@@ -85,9 +85,9 @@ class CompiledCalls:
         self._handle = handle
         self._name = name
         self._max_in_flight = max_in_flight
-        self._to_send: collections.deque[tuple[list, Future, Callable]] = collections.deque()
-        self._sent: collections.deque[tuple[Any, Future, list]] = collections.deque()
-        """Each call sent and not yet read, with its payload: an item sent by reference
+        self._to_send: collections.deque[tuple[CallRequest, Future, Callable]] = collections.deque()
+        self._sent: collections.deque[tuple[Any, Future, CallRequest]] = collections.deque()
+        """Each call sent and not yet read, with its request: an item sent by reference
         (``ray.put``) must outlive the call, and a channel does not count references as a
         task's arguments do."""
         self._sending = 0
@@ -96,30 +96,33 @@ class CompiledCalls:
         self._kill = False
         self._done = False
         """Whether the thread has ended (a kill asked for later is then done by `close`)."""
+        self._exiting = False
+        """Set at interpreter exit: the thread then makes no Ray call and completes no call."""
         self._wake = threading.Condition()
-        """Guards the six above."""
+        """Guards the seven above."""
         self._thread = threading.Thread(target=self._drive, name=f"rhmapper-graph-{name}",
                                         daemon=True)
         self._thread.start()
         _watch_at_exit(self)
 
-    def submit(self, payload: list, on_unsendable: Callable[[TypeError], BaseException]
-               ) -> Future:
-        """Hand one call's payload (see `rhmapper.module.run_call`) to the graph; the future
-        completes with the replica's reply. A payload the graph cannot serialise fails the
-        future with ``on_unsendable(error)``.
+    def submit(self, request: CallRequest,
+               on_unsendable: Callable[[TypeError], BaseException]) -> Future:
+        """Hand one call's request to the graph; the
+        future completes with the replica's reply (see `rhmapper.module.run_call`). A request the
+        graph cannot serialise fails the future with ``on_unsendable(error)``.
 
         The future's ``sent_at`` is when the thread sent the call over the graph
         (``time.monotonic()``), ``None`` until then: a call waits in the driver while its graph
         compiles (for the first call, and after `IDLE_SECONDS` idle), and its ``timeout=``
-        runs from ``sent_at``, as does its guard's deadline in the replica (`sent_now`)."""
+        runs from ``sent_at``, as does its guard's deadline in the replica
+        (`CallRequest.sent_now`)."""
         future: Future = Future()
         future.sent_at = None  # type: ignore[attr-defined]
         with self._wake:
             if self._closing:
                 future.set_exception(self._left_the_pool())
                 return future
-            self._to_send.append((payload, future, on_unsendable))
+            self._to_send.append((request, future, on_unsendable))
             self._wake.notify()
         return future
 
@@ -129,6 +132,15 @@ class CompiledCalls:
             busy = bool(self._sent) or self._sending > 0
         if busy:
             self._kill_actor()
+
+    def kill_at_exit(self) -> None:
+        """At interpreter exit, before Ray shuts down: kill the replica if a call is on it, and
+        let the thread touch Ray no more nor complete any call. A map thread woken by the death
+        would replace the replica while Ray shuts down, and a Ray call after Ray's shutdown ends
+        the process with status 1."""
+        with self._wake:
+            self._exiting = True
+        self.kill_if_busy()
 
     def close(self, kill: bool) -> None:
         """Close the graph without waiting (see `wait_closed`): calls not yet sent fail with
@@ -160,6 +172,9 @@ class CompiledCalls:
         except Exception as error:  # a bug here would leave every waiting call hanging
             _logger.exception("rhmapper: the compiled graph of replica %s failed", self._name)
             self._fail_all(error)
+        with self._wake:
+            if self._exiting:  # Ray's own exit hook tears the graph down
+                return
         try:
             self._close_graph()
         finally:
@@ -185,6 +200,8 @@ class CompiledCalls:
             while not (self._to_send or self._sent or self._closing):
                 if not self._wake.wait(None if self._graph is None else IDLE_SECONDS):
                     break
+            if self._exiting:
+                return False
             idle = not (self._to_send or self._sent or self._closing)
         if idle:
             self._close_graph()
@@ -200,6 +217,8 @@ class CompiledCalls:
             outcome = (None, error)
         with self._wake:
             self._sent.popleft()
+            if self._exiting:
+                return False
         self._send_waiting()  # before completing: the replica starts its next call sooner
         value, error = outcome
         if error is None:
@@ -210,20 +229,22 @@ class CompiledCalls:
 
     def _send_waiting(self) -> None:
         with self._wake:
+            if self._exiting:
+                return
             closing = self._closing
             room = len(self._to_send) if closing else self._max_in_flight - len(self._sent)
             waiting = [self._to_send.popleft() for _ in range(min(room, len(self._to_send)))]
             self._sending = len(waiting)
-        for payload, future, on_unsendable in waiting:
+        for request, future, on_unsendable in waiting:
             ref = None
             if closing:
                 future.set_exception(self._left_the_pool())
             else:
                 try:
-                    graph = self._open_graph(payload[0])  # counts against no call's timeout=
-                    payload = sent_now(payload, time.time())
+                    graph = self._open_graph(request.method)  # counts against no call's timeout=
+                    request = request.sent_now(time.time())
                     future.sent_at = time.monotonic()  # type: ignore[attr-defined]
-                    ref = graph.execute(payload)
+                    ref = graph.execute(request.to_wire())
                 except TypeError as error:
                     future.set_exception(_described(on_unsendable, error))
                 except Exception as error:  # the graph is broken (its actor died); fetch sorts it out
@@ -231,7 +252,7 @@ class CompiledCalls:
             with self._wake:
                 self._sending -= 1
                 if ref is not None:
-                    self._sent.append((ref, future, payload))
+                    self._sent.append((ref, future, request))
 
     def _open_graph(self, method: str) -> Any:
         """The graph, compiled first if closed. A graph just compiled runs one empty call of
@@ -239,12 +260,12 @@ class CompiledCalls:
         ``experimental_compile`` returns, and the first call would wait for it (measured: up to
         0.1 s on a busy machine) on its own ``timeout=``."""
         if self._graph is None:
-            with InputNode() as payload:
-                node = self._handle._rhmapper_run_compiled.bind(payload)
+            with InputNode() as wire:
+                node = self._handle._rhmapper_run_compiled.bind(wire)
             with _compile_lock:
                 self._graph = node.experimental_compile(
                     _max_inflight_executions=self._max_in_flight)
-            self._graph.execute([method, [], False, None, None]).get(timeout=-1)
+            self._graph.execute(CallRequest(method, []).to_wire()).get(timeout=-1)
         return self._graph
 
     def _close_graph(self) -> None:
@@ -291,6 +312,6 @@ def _kill_busy_replicas() -> None:
         open_graphs = list(_open_graphs)
     for calls in open_graphs:
         try:
-            calls.kill_if_busy()
+            calls.kill_at_exit()
         except Exception:  # at exit: the other replicas still get theirs
             _logger.exception("rhmapper: could not kill a replica running a call at exit")

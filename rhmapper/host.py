@@ -28,7 +28,7 @@ from rhmapper.backend import MapperSpec
 from rhmapper.checks import check_concurrency, check_count
 from rhmapper.errors import MapCancelledError, RhmapperError
 from rhmapper.pool_setup import name_taken
-from rhmapper.scheduler import MapPlan, MapStats
+from rhmapper.plan import MapPlan, MapStats
 from rhmapper.signals import start_board
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned

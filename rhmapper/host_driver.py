@@ -20,7 +20,8 @@ from rhmapper.errors import MapCancelledError
 from rhmapper.host import MAX_CONCURRENCY, MapperHost
 from rhmapper.names import NAMESPACE, new_host_name
 from rhmapper.pool_setup import put_kwargs, upload_local_dirs
-from rhmapper.scheduler import MapPlan, add_note
+from rhmapper.plan import MapPlan
+from rhmapper.remote_errors import add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
 

@@ -22,7 +22,7 @@ from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
 from rhmapper.backend import Backend, MapperSpec
 from rhmapper.retries import Retries
-from rhmapper.scheduler import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
+from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned
 from rhmapper.signals import start_board
 from rhmapper.wire import CallSpec

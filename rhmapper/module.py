@@ -1,38 +1,26 @@
-"""What a replica runs: the user's class spec, the host for plain functions, and the batch runner.
+"""What a replica is: the user's class spec, the replica actor classes (the host for plain
+functions, the user's class with rhmapper's entry points), and the entry points of a call.
 
 Auto replicas take a call's batch through their own ``_rhmapper_run`` method (or
 ``_rhmapper_run_async`` for an ``async def`` target, on the actor's event loop). Actors the user
-brings run the same `run_batch` through ``__ray_call__``, which Ray gives every actor; an
+brings run the same `run_call` through ``__ray_call__``, which Ray gives every actor; an
 ``async def`` method of theirs is called directly, one item per call, as Ray would (see
-``rhmapper.replicas``).
+``rhmapper.replicas``). The batch itself runs in ``rhmapper.batch_runner``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import itertools
 import os
-import threading
-import time
 import types
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.actor import ActorHandle
 
 from rhmapper import _ray_compat
-from rhmapper.signals import EndSignal, ended
-from rhmapper.wire import BatchReply, RawValue, RemoteFailure, pack_values, use_by_value_pickler
-
-use_by_value_pickler(_ray_compat.RAY_CLOUDPICKLE)  # replicas' values and errors keep their class
-
-_CACHE_ENTRIES = 8
-_shared_objects: OrderedDict[tuple, Any] = OrderedDict()
-"""The constant keyword arguments of recent maps, by their references (see `shared_kwargs`)."""
-_shared_objects_lock = threading.Lock()
+from rhmapper.batch_runner import run_batch, run_batch_async
+from rhmapper.wire import BatchReply, CallRequest, RawValue, RemoteFailure
 
 
 @dataclass(frozen=True)
@@ -96,15 +84,16 @@ def module(cls: type, *args: Any, **kwargs: Any) -> Module:
     return Module(plain_class(cls), args, dict(kwargs))
 
 
-def run_call(instance: Any, payload: "Payload") -> list:
+def run_call(instance: Any, wire: list) -> list:
     """A replica's entry point for one call (auto replicas have it as ``_rhmapper_run``; your
-    actors run it through ``__ray_call__``): `run_batch`, with the reply as a plain list.
+    actors run it through ``__ray_call__``): `run_batch` on the `CallRequest` ``wire`` carries
+    (its `CallRequest.to_wire` form), with the reply as a plain list (`BatchReply.to_wire`).
 
     Examples:
-        >>> run_call(FunctionReplica(abs), ["fn", [-3], False, None, None])[0]
+        >>> run_call(FunctionReplica(abs), CallRequest("fn", [-3]).to_wire())[0]
         [3]
     """
-    return run_batch(instance, payload).to_wire()
+    return run_batch(instance, CallRequest.from_wire(wire)).to_wire()
 
 
 _NO_REFERENCES_OVER_GRAPHS = (
@@ -114,18 +103,19 @@ _NO_REFERENCES_OVER_GRAPHS = (
     "compiled_graphs=True.")
 
 
-def run_call_compiled(instance: Any, payload: "Payload") -> list:
+def run_call_compiled(instance: Any, wire: list) -> list:
     """`run_call` for a call over the replica's compiled graph (``_rhmapper_run_compiled``,
     see `rhmapper.compiled`): a result that holds Ray references fails its item instead.
 
     Examples:
         >>> import ray
         >>> put_in_a_list = lambda x: [ray.put(x)]
-        >>> reply = run_call_compiled(FunctionReplica(put_in_a_list), ["fn", [1], False, None, None])
+        >>> wire = CallRequest("fn", [1]).to_wire()
+        >>> reply = run_call_compiled(FunctionReplica(put_in_a_list), wire)
         >>> reply[0], reply[1][0].type_name
         ([None], 'TypeError')
     """
-    reply = run_batch(instance, payload)
+    reply = run_batch(instance, CallRequest.from_wire(wire))
     if not reply.packed or not any(isinstance(value, RawValue) for value in reply.values):
         return reply.to_wire()
     failures = dict(reply.failures or {})
@@ -137,17 +127,18 @@ def run_call_compiled(instance: Any, payload: "Payload") -> list:
     return BatchReply(values, failures, reply.seconds, True, reply.not_started).to_wire()
 
 
-async def run_call_async(instance: Any, payload: "Payload") -> list:
+async def run_call_async(instance: Any, wire: list) -> list:
     """`run_call` for ``async def`` targets (``_rhmapper_run_async``).
 
     Examples:
         >>> import asyncio
         >>> async def negate(x):
         ...     return -x
-        >>> asyncio.run(run_call_async(FunctionReplica(negate), ["fn", [3], False, None, None]))[0]
+        >>> wire = CallRequest("fn", [3]).to_wire()
+        >>> asyncio.run(run_call_async(FunctionReplica(negate), wire))[0]
         [-3]
     """
-    return (await run_batch_async(instance, payload)).to_wire()
+    return (await run_batch_async(instance, CallRequest.from_wire(wire))).to_wire()
 
 
 def is_async_callable(target: Any) -> bool:
@@ -199,8 +190,8 @@ class AsyncFunctionReplica(FunctionReplica):
         >>> import asyncio
         >>> async def double(x):
         ...     return 2 * x
-        >>> payload = ["fn", [4], False, None, None]
-        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(payload))[0]
+        >>> wire = CallRequest("fn", [4]).to_wire()
+        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(wire))[0]
         [8]
     """
 
@@ -227,7 +218,8 @@ def replica_class(cls: type) -> type:
         ...     def predict(self, x):
         ...         return x
         >>> replica = replica_class(Model)()
-        >>> isinstance(replica, Model), replica._rhmapper_run(["predict", [7], False, None, None])[0]
+        >>> wire = CallRequest("predict", [7]).to_wire()
+        >>> isinstance(replica, Model), replica._rhmapper_run(wire)[0]
         (True, [7])
     """
     entry_points: dict[str, Any] = {"_rhmapper_run": run_call,
@@ -247,372 +239,6 @@ def _subclass(base: type, made_by: str, attributes: dict[str, Any]) -> type:
     return types.new_class(base.__name__, (base,), exec_body=body)
 
 
-def _kwargs_key(kwargs: dict[str, Any]) -> tuple:
-    return tuple((name, ref.binary()) for name, ref in kwargs.items())
-
-
-def _cached_kwargs(key: tuple) -> dict[str, Any] | None:
-    with _shared_objects_lock:
-        if key in _shared_objects:
-            _shared_objects.move_to_end(key)
-            return _shared_objects[key]
-    return None
-
-
-def _cache_kwargs(key: tuple, value: dict[str, Any]) -> dict[str, Any]:
-    with _shared_objects_lock:
-        _shared_objects[key] = value
-        while len(_shared_objects) > _CACHE_ENTRIES:
-            _shared_objects.popitem(last=False)
-    return value
-
-
-def shared_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The map's constant keyword arguments, fetched from the object store once per map and
-    cached in this process.
-
-    ``kwargs`` maps each name to an ``ObjectRef``: the driver puts each value once per map, and
-    the references travel inside the payload, where Ray does not fetch them on every call.
-
-    Examples:
-        >>> shared_kwargs({"scale": ray.put(3)})
-        {'scale': 3}
-    """
-    key = _kwargs_key(kwargs)
-    cached = _cached_kwargs(key)
-    if cached is not None:
-        return cached
-    return _cache_kwargs(key, dict(zip(kwargs, ray.get(list(kwargs.values())))))
-
-
-async def shared_kwargs_async(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """`shared_kwargs` without blocking the replica's event loop.
-
-    Examples:
-        >>> asyncio.run(shared_kwargs_async({"scale": ray.put(4)}))
-        {'scale': 4}
-    """
-    key = _kwargs_key(kwargs)
-    cached = _cached_kwargs(key)
-    if cached is not None:
-        return cached
-    return _cache_kwargs(key, dict(zip(kwargs, await asyncio.gather(*kwargs.values()))))
-
-
-@dataclass(frozen=True)
-class _FetchFailed:
-    """An argument whose ``ObjectRef`` could not be fetched."""
-
-    error: Exception
-
-
-async def _fetch(ref: Any) -> Any:
-    try:
-        return await ref
-    except Exception as error:  # that item's failure, as the direct call would fail
-        return _FetchFailed(error)
-
-
-def _ref_positions(items: list, star: bool) -> list[tuple[int, int | None]]:
-    """Where the items hold ``ObjectRef`` arguments: (item, argument or None for the item)."""
-    values = itertools.chain.from_iterable(items) if star else items
-    if not any(issubclass(kind, ray.ObjectRef) for kind in set(map(type, values))):
-        return []
-    if star:
-        return [(position, argument) for position, item in enumerate(items)
-                for argument, value in enumerate(item) if isinstance(value, ray.ObjectRef)]
-    return [(position, None) for position, item in enumerate(items)
-            if isinstance(item, ray.ObjectRef)]
-
-
-def _refs_at(items: list, positions: list[tuple[int, int | None]]) -> list:
-    return [items[position] if argument is None else items[position][argument]
-            for position, argument in positions]
-
-
-def resolve_refs(items: list, star: bool) -> tuple[list, dict[int, RemoteFailure]]:
-    """The items with every top-level ``ObjectRef`` argument replaced by its value, as Ray
-    resolves the arguments of ``actor.method.remote(ref)``; fetched here, in the replica.
-
-    Returns the items and, by position, the failures of items whose reference could not be
-    fetched (the task that made it failed, or the object was lost).
-
-    Examples:
-        >>> resolve_refs([1, (2, 3)], star=False)
-        ([1, (2, 3)], {})
-    """
-    positions = _ref_positions(items, star)
-    if not positions:
-        return items, {}
-    refs = _refs_at(items, positions)
-    try:
-        values = ray.get(refs)
-    except Exception:  # one reference failed: fetch them one by one to name the items it hit
-        values = []
-        for ref in refs:
-            try:
-                values.append(ray.get(ref))
-            except Exception as error:  # that item's failure, as the direct call would fail
-                values.append(_FetchFailed(error))
-    return _substitute(items, positions, values)
-
-
-async def resolve_refs_async(items: list, star: bool) -> tuple[list, dict[int, RemoteFailure]]:
-    """`resolve_refs` without blocking the replica's event loop.
-
-    Examples:
-        >>> import asyncio
-        >>> asyncio.run(resolve_refs_async([(1, 2)], star=True))
-        ([(1, 2)], {})
-    """
-    positions = _ref_positions(items, star)
-    if not positions:
-        return items, {}
-    values = await asyncio.gather(*map(_fetch, _refs_at(items, positions)))
-    return _substitute(items, positions, values)
-
-
-def _substitute(items: list, positions: list, values: list) -> tuple[list, dict[int, RemoteFailure]]:
-    """Put fetched values in place; a reference that could not be fetched fails its item."""
-    items = list(items)
-    failures: dict[int, RemoteFailure] = {}
-    for (position, argument), value in zip(positions, values):
-        if isinstance(value, _FetchFailed):
-            failures[position] = RemoteFailure.capture(value.error)
-        elif argument is None:
-            items[position] = value
-        else:
-            arguments = list(items[position])
-            arguments[argument] = value
-            items[position] = tuple(arguments)
-    return items, failures
-
-
-_SIGNAL_CHECK_SECONDS = 0.002
-"""Replicas check a call's guard about this often between items."""
-
-
-class CallGuard:
-    """Tells a replica to start no more items of a call: when its map has ended (cancelled,
-    failed, or abandoned by the driver) or the call is past its deadline.
-
-    ``spec`` is ``[board, key, deadline, sent_at]``: the map's end signal (the board actor's
-    name and the map's key, see `rhmapper.signals.EndSignal`; ``None`` and ``None`` for none), a
-    wall-clock deadline in seconds since the epoch (or ``None``), and when the driver sent the
-    call (``None``: it had no call ahead of it on the replica, so it waited in no queue; a
-    compiled graph's thread knows). Plain values, so that Ray packs them without pickling.
-
-    Examples:
-        >>> CallGuard([None, None, 0.0, 0.0]).stop_reason()
-        'timeout'
-        >>> CallGuard([None, None, None, 0.0]).stop_reason() is None
-        True
-    """
-
-    def __init__(self, spec: list | None) -> None:
-        board, key, self.deadline, self.sent_at = spec or (None, None, None, 0.0)
-        self.signal = EndSignal(board, key) if board is not None else None
-        self.next_check = 0
-        """The position of the next item before which to check (about every 2 ms of items)."""
-        self._checked_at = 0.0
-        self._checked_position = 0
-        self._started_at = time.time()
-
-    def stop_reason(self, position: int = 0) -> str | None:
-        """``"timeout"``, ``"cancelled"``, or ``None`` to go on (before item ``position``)."""
-        now = time.time()
-        if self._checked_position < position:
-            per_item = (now - self._checked_at) / (position - self._checked_position)
-            self.next_check = position + max(1, min(4096, int(_SIGNAL_CHECK_SECONDS
-                                                                / max(per_item, 1e-9))))
-        else:
-            self.next_check = position + 1
-        self._checked_at, self._checked_position = now, position
-        if self.deadline is not None and now > self.deadline:
-            return "timeout"
-        if self.signal is not None and ended(self.signal, self._queued_seconds(),
-                                             now - self._started_at):
-            return "cancelled"
-        return None
-
-    def _queued_seconds(self) -> float:
-        return 0.0 if self.sent_at is None else self._started_at - self.sent_at
-
-
-def sent_now(payload: "Payload", now: float) -> "Payload":
-    """``payload`` as sent at ``now`` (``time.time()``) rather than when the driver made it: its
-    guard's deadline moves on by as long as the call waited in the driver. A compiled graph's
-    thread sends a call only once the graph is compiled, and compiling counts against no call's
-    ``timeout=`` (see `rhmapper.compiled`). When it was made stays as it is: a call that waited
-    in the driver behind its replica's running call asks, before it starts, whether its map
-    ended meanwhile (see `CallGuard`), as a call queued in the actor does.
-
-    Examples:
-        >>> sent_now(["fn", [1], False, None, [None, None, 10.0, 4.0]], now=5.5)[4]
-        [None, None, 11.5, 4.0]
-        >>> sent_now(["fn", [1], False, None, None], now=5.5)[4] is None
-        True
-    """
-    guard = payload[4]
-    if guard is None:
-        return payload
-    board, key, deadline, made_at = guard
-    if deadline is not None:
-        deadline += max(0.0, now - made_at)
-    return [*payload[:4], [board, key, deadline, made_at]]
-
-
-def _call_items(target: Callable, items: list, star: bool, kwargs: dict | None,
-                failures: dict[int, RemoteFailure], guard: CallGuard
-                ) -> tuple[list, tuple[int, str] | None]:
-    """Call ``target`` on each item not already failed; a failing item does not stop the others,
-    and no item starts once the guard says stop. Returns the values and where it stopped."""
-    call = _caller(target, star, kwargs)
-    unfetched = set(failures)  # items whose arguments could not be fetched: not called
-    values: list = []  # values[i] is item i's: len(values) is the next item's index
-    append = values.append
-    position, count = 0, len(items)
-    while position < count:
-        reason = guard.stop_reason(position)
-        if reason is not None:
-            values.extend([None] * (count - position))
-            return values, (position, reason)
-        end = min(count, guard.next_check)
-        for item in items[position:end]:
-            if unfetched and len(values) in unfetched:
-                append(None)
-                continue
-            try:
-                append(call(item))
-            except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
-                failures[len(values)] = RemoteFailure.capture(error)
-                append(None)
-        position = end
-    return values, None
-
-
-def _caller(target: Callable, star: bool, kwargs: dict | None) -> Callable[[Any], Any]:
-    if star:
-        return (lambda item: target(*item, **kwargs)) if kwargs else (lambda item: target(*item))
-    return (lambda item: target(item, **kwargs)) if kwargs else target
-
-
-def _reply(values: list, failures: dict[int, RemoteFailure], seconds: float,
-           not_started: tuple[int, str] | None) -> BatchReply:
-    values, failures, packed = pack_values(values, failures, _is_ray_reference)
-    return BatchReply(values, failures or None, seconds, packed, not_started)
-
-
-_RAY_REFERENCES = (ray.ObjectRef, ActorHandle, ray.ObjectRefGenerator)
-
-
-def _is_ray_reference(obj: Any) -> bool:
-    """Whether ``obj`` is a Ray reference, which only Ray's serializer keeps alive across
-    processes (a value holding one travels as a `RawValue`; see `pack_values`)."""
-    return isinstance(obj, _RAY_REFERENCES)
-
-
-Payload = list
-"""``[method, items, star, kwargs, guard]``: see `run_batch`. A list of plain values, so that
-Ray packs it without pickling (the items themselves are pickled only if they need it)."""
-
-
-def run_batch(instance: Any, payload: Payload) -> BatchReply:
-    """Run one call's items on a replica; a failing item does not stop its neighbours.
-
-    ``payload`` is ``[method, items, star, kwargs, guard]``: the replica's method to call
-    (``"fn"`` for a function replica), the items, whether each item is a tuple of positional
-    arguments (else the single argument), the map's constant keyword arguments (see
-    `shared_kwargs`) and the `CallGuard` spec. It travels as one argument because Ray serialises
-    each argument of a call separately. ``ObjectRef`` arguments are fetched here
-    (`resolve_refs`). A coroutine function's items are awaited (one event loop for the call)
-    when the replica is not an async actor. Values travel packed per item (`pack_values`).
-
-    Examples:
-        >>> reply = run_batch(FunctionReplica(abs), ["fn", [-1, 2, "x"], False, None, None])
-        >>> reply.values[:2], reply.failures[2].type_name
-        ([1, 2], 'TypeError')
-    """
-    method, items, star, kwargs, guard = payload
-    target = getattr(instance, method)
-    call_guard = CallGuard(guard)
-    reason = call_guard.stop_reason()
-    if reason is not None:
-        return _reply([None] * len(items), {}, 0.0, (0, reason))
-    items, failures = resolve_refs(items, star)
-    kwargs = shared_kwargs(kwargs) if kwargs else None
-    started = time.perf_counter()  # the items' own time: what sizes the next calls
-    values, not_started = _call_items(target, items, star, kwargs, failures, call_guard)
-    pending = _awaitable_positions(values)
-    if pending:
-        asyncio.run(_await_into(values, failures, pending))
-    return _reply(values, failures, time.perf_counter() - started, not_started)
-
-
-async def run_batch_async(instance: Any, payload: Payload) -> BatchReply:
-    """`run_batch` for an ``async def`` function or method: the call's items run concurrently
-    on the replica's event loop.
-
-    Examples:
-        >>> import asyncio
-        >>> async def double(x):
-        ...     await asyncio.sleep(0.01)
-        ...     return 2 * x
-        >>> payload = ["fn", [1, 2], False, None, None]
-        >>> asyncio.run(run_batch_async(FunctionReplica(double), payload)).values
-        [2, 4]
-    """
-    method, items, star, kwargs, guard = payload
-    target = getattr(instance, method)
-    reason = CallGuard(guard).stop_reason()
-    if reason is not None:
-        return _reply([None] * len(items), {}, 0.0, (0, reason))
-    items, failures = await resolve_refs_async(items, star)
-    kwargs = await shared_kwargs_async(kwargs) if kwargs else None
-    started = time.perf_counter()
-    values, _ = _call_items(target, items, star, kwargs, failures, CallGuard(None))
-    await _await_into(values, failures, _awaitable_positions(values))
-    return _reply(values, failures, time.perf_counter() - started, None)
-
-
-def _awaitable_positions(values: list) -> list[int]:
-    """The positions of values to await: results of an ``async def`` target, or of a plain
-    function that returns coroutines (a decorated ``async def``), told by the first value. An
-    ``ObjectRef`` is awaitable too, but a result, as an actor call would return it."""
-    first = next((value for value in values if value is not None), None)
-    if not _to_await(first):
-        return []
-    return [position for position, value in enumerate(values) if _to_await(value)]
-
-
-def _to_await(value: Any) -> bool:
-    return inspect.isawaitable(value) and not isinstance(value, ray.ObjectRef)
-
-
-async def _await_into(values: list, failures: dict[int, RemoteFailure], pending: list[int]) -> None:
-    outcomes = await asyncio.gather(*(_outcome(values[position]) for position in pending))
-    for position, outcome in zip(pending, outcomes):
-        if isinstance(outcome, _ItemFailed):
-            failures[position] = RemoteFailure.capture(outcome.error)
-            values[position] = None
-        else:
-            values[position] = outcome
-
-
-@dataclass(frozen=True)
-class _ItemFailed:
-    error: BaseException
-
-
-async def _outcome(awaitable: Any) -> Any:
-    """Await one item; its exception (even ``SystemExit``) is its own failure, but the call's
-    own cancellation goes on up."""
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        raise
-    except BaseException as error:  # noqa: B036 - even SystemExit costs only its own item
-        return _ItemFailed(error)
 
 
 def fingerprinted(actor_class: type, fingerprint: dict[str, str]) -> type:

@@ -11,7 +11,7 @@ from typing import Any, Literal, TypedDict
 
 from rhmapper.checks import check_count, check_seconds
 from rhmapper.retries import Retries
-from rhmapper.scheduler import DEFAULT_WINDOW
+from rhmapper.plan import DEFAULT_WINDOW
 
 
 class MapOptions(TypedDict, total=False):

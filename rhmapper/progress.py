@@ -6,7 +6,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from rhmapper.scheduler import MapStats
+from rhmapper.plan import MapStats
 
 
 class Progress:

@@ -16,9 +16,9 @@ from rhmapper.compiled import CompiledCalls
 from rhmapper.module import replica_info, run_call
 from rhmapper.pool_setup import put_kwargs
 from rhmapper.pool_records import ReplicaRecord
-from rhmapper.scheduler import remote_error
+from rhmapper.remote_errors import remote_error
 from rhmapper.sizing import approx_bytes
-from rhmapper.wire import BatchReply, CallSpec, RemoteFailure
+from rhmapper.wire import BatchReply, CallRequest, CallSpec, Guard, RemoteFailure
 
 
 class RayReplica(ReplicaRecord):
@@ -71,7 +71,7 @@ class RayReplica(ReplicaRecord):
         """Start one call on ``items``; return its ref, or the future of a call over the
         replica's compiled graph (the pool counts the slot it takes). The
         replica starts no item once the map has ended or ``budget`` seconds have passed (see
-        `rhmapper.module.CallGuard`; ``board`` names the end board of the replica's cluster when
+        `rhmapper.batch_runner.CallGuard`; ``board`` names the end board of the replica's cluster when
         it is not the driver's). ``idle`` says that nothing can be ahead of the call in the
         actor's queue (the pool knows, see `ReplicaPool.submit`): the replica then does not ask
         whether the map ended before it starts, however long the call took to get there.
@@ -89,17 +89,17 @@ class RayReplica(ReplicaRecord):
             signal_board, key = call.end_signal or (None, None)
             board = board or signal_board  # the end board of this replica's own cluster
             # When the call was sent (``None``: it waits behind nothing); a compiled graph's
-            # thread stamps its calls itself (`rhmapper.module.sent_now`).
+            # thread stamps its calls itself (`rhmapper.wire.CallRequest.sent_now`).
             sent_at = None if idle and self.compiled is None else now
-            payload = [call.method, _large_items_by_ref(items, call.star), call.star,
-                       call.kwargs, [board, key, deadline, sent_at]]
+            request = CallRequest(call.method, _large_items_by_ref(items, call.star), call.star,
+                                  call.kwargs, Guard(board, key, deadline, sent_at))
             if not self.owned:
-                return self.handle.__ray_call__.remote(run_call, payload)
+                return self.handle.__ray_call__.remote(run_call, request.to_wire())
             if self.compiled is not None:
-                return self.compiled.submit(payload, functools.partial(_unpicklable_item, start, items))
+                return self.compiled.submit(request, functools.partial(_unpicklable_item, start, items))
             if call.is_async:
-                return self.handle._rhmapper_run_async.remote(payload)
-            return self.handle._rhmapper_run.remote(payload)
+                return self.handle._rhmapper_run_async.remote(request.to_wire())
+            return self.handle._rhmapper_run.remote(request.to_wire())
         except TypeError as error:
             raise _unpicklable_item(start, items, error) from error
 
@@ -111,7 +111,7 @@ class RayReplica(ReplicaRecord):
             self.broadcasts.add(ref)
             ref.future().add_done_callback(lambda _: self.broadcasts.discard(ref))
             return ref
-        return self.compiled.submit([method, [args], True, put_kwargs(kwargs) or None, None],
+        return self.compiled.submit(CallRequest(method, [args], True, put_kwargs(kwargs) or None),
                                     functools.partial(_unpicklable_item, 0, [args]))
 
     def answer_of_broadcast(self, answer: ray.ObjectRef | Future) -> Any:

@@ -40,7 +40,7 @@ from rhmapper.pool_setup import actor_name, pool_fingerprint
 from rhmapper.pool_state import PoolState
 from rhmapper.ray_replica import RayReplica
 from rhmapper.replica_launcher import ReplicaLauncher
-from rhmapper.scheduler import add_note
+from rhmapper.remote_errors import add_note
 from rhmapper.slots import Inbox, SlotIndex
 
 

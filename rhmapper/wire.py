@@ -1,6 +1,6 @@
-"""What travels between the scheduler and a replica: what a call runs, its reply, an item's
-failure, a replica's death, and the per-item packing that lets one bad value cost one item.
-Pure Python: no Ray.
+"""What travels between the scheduler and a replica: what a call runs, the request one call
+carries (`CallRequest`, with its `Guard`), its reply, an item's failure, a replica's death, and
+the per-item packing that lets one bad value cost one item. Pure Python: no Ray.
 
 A replica packs each value of a call separately (`pack_values`), so a value that cannot be pickled
 fails its own item there, and a value the driver cannot unpickle (its class exists only in the
@@ -46,6 +46,103 @@ class CallSpec:
     """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
 
 
+@dataclass(slots=True)
+class Guard:
+    """When a replica starts no more items of a call (see `rhmapper.batch_runner.CallGuard`).
+
+    ``board`` and ``key`` are the map's end signal (the board actor's name and the map's key,
+    see ``rhmapper.signals``; ``None`` and ``None`` for none); ``deadline`` is a wall-clock
+    deadline in seconds since the epoch (``None``: none); ``sent_at`` is when the driver sent
+    the call (``None``: it had no call ahead of it on the replica, so it waited in no queue).
+
+    Examples:
+        >>> Guard(None, None, deadline=12.5, sent_at=2.0).deadline
+        12.5
+    """
+
+    board: str | None
+    key: Any
+    deadline: float | None = None
+    sent_at: float | None = None
+
+
+@dataclass(slots=True)
+class CallRequest:
+    """What one call asks of a replica: its method (``"fn"`` for a function replica), its
+    items, whether each item is a tuple of positional arguments (else the single argument), the
+    map's constant keyword arguments (each name's ``ObjectRef``, see `CallSpec`) and its
+    `Guard` (``None``: the replica runs every item).
+
+    It travels as `to_wire`'s list of plain values, which Ray packs without pickling a class
+    (the items themselves are pickled only if they need it), in one argument because Ray
+    serialises each argument of a call separately; the replica reads it with `from_wire`. It is
+    built for every call: a plain slotted dataclass, several times cheaper to make than a frozen
+    one, treated as a value all the same (`sent_now` makes a new one).
+
+    Examples:
+        >>> request = CallRequest("fn", [1, 2], guard=Guard("board", "map-1", 30.0, 10.0))
+        >>> wire = request.to_wire()
+        >>> wire
+        ['fn', [1, 2], False, None, ['board', 'map-1', 30.0, 10.0]]
+        >>> CallRequest.from_wire(wire) == request
+        True
+        >>> CallRequest.from_wire(["fn", [(1, 2)], True, None, None]).star
+        True
+    """
+
+    method: str
+    items: list
+    star: bool = False
+    kwargs: dict | None = None
+    guard: Guard | None = None
+
+    def to_wire(self) -> list:
+        """This request as ``[method, items, star, kwargs, guard]``, the guard as
+        ``[board, key, deadline, sent_at]`` or ``None`` (see `from_wire`).
+
+        Examples:
+            >>> CallRequest("warm_up", [("a", 1)], star=True).to_wire()
+            ['warm_up', [('a', 1)], True, None, None]
+        """
+        guard = self.guard
+        return [self.method, self.items, self.star, self.kwargs,
+                None if guard is None else [guard.board, guard.key, guard.deadline, guard.sent_at]]
+
+    @classmethod
+    def from_wire(cls, wire: list | tuple) -> "CallRequest":
+        """The request `to_wire` made.
+
+        Examples:
+            >>> CallRequest.from_wire(["fn", [3], False, None, [None, None, None, 1.5]]).guard
+            Guard(board=None, key=None, deadline=None, sent_at=1.5)
+        """
+        method, items, star, kwargs, guard = wire
+        return cls(method, items, star, kwargs, None if guard is None else Guard(*guard))
+
+    def sent_now(self, now: float) -> "CallRequest":
+        """This request as sent at ``now`` (``time.time()``) rather than when the driver made it:
+        its guard's deadline moves on by as long as the call waited in the driver. A compiled
+        graph's thread sends a call only once the graph is compiled, and compiling counts against
+        no call's ``timeout=`` (see ``rhmapper.compiled``). When it was sent stays as it is: a
+        call that waited in the driver behind its replica's running call asks, before it starts,
+        whether its map ended meanwhile (see `rhmapper.batch_runner.CallGuard`), as a call
+        queued in the actor does.
+
+        Examples:
+            >>> request = CallRequest("fn", [1], guard=Guard(None, None, 10.0, 4.0))
+            >>> request.sent_now(5.5).guard
+            Guard(board=None, key=None, deadline=11.5, sent_at=4.0)
+            >>> CallRequest("fn", [1]).sent_now(5.5).guard is None
+            True
+        """
+        guard = self.guard
+        if guard is None or guard.deadline is None or guard.sent_at is None:
+            return self
+        deadline = guard.deadline + max(0.0, now - guard.sent_at)
+        return CallRequest(self.method, self.items, self.star, self.kwargs,
+                           Guard(guard.board, guard.key, deadline, guard.sent_at))
+
+
 class ReplicaDied(Exception):
     """Raised by `Pool.fetch` when the replica behind a call died before answering.
 
@@ -78,10 +175,10 @@ def use_by_value_pickler(pickler: Any) -> Any:
     cloudpickle keeps the identity of a class it pickles by value (one defined in the driver's
     ``__main__``, say) through a registry of its own: the class travels with an id, and the copy
     that unpickles it gives back the class it already holds under that id. Ray serializes with
-    its own copy of cloudpickle, so the Ray edge hands that copy here (`rhmapper.module` does, on
-    import): an exception or value sent back from a replica is then an instance of the driver's
-    own class, not of a class of the same name. Without Ray, this is the ``cloudpickle``
-    package.
+    its own copy of cloudpickle, so the Ray edge hands that copy here (`rhmapper.batch_runner`
+    does, on import): an exception or value sent back from a replica is then an instance of the
+    driver's own class, not of a class of the same name. Without Ray, this is the
+    ``cloudpickle`` package.
 
     Examples:
         >>> import cloudpickle

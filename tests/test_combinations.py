@@ -18,7 +18,7 @@ import ray
 import rhmapper as rm
 from rhmapper.module import function_replica_class
 from rhmapper.signals import open_end_signal
-from rhmapper.wire import BatchReply
+from rhmapper.wire import BatchReply, CallRequest, Guard
 from tests.ray_head import wait_until
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -186,7 +186,7 @@ def test_an_async_replica_goes_on_after_a_cancelled_call_asked_the_board():
     actor = ray.remote(function_replica_class(async_nap)).options(max_concurrency=1).remote(
         ray.put(async_nap))
     def payload(on: tuple, x: float) -> list:  # sent a second ago: it counts as a queued call
-        return ["fn", [x], False, None, [on[0], on[1], None, time.time() - 1.0]]
+        return CallRequest("fn", [x], guard=Guard(on[0], on[1], None, time.time() - 1.0)).to_wire()
 
     try:
         for cancel_after in (0.0, 0.1, 0.2, 0.3, 0.5):  # while the first asks, or once it runs

@@ -13,7 +13,8 @@ import rhmapper as rm
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", [
-    "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.signals",
+    "rhmapper.mapper", "rhmapper.replicas", "rhmapper.module", "rhmapper.batch_runner",
+    "rhmapper.signals",
     "rhmapper.feasibility", "rhmapper.backend", "rhmapper.host", "rhmapper.host_driver",
     "rhmapper.spawned", "rhmapper.clusters",
     "rhmapper.compiled", "rhmapper.ray_replica", "rhmapper.pool_setup", "rhmapper.replica_launcher",

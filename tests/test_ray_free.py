@@ -18,8 +18,10 @@ WITHOUT_RAY = """
     from rhmapper.env import Env
     from rhmapper.names import NAMESPACE, parse_replica_name
     from rhmapper.retries import Retries
-    from rhmapper.scheduler import MapPlan, MapRun
-    from rhmapper.wire import CallSpec, ReplicaDied
+    from rhmapper.plan import MapPlan
+    from rhmapper.scheduler import MapRun
+    from rhmapper import call_sizing, input_feed, plan, remote_errors, results  # its rooms
+    from rhmapper.wire import CallRequest, CallSpec, Guard, ReplicaDied
     from tests.fakes import FakePool, ReplicaKiller
 
     def flaky(x):
@@ -38,6 +40,8 @@ WITHOUT_RAY = """
     assert Env(name="e", compute={"CPU": 1}).actor_options()["num_cpus"] == 1
     assert parse_replica_name("e_replica_2") == ("e", 2) and NAMESPACE == "rhmapper"
     assert check_count("window", 3) == 3
+    request = CallRequest("fn", [1], guard=Guard("board", "key", 2.0, 1.0))
+    assert CallRequest.from_wire(request.to_wire()) == request
     assert "mapper" not in rhmapper.__all__ and "Env" in rhmapper.__all__
     print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
 """

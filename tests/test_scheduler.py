@@ -8,7 +8,9 @@ import pytest
 
 from rhmapper.errors import NoReplicasError, ReplicaLostError
 from rhmapper.retries import Retries
-from rhmapper.scheduler import QUEUE_AHEAD_SECONDS, MapPlan, MapRun
+from rhmapper.call_sizing import QUEUE_AHEAD_SECONDS
+from rhmapper.plan import MapPlan
+from rhmapper.scheduler import MapRun
 from rhmapper.wire import CallSpec
 from tests.fakes import FakePool, ReplicaKiller
 

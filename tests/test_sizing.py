@@ -150,7 +150,8 @@ def payload_of_its_call(blob: Blob) -> tuple[int, int, int, int]:
     frame = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "_call_items":
         frame = frame.f_back
-    assert frame is not None, "rhmapper.module._call_items is not on the stack: update this test"
+    assert frame is not None, (
+        "rhmapper.batch_runner._call_items is not on the stack: update this test")
     items = frame.f_locals["items"]
     return blob.index, blob.payload[0], len(items), sum(len(item.payload) for item in items)
 

@@ -1,0 +1,53 @@
+"""What one map asks of the scheduler (`MapPlan`) and what it counts (`MapStats`): the types the
+verbs, the host, the progress bar and the scheduler's rooms all share, so none of them imports
+the dispatch loop (`rhmapper.scheduler`) to name them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rhmapper.retries import Retries
+from rhmapper.wire import CallSpec
+
+DEFAULT_MAX_CALL_BYTES = 16 * 2**20
+"""A call carries about this many bytes of input at most; a larger item goes alone."""
+DEFAULT_WINDOW = 16_384
+"""imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """The options of one map, as the scheduler needs them.
+
+    Examples:
+        >>> plan = MapPlan(CallSpec("fn"), total=3)
+        >>> plan.batch_size, plan.window == DEFAULT_WINDOW, plan.ordered
+        ('auto', True, True)
+    """
+
+    call: CallSpec
+    ordered: bool = True
+    collect: bool = False
+    total: int | None = None
+    retries: Retries = field(default_factory=Retries)
+    return_exceptions: bool = False
+    timeout: float | None = None
+    batch_size: int | str = "auto"
+    max_replica_crashes: int = 3
+    window: int | None = DEFAULT_WINDOW
+    max_call_bytes: int = DEFAULT_MAX_CALL_BYTES
+
+
+@dataclass
+class MapStats:
+    """Counters of one map, for the progress bar and for callers.
+
+    Examples:
+        >>> MapStats().done
+        0
+    """
+
+    done: int = 0
+    retries: int = 0
+    failures: int = 0
+    replicas_lost: int = 0
