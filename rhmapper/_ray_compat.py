@@ -298,3 +298,42 @@ def is_connection_failure(error: BaseException) -> bool:
         return True
     frames = traceback.extract_tb(error.__traceback__)
     return bool(frames) and f"{os.sep}grpc{os.sep}" in frames[-1].filename
+
+
+def close_client_connection(connection) -> None:
+    """Close ``connection`` (see `client_connection`); once no Ray Client connection is left,
+    Ray leaves client mode, so that ``ray.is_initialized()`` and the ``ray.*`` calls of this
+    process reach its own Ray again (a local ``ray.init``), or none. Idempotent.
+
+    Missing public API: ``ClientContext.disconnect()`` closes a connection that still answers
+    the same way (it switches to it and calls ``ray.util.client.ray.disconnect()``), but one
+    whose cluster was lost it does not close: seeing it not connected, it instead leaves the
+    process's own Ray alone (on a head node, or with none) or calls ``ray.shutdown()``, and the
+    lost connection keeps client mode on. Checked on Ray 2.60.
+    """
+    with using_client_connection(connection):
+        ray.util.client.ray.disconnect()
+
+
+@contextlib.contextmanager
+def client_mode_undone_on_failure() -> Iterator[None]:
+    """Around a ``ray.init("ray://...")``: if it raises, put back this thread's Ray Client
+    context and (when no Ray Client connection is left) Ray's client mode as they were, so that
+    the process's own Ray (a local ``ray.init``), or none, is its Ray again.
+
+    Missing public API: a Ray Client ``ray.init`` turns client mode on before it connects, and
+    with ``allow_multiple=True`` switches this thread to a new context; when the connection
+    fails it undoes neither, and ``ray.is_initialized()`` then says False and Ray calls fail
+    with "Maybe you called ray.init twice". Checked on Ray 2.60.
+    """
+    from ray._private import client_mode_hook
+
+    context = ray.util.client.ray.get_context()
+    client_mode = client_mode_hook.is_client_mode_enabled
+    try:
+        yield
+    except BaseException:
+        ray.util.client.ray.set_context(context)
+        if not client_mode and ray.util.client.num_connected_contexts() == 0:
+            client_mode_hook._explicitly_disable_client_mode()
+        raise

@@ -43,8 +43,9 @@ def connect(address: str) -> Any:
     if not isinstance(address, str) or not address.startswith("ray://"):
         raise ValueError(f"replicas={{...}} takes Ray Client addresses ('ray://host:10001'), "
                          f"got {address!r}")
-    context = ray.init(address, allow_multiple=True, namespace=NAMESPACE,
-                       log_to_driver=False)
+    with _ray_compat.client_mode_undone_on_failure():
+        context = ray.init(address, allow_multiple=True, namespace=NAMESPACE,
+                           log_to_driver=False)
     return _ray_compat.client_connection(context)
 
 
@@ -61,12 +62,21 @@ class MultiClusterPool:
         self.slots = SlotIndex()
         self._wakeup = threading.Condition()
         self.pools: dict[str, ReplicaPool] = {}
-        for address in addresses:
-            connection = connect(address)
-            with _ray_compat.using_client_connection(connection):  # the pool puts its target
-                self.pools[address] = ReplicaPool(
-                    env, target, concurrency, ready_timeout, replace_mismatched, cluster=address,
-                    connection=connection, slots=self.slots, wakeup=self._wakeup)
+        self._connections: list[Any] = []
+        """Every connection this pool opened, closed by `shutdown` (the user passes none in)."""
+        self._closed = False
+        try:
+            for address in addresses:
+                connection = connect(address)
+                self._connections.append(connection)
+                with _ray_compat.using_client_connection(connection):  # the pool puts its target
+                    self.pools[address] = ReplicaPool(
+                        env, target, concurrency, ready_timeout, replace_mismatched,
+                        cluster=address, connection=connection, slots=self.slots,
+                        wakeup=self._wakeup)
+        except BaseException:
+            self._close_connections()  # a mapper that is never made keeps no connection open
+            raise
 
     def _pool_of(self, replica: RayReplica) -> ReplicaPool:
         return self.pools[replica.cluster]
@@ -78,9 +88,8 @@ class MultiClusterPool:
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         """`ReplicaPool.broadcast` on each cluster in turn (a cluster lost meanwhile: none)."""
         answers: list = []
-        for pool in self.pools.values():
-            if not pool.unreachable:
-                answers.extend(pool.broadcast(method, args, kwargs) or [])
+        for pool in self._open_pools():
+            answers.extend(pool.broadcast(method, args, kwargs) or [])
         return answers
 
     def put_kwargs(self, kwargs: dict) -> ClusterKwargs:
@@ -126,6 +135,9 @@ class MultiClusterPool:
         if pool is None:
             raise ValueError(f"{address!r} is not one of this mapper's clusters "
                              f"({', '.join(self.pools)})")
+        if self._closed:  # the connection is closed: a Ray call there would fail or go elsewhere
+            raise RhmapperError("this mapper was shut down, and its connection to "
+                                f"{address} closed; create a new mapper to use that cluster")
         if pool.unreachable:  # a Ray call over a lost connection would start a local Ray
             raise ConnectionError(f"cluster {address} is unreachable (its replicas left the "
                                   "pool); create a new mapper once it answers again")
@@ -133,19 +145,47 @@ class MultiClusterPool:
 
     def drop(self, count: int) -> None:
         """Drop ``count`` replicas, from the cluster with the most first."""
+        if count > len(self.replicas):
+            raise ValueError(f"cannot drop {count} replicas: the pool has {len(self.replicas)}")
         for _ in range(count):
             pool = max(self.pools.values(), key=lambda pool: len(pool.replicas))
             pool.drop(1)
 
     def wait_ready(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for pool in self.pools.values():
+        for pool in self._open_pools():
             pool.wait_ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
+    def _open_pools(self) -> list[ReplicaPool]:
+        """The pools whose connection answers and is open (none once shut down): a call on a
+        closed connection would take it for a lost cluster."""
+        return [] if self._closed else [pool for pool in self.pools.values()
+                                        if not pool.unreachable]
+
     def shutdown(self, kill: bool = True) -> None:
-        for pool in self.pools.values():
-            if not pool.unreachable:
-                pool.shutdown(kill)
+        """Shut every reachable cluster's pool down, then close every connection this pool
+        opened, so that the process has its own Ray again (or none) as before the mapper; once
+        more, nothing. The connections are closed even if a pool's shutdown raised."""
+        if self._closed:
+            return
+        try:
+            for pool in self.pools.values():
+                if not pool.unreachable:
+                    pool.shutdown(kill)
+        finally:
+            self._close_connections()
+
+    def _close_connections(self) -> None:
+        """Close this pool's connections (a lost one too: it would keep Ray in client mode)."""
+        self._closed = True
+        errors = []
+        for connection in self._connections:
+            try:
+                _ray_compat.close_client_connection(connection)
+            except Exception as error:  # noqa: BLE001 - the others are closed, then it is raised
+                errors.append(error)
+        if errors:
+            raise errors[0]
 
     # -- the scheduler's view ---------------------------------------------------------------
 

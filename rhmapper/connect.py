@@ -47,7 +47,8 @@ def ensure_ray() -> None:
     if explicit not in _IMPLICIT_ADDRESSES:
         check_token_accepted(explicit)
     try:
-        ray.init()
+        with _ray_compat.client_mode_undone_on_failure():  # a ray:// RAY_ADDRESS that failed
+            ray.init()
     except ConnectionError as error:
         if os.environ.get("RAY_ADDRESS"):
             raise
@@ -85,8 +86,9 @@ def connect(address: str | None = None) -> bool:
             check_token_accepted(target)
         target = resolved
     try:
-        ray.init(address=target, namespace=NAMESPACE, logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=False)
+        with _ray_compat.client_mode_undone_on_failure():  # a ray:// address that failed
+            ray.init(address=target, namespace=NAMESPACE, logging_level=logging.WARNING,
+                     log_to_driver=False, configure_logging=False)
     except ConnectionError as error:
         raise ClusterNotFoundError(f"could not join the Ray cluster at {target}: {error}") from error
     except ray.exceptions.AuthenticationError as error:  # e.g. token mode on, but no token

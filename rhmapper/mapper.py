@@ -69,7 +69,11 @@ class Mapper(PoolVerbs):
         self.compiled_graphs = compiled_graphs
         """Whether calls to auto replicas go over a compiled graph each."""
         self._cancel_events: set[threading.Event] = set()
-        self.add_replicas(replicas)
+        try:
+            self.add_replicas(replicas)
+        except BaseException:
+            self.shutdown()  # its user never gets it to shut down: its replicas, connections
+            raise
 
     # -- the verbs --------------------------------------------------------------------------
 

@@ -154,7 +154,8 @@ class PoolVerbs:
         """Empty the pool and kill its auto replicas; your own actors stay alive.
 
         A detached env's replicas (``Env(detached=True)``) are left running for a later driver
-        to attach to, unless ``kill=True``.
+        to attach to, unless ``kill=True``. A mapper over several clusters also closes the Ray
+        Client connections it opened, so the process's own Ray (or none) is its Ray again.
 
         Examples:
             >>> m = rm.mapper(abs, replicas=2)

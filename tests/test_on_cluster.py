@@ -1,5 +1,6 @@
 """``rm.mapper(..., on_cluster=True)``: the pool and the dispatch loop run in a host actor on the
-head node; every verb behaves as with the mapper on the driver, errors included.
+head node; every verb behaves as with the mapper on the driver, errors included (the verbs'
+promises on every backend, errors, cancel and broadcast among them: tests/test_verbs.py).
 
 Over Ray Client, and with a driver killed mid-map, see tests/test_ray_client.py.
 """
@@ -20,12 +21,6 @@ from tests.ray_head import wait_until
 
 def square(x):
     return x * x
-
-
-def fails_on_three(x):
-    if x == 3:
-        raise KeyError(f"no {x}")
-    return x
 
 
 def logged_naps(x, log):
@@ -79,37 +74,13 @@ def test_host_runs_on_the_head_node_with_no_resources(on_cluster):
     assert on_cluster.map([4]) == [16]
 
 
-def test_errors_are_the_users_own_with_their_notes(ray_local):
-    with rm.mapper(fails_on_three, replicas=1, on_cluster=True) as m:
-        with pytest.raises(KeyError, match="no 3") as caught:
-            m.map(range(6))
-        assert caught.value.__notes__[-1].startswith("rhmapper: item 3 failed on replica ")
-        values = m.map(range(6), return_exceptions=True)
-        assert values[:3] == [0, 1, 2] and values[4:] == [4, 5] and isinstance(values[3], KeyError)
-        with pytest.raises(TypeError, match="unknown map option 'retry'"):
-            m.map([1], retry=2)
-
-
-def test_timeout_and_cancel_end_the_map(ray_local, tmp_path):
+def test_timeout_ends_the_item(ray_local, tmp_path):
+    """(Cancel, user errors and broadcast with the mapper on the cluster: tests/test_verbs.py.)"""
     log = tmp_path / "started.log"
     with rm.mapper(logged_naps, replicas=1, on_cluster=True) as m:
         values = m.map([0.0, 5.0, 0.0], timeout=1.0, return_exceptions=True, batch_size=1,
                        kwargs={"log": str(log)})
         assert values[0] == 0.0 and values[2] == 0.0 and isinstance(values[1], TimeoutError)
-        log.write_text("")
-        threading.Timer(1.0, m.cancel).start()
-        started = time.monotonic()
-        with pytest.raises(rm.MapCancelledError):
-            m.map([6.0, 6.1, 6.2, 6.3], batch_size=1, kwargs={"log": str(log)})
-        assert time.monotonic() - started < 5, "cancel does not wait for the running item"
-        time.sleep(started + 7 - time.monotonic())  # a queued item would have started by now
-    assert log.read_text().split() == ["6.0"], "no item queued behind the cancel started"
-
-
-def test_broadcast_reaches_every_replica_of_a_class(ray_local):
-    with rm.mapper(Counter, method="add", replicas=2, on_cluster=True) as m:
-        assert m.broadcast("add", 5) == [5, 5]
-        assert sorted(m.map([1, 1], batch_size=1)) == [6, 6]
 
 
 def test_shutdown_ends_the_host_and_its_replicas(ray_local):
