@@ -52,7 +52,7 @@ class Backend(Protocol):
 
     def shutdown(self, kill: bool) -> None: ...
 
-    def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
+    def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
         """Run one map: yield chunks of results as the plan's ordering allows, then (for a
         ``collect`` plan) the whole list of results."""
@@ -198,6 +198,9 @@ class LocalBackend:
 
     def __init__(self, pool: "ReplicaPool | MultiClusterPool") -> None:
         self.pool = pool
+        self._item_seconds: dict[str, float] = {}
+        """The run time of one item per method, as the last map that measured it left it: the
+        next map of that method sizes its first calls from it instead of one-item calls."""
 
     def add_auto(self, count: int) -> None:
         self.pool.add_auto(count)
@@ -226,10 +229,12 @@ class LocalBackend:
     def shutdown(self, kill: bool) -> None:
         self.pool.shutdown(kill=kill)
 
-    def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
+    def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
         end_signal, end_map = self.pool.open_end_signal()
-        plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal))
+        method = plan.call.method
+        plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal),
+                                   item_seconds_hint=self._item_seconds.get(method))
         pool = self.pool
         run = MapRun(pool, plan, source,
                      lambda done, stats: on_progress(done, stats, pool.ready_replicas()), cancelled)
@@ -239,3 +244,5 @@ class LocalBackend:
                 yield run.results
         finally:
             end_map()
+            if run.item_seconds is not None:
+                self._item_seconds[method] = run.item_seconds

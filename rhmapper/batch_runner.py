@@ -29,6 +29,7 @@ from rhmapper.wire import (
     Guard,
     RemoteFailure,
     pack_values,
+    types_of,
     use_by_value_pickler,
 )
 
@@ -108,8 +109,8 @@ async def _fetch(ref: Any) -> Any:
 
 def _ref_positions(items: list, star: bool) -> list[tuple[int, int | None]]:
     """Where the items hold ``ObjectRef`` arguments: (item, argument or None for the item)."""
-    values = itertools.chain.from_iterable(items) if star else items
-    if not any(issubclass(kind, ray.ObjectRef) for kind in set(map(type, values))):
+    kinds = set(map(type, itertools.chain.from_iterable(items))) if star else types_of(items)
+    if not any(issubclass(kind, ray.ObjectRef) for kind in kinds):
         return []
     if star:
         return [(position, argument) for position, item in enumerate(items)

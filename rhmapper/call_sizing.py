@@ -3,7 +3,9 @@ item measured on the calls that answered.
 
 Auto batches aim at `TARGET_CALL_SECONDS` of work per call and shrink toward the end of an input
 of known length (guided self-scheduling); a window bounds the items pulled but not yet yielded;
-under ``timeout=`` a batch gets a budget from its measured run time (`CallSizer.budget`).
+under ``timeout=`` a batch gets a budget from its measured run time (`CallSizer.budget`). Before
+a map's first answer, calls carry one item, or are sized from the plan's ``item_seconds_hint``
+(what the previous map of the method measured) when it has one.
 """
 
 from __future__ import annotations
@@ -43,10 +45,16 @@ class CallSizer:
         250
         >>> sizer.budget(1), sizer.budget(250)  # one timeout, or one plus 4 x the measured time
         (2.0, 3.0)
+        >>> hinted = MapPlan(CallSpec("fn"), total=1000, window=None, item_seconds_hint=1e-3)
+        >>> CallSizer(hinted).batch_size(slots=4, next_index=0, emitted=0)  # a guided share
+        125
     """
 
     def __init__(self, plan: MapPlan) -> None:
         self._plan = plan
+        self._hint = plan.item_seconds_hint if plan.timeout is None else None
+        """Sizes the first calls; not under ``timeout=``, whose budgets need this map's own
+        measurement."""
         self._measured_seconds = 0.0
         self._measured_items = 0.0
         """Decaying sums of the items' run time and count: the per-item time weighs each call
@@ -93,7 +101,7 @@ class CallSizer:
             # item, so an equal share of the map per slot costs no more time than one item.
             size = math.ceil(plan.total / slots)
             return max(1, min(size, room)) if room > 0 else 0
-        per_item_seconds = self.per_item_seconds
+        per_item_seconds = self.per_item_seconds or self._hint
         if per_item_seconds is None:
             return min(1, room)
         per_item = max(per_item_seconds, 1e-7)

@@ -258,11 +258,11 @@ class MapperHost:
         with self._registered:
             self._maps[map_id] = hosted
             self._registered.notify_all()
-        source = iter(items) if last else hosted.source()  # all there: no need to wait for more
+        source = items if last else hosted.source()  # all there: no need to wait for more
         threading.Thread(target=self._run, args=(hosted, plan, source, max_result_bytes),
                          daemon=True, name=f"rhmapper-{map_id}").start()
 
-    def _run(self, hosted: HostedMap, plan: MapPlan, source: Iterator,
+    def _run(self, hosted: HostedMap, plan: MapPlan, source: Iterator | list,
              max_result_bytes: float = math.inf) -> None:
         error = None
         try:

@@ -91,7 +91,7 @@ class ClusterBackend:
         except ray.exceptions.RayActorError:
             pass  # the host exits in shutdown: its call ends with the actor
 
-    def run(self, plan: MapPlan, source: Iterator, on_progress: OnProgress,
+    def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
         map_id = uuid.uuid4().hex
         feeder = _Feeder(source, plan.window, plan.total if plan.collect else None)
@@ -158,8 +158,9 @@ class _Feeder:
     most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
     verbs that collect a list already hold every input)."""
 
-    def __init__(self, source: Iterator, window: int | None, total: int | None = None) -> None:
-        self._source, self._window, self._total = source, window, total
+    def __init__(self, source: Iterator | list, window: int | None, total: int | None = None
+                 ) -> None:
+        self._source, self._window, self._total = iter(source), window, total
         self._per_chunk: int | None = None
         self.sent = 0
         self.received = 0

@@ -1,6 +1,6 @@
 """One map's input: items pulled from the caller's iterator outside the pool's lock, held until a
 call takes them, numbered in input order, and measured in bytes so that a call stays under the
-plan's ``max_call_bytes``.
+plan's ``max_call_bytes``. A map over a list (`ListFeed`) takes slices of it instead.
 
 The dispatch loop (`rhmapper.scheduler.MapRun`) asks `InputFeed.take` for a call's items while it
 holds the pool's lock. When fewer are held than the call wants, `take` only notes how many
@@ -110,3 +110,57 @@ class InputFeed:
         self._bytes_per_item = per_item if previous is None else (
             previous + EWMA_WEIGHT * (per_item - previous))
         self.held.extend(items)
+
+
+class ListFeed:
+    """The items of a map over a list (`rhmapper.Mapper.map`, ``starmap``): each call takes a
+    slice of it, with none of `InputFeed`'s pulling and holding. Same interface; nothing is
+    ever `wanted`.
+
+    Examples:
+        >>> feed = ListFeed(list("abcde"), max_call_bytes=2**20)
+        >>> feed.take(2), feed.take_now(5), feed.exhausted
+        ((0, ['a', 'b']), (2, ['c', 'd', 'e']), True)
+        >>> _, items = ListFeed([b"x" * 600] * 3, max_call_bytes=1000).take(3)
+        >>> len(items)  # the call stays within max_call_bytes
+        1
+    """
+
+    wanted = 0
+
+    def __init__(self, items: list, max_call_bytes: int) -> None:
+        self._items = items
+        self._max_call_bytes = max_call_bytes
+        self.next_index = 0
+        """The input index of the next item a call takes."""
+
+    def is_empty(self) -> bool:
+        """Whether the list is empty."""
+        return not self._items
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether every item has been taken by a call."""
+        return self.next_index >= len(self._items)
+
+    def take(self, size: int) -> tuple[int, list]:
+        """The first index and the items of a call of at most ``size`` items, fewer if they
+        would carry more than ``max_call_bytes`` (one item at least)."""
+        start = self.next_index
+        items = self._items[start:start + size]
+        if len(items) > 1:
+            fits = max(1, int(self._max_call_bytes // max(mean_item_bytes(items), 1.0)))
+            del items[fits:]
+        self.next_index += len(items)
+        return start, items
+
+    def take_now(self, size: int) -> tuple[int, list]:
+        """The first index and the next ``size`` items (fewer at the end), whatever their bytes:
+        for items that will not be sent."""
+        start = self.next_index
+        items = self._items[start:start + size]
+        self.next_index += len(items)
+        return start, items
+
+    def pull(self, count: int) -> None:
+        """Nothing to pull: the items are all here (`wanted` is always 0)."""

@@ -226,7 +226,7 @@ class Mapper(PoolVerbs):
                        max_replica_crashes=settings.max_replica_crashes,
                        max_call_bytes=self.max_call_bytes, **shape)
 
-    def _run(self, plan: MapPlan, source: Iterator, progress: bool | None,
+    def _run(self, plan: MapPlan, source: Iterator | list, progress: bool | None,
              total: int | None) -> Iterator[list]:
         self._check_open()
         bar = Progress(progress, total, self.env.name)
@@ -246,7 +246,7 @@ class Mapper(PoolVerbs):
         if not items:
             return []
         plan = self._plan(star, settings, collect=True, total=len(items), window=None)
-        *_, results = self._run(plan, iter(items), settings.progress, len(items))
+        *_, results = self._run(plan, items, settings.progress, len(items))
         return results
 
     def _stream(self, iterables: tuple, ordered: bool, settings: MapSettings) -> Iterator:

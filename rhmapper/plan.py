@@ -36,6 +36,9 @@ class MapPlan:
     max_replica_crashes: int = 3
     window: int | None = DEFAULT_WINDOW
     max_call_bytes: int = DEFAULT_MAX_CALL_BYTES
+    item_seconds_hint: float | None = None
+    """The run time of one item measured by an earlier map of the same method, if any: auto
+    batches are sized from it until this map's own calls answer (see `CallSizer.batch_size`)."""
 
 
 @dataclass

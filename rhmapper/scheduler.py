@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from rhmapper.call_sizing import CallSizer
 from rhmapper.errors import MapCancelledError, NoReplicasError
-from rhmapper.input_feed import InputFeed
+from rhmapper.input_feed import InputFeed, ListFeed
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.results import ResultBook, SentCall
 from rhmapper.slots import Inbox, SlotIndex
@@ -122,14 +122,16 @@ class MapRun:
         self,
         pool: Pool,
         plan: MapPlan,
-        source: Iterator,
+        source: Iterator | list,
         on_progress: Callable[[int, MapStats], None] | None = None,
         cancelled: threading.Event | None = None,
     ) -> None:
         self._pool = pool
         self._plan = plan
         self._cancelled = cancelled or threading.Event()
-        self._feed = InputFeed(source, plan.max_call_bytes)
+        self._feed: InputFeed | ListFeed = (
+            ListFeed(source, plan.max_call_bytes) if isinstance(source, list)
+            else InputFeed(source, plan.max_call_bytes))
         self._sizer = CallSizer(plan)
         self._book = ResultBook(plan, on_progress)
         self.stats: MapStats = self._book.stats
@@ -143,6 +145,11 @@ class MapRun:
         self._replica_deaths = 0
         self._benched_since: float | None = None
         """Since when no replica could take work because all are benched (see `_wait`)."""
+
+    @property
+    def item_seconds(self) -> float | None:
+        """The run time of one item measured so far (``None`` before any call answered)."""
+        return self._sizer.per_item_seconds
 
     @property
     def results(self) -> list:

@@ -11,6 +11,7 @@ Plain values (numbers, strings, bytes, ``None``) travel as they are, at no cost.
 from __future__ import annotations
 
 import functools
+import operator
 import pickle
 import traceback
 from dataclasses import dataclass, field
@@ -354,6 +355,21 @@ def _unpack(position: int, value: Any, failures: dict[int, RemoteFailure]) -> An
         return None
 
 
+def types_of(values: list) -> set[type]:
+    """The types of ``values``, in one pass in C (a cheaper one when all share the first's type,
+    the usual case).
+
+    Examples:
+        >>> sorted(kind.__name__ for kind in types_of([1, 2, "x"]))
+        ['int', 'str']
+    """
+    if values:
+        first = type(values[0])
+        if operator.countOf(map(type, values), first) == len(values):
+            return {first}
+    return set(map(type, values))
+
+
 def pack_values(values: list, failures: dict[int, RemoteFailure],
                 is_reference: Callable[[Any], bool]) -> tuple[list, dict, bool]:
     """Values ready to travel: as they are when all are plain, else one pickle per value. A
@@ -377,7 +393,7 @@ def pack_values(values: list, failures: dict[int, RemoteFailure],
         >>> pickle.loads(values[0]), type(values[1]).__name__
         (('ObjectRef', 1), 'RawValue')
     """
-    if _PLAIN_TYPES.issuperset(map(type, values)):
+    if _PLAIN_TYPES.issuperset(types_of(values)):
         return values, failures, False
     packed: list = []
     for position, value in enumerate(values):

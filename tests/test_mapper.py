@@ -296,3 +296,25 @@ def test_progress_bar_counts_every_item(capsys):
         m.map(range(50), progress=True)
     err = capsys.readouterr().err
     assert "bar" in err and "50/50" in err and "replicas=" in err
+
+
+def test_a_later_map_of_a_mapper_sends_no_one_item_calls(monkeypatch):
+    """The first map measures an item with one-item calls; the next one sizes its calls from
+    that measurement at once."""
+    from rhmapper.ray_replica import RayReplica
+
+    sizes: list[int] = []
+    start = RayReplica.start
+
+    def counting_start(self, call, first, items, *args, **kwargs):
+        sizes.append(len(items))
+        return start(self, call, first, items, *args, **kwargs)
+
+    monkeypatch.setattr(RayReplica, "start", counting_start)
+    with rm.mapper(abs, replicas=2) as m:
+        m.wait_ready(timeout=120)
+        assert m.map(range(-2000, 0)) == list(range(2000, 0, -1))
+        first_map, sizes[:] = list(sizes), []
+        assert m.map(range(-4000, -2000)) == list(range(4000, 2000, -1))
+    assert first_map[:2] == [1, 1]
+    assert sum(sizes) == 2000 and min(sizes) > 1, sizes

@@ -15,9 +15,10 @@ from rhmapper.wire import CallSpec
 from tests.fakes import FakePool, ReplicaKiller
 
 
-def collect(pool, items, **options):
+def collect(pool, items, as_list=False, **options):
+    """``items`` mapped as ``Mapper.map`` maps a list (``as_list``), else as from an iterator."""
     plan = MapPlan(CallSpec("fn"), collect=True, total=len(items), window=None, **options)
-    run = MapRun(pool, plan, iter(items))
+    run = MapRun(pool, plan, list(items) if as_list else iter(items))
     for _ in run.chunks():
         pass
     return run.results, run
@@ -29,9 +30,10 @@ def stream(pool, source, ordered=True, window=64, total=None, **options):
     return [value for chunk in run.chunks() for value in chunk], run
 
 
-def test_collect_keeps_input_order_under_shuffled_completion():
+@pytest.mark.parametrize("as_list", [False, True], ids=["iterator", "list"])
+def test_collect_keeps_input_order_under_shuffled_completion(as_list):
     pool = FakePool(4, fn=lambda x: x * 3, capacity=2, seed=7)
-    results, run = collect(pool, list(range(5000)))
+    results, run = collect(pool, list(range(5000)), as_list)
     assert results == [x * 3 for x in range(5000)]
     assert run.stats.done == 5000
 
@@ -68,6 +70,20 @@ def test_tiny_items_take_a_few_large_calls_after_one_probe_per_slot():
     assert len(sizes) <= 20, f"tiny items should take few calls, got {len(sizes)}: {sizes}"
     assert max(sizes) >= 10_000 and min(sizes[4:]) >= 10_000 // 2
     assert max(sizes) <= 100_000 // (2 * 4), "a small map splits in equal shares, two per slot"
+
+
+def test_a_later_map_sizes_its_first_calls_from_the_last_measured_item_time():
+    pool = FakePool(4, item_seconds=1e-7)
+    collect(pool, list(range(100_000)), as_list=True, item_seconds_hint=1e-7)
+    sizes = [len(items) for _, _, items in pool.log]
+    assert sizes[:4] == [12_500] * 4, "no one-item calls: an equal half share per slot at once"
+    assert sum(sizes) == 100_000 and len(sizes) <= 10
+
+
+def test_under_a_timeout_the_first_calls_measure_one_item_whatever_the_hint():
+    pool = FakePool(4, item_seconds=1e-7)
+    collect(pool, list(range(1000)), item_seconds_hint=1e-7, timeout=10.0)
+    assert [len(items) for _, _, items in pool.log][:4] == [1, 1, 1, 1]
 
 
 def test_async_targets_take_an_equal_share_per_slot_from_the_first_call():
@@ -285,12 +301,13 @@ def test_one_item_maps_take_equally_loaded_replicas_in_turn():
     assert [name for name, _, _ in pool.log] == [f"fake_replica_{i}" for i in (0, 1, 2, 0, 1, 2)]
 
 
-def test_calls_stay_under_the_byte_bound_and_a_huge_item_goes_alone():
+@pytest.mark.parametrize("as_list", [False, True], ids=["iterator", "list"])
+def test_calls_stay_under_the_byte_bound_and_a_huge_item_goes_alone(as_list):
     mib = 2**20
     items = [bytes([i]) * mib for i in range(40)]
     items[17] = b"\xff" * (10 * mib)
     pool = FakePool(3, fn=lambda blob: (len(blob), blob[0]), item_seconds=1e-6)
-    results, _ = collect(pool, items, max_call_bytes=4 * mib)
+    results, _ = collect(pool, items, as_list, max_call_bytes=4 * mib)
     assert results == [(len(blob), blob[0]) for blob in items]
     assert all(sum(map(len, batch)) <= 4 * mib for _, _, batch in pool.log if items[17] not in batch)
     assert [batch for _, _, batch in pool.log if items[17] in batch] == [[items[17]]]
