@@ -5,6 +5,7 @@ The scheduler and its types (``rhmapper.scheduler``, ``rhmapper.wire``, ``rhmapp
 the mapper itself needs Ray.
 """
 
+from rhmapper.batching import Batched
 from rhmapper.env import Env
 from rhmapper.errors import (
     ClusterAuthenticationError,
@@ -18,6 +19,7 @@ from rhmapper.errors import (
 from rhmapper.retries import Retries
 
 __all__ = [
+    "Batched",
     "ClusterAuthenticationError",
     "Env",
     "MapCancelledError",

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from rhmapper import _ray_compat
 from rhmapper.backend import AUTO_ONLY, MapperSpec, method_of
+from rhmapper.batching import batched_of
 from rhmapper.checks import check_concurrency, check_count
 from rhmapper.connect import ensure_ray, over_ray_client
 from rhmapper.env import Env
@@ -23,7 +24,8 @@ from rhmapper.plan import DEFAULT_MAX_CALL_BYTES
 def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: Any = 1,
             env: Env | None = None, concurrency: Any = None, ready_timeout: float | None = None,
             replace_mismatched: bool = False, max_call_bytes: Any = DEFAULT_MAX_CALL_BYTES,
-            on_cluster: bool = False, compiled_graphs: Any = False) -> MapperSpec:
+            on_cluster: bool = False, compiled_graphs: Any = False, batched: Any = False
+            ) -> MapperSpec:
     """The `MapperSpec` of ``rm.mapper(obj, ...)``'s arguments (see `rhmapper.mapper` for
     each), checked: ``TypeError`` or ``ValueError`` saying what to pass for a wrong one. An
     unnamed env is named after ``obj`` plus a unique suffix. ``replicas`` is only looked at
@@ -44,6 +46,7 @@ def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: 
     """
     concurrency = check_concurrency(concurrency)
     max_call_bytes = check_count("max_call_bytes", max_call_bytes)
+    batching = batched_of(batched)
     if env is not None and not isinstance(env, Env):
         raise TypeError(f"env must be an rm.Env, got {type(env).__name__}; build it with rm.Env(...)")
     target, cls = _target_of(obj)
@@ -61,6 +64,9 @@ def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: 
     clusters = tuple(replicas) if isinstance(replicas, dict) else ()
     if not isinstance(compiled_graphs, bool):
         raise TypeError(f"compiled_graphs must be True or False, got {compiled_graphs!r}")
+    if compiled_graphs and batching is not None:
+        raise ValueError("batched calls do not run over compiled graphs yet: pass either "
+                         "batched= or compiled_graphs=True")
     if compiled_graphs:
         if not clusters:
             ensure_ray()  # whether it is over Ray Client is known once connected
@@ -71,7 +77,8 @@ def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: 
     return MapperSpec(
         target=target, method=method, env=env, concurrency=concurrency,
         ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
-        max_call_bytes=max_call_bytes, compiled_graphs=compiled_graphs, clusters=clusters)
+        max_call_bytes=max_call_bytes, compiled_graphs=compiled_graphs, clusters=clusters,
+        batched=batching)
 
 
 def _default_name(obj: Any) -> str:

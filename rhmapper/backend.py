@@ -14,6 +14,7 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from rhmapper.batching import Batched
 from rhmapper.checks import check_count
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
@@ -92,7 +93,8 @@ class MapperSpec:
 
     ``target`` is what replicas run: the function, or the `rhmapper.module.Module` each builds.
     ``env`` is named. ``clusters`` are the Ray Client addresses of a mapper over several
-    clusters (see `rhmapper.clusters`).
+    clusters (see `rhmapper.clusters`). ``batched``: its target takes whole batches (see
+    `rhmapper.batching`).
 
     Examples:
         >>> import collections
@@ -124,6 +126,7 @@ class MapperSpec:
     max_call_bytes: int = DEFAULT_MAX_CALL_BYTES
     compiled_graphs: bool = False
     clusters: tuple[str, ...] = ()
+    batched: Batched | None = None
 
     @property
     def cls(self) -> type | None:

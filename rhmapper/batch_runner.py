@@ -22,6 +22,7 @@ import ray
 from ray.actor import ActorHandle
 
 from rhmapper import _ray_compat
+from rhmapper.batching import BatchedCall
 from rhmapper.signals import EndSignal, ended
 from rhmapper.wire import (
     BatchReply,
@@ -319,6 +320,11 @@ def run_batch(instance: Any, request: CallRequest) -> BatchReply:
     items, failures = resolve_refs(items, star)
     kwargs = shared_kwargs(request.kwargs) if request.kwargs else None
     started = time.perf_counter()  # the items' own time: what sizes the next calls
+    if request.batched:
+        batch, call, positions = _batched_call(target, items, star, kwargs, failures, call_guard)
+        _run_to_its_end(_call_spans(batch, lambda start, stop: _settled(call(start, stop))))
+        return _batched_reply(batch, positions, failures, len(items),
+                              time.perf_counter() - started)
     values, not_started = _call_items(target, items, star, kwargs, failures, call_guard)
     pending = _awaitable_positions(values)
     if pending:
@@ -348,9 +354,80 @@ async def run_batch_async(instance: Any, request: CallRequest) -> BatchReply:
     items, failures = await resolve_refs_async(items, star)
     kwargs = await shared_kwargs_async(request.kwargs) if request.kwargs else None
     started = time.perf_counter()
+    if request.batched:
+        batch, call, positions = _batched_call(target, items, star, kwargs, failures,
+                                               CallGuard(None))
+        await _call_spans(batch, call)
+        return _batched_reply(batch, positions, failures, len(items),
+                              time.perf_counter() - started)
     values, _ = _call_items(target, items, star, kwargs, failures, CallGuard(None))
     await _await_into(values, failures, _awaitable_positions(values))
     return _reply(values, failures, time.perf_counter() - started, None)
+
+
+def _batched_call(target: Callable, items: list, star: bool, kwargs: dict | None,
+                  failures: dict[int, RemoteFailure], guard: CallGuard
+                  ) -> tuple[BatchedCall, Callable[[int, int], Any], list[int]]:
+    """The `BatchedCall` over the items not already failed (their reference could not be
+    fetched), the function that calls ``target`` on a span of them (the span's items as one
+    list, or with ``star`` one list per argument), and the items' positions in the call."""
+    positions = [position for position in range(len(items)) if position not in failures]
+    callable_items = [items[position] for position in positions]
+    name = getattr(target, "__qualname__", repr(target))
+    batch = BatchedCall(len(callable_items), name, guard.stop_reason)
+    keywords = kwargs or {}
+    if star:
+        def call(start: int, stop: int) -> Any:
+            return target(*map(list, zip(*callable_items[start:stop])), **keywords)
+    else:
+        def call(start: int, stop: int) -> Any:
+            return target(callable_items[start:stop], **keywords)
+    return batch, call, positions
+
+
+def _batched_reply(batch: BatchedCall, positions: list[int], failures: dict[int, RemoteFailure],
+                   size: int, seconds: float) -> BatchReply:
+    values: list = [None] * size
+    for position, value in zip(positions, batch.values):
+        values[position] = value
+    for index, error in batch.errors.items():
+        failures[positions[index]] = RemoteFailure.capture(error)
+    not_started = batch.not_started and (positions[batch.not_started[0]], batch.not_started[1])
+    return _reply(values, failures, seconds, not_started)
+
+
+async def _call_spans(batch: BatchedCall, call: Callable[[int, int], Any]) -> None:
+    """Call the function on each span ``batch`` gives (awaiting what it returns, if awaitable)
+    and tell ``batch`` what came of it."""
+    while (span := batch.next_span()) is not None:
+        try:
+            result = call(*span)
+            if inspect.isawaitable(result):
+                result = await result
+        except BaseException as error:  # noqa: B036 - split until the items that raise
+            batch.failed(*span, error)
+            continue
+        batch.answered(*span, result)
+
+
+def _settled(result: Any) -> Any:
+    """``result``, awaited on an event loop of its own if it is awaitable (on a thread that
+    runs no loop: a replica that is not an async actor)."""
+    return asyncio.run(_awaited(result)) if inspect.isawaitable(result) else result
+
+
+def _run_to_its_end(coroutine: Any) -> None:
+    """Run ``coroutine``, which awaits nothing unfinished, with no event loop."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return
+    coroutine.close()
+    raise RuntimeError("a coroutine run without an event loop waited for something")
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _awaitable_positions(values: list) -> list[int]:

@@ -21,6 +21,7 @@ from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
 from rhmapper.backend import Backend, MapperSpec
+from rhmapper.batching import Batched
 from rhmapper.retries import Retries
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned
@@ -58,9 +59,10 @@ class Mapper(PoolVerbs):
         max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
         on_cluster: bool = False,
         compiled_graphs: bool = False,
+        batched: bool | Batched = False,
     ) -> None:
         spec = spec_of(obj, method, replicas, env, concurrency, ready_timeout, replace_mismatched,
-                       max_call_bytes, on_cluster, compiled_graphs)
+                       max_call_bytes, on_cluster, compiled_graphs, batched)
         super().__init__(spec, _backend_of(spec, on_cluster))
         self.method, self.env, self.max_call_bytes = spec.method, spec.env, spec.max_call_bytes
         self.on_cluster = on_cluster
@@ -218,11 +220,13 @@ class Mapper(PoolVerbs):
         method = settings.method or self.method
         target = self.spec.method_of(method) if method else self.spec.target
         kwargs = self._backend.put_kwargs(settings.kwargs) if settings.kwargs else None
+        batched = self.spec.batched
         call = CallSpec(method=method or "fn", star=star, kwargs=kwargs,
-                        is_async=is_async_callable(target))
+                        is_async=is_async_callable(target), batched=batched is not None)
         return MapPlan(call=call, retries=Retries.of(settings.retries),
                        return_exceptions=settings.return_exceptions, timeout=settings.timeout,
-                       batch_size=settings.batch_size,
+                       batch_size=settings.batch_size if batched is None
+                       else batched.size_of(settings.batch_size),
                        max_replica_crashes=settings.max_replica_crashes,
                        max_call_bytes=self.max_call_bytes, **shape)
 
@@ -313,6 +317,7 @@ def mapper(
     max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
     on_cluster: bool = False,
     compiled_graphs: bool = False,
+    batched: bool | Batched = False,
 ) -> Mapper:
     """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
 
@@ -348,6 +353,11 @@ def mapper(
             ran): leave it off for objects bound to the thread that made them (a default
             ``sqlite3`` connection, for one). Auto replicas with ``concurrency=1`` only, of a
             synchronous target, on a driver on the cluster (not over Ray Client).
+        batched: ``True`` or `Batched` ``(max_size=...)``: the function (or every method mapped)
+            takes a list of up to ``max_size`` items (one list per argument for ``starmap`` and
+            maps over several iterables) and returns one value per item; a batch that raises is
+            split in halves until the items that raise fail alone (see `rhmapper.batching`).
+            A map's ``batch_size`` then defaults to ``max_size`` and may not exceed it.
 
     Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
 
@@ -360,4 +370,4 @@ def mapper(
     return Mapper(obj, method=method, replicas=replicas, env=env, concurrency=concurrency,
                   ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
                   max_call_bytes=max_call_bytes, on_cluster=on_cluster,
-                  compiled_graphs=compiled_graphs)
+                  compiled_graphs=compiled_graphs, batched=batched)

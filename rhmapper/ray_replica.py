@@ -59,8 +59,9 @@ class RayReplica(ReplicaRecord):
         self.ready_ref = self.handle.__ray_call__.remote(replica_info)
 
     def calls_directly(self, call: CallSpec) -> bool:
-        """Whether ``call`` goes to the user's method itself (an async method of your actor)."""
-        return call.is_async and not self.owned
+        """Whether ``call`` goes to the user's method itself (an async method of your actor, not
+        batched)."""
+        return call.is_async and not self.owned and not call.batched
 
     def max_items(self, call: CallSpec) -> int | None:
         """One item per call for an async method of your actor (called directly), else any."""
@@ -80,6 +81,11 @@ class RayReplica(ReplicaRecord):
         through ``__ray_call__``, except an ``async def`` method, which is called directly (one
         item per call) so that it runs on the actor's event loop as a direct call would.
         """
+        if call.batched and call.is_async and not self.owned:
+            raise ValueError(
+                f"a batched async method cannot run on your actor {self.name}: its calls would "
+                "block its event loop. Map the class with auto replicas (rm.mapper(cls, ...)), "
+                "or make the method synchronous")
         try:
             if self.calls_directly(call):
                 args = items[0] if call.star else (items[0],)
@@ -92,7 +98,7 @@ class RayReplica(ReplicaRecord):
             # thread stamps its calls itself (`rhmapper.wire.CallRequest.sent_now`).
             sent_at = None if idle and self.compiled is None else now
             request = CallRequest(call.method, _large_items_by_ref(items, call.star), call.star,
-                                  call.kwargs, Guard(board, key, deadline, sent_at))
+                                  call.kwargs, Guard(board, key, deadline, sent_at), call.batched)
             if not self.owned:
                 return self.handle.__ray_call__.remote(run_call, request.to_wire())
             if self.compiled is not None:

@@ -233,8 +233,12 @@ class ReplicaPool(CallSender):
                 return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if left == 0.0:
+                asks = ", ".join(f"{name}={amount:g}"
+                                 for name, amount in self.env.resource_request().items())
                 raise TimeoutError(
-                    f"{len(starting)} replica(s) of env {self.env.name!r} not ready after {timeout}s")
+                    f"{len(starting)} replica(s) of env {self.env.name!r} not ready after "
+                    f"{timeout}s" + (f" (each asks for {asks}: not enough free on the cluster?)"
+                                     if asks else ""))
             done, _ = ray.wait(list(starting), num_returns=len(starting), timeout=left)
             answered = set(done)
             with self._lock:  # in pool order: equally loaded replicas then take turns in it

@@ -44,6 +44,8 @@ class CallSpec:
     kwargs: dict | None = None
     is_async: bool = False
     end_signal: Any = None
+    batched: bool = False
+    """The target takes a whole batch (see ``rhmapper.batching``)."""
     """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
 
 
@@ -71,8 +73,9 @@ class Guard:
 class CallRequest:
     """What one call asks of a replica: its method (``"fn"`` for a function replica), its
     items, whether each item is a tuple of positional arguments (else the single argument), the
-    map's constant keyword arguments (each name's ``ObjectRef``, see `CallSpec`) and its
-    `Guard` (``None``: the replica runs every item).
+    map's constant keyword arguments (each name's ``ObjectRef``, see `CallSpec`), its
+    `Guard` (``None``: the replica runs every item) and whether the target takes the whole
+    batch in one call (``batched``, see ``rhmapper.batching``).
 
     It travels as `to_wire`'s list of plain values, which Ray packs without pickling a class
     (the items themselves are pickled only if they need it), in one argument because Ray
@@ -84,10 +87,10 @@ class CallRequest:
         >>> request = CallRequest("fn", [1, 2], guard=Guard("board", "map-1", 30.0, 10.0))
         >>> wire = request.to_wire()
         >>> wire
-        ['fn', [1, 2], False, None, ['board', 'map-1', 30.0, 10.0]]
+        ['fn', [1, 2], False, None, ['board', 'map-1', 30.0, 10.0], False]
         >>> CallRequest.from_wire(wire) == request
         True
-        >>> CallRequest.from_wire(["fn", [(1, 2)], True, None, None]).star
+        >>> CallRequest.from_wire(["fn", [(1, 2)], True, None, None, False]).star
         True
     """
 
@@ -96,29 +99,31 @@ class CallRequest:
     star: bool = False
     kwargs: dict | None = None
     guard: Guard | None = None
+    batched: bool = False
 
     def to_wire(self) -> list:
-        """This request as ``[method, items, star, kwargs, guard]``, the guard as
+        """This request as ``[method, items, star, kwargs, guard, batched]``, the guard as
         ``[board, key, deadline, sent_at]`` or ``None`` (see `from_wire`).
 
         Examples:
             >>> CallRequest("warm_up", [("a", 1)], star=True).to_wire()
-            ['warm_up', [('a', 1)], True, None, None]
+            ['warm_up', [('a', 1)], True, None, None, False]
         """
         guard = self.guard
         return [self.method, self.items, self.star, self.kwargs,
-                None if guard is None else [guard.board, guard.key, guard.deadline, guard.sent_at]]
+                None if guard is None else [guard.board, guard.key, guard.deadline, guard.sent_at],
+                self.batched]
 
     @classmethod
     def from_wire(cls, wire: list | tuple) -> "CallRequest":
         """The request `to_wire` made.
 
         Examples:
-            >>> CallRequest.from_wire(["fn", [3], False, None, [None, None, None, 1.5]]).guard
+            >>> CallRequest.from_wire(["fn", [3], False, None, [None, None, None, 1.5], False]).guard
             Guard(board=None, key=None, deadline=None, sent_at=1.5)
         """
-        method, items, star, kwargs, guard = wire
-        return cls(method, items, star, kwargs, None if guard is None else Guard(*guard))
+        method, items, star, kwargs, guard, batched = wire
+        return cls(method, items, star, kwargs, None if guard is None else Guard(*guard), batched)
 
     def sent_now(self, now: float) -> "CallRequest":
         """This request as sent at ``now`` (``time.time()``) rather than when the driver made it:
@@ -141,7 +146,7 @@ class CallRequest:
             return self
         deadline = guard.deadline + max(0.0, now - guard.sent_at)
         return CallRequest(self.method, self.items, self.star, self.kwargs,
-                           Guard(guard.board, guard.key, deadline, guard.sent_at))
+                           Guard(guard.board, guard.key, deadline, guard.sent_at), self.batched)
 
 
 class ReplicaDied(Exception):

@@ -16,14 +16,16 @@ def test_a_request_round_trips_through_its_wire_form():
     guarded = CallRequest("predict", [(1, 2), (3, 4)], star=True, kwargs={"scale": "ref"},
                           guard=Guard("board_0", "map-7", 30.0, 10.0))
     unguarded = CallRequest("fn", [1, "x", None])
-    for request in (guarded, unguarded):
+    batched = CallRequest("embed", [[0.5, 1.5]], batched=True)
+    for request in (guarded, unguarded, batched):
         wire = request.to_wire()
-        assert type(wire) is list and len(wire) == 5
+        assert type(wire) is list and len(wire) == 6
         assert CallRequest.from_wire(wire) == request
         assert CallRequest.from_wire(tuple(wire)) == request
     assert guarded.to_wire() == ["predict", [(1, 2), (3, 4)], True, {"scale": "ref"},
-                                 ["board_0", "map-7", 30.0, 10.0]]
-    assert unguarded.to_wire() == ["fn", [1, "x", None], False, None, None]
+                                 ["board_0", "map-7", 30.0, 10.0], False]
+    assert unguarded.to_wire() == ["fn", [1, "x", None], False, None, None, False]
+    assert batched.to_wire() == ["embed", [[0.5, 1.5]], False, None, None, True]
 
 
 def test_the_wire_form_pickles_no_class_of_rhmapper():
@@ -36,14 +38,14 @@ def test_the_wire_form_pickles_no_class_of_rhmapper():
 def test_from_wire_reads_the_lists_the_pool_sends():
     """The literal shapes ``RayReplica.start`` and ``RayReplica.broadcast`` build."""
     items, kwargs, now = [5, 6], {"k": "ref"}, time.time()
-    started = CallRequest.from_wire(["fn", items, False, kwargs, ["b", "m", now + 3, now]])
+    started = CallRequest.from_wire(["fn", items, False, kwargs, ["b", "m", now + 3, now], False])
     assert (started.method, started.items, started.star, started.kwargs) == ("fn", items, False,
                                                                             kwargs)
     assert started.items is items
     assert started.guard == Guard(board="b", key="m", deadline=now + 3, sent_at=now)
-    idle = CallRequest.from_wire(["fn", items, False, None, [None, None, None, None]])
+    idle = CallRequest.from_wire(["fn", items, False, None, [None, None, None, None], False])
     assert idle.guard == Guard(None, None, None, None)
-    broadcast = CallRequest.from_wire(["warm_up", [("a", 1)], True, None, None])
+    broadcast = CallRequest.from_wire(["warm_up", [("a", 1)], True, None, None, False])
     assert (broadcast.method, broadcast.items, broadcast.star, broadcast.guard) == (
         "warm_up", [("a", 1)], True, None)
 
@@ -82,9 +84,10 @@ def test_a_replica_runs_the_wire_list_and_honours_its_guard(ray_local):
     actor = ray.remote(replica_class(Counter)).remote()
     try:
         now = time.time()
-        # as RayReplica.start builds it: method, items, star, kwargs, [board, key, deadline, sent]
+        # as RayReplica.start builds it: method, items, star, kwargs, [board, key, deadline,
+        # sent], batched
         ran = BatchReply.from_wire(ray.get(actor._rhmapper_run.remote(
-            ["add_one", [1, 2, 3], False, None, [None, None, now + 60, now]]), timeout=60))
+            ["add_one", [1, 2, 3], False, None, [None, None, now + 60, now], False]), timeout=60))
         assert ran.values == [2, 3, 4] and ran.failures is None and ran.not_started is None
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 3
         # past its deadline: the replica starts none of its items

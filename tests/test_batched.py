@@ -1,0 +1,173 @@
+"""Batched (vectorized) mappers on Ray: the method gets whole batches (one list per argument),
+every verb returns values per item, and a batch that raises is split until the bad items fail
+alone. Calls are counted inside the replicas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import rhmapper as rm
+
+BAD = -13
+
+
+class Model:
+    """A batched model that counts its calls and items."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.items = 0
+
+    def predict(self, xs, ys=None, scale=1):
+        self.calls += 1
+        self.items += len(xs)
+        if not isinstance(xs, list) or not (ys is None or isinstance(ys, list)):
+            raise TypeError(f"a batched method gets lists, got {type(xs).__name__}")
+        if BAD in xs:
+            raise ValueError(f"item {BAD} is bad")
+        if ys is None:
+            return np.array(xs) * scale
+        return [x * scale + y for x, y in zip(xs, ys)]
+
+    def counts(self):
+        counts = (self.calls, self.items)
+        self.calls = self.items = 0
+        return counts
+
+
+@pytest.fixture(scope="module", params=["local", "on_cluster"])
+def model(request):
+    request.getfixturevalue("ray_session")
+    m = rm.mapper(Model, method="predict", replicas=2, env=rm.Env(compute={"CPU": 0.5}),
+                  batched=rm.Batched(max_size=64), on_cluster=request.param == "on_cluster")
+    try:
+        m.wait_ready(timeout=120)
+        m.broadcast("counts")
+        yield m
+    finally:
+        m.shutdown()
+
+
+def calls_and_items(m) -> tuple[int, int]:
+    """The calls and items every replica ran since last asked."""
+    counts = m.broadcast("counts")
+    return sum(calls for calls, _ in counts), sum(items for _, items in counts)
+
+
+def test_map_calls_the_method_once_per_batch(model):
+    assert model.map(range(300)) == list(range(300))
+    assert calls_and_items(model) == (5, 300)  # 64, 64, 64, 64, 44
+    assert model.map(range(100), batch_size=10) == list(range(100))
+    assert calls_and_items(model) == (10, 100)
+
+
+def test_several_iterables_and_starmap_pass_one_list_per_argument(model):
+    assert model.map(range(10), range(10, 20), kwargs={"scale": 3}) == [
+        3 * x + 10 + x for x in range(10)]
+    assert model.starmap([(1, 2), (3, 4)]) == [3, 7]
+    assert calls_and_items(model) == (2, 12)
+
+
+def test_imap_imap_unordered_and_call(model):
+    assert list(model.imap(iter(range(200)))) == list(range(200))
+    assert sorted(model.imap_unordered(range(150), range(150))) == [2 * x for x in range(150)]
+    assert model.call(21, 21) == 42
+    calls, items = calls_and_items(model)
+    assert items == 351 and calls < 351 // 10
+
+
+def test_spawn_map_on_the_cluster(model):
+    name = "test_batched_spawn"
+    if not model.on_cluster:
+        with pytest.raises(rm.RhmapperError, match=r"on_cluster=True"):
+            model.spawn_map([1, 2], name=name)
+        return
+    spawned = model.spawn_map(range(100), name=name, kwargs={"scale": 2})
+    assert spawned.results() == [2 * x for x in range(100)]
+    assert calls_and_items(model) == (2, 100)
+
+
+def test_one_bad_item_fails_alone_at_a_cost_of_at_most_12_calls(model):
+    items = list(range(64))
+    items[40] = BAD
+    results = model.map(items, return_exceptions=True)
+    assert isinstance(results[40], ValueError) and str(results[40]) == f"item {BAD} is bad"
+    assert [value for position, value in enumerate(results) if position != 40] == [
+        x for x in range(64) if x != 40]
+    calls, items_run = calls_and_items(model)
+    assert 1 < calls <= 1 + 12
+    with pytest.raises(ValueError, match=f"item {BAD} is bad") as raised:
+        model.map(items)
+    assert any("item 40 failed on replica" in note for note in raised.value.__notes__)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_flaky_item_is_retried_alone(tmp_path):
+    """Item 7 raises in its first five calls: the batch of 16 and the halves holding it, down to
+    itself; its retry, alone, is its sixth call."""
+    log = tmp_path / "calls_with_7"
+
+    def flaky_batch(xs):
+        if 7 in xs:
+            with open(log, "a") as calls:
+                calls.write(f"{len(xs)}\n")
+            if len(log.read_text().split()) <= 5:
+                raise ConnectionError("a transient failure")
+        return [x * 2 for x in xs]
+
+    with rm.mapper(flaky_batch, replicas=1, batched=rm.Batched(max_size=16)) as m:
+        assert m.map(range(16), retries=1) == [2 * x for x in range(16)]
+    assert log.read_text().split() == ["16", "8", "4", "2", "1", "1"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_wrong_result_length_fails_with_a_clear_error():
+    def drops_one(xs):
+        return xs[:-1]
+
+    with rm.mapper(drops_one, replicas=1, batched=True) as m:
+        with pytest.raises(ValueError, match=r"drops_one got a batch of 5 items and returned 4 "
+                                             r"values; a batched function returns one value"):
+            m.map(range(5))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_async_batched_function():
+    async def shifted(xs, shift=0):
+        import asyncio
+
+        await asyncio.sleep(0.01)
+        return [x + shift for x in xs]
+
+    with rm.mapper(shifted, replicas=2, batched=rm.Batched(max_size=8)) as m:
+        assert m.map(range(30), kwargs={"shift": 100}) == [x + 100 for x in range(30)]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_batched_arguments_are_checked_before_any_replica_starts():
+    with pytest.raises(TypeError, match="batched must be True, False or rm.Batched"):
+        rm.mapper(abs, batched="yes")
+    with pytest.raises(ValueError, match="do not run over compiled graphs"):
+        rm.mapper(abs, batched=True, compiled_graphs=True)
+    with rm.mapper(abs, replicas=1, batched=rm.Batched(max_size=4)) as m:
+        with pytest.raises(ValueError, match="batch_size=5 is more than"):
+            m.map([1], batch_size=5)
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.timeout(180)
+def test_a_hung_item_times_out_alone():
+    def hangs_on_five(xs):
+        import time
+
+        if 5 in xs:
+            time.sleep(5)
+        return [x * 10 for x in xs]
+
+    with rm.mapper(hangs_on_five, replicas=2, batched=rm.Batched(max_size=8)) as m:
+        m.wait_ready(timeout=120)
+        results = m.map(range(16), timeout=0.5, return_exceptions=True)  # 4 s per batch of 8
+    assert isinstance(results[5], TimeoutError)
+    assert [value for position, value in enumerate(results) if position != 5] == [
+        10 * x for x in range(16) if x != 5]
