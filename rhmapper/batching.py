@@ -16,7 +16,8 @@ event loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from rhmapper.checks import check_count
@@ -29,7 +30,9 @@ class Batched:
     array), one value per item. For ``starmap`` and maps over several iterables it receives one
     list per argument (columns); constant ``kwargs=`` are passed as they are.
 
-    ``rm.mapper(fn, batched=True)`` is ``batched=rm.Batched()``.
+    ``max_wait_ms``: a ``Mapper.call`` waits up to this long for calls of other threads to
+    join its batch (see `CallCoalescer`). ``rm.mapper(fn, batched=True)`` is
+    ``batched=rm.Batched()``.
 
     Examples:
         >>> import rhmapper as rm
@@ -42,9 +45,15 @@ class Batched:
 
     max_size: int = 64
     """Items per call at most."""
+    max_wait_ms: float = 10.0
+    """How long a single call waits for others to share its batch."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_size", check_count("Batched(max_size=...)", self.max_size))
+        wait = self.max_wait_ms
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not wait >= 0:
+            raise ValueError(f"Batched(max_wait_ms=...) must be a number of milliseconds >= 0, "
+                             f"got {wait!r}")
 
     def size_of(self, batch_size: int | str) -> int:
         """A map's items per call: ``max_size`` for ``"auto"``, else the map's ``batch_size``,
@@ -72,7 +81,7 @@ def batched_of(batched: Any) -> Batched | None:
 
     Examples:
         >>> batched_of(True), batched_of(False)
-        (Batched(max_size=64), None)
+        (Batched(max_size=64, max_wait_ms=10.0), None)
         >>> batched_of(64)
         Traceback (most recent call last):
         ...
@@ -169,3 +178,92 @@ class BatchedCall:
             return
         middle = (start + stop) // 2
         self._spans += [(middle, stop), (start, middle)]
+
+
+class CallCoalescer:
+    """Concurrent single calls (``Mapper.call`` from many threads) gathered into shared runs of
+    up to ``max_size`` items: the first call of a run waits up to ``max_wait_seconds`` for others
+    to join (less once the run is full), then runs them all with ``run(args, kwargs)``, which
+    returns one outcome per call, an exception standing for a failure. Only calls with equal
+    ``kwargs`` share a run. Each caller gets its own outcome: its value, or its exception
+    raised; a run that fails as a whole (the map was cancelled) fails each of its calls.
+
+    Examples:
+        >>> import threading
+        >>> runs = []
+        >>> def run(args, kwargs):
+        ...     runs.append(len(args))
+        ...     return [a + b for a, b in args]
+        >>> coalescer = CallCoalescer(max_size=8, max_wait_seconds=0.5, run=run)
+        >>> results = [None] * 8
+        >>> def call(i):
+        ...     results[i] = coalescer.call((i, 10), None)
+        >>> threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        >>> for thread in threads: thread.start()
+        >>> for thread in threads: thread.join()
+        >>> results, runs
+        ([10, 11, 12, 13, 14, 15, 16, 17], [8])
+    """
+
+    def __init__(self, max_size: int, max_wait_seconds: float,
+                 run: Callable[[list[tuple], dict | None], list]) -> None:
+        self._max_size = max_size
+        self._max_wait_seconds = max_wait_seconds
+        self._run = run
+        self._lock = threading.Lock()
+        self._open: list[_SharedRun] = []
+        """Runs still taking calls."""
+
+    def call(self, args: tuple, kwargs: dict | None) -> Any:
+        """Run ``args`` (with ``kwargs``) in a shared run; its value, or its exception raised."""
+        with self._lock:
+            shared = next((run for run in self._open if _equal(run.kwargs, kwargs)), None)
+            leads = shared is None
+            if leads:
+                shared = _SharedRun(kwargs)
+                self._open.append(shared)
+            position = len(shared.args)
+            shared.args.append(args)
+            if len(shared.args) >= self._max_size:
+                self._close(shared)
+        if leads:
+            shared.full.wait(self._max_wait_seconds)
+            with self._lock:
+                self._close(shared)
+            try:
+                shared.outcomes = self._run(shared.args, kwargs)
+            except BaseException as error:  # noqa: B036 - every call of the run fails with it
+                shared.outcomes = [error] * len(shared.args)
+            shared.done.set()
+        shared.done.wait()
+        outcome = shared.outcomes[position]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _close(self, shared: "_SharedRun") -> None:
+        if shared in self._open:
+            self._open.remove(shared)
+        shared.full.set()
+
+
+@dataclass(eq=False)
+class _SharedRun:
+    kwargs: dict | None
+    args: list = field(default_factory=list)
+    outcomes: list = field(default_factory=list)
+    full: threading.Event = field(default_factory=threading.Event)
+    """Set once the run takes no more calls."""
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _equal(first: dict | None, second: dict | None) -> bool:
+    """Whether two calls' keyword arguments are equal (values whose ``==`` is not a plain
+    ``True``, such as arrays, count as different)."""
+    try:
+        return bool(first == second) if first is None or second is None else (
+            first.keys() == second.keys()
+            and all((first[key] is second[key]) or (first[key] == second[key]) is True
+                    for key in first))
+    except Exception:  # an == that raises: not known equal, so not shared
+        return False

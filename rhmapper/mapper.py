@@ -21,7 +21,7 @@ from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
 from rhmapper.backend import Backend, MapperSpec
-from rhmapper.batching import Batched
+from rhmapper.batching import Batched, CallCoalescer
 from rhmapper.retries import Retries
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper import spawned
@@ -71,6 +71,9 @@ class Mapper(PoolVerbs):
         self.compiled_graphs = compiled_graphs
         """Whether calls to auto replicas go over a compiled graph each."""
         self._cancel_events: set[threading.Event] = set()
+        batched = spec.batched
+        self._coalescer = None if batched is None else CallCoalescer(
+            batched.max_size, batched.max_wait_ms / 1000, self._shared_calls)
         try:
             self.add_replicas(replicas)
         except BaseException:
@@ -133,12 +136,15 @@ class Mapper(PoolVerbs):
 
     def call(self, /, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
+        On a batched mapper, calls from several threads share batches (see `rm.Batched`).
 
         Examples:
             >>> with rm.mapper(pow, replicas=2) as m:
             ...     m.call(2, 10)
             1024
         """
+        if self._coalescer is not None:
+            return self._coalescer.call(args, kwargs or None)
         return self._collect([args], True, MapSettings(kwargs=kwargs or None, batch_size=1,
                                                        progress=False))[0]
 
@@ -215,6 +221,11 @@ class Mapper(PoolVerbs):
                 f"replicas={self.num_replicas}, concurrency={self.concurrency})")
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _shared_calls(self, args: list[tuple], kwargs: dict | None) -> list:
+        """The calls of several threads in one map; a failed call's exception is its value."""
+        return self._collect(args, True, MapSettings(kwargs=kwargs, return_exceptions=True,
+                                                     progress=False))
 
     def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
         method = settings.method or self.method

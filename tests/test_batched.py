@@ -4,6 +4,8 @@ alone. Calls are counted inside the replicas."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -100,6 +102,7 @@ def test_one_bad_item_fails_alone_at_a_cost_of_at_most_12_calls(model):
     with pytest.raises(ValueError, match=f"item {BAD} is bad") as raised:
         model.map(items)
     assert any("item 40 failed on replica" in note for note in raised.value.__notes__)
+    assert calls_and_items(model) == (calls, items_run), "the same split once more, no more"
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -171,3 +174,16 @@ def test_a_hung_item_times_out_alone():
     assert isinstance(results[5], TimeoutError)
     assert [value for position, value in enumerate(results) if position != 5] == [
         10 * x for x in range(16) if x != 5]
+
+
+def test_calls_from_100_threads_share_batches(model):
+    from tests.test_batching import call_from_threads
+
+    calls_and_items(model)  # from zero
+    caller = SimpleNamespace(call=lambda args, kwargs: model.call(*args))
+    outcomes = call_from_threads(caller, [((x,), None) for x in range(99)] + [((BAD,), None)],
+                                 timeout=120)
+    assert outcomes[:99] == list(range(99))
+    assert isinstance(outcomes[99], ValueError) and str(outcomes[99]) == f"item {BAD} is bad"
+    calls, items = calls_and_items(model)
+    assert calls < 100 // 4, f"100 calls from threads took {calls} calls in the replicas"

@@ -91,3 +91,78 @@ def test_batched_argument_and_max_size_are_checked():
     assert Batched(max_size=16).size_of("auto") == 16
     with pytest.raises(ValueError, match="batch_size=17 is more than"):
         Batched(max_size=16).size_of(17)
+
+
+def call_from_threads(coalescer, calls, timeout=30):
+    """``coalescer.call(*arguments)`` for each of ``calls``, each from a thread of its own:
+    what each returned, or the exception it raised."""
+    import threading
+
+    outcomes = [None] * len(calls)
+
+    def call(position):
+        try:
+            outcomes[position] = coalescer.call(*calls[position])
+        except Exception as error:
+            outcomes[position] = error
+
+    threads = [threading.Thread(target=call, args=(position,)) for position in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a coalesced call never returned"
+    return outcomes
+
+
+def test_calls_of_many_threads_share_runs_and_each_gets_its_own_outcome():
+    from rhmapper.batching import CallCoalescer
+
+    runs = []
+
+    def run(args, kwargs):
+        runs.append(len(args))
+        return [ValueError(f"{x} is bad") if x == 13 else x * kwargs["scale"] for (x,) in args]
+
+    coalescer = CallCoalescer(max_size=16, max_wait_seconds=0.2, run=run)
+    outcomes = call_from_threads(coalescer, [((x,), {"scale": 2}) for x in range(40)])
+    assert [outcome for x, outcome in enumerate(outcomes) if x != 13] == [
+        2 * x for x in range(40) if x != 13]
+    assert isinstance(outcomes[13], ValueError) and str(outcomes[13]) == "13 is bad"
+    assert sum(runs) == 40 and len(runs) < 40 and max(runs) <= 16
+
+
+def test_only_calls_with_equal_kwargs_share_a_run_and_a_failed_run_fails_each_call():
+    from rhmapper.batching import CallCoalescer
+
+    kwargs_seen = []
+
+    def run(args, kwargs):
+        kwargs_seen.append(kwargs)
+        if kwargs == {"fail": True}:
+            raise RuntimeError("the map was cancelled")
+        return [x for (x,) in args]
+
+    coalescer = CallCoalescer(max_size=64, max_wait_seconds=0.2, run=run)
+    calls = [((x,), {"fail": x % 2 == 1}) for x in range(10)]
+    outcomes = call_from_threads(coalescer, calls)
+    assert outcomes[0::2] == [0, 2, 4, 6, 8]
+    assert all(isinstance(outcome, RuntimeError) for outcome in outcomes[1::2])
+    assert sorted(map(str, kwargs_seen)) == ["{'fail': False}", "{'fail': True}"]
+
+
+def test_a_lone_call_waits_at_most_max_wait():
+    import time
+
+    from rhmapper.batching import CallCoalescer
+
+    coalescer = CallCoalescer(max_size=64, max_wait_seconds=0.05, run=lambda args, kwargs: [1])
+    started = time.monotonic()
+    assert coalescer.call((0,), None) == 1
+    assert time.monotonic() - started < 5  # loose: waits ~0.05 s, not for a full batch
+
+
+def test_max_wait_ms_is_checked():
+    with pytest.raises(ValueError, match=r"max_wait_ms=...\) must be a number of milliseconds"):
+        Batched(max_wait_ms=-1)
+    assert Batched(max_wait_ms=0).max_wait_ms == 0
