@@ -11,6 +11,7 @@ against the expected list; a wrong result is an error for that contender.
     python benchmarks/bench.py                       # everything, full size
     python benchmarks/bench.py --tiny-items 10000 --repeats 1
     python benchmarks/bench.py --only sleep,skew --contenders optimum,rhmapper
+    python benchmarks/bench.py --only vector   # batched model inference (needs ".[bench]")
     python benchmarks/bench.py --json results.json
 
 The markdown report goes to stdout; progress goes to stderr. See
@@ -274,6 +275,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimum: chunk i is xs[i::k] (strided, default) or the i-th "
                    "contiguous slice; chunk i goes to actor i %% 4")
     p.add_argument("--model-items", type=int, default=2000, help="items in the model workload")
+    p.add_argument("--vector-items", type=int, default=20_000,
+                   help="items (512-float32 vectors) in the vector workload (default 20000)")
     p.add_argument("--model-size", type=int, default=0,
                    help="model weights-table size (default: calibrated to ~0.5 s)")
     p.add_argument("--model-reads", type=int, default=0,
@@ -287,8 +290,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to wait for a quiet host before going on with a warning")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.tiny_items < 1:
-        p.error("--repeats and --tiny-items must be >= 1")
+    if args.repeats < 1 or args.tiny_items < 1 or args.vector_items < 1:
+        p.error("--repeats, --tiny-items and --vector-items must be >= 1")
     return args
 
 
@@ -301,6 +304,7 @@ def json_payload(workloads: Dict[str, Workload], results: List[Dict[str, Any]], 
             "host_cores": os.cpu_count(), "ray_num_cpus": RAY_CPUS,
             "num_actors": NUM_ACTORS, "actor_num_cpus": ACTOR_CPUS,
             "repeats": args.repeats, "tiny_items": args.tiny_items,
+            "vector_items": args.vector_items,
             "optimum_split": args.optimum_split, "chunks_per_slot": args.chunks_per_slot,
             "contenders": args.contenders, "workloads": list(workloads),
             "argv": sys.argv[1:],
@@ -334,10 +338,14 @@ def main(argv=None) -> int:
     try:
         for wl in workloads.values():
             load_before = os.getloadavg()[0]
+            cnames = [c for c in args.contenders if CONTENDER_CLASSES[c].supports(wl)]
+            skipped = [c for c in args.contenders if c not in cnames]
+            if skipped:
+                log(f"{wl.name}: not for this workload: {', '.join(skipped)}")
             if wl.construct_timed:
-                results.extend(run_constructing(wl, args.contenders, args))
+                results.extend(run_constructing(wl, cnames, args))
             else:
-                for cname in args.contenders:
+                for cname in cnames:
                     log(f"{wl.name} / {cname}")
                     results.append(run_pair(wl, cname, args))
             loads[wl.name] = (load_before, os.getloadavg()[0])

@@ -16,6 +16,11 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+try:  # only the vector workload needs numpy (pip install -e ".[bench]")
+    import numpy as np
+except ImportError:  # pragma: no cover - reported when the vector workload is built
+    np = None
+
 # --------------------------------------------------------------------------------------
 # Workload functions
 # --------------------------------------------------------------------------------------
@@ -86,6 +91,44 @@ class Model:
         return acc
 
 
+VECTOR_DIM = 512
+
+
+def int_valued_float32(seed, shape):
+    """Random float32 values that are small integers (-8..8): a product of a 512-vector and
+    a 512 x 512 matrix of them sums integers below 2**24, so it is exact in float32 whatever
+    order BLAS adds in, and every contender's results can be compared exactly."""
+    return np.random.default_rng(seed).integers(-8, 9, size=shape).astype(np.float32)
+
+
+class VectorModel:
+    """A vectorizable model, like a classifier's forward pass.
+
+    The constructor builds a seeded 512 x 512 float32 weight matrix (once per actor);
+    ``predict_batch(batch)`` stacks a list of 512-float32 vectors, multiplies by the
+    weights, pays a fixed 2 ms per call (a framework's dispatch), and returns each row's
+    argmax, the predicted class, as a numpy int64 array. ``predict(x)`` is one item as a
+    batch of one.
+    """
+
+    DISPATCH_S = 0.002
+
+    def __init__(self, seed):
+        self.weights = int_valued_float32(seed, (VECTOR_DIM, VECTOR_DIM))
+
+    def predict_array(self, xs):
+        """``xs``: an (n, 512) float32 array; returns n class indices."""
+        labels = (xs @ self.weights).argmax(axis=1)
+        time.sleep(self.DISPATCH_S)
+        return labels
+
+    def predict_batch(self, batch):
+        return self.predict_array(np.stack(batch))
+
+    def predict(self, x):
+        return self.predict_batch([x])[0]
+
+
 # --------------------------------------------------------------------------------------
 # Calibration (on the driver, before any actor exists)
 # --------------------------------------------------------------------------------------
@@ -124,13 +167,25 @@ class Workload:
     expected: List[Any]
     concurrency: int  # calls in flight per actor (actor max_concurrency / rhmapper concurrency)
     description: str
-    model_args: Optional[tuple] = None  # (size, reads) for the model workload
+    model_args: Optional[tuple] = None  # (size, reads) for model, (seed,) for vector
     construct_timed: bool = False  # actors are created inside the timed region
     info: Dict[str, Any] = field(default_factory=dict)
+    model_cls: Optional[type] = None  # the stateful class (Model unless said otherwise)
+    batch_size: int = 0  # vectorized workloads: items per call of model_cls.predict_batch
+    baseline: str = "optimum"  # the contender the report's ratio column divides by
+
+    def __post_init__(self):
+        if self.model_args is not None and self.model_cls is None:
+            self.model_cls = Model
 
     @property
     def is_model(self):
         return self.model_args is not None
+
+    @property
+    def vectorized(self):
+        """Items go to the model in batches (model_cls.predict_batch): the vector workload."""
+        return self.batch_size > 0
 
 
 WORKLOAD_BUILDERS: Dict[str, Callable[[Any], Workload]] = {}
@@ -212,6 +267,31 @@ def build_model(args) -> Workload:
         model_args=(size, reads), construct_timed=True,
         info={"model_size": size, "model_reads": reads, "driver_build_s": build_s,
               "driver_ms_per_item": per_item * 1e3},
+    )
+
+
+@workload("vector")
+def build_vector(args) -> Workload:
+    if np is None:
+        raise RuntimeError("the vector workload needs numpy, and its ray_data contender Ray "
+                           "Data's dependencies: pip install -e \".[bench]\" (or leave vector "
+                           "out of --only)")
+    n, seed, batch = args.vector_items, 20, 64
+    # one array per item, each its own (not a view of one block)
+    items = [x.copy() for x in int_valued_float32(seed + 1, (n, VECTOR_DIM))]
+    t0 = time.perf_counter()
+    weights = VectorModel(seed).weights
+    expected = (np.stack(items) @ weights).argmax(axis=1).tolist()
+    driver_s = time.perf_counter() - t0
+    return Workload(
+        "vector", items, None, expected, 1,
+        f"{n:,} float32 vectors of {VECTOR_DIM} times a {VECTOR_DIM} x {VECTOR_DIM} weight "
+        f"matrix (argmax), + {VectorModel.DISPATCH_S * 1e3:.0f} ms per call, batches of {batch}",
+        model_args=(seed,), model_cls=VectorModel, batch_size=batch,
+        baseline="actorpool_chunks",
+        info={"vector_dim": VECTOR_DIM, "vector_seed": seed, "batch_size": batch,
+              "dispatch_ms": VectorModel.DISPATCH_S * 1e3,
+              "driver_matmul_s_all_items": driver_s},
     )
 
 

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import cloudpickle
 
 _PLAIN_TYPES = frozenset({int, float, complex, bool, str, bytes, type(None)})
+WHOLE = "whole"
+"""`BatchReply.packed` when the values travel in one pickle."""
 _RAY_HANDLE_MARKERS = (b"ObjectRef", b"ActorHandle", b"ray._raylet")
 """Names that the pickle of a Ray reference holds: a pickle without any of them holds no Ray
 reference (the cheap test). One with them may (or it merely holds the text, as
@@ -295,8 +297,9 @@ class BatchReply:
     """What one call returns: a value per item, the failures by position, and the run time
     (``None`` when unknown).
 
-    ``packed`` says the values are per-item pickles (see `pack_values`); `unpacked` turns them
-    back. ``not_started`` is the position from which the replica started no more items, and why
+    ``packed`` says how the values travel (see `pack_values`): ``False`` as they are, ``True``
+    one pickle per value, `WHOLE` all in one pickle (``values`` is ``[count, blob]``);
+    `unpacked` turns them back. ``not_started`` is the position from which the replica started no more items, and why
     (``"cancelled"``: the map ended; ``"timeout"``: past the call's deadline).
 
     Examples:
@@ -308,7 +311,7 @@ class BatchReply:
     values: list
     failures: dict[int, RemoteFailure] | None
     seconds: float | None
-    packed: bool = False
+    packed: bool | str = False
     not_started: tuple[int, str] | None = None
 
     def to_wire(self) -> list:
@@ -339,7 +342,15 @@ class BatchReply:
         if not self.packed:
             return self
         failures = dict(self.failures or {})
-        values = [_unpack(position, value, failures) for position, value in enumerate(self.values)]
+        if self.packed == WHOLE:
+            count, blob = self.values
+            values = _unpack(0, blob, failures)
+            if values is None:  # every value is of the one type that could not be unpickled
+                values = [None] * count
+                failures.update(dict.fromkeys(range(count), failures[0]))
+        else:
+            values = [_unpack(position, value, failures)
+                      for position, value in enumerate(self.values)]
         return BatchReply(values, failures or None, self.seconds, False, self.not_started)
 
 
@@ -377,8 +388,9 @@ def types_of(values: list) -> set[type]:
 
 def pack_values(values: list, failures: dict[int, RemoteFailure],
                 is_reference: Callable[[Any], bool]) -> tuple[list, dict, bool]:
-    """Values ready to travel: as they are when all are plain, else one pickle per value. A
-    value that cannot be pickled becomes its item's failure (in ``failures``).
+    """Values ready to travel: as they are when all are plain; all in one pickle when all are of
+    one type and can be pickled (``packed`` is `WHOLE`); else one pickle per value. A value
+    that cannot be pickled becomes its item's failure (in ``failures``).
 
     A value that holds a Ray reference (an object for which ``is_reference`` is true, met while
     pickling the value: the Ray edge passes the test for an ``ObjectRef`` or actor handle)
@@ -398,8 +410,16 @@ def pack_values(values: list, failures: dict[int, RemoteFailure],
         >>> pickle.loads(values[0]), type(values[1]).__name__
         (('ObjectRef', 1), 'RawValue')
     """
-    if _PLAIN_TYPES.issuperset(types_of(values)):
+    kinds = types_of(values)
+    if _PLAIN_TYPES.issuperset(kinds):
         return values, failures, False
+    if len(kinds) == 1 and not failures:  # all of one type: one pickle, unless one fails alone
+        try:
+            blob = dumps(values)
+        except Exception:  # a value that cannot be pickled: the loop below names it
+            blob = None
+        if blob is not None and not any(marker in blob for marker in _RAY_HANDLE_MARKERS):
+            return [len(values), blob], failures, WHOLE
     packed: list = []
     for position, value in enumerate(values):
         if position in failures:

@@ -103,3 +103,20 @@ def test_a_replica_runs_the_wire_list_and_honours_its_guard(ray_local):
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 4
     finally:
         ray.kill(actor)
+
+
+def test_values_of_one_type_travel_in_one_pickle_and_fail_together_if_unreadable():
+    import numpy as np
+
+    from rhmapper.wire import WHOLE, pack_values
+
+    values = list(np.arange(5, dtype=np.int64))
+    packed_values, failures, packed = pack_values(values, {}, lambda obj: False)
+    assert packed == WHOLE and packed_values[0] == 5 and failures == {}
+    assert BatchReply(packed_values, None, 0.1, packed).unpacked().values == values
+    unreadable = BatchReply([2, b"not a pickle"], None, 0.1, WHOLE).unpacked()
+    assert unreadable.values == [None, None]
+    assert {position: failure.type_name for position, failure in unreadable.failures.items()} == {
+        0: "UnreadableResult", 1: "UnreadableResult"}
+    mixed, _, packed = pack_values([np.int64(1), np.float32(2.0)], {}, lambda obj: False)
+    assert packed is True and len(mixed) == 2, "two types: one pickle per value"
