@@ -21,6 +21,7 @@ WITHOUT_RAY = """
     from rhmapper.plan import MapPlan
     from rhmapper.scheduler import MapRun
     from rhmapper import call_sizing, input_feed, plan, remote_errors, results  # its rooms
+    from rhmapper.batching import Batched, BatchedCall
     from rhmapper.wire import CallRequest, CallSpec, Guard, ReplicaDied
     from tests.fakes import FakePool, ReplicaKiller
 
@@ -43,6 +44,7 @@ WITHOUT_RAY = """
     request = CallRequest("fn", [1], guard=Guard("board", "key", 2.0, 1.0))
     assert CallRequest.from_wire(request.to_wire()) == request
     assert "mapper" not in rhmapper.__all__ and "Env" in rhmapper.__all__
+    assert rhmapper.Batched is Batched and BatchedCall(3, "fn").next_span() == (0, 3)
     print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
 """
 
