@@ -187,3 +187,24 @@ def test_calls_from_100_threads_share_batches(model):
     assert isinstance(outcomes[99], ValueError) and str(outcomes[99]) == f"item {BAD} is bad"
     calls, items = calls_and_items(model)
     assert calls < 100 // 4, f"100 calls from threads took {calls} calls in the replicas"
+
+
+class AsyncScorer:
+    """A stateful class whose batched method is ``async def`` (its replicas are async actors)."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    async def score(self, xs):
+        import asyncio
+
+        await asyncio.sleep(0.01)
+        return [x + self.offset for x in xs]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_async_batched_method_of_a_class():
+    with rm.mapper(rm.module(AsyncScorer, 1000), method="score", replicas=2,
+                   batched=rm.Batched(max_size=8)) as m:
+        assert m.map(range(20)) == [x + 1000 for x in range(20)]
+        assert m.call(5) == 1005
