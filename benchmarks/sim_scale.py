@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from rhmapper.pool_records import CallRecord, ReplicaRecord
 from rhmapper.pool_state import PoolState
 from rhmapper.plan import MapPlan
 from rhmapper.scheduler import MapRun
-from rhmapper.slots import Inbox
+from rhmapper.slots import INPUT_NEWS, Inbox
 from rhmapper.wire import BatchReply, CallSpec
 
 
@@ -67,6 +68,7 @@ class SimPool:
             assert self.state.handle(Probed(replica, ProbeOutcome.READY, fingerprint={})) == []
         self.call_seconds = call_seconds
         self.calls = 0
+        self._input_news = threading.Event()
         self.clock = 0.0
         self.busy = 0.0
         self._done: list[tuple[float, int, SimCall]] = []
@@ -89,11 +91,19 @@ class SimPool:
         self.busy += self.call_seconds
         return token
 
+    def notify(self, inbox: Inbox) -> None:
+        inbox.put(INPUT_NEWS)
+        self._input_news.set()
+
     def wait(self, inbox: Inbox, timeout: float) -> list:
-        """The calls that end first on the virtual clock (one map runs on this pool)."""
+        """The calls that end first on the virtual clock (one map runs on this pool); with none
+        in flight, input news (in real time)."""
         self._catch_up()
         if not self._done:
-            return []
+            if not inbox:
+                self._input_news.wait(timeout)
+            self._input_news.clear()
+            return inbox.take()
         done_at, _, first = heapq.heappop(self._done)
         done = [first]
         while self._done and self._done[0][0] <= done_at:

@@ -302,12 +302,13 @@ def run_batch(instance: Any, request: CallRequest) -> BatchReply:
     ``request`` names the replica's method (``"fn"`` for a function replica), the items, their
     shape, the map's constant keyword arguments (fetched once per map, see `shared_kwargs`) and
     the call's `Guard` (see `CallGuard`). ``ObjectRef`` arguments are fetched here
-    (`resolve_refs`). A coroutine function's items are awaited (one event loop for the call)
-    when the replica is not an async actor. Values travel packed per item (`pack_values`).
+    (`resolve_refs`; items of plain data hold none, see `CallRequest.plain`). A coroutine
+    function's items are awaited (one event loop for the call) when the replica is not an async
+    actor. Values travel packed (`pack_values`).
 
     Examples:
         >>> from types import SimpleNamespace
-        >>> reply = run_batch(SimpleNamespace(fn=abs), CallRequest("fn", [-1, 2, "x"]))
+        >>> reply = run_batch(SimpleNamespace(fn=abs), CallRequest("fn", [-1, 2, "x"])).unpacked()
         >>> reply.values[:2], reply.failures[2].type_name
         ([1, 2], 'TypeError')
     """
@@ -317,7 +318,7 @@ def run_batch(instance: Any, request: CallRequest) -> BatchReply:
     reason = call_guard.stop_reason()
     if reason is not None:
         return _reply([None] * len(items), {}, 0.0, (0, reason))
-    items, failures = resolve_refs(items, star)
+    items, failures = (items, {}) if request.plain else resolve_refs(items, star)
     kwargs = shared_kwargs(request.kwargs) if request.kwargs else None
     started = time.perf_counter()  # the items' own time: what sizes the next calls
     if request.batched:
@@ -343,7 +344,7 @@ async def run_batch_async(instance: Any, request: CallRequest) -> BatchReply:
         ...     return 2 * x
         >>> from types import SimpleNamespace
         >>> request = CallRequest("fn", [1, 2])
-        >>> asyncio.run(run_batch_async(SimpleNamespace(fn=double), request)).values
+        >>> asyncio.run(run_batch_async(SimpleNamespace(fn=double), request)).unpacked().values
         [2, 4]
     """
     items, star = request.items, request.star
@@ -351,7 +352,7 @@ async def run_batch_async(instance: Any, request: CallRequest) -> BatchReply:
     reason = CallGuard(request.guard).stop_reason()
     if reason is not None:
         return _reply([None] * len(items), {}, 0.0, (0, reason))
-    items, failures = await resolve_refs_async(items, star)
+    items, failures = (items, {}) if request.plain else await resolve_refs_async(items, star)
     kwargs = await shared_kwargs_async(request.kwargs) if request.kwargs else None
     started = time.perf_counter()
     if request.batched:

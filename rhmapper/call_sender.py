@@ -37,7 +37,7 @@ from rhmapper.pool_setup import ClusterKwargs, put_kwargs
 from rhmapper.pool_state import PoolState
 from rhmapper.ray_replica import RayReplica, task_failure
 from rhmapper.signals import EndSignal, open_end_signal
-from rhmapper.slots import Inbox
+from rhmapper.slots import INPUT_NEWS, Inbox
 from rhmapper.wire import BatchReply, CallSpec, ReplicaDied
 
 _REPLICA_DEATHS = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError,
@@ -143,6 +143,10 @@ class CallSender:
                 inbox.put(ref)
                 self._answered.append(ref)  # its slot frees before its map fetches it
             self._wakeup.notify_all()
+
+    def notify(self, inbox: Inbox) -> None:
+        """The map of ``inbox`` has news from its input (see `rhmapper.scheduler.Pool.notify`)."""
+        deliver_input_news(self._wakeup, inbox)
 
     def has_events(self) -> bool:
         return bool(self._events or self._answered) and not self.unreachable
@@ -300,6 +304,14 @@ def wait_for_answers(wakeup: threading.Condition, inbox: Inbox, timeout: float,
         if not inbox and not any(pool.has_events() for pool in pools):
             wakeup.wait(timeout)
         return inbox.take()
+
+
+def deliver_input_news(wakeup: threading.Condition, inbox: Inbox) -> None:
+    """Put `INPUT_NEWS` in ``inbox`` and wake the maps waiting on ``wakeup`` (see
+    `wait_for_answers`)."""
+    with wakeup:
+        inbox.put(INPUT_NEWS)
+        wakeup.notify_all()
 
 
 class _Unreachable:

@@ -24,7 +24,7 @@ from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError
 from rhmapper.names import NAMESPACE
 from rhmapper.pool_setup import ClusterKwargs
 from rhmapper.ray_replica import RayReplica
-from rhmapper.call_sender import wait_for_answers
+from rhmapper.call_sender import deliver_input_news, wait_for_answers
 from rhmapper.replicas import ReplicaPool
 from rhmapper.signals import EndSignal
 from rhmapper.slots import Inbox, SlotIndex
@@ -263,6 +263,9 @@ class MultiClusterPool:
         for pool in self.pools.values():
             pool.handle_events()
         return done
+
+    def notify(self, inbox: Inbox) -> None:
+        deliver_input_news(self._wakeup, inbox)
 
     def submit(self, replica: RayReplica, call: CallSpec, start: int, items: list,
                budget: float | None, inbox: Inbox) -> Any:

@@ -71,10 +71,11 @@ class CompiledCalls:
     Examples:
         >>> import ray
         >>> from rhmapper.module import function_replica_class
+        >>> from rhmapper.wire import BatchReply
         >>> actor = ray.remote(function_replica_class(abs)).remote(ray.put(abs))
         >>> calls = CompiledCalls(actor, max_in_flight=2, name="abs_replica_0")
         >>> reply = calls.submit(CallRequest("fn", [-3]), on_unsendable=lambda error: error)
-        >>> reply.result(timeout=60)[0]
+        >>> BatchReply.from_wire(reply.result(timeout=60)).unpacked().values
         [3]
         >>> calls.close(kill=True); calls.wait_closed()
     """

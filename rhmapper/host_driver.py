@@ -10,17 +10,19 @@ import dataclasses
 import itertools
 import threading
 import uuid
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import ray
 
 from rhmapper import _ray_compat
 from rhmapper.backend import MapperSpec, OnProgress
 from rhmapper.errors import MapCancelledError
-from rhmapper.host import MAX_CONCURRENCY, MapperHost
+from rhmapper.host import MAX_CONCURRENCY, TAKE_WAIT_SECONDS, MapperHost
+from rhmapper.input_feed import InputFeed
 from rhmapper.names import NAMESPACE, new_host_name
 from rhmapper.pool_setup import put_kwargs, upload_local_dirs
-from rhmapper.plan import MapPlan
+from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, MapPlan
 from rhmapper.remote_errors import add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
@@ -94,24 +96,36 @@ class ClusterBackend:
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
         map_id = uuid.uuid4().hex
-        feeder = _Feeder(source, plan.window, plan.total if plan.collect else None)
+        news = threading.Event()
+        """Set when the host answers a take, or the input has news (see `_Feeder`)."""
+        feeder = _Feeder(source, plan.window, plan.total if plan.collect else None,
+                         plan.max_wait_seconds, on_news=news.set)
         # The host streams a list's results in order as they come (not all at the end), so
         # that sending them overlaps with the map.
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
-        started = self.host.start.remote(map_id, hosted_plan, *feeder.next_chunk())
+        started = self.host.start.remote(map_id, hosted_plan, *feeder.first_chunk())
         results: list = []
         finished = False
         done = 0
+        answer = None
         try:
-            feeder.top_up(self.host.feed, map_id)
             while True:
+                feeder.top_up(self.host.feed, map_id)
                 if cancelled.is_set():
                     raise MapCancelledError("the map was cancelled with Mapper.cancel()")
+                if answer is None:
+                    answer = self.host.take.remote(map_id, not plan.collect).future()
+                    answer.add_done_callback(lambda _: news.set())
+                news.wait(feeder.wait_seconds())
+                news.clear()  # then what set it is read: the answer, or the input
+                if not answer.done():
+                    continue
                 try:
-                    reply = ray.get(self.host.take.remote(map_id, not plan.collect))
+                    reply = answer.result()
                 except ray.exceptions.RayTaskError:
                     ray.get(started)  # the map could not start: raise why
                     raise
+                answer = None
                 if reply["done"] > done:
                     on_progress(reply["done"] - done, reply["stats"], reply["ready"])
                     done = reply["done"]
@@ -129,18 +143,17 @@ class ClusterBackend:
                     if plan.collect:
                         yield results
                     return
-                feeder.top_up(self.host.feed, map_id)
         finally:
+            feeder.close()
             if not finished:
                 self.host.cancel.remote(map_id)
-
 
     def spawn(self, name: str, plan: MapPlan, items: list, keep_seconds: float,
               max_result_bytes: float) -> "spawned.SpawnedMap":
         """Ship ``items`` to the host and start the spawned map ``name`` there."""
-        feeder = _Feeder(iter(items), None, len(items))
+        feeder = _Feeder(items, None, len(items))
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
-        ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.next_chunk(), len(items),
+        ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.first_chunk(), len(items),
                                        keep_seconds, max_result_bytes))
         try:
             ray.get(feeder.top_up(self.host.feed, f"spawn:{name}"))  # all inputs are there
@@ -156,40 +169,80 @@ class ClusterBackend:
 class _Feeder:
     """A map's inputs, taken from ``source`` in chunks of about `FEED_CHUNK_BYTES`, keeping at
     most ``window`` items sent but not yet back (no bound when ``window`` is ``None``: the
-    verbs that collect a list already hold every input)."""
+    verbs that collect a list already hold every input). An iterator is pulled by an
+    `InputFeed`'s thread: a chunk goes when it is full, or once its oldest item waited
+    ``max_wait_seconds``; ``on_news`` is called when the input has items or ended."""
 
-    def __init__(self, source: Iterator | list, window: int | None, total: int | None = None
-                 ) -> None:
-        self._source, self._window, self._total = iter(source), window, total
+    def __init__(self, source: Iterator | list, window: int | None, total: int | None = None,
+                 max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+                 on_news: Callable[[], None] | None = None) -> None:
+        self._window, self._total = window, total
+        self._list = iter(source) if isinstance(source, list) else None
+        self._input = None if self._list is not None else InputFeed(
+            iter(source), FEED_CHUNK_BYTES, max_wait_seconds, on_news)
         self._per_chunk: int | None = None
         self.sent = 0
         self.received = 0
         self.chunks = 0
         self.exhausted = False
 
-    def next_chunk(self) -> tuple[list, bool]:
-        """The next chunk and whether it is the last."""
-        room = self._per_chunk or 16
-        if self._window is not None:
-            room = min(room, self._window - (self.sent - self.received))
-        chunk = list(itertools.islice(self._source, room))
-        if self._per_chunk is None and chunk:
-            per_item = max(mean_item_bytes(chunk), 1.0)
-            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // per_item))
-            if self._window is None and (self._total or 0) * per_item <= START_ALL_BYTES:
-                chunk.extend(self._source)  # a list held by the driver anyway: all in one go
-                room = len(chunk) + 1
-        self.exhausted = len(chunk) < room
-        self.sent += len(chunk)
-        self.chunks += 1
-        return chunk, self.exhausted
+    def first_chunk(self) -> tuple[list, bool]:
+        """The chunk that starts the map (waiting for the input's first item, or its end)."""
+        if self._input is not None and self._input.is_empty():
+            self.exhausted = True
+            self.chunks += 1
+            return [], True
+        chunk = self._next_chunk()
+        if chunk is None:  # its items wait for more: an empty chunk 0 starts the map
+            self.chunks += 1
+            return [], False
+        return chunk
 
     def top_up(self, feed: Any, map_id: str) -> list:
-        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows;
-        return their refs."""
+        """Send chunks (``feed.remote(map_id, number, chunk, last)``) while the window allows
+        and the input has them; return their refs."""
         sent = []
         while not self.exhausted and (self._window is None
                                       or self.sent - self.received < self._window):
-            number = self.chunks
-            sent.append(feed.remote(map_id, number, *self.next_chunk()))
+            chunk = self._next_chunk()
+            if chunk is None:
+                break
+            sent.append(feed.remote(map_id, self.chunks - 1, *chunk))
         return sent
+
+    def wait_seconds(self) -> float:
+        """How long the driver may wait for the host before held inputs must go."""
+        ready_at = None if self._input is None or self.exhausted else self._input.ready_at()
+        if ready_at is None:
+            return TAKE_WAIT_SECONDS
+        return min(TAKE_WAIT_SECONDS, max(0.0, ready_at - time.monotonic()))
+
+    def close(self) -> None:
+        """The map ended: pull no more of the input."""
+        if self._input is not None:
+            self._input.close()
+
+    def _next_chunk(self) -> tuple[list, bool] | None:
+        """The next chunk and whether it is the last (``None``: none to send now)."""
+        room = self._per_chunk or 16
+        if self._window is not None:
+            room = min(room, self._window - (self.sent - self.received))
+        if self._input is not None:
+            taken = self._input.take(room)
+            if taken is None and not self._input.exhausted:
+                return None
+            chunk, last = ([], True) if taken is None else (taken[1], self._input.exhausted)
+        else:
+            chunk = list(itertools.islice(self._list, room))
+            last = len(chunk) < room
+        if self._per_chunk is None and chunk:
+            per_item = max(mean_item_bytes(chunk), 1.0)
+            self._per_chunk = max(16, int(FEED_CHUNK_BYTES // per_item))
+            if self._list is not None and self._window is None and (
+                    (self._total or 0) * per_item <= START_ALL_BYTES):
+                chunk.extend(self._list)  # a list held by the driver anyway: all in one go
+                last = True
+        self.exhausted = last
+        self.sent += len(chunk)
+        self.chunks += 1
+        return chunk, last

@@ -1,20 +1,27 @@
-"""One map's input: items pulled from the caller's iterator outside the pool's lock, held until a
-call takes them, numbered in input order, and measured in bytes so that a call stays under the
-plan's ``max_call_bytes``. A map over a list (`ListFeed`) takes slices of it instead.
+"""One map's input: items pulled from the caller's iterator by a thread of the feed's own, held
+until a call takes them, numbered in input order, and measured in bytes so that a call stays
+under the plan's ``max_call_bytes``. A map over a list (`ListFeed`) takes slices of it instead.
 
 The dispatch loop (`rhmapper.scheduler.MapRun`) asks `InputFeed.take` for a call's items while it
-holds the pool's lock. When fewer are held than the call wants, `take` only notes how many
-(`InputFeed.wanted`); the loop lets go of the lock, `pull` s them (a slow or blocking iterator
-holds up its own map only), and dispatches again.
+holds the pool's lock. When fewer are held than the call wants, `take` asks the feed's thread to
+pull the rest and returns nothing, unless the oldest held item has waited ``max_wait_seconds``:
+then the call goes with what is held. So an iterator that blocks (a queue, a socket, a stream
+that pauses) holds up no item it already gave, nor the results of calls already sent, and never
+the pool's other maps. The thread tells the map through ``on_news`` when what it asked for is
+held, when a first item arrives, and when the input ends or raises (the map raises the
+input's exception as its own). As ``multiprocessing.Pool.imap`` does, the input is iterated in
+that thread, not in the caller's.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
-from typing import Iterator
+import threading
+import time
+from typing import Callable, Iterator
 
 from rhmapper.call_sizing import EWMA_WEIGHT
+from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS
 from rhmapper.sizing import mean_item_bytes
 
 _EMPTY = object()
@@ -24,98 +31,183 @@ class InputFeed:
     """The items of one map's input, from the caller's iterator to the calls that carry them.
 
     Examples:
-        >>> feed = InputFeed(iter("abcde"), max_call_bytes=2**20)
-        >>> feed.is_empty()
+        >>> import time
+        >>> feed = InputFeed(iter("abc"), max_call_bytes=2**20)
+        >>> feed.is_empty()  # waits for the first item
         False
-        >>> feed.take(2), feed.wanted  # nothing held yet: pull 2 outside the lock, then take
-        (None, 2)
-        >>> feed.pull(feed.wanted); feed.take(2)
-        (0, ['a', 'b'])
-        >>> feed.take_now(5), feed.exhausted  # the rest, pulling what is missing
-        ((2, ['c', 'd', 'e']), True)
+        >>> calls = []
+        >>> while not feed.exhausted:  # the map's loop waits for news instead
+        ...     calls.append(feed.take(2) or time.sleep(0.001))
+        >>> [call for call in calls if call]
+        [(0, ['a', 'b']), (2, ['c'])]
     """
 
-    def __init__(self, source: Iterator, max_call_bytes: int) -> None:
+    def __init__(self, source: Iterator, max_call_bytes: int,
+                 max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
+                 on_news: Callable[[], None] | None = None) -> None:
         self._source = source
         self._max_call_bytes = max_call_bytes
+        self._max_wait_seconds = max_wait_seconds
+        self._on_news = on_news or (lambda: None)
         self.next_index = 0
         """The input index of the next item a call takes."""
-        self.source_done = False
-        self.wanted = 0
-        """Items the last `take` would have sent but had not pulled yet (see `pull`)."""
-        self.held: collections.deque = collections.deque()
-        """Items pulled from the source and not sent yet."""
+        self._changed = threading.Condition()
+        self._held: collections.deque = collections.deque()
+        """Items pulled and not taken yet, oldest first. The pulling thread appends without the
+        lock (a deque's append and popleft are atomic); the map takes under it."""
+        self._oldest_since: float | None = None
+        """When the oldest held item was pulled, or earlier (``time.monotonic()``)."""
+        self._pulled = 0
+        """Items pulled so far (written by the pulling thread only)."""
+        self._pull_until = 0
+        """Pull until this many items were pulled (written by the map only)."""
+        self._source_done = False
+        self._error: BaseException | None = None
+        self._closed = False
+        self._puller: threading.Thread | None = None
         self._bytes_per_item: float | None = None
-        """A decaying mean of the input items' size, which sizes the next pulls."""
-        self._held_item_bytes = 0.0
-        """The mean size of the items held (of the larger pull, when two are held), which
-        bounds the call that sends them."""
+        """A decaying mean of the input items' size, which bounds the next calls."""
 
     def is_empty(self) -> bool:
-        """Whether the input has no item at all (it is asked for its first one to tell)."""
-        first = next(self._source, _EMPTY)
-        if first is _EMPTY:
-            self.source_done = True
-            return True
-        self._source = itertools.chain([first], self._source)
-        return False
+        """Whether the input has no item at all (waits for its first item, or its end, to tell;
+        raises what the input raised)."""
+        with self._changed:
+            self._want(1)
+            while not self._held and not self._source_done:
+                self._changed.wait()
+            self._raise_error()
+            return not self._held
 
     @property
     def exhausted(self) -> bool:
-        """Whether every item of the input has been taken by a call."""
-        return self.source_done and not self.held
+        """Whether every item of the input has been taken by a call (not while the input's
+        exception is still to raise)."""
+        return self._source_done and not self._held and self._error is None
 
-    def take(self, size: int) -> tuple[int, list] | None:
+    def ready_at(self) -> float | None:
+        """When the held items go in a call even if it is not full (``time.monotonic()``;
+        ``None``: nothing is held)."""
+        since = self._oldest_since
+        return since + self._max_wait_seconds if since is not None and self._held else None
+
+    def take(self, size: int, calls: int = 1) -> tuple[int, list] | None:
         """The first index and the items of a call of at most ``size`` items, fewer if they would
-        carry more than ``max_call_bytes`` (one item at least). ``None`` when fewer than that are
-        held and the input has more: `wanted` then says how many to `pull` first."""
+        carry more than ``max_call_bytes`` (one item at least), or if the oldest has waited
+        ``max_wait_seconds`` for the rest. ``None`` when none are to go now. When fewer are held,
+        the pulling thread is asked for the items of ``calls`` such calls. Raises what the
+        input raised."""
         if self._bytes_per_item:
             size = min(size, max(1, int(self._max_call_bytes // self._bytes_per_item)))
-        held = self.held
-        if len(held) < size and not self.source_done:
-            self.wanted = size - len(held)  # pulled outside the lock, then sent
-            return None
-        fits = max(1, int(self._max_call_bytes // max(self._held_item_bytes, 1.0)))
-        count = min(size, fits, len(held))
-        if count == len(held):  # the usual case (the pull was sized for this call): in C
-            items = list(held)
-            held.clear()
-        else:
-            items = [held.popleft() for _ in range(count)]
+        with self._changed:
+            self._raise_error()
+            held = self._held
+            if len(held) < size and not self._source_done:
+                self._want(size * calls - len(held))
+                ready_at = self.ready_at()
+                if ready_at is None or time.monotonic() < ready_at:
+                    return None
+            items = self._pop(min(size, len(held)))
+            if not items:
+                return None
+            fits = self._fits(items)
+            if fits < len(items):  # too many bytes for one call: the rest goes in the next
+                held.extendleft(reversed(items[fits:]))
+                del items[fits:]
+            if not held:
+                self._oldest_since = None  # the next item pulled sets it again
         start = self.next_index
         self.next_index += len(items)
         return start, items
 
     def take_now(self, size: int) -> tuple[int, list]:
-        """The first index and the next ``size`` items (fewer at the input's end), pulled now if
-        not held, whatever their bytes: for items that will not be sent."""
-        if len(self.held) < size and not self.source_done:
-            self.pull(size - len(self.held))
-        items = [self.held.popleft() for _ in range(min(size, len(self.held)))]
+        """The first index and up to ``size`` held items, whatever their bytes: for items that
+        will not be sent (the rest is asked of the pulling thread)."""
+        with self._changed:
+            self._raise_error()
+            if len(self._held) < size and not self._source_done:
+                self._want(size - len(self._held))
+            items = self._pop(min(size, len(self._held)))
         start = self.next_index
         self.next_index += len(items)
         return start, items
 
-    def pull(self, count: int) -> None:
-        """Pull up to ``count`` items from the source into `held` (not under the pool's lock),
-        and measure their size for the byte bound of the calls that carry them."""
-        items = list(itertools.islice(self._source, count))
-        if len(items) < count:
-            self.source_done = True
-        if not items:
-            return
+    def close(self) -> None:
+        """The map ended: the pulling thread pulls no more (it ends once the item it may be
+        waiting for arrives, and drops it)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def _pop(self, count: int) -> list:
+        """The ``count`` oldest held items (one by one: the pulling thread may append meanwhile)."""
+        popleft = self._held.popleft
+        return [popleft() for _ in range(count)]
+
+    def _fits(self, items: list) -> int:
         per_item = mean_item_bytes(items)
-        self._held_item_bytes = max(self._held_item_bytes, per_item) if self.held else per_item
         previous = self._bytes_per_item
         self._bytes_per_item = per_item if previous is None else (
             previous + EWMA_WEIGHT * (per_item - previous))
-        self.held.extend(items)
+        return max(1, int(self._max_call_bytes // max(per_item, 1.0)))
+
+    def _want(self, count: int) -> None:
+        """Ask the pulling thread for ``count`` more items than are held (under the lock)."""
+        until = self.next_index + len(self._held) + count
+        if until <= self._pull_until or self._closed:
+            return
+        self._pull_until = until
+        if self._puller is None:
+            self._puller = threading.Thread(target=self._pull, name="rhmapper-input", daemon=True)
+            self._puller.start()
+        self._changed.notify_all()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _pull(self) -> None:
+        """The pulling thread: as many items as asked, one at a time, until the input ends or
+        raises, or the map ends. It takes the lock only to wait, and to tell news: a first
+        held item (it starts the wait of `ready_at`), or all that was asked for."""
+        source, held, changed = self._source, self._held, self._changed
+        while True:
+            if self._pulled >= self._pull_until:
+                with changed:
+                    while self._pulled >= self._pull_until and not self._closed:
+                        changed.wait()
+            if self._closed:
+                return
+            try:
+                item = next(source, _EMPTY)
+            except BaseException as error:  # noqa: B036 - the map raises it, as its own
+                self._ended(error)
+                return
+            if item is _EMPTY:
+                self._ended(None)
+                return
+            if self._closed:
+                return
+            held.append(item)
+            self._pulled += 1
+            if len(held) == 1 or self._pulled >= self._pull_until:
+                with changed:
+                    if self._oldest_since is None:
+                        self._oldest_since = time.monotonic()
+                    changed.notify_all()
+                self._on_news()
+
+    def _ended(self, error: BaseException | None) -> None:
+        with self._changed:
+            self._source_done = True
+            self._error = error
+            self._changed.notify_all()
+        self._on_news()
 
 
 class ListFeed:
     """The items of a map over a list (`rhmapper.Mapper.map`, ``starmap``): each call takes a
-    slice of it, with none of `InputFeed`'s pulling and holding. Same interface; nothing is
-    ever `wanted`.
+    slice of it, with none of `InputFeed`'s pulling and holding. Same interface.
 
     Examples:
         >>> feed = ListFeed(list("abcde"), max_call_bytes=2**20)
@@ -125,8 +217,6 @@ class ListFeed:
         >>> len(items)  # the call stays within max_call_bytes
         1
     """
-
-    wanted = 0
 
     def __init__(self, items: list, max_call_bytes: int) -> None:
         self._items = items
@@ -143,7 +233,7 @@ class ListFeed:
         """Whether every item has been taken by a call."""
         return self.next_index >= len(self._items)
 
-    def take(self, size: int) -> tuple[int, list]:
+    def take(self, size: int, calls: int = 1) -> tuple[int, list]:
         """The first index and the items of a call of at most ``size`` items, fewer if they
         would carry more than ``max_call_bytes`` (one item at least)."""
         start = self.next_index
@@ -162,5 +252,8 @@ class ListFeed:
         self.next_index += len(items)
         return start, items
 
-    def pull(self, count: int) -> None:
-        """Nothing to pull: the items are all here (`wanted` is always 0)."""
+    def ready_at(self) -> None:
+        """Nothing waits to fill a call: every item is here."""
+
+    def close(self) -> None:
+        """Nothing to stop."""

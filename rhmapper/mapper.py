@@ -239,7 +239,9 @@ class Mapper(PoolVerbs):
                        batch_size=settings.batch_size if batched is None
                        else batched.size_of(settings.batch_size),
                        max_replica_crashes=settings.max_replica_crashes,
-                       max_call_bytes=self.max_call_bytes, **shape)
+                       max_call_bytes=self.max_call_bytes, **shape,
+                       **({} if batched is None else
+                          {"max_wait_seconds": batched.max_wait_ms / 1000}))
 
     def _run(self, plan: MapPlan, source: Iterator | list, progress: bool | None,
              total: int | None) -> Iterator[list]:
@@ -297,8 +299,10 @@ def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:
 
 def _items_of(verb: str, iterables: tuple) -> tuple[list, bool]:
     """The items of a map over ``iterables`` (tuples of arguments if more than one), and whether
-    they are tuples."""
+    they are tuples (a single list is used as it is, not copied)."""
     _check_inputs(verb, iterables)
+    if len(iterables) == 1 and type(iterables[0]) is list:
+        return iterables[0], False
     columns = [list(iterable) for iterable in iterables]
     lengths = [len(column) for column in columns]
     if len(set(lengths)) > 1:

@@ -90,7 +90,8 @@ def run_call(instance: Any, wire: list) -> list:
     (its `CallRequest.to_wire` form), with the reply as a plain list (`BatchReply.to_wire`).
 
     Examples:
-        >>> run_call(FunctionReplica(abs), CallRequest("fn", [-3]).to_wire())[0]
+        >>> reply = run_call(FunctionReplica(abs), CallRequest("fn", [-3]).to_wire())
+        >>> BatchReply.from_wire(reply).unpacked().values
         [3]
     """
     return run_batch(instance, CallRequest.from_wire(wire)).to_wire()
@@ -135,7 +136,8 @@ async def run_call_async(instance: Any, wire: list) -> list:
         >>> async def negate(x):
         ...     return -x
         >>> wire = CallRequest("fn", [3]).to_wire()
-        >>> asyncio.run(run_call_async(FunctionReplica(negate), wire))[0]
+        >>> reply = asyncio.run(run_call_async(FunctionReplica(negate), wire))
+        >>> BatchReply.from_wire(reply).unpacked().values
         [-3]
     """
     return (await run_batch_async(instance, CallRequest.from_wire(wire))).to_wire()
@@ -191,7 +193,8 @@ class AsyncFunctionReplica(FunctionReplica):
         >>> async def double(x):
         ...     return 2 * x
         >>> wire = CallRequest("fn", [4]).to_wire()
-        >>> asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(wire))[0]
+        >>> reply = asyncio.run(AsyncFunctionReplica(double)._rhmapper_run_async(wire))
+        >>> BatchReply.from_wire(reply).unpacked().values
         [8]
     """
 
@@ -219,7 +222,7 @@ def replica_class(cls: type) -> type:
         ...         return x
         >>> replica = replica_class(Model)()
         >>> wire = CallRequest("predict", [7]).to_wire()
-        >>> isinstance(replica, Model), replica._rhmapper_run(wire)[0]
+        >>> isinstance(replica, Model), BatchReply.from_wire(replica._rhmapper_run(wire)).unpacked().values
         (True, [7])
     """
     entry_points: dict[str, Any] = {"_rhmapper_run": run_call,

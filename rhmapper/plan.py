@@ -11,6 +11,9 @@ from rhmapper.wire import CallSpec
 
 DEFAULT_MAX_CALL_BYTES = 16 * 2**20
 """A call carries about this many bytes of input at most; a larger item goes alone."""
+DEFAULT_MAX_WAIT_SECONDS = 0.01
+"""How long items pulled from an iterator wait for more to fill their call, unless the mapper is
+batched (then its ``Batched(max_wait_ms=...)``)."""
 DEFAULT_WINDOW = 16_384
 """imap/imap_unordered keep at most this many items pulled from the input but not yet yielded."""
 
@@ -36,6 +39,9 @@ class MapPlan:
     max_replica_crashes: int = 3
     window: int | None = DEFAULT_WINDOW
     max_call_bytes: int = DEFAULT_MAX_CALL_BYTES
+    max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
+    """How long items pulled from an iterator wait for more to fill their call once they could
+    go (see `rhmapper.input_feed.InputFeed.take`)."""
     item_seconds_hint: float | None = None
     """The run time of one item measured by an earlier map of the same method, if any: auto
     batches are sized from it until this map's own calls answer (see `CallSizer.batch_size`)."""

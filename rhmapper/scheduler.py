@@ -8,7 +8,7 @@ actors, on replicas of several clusters, or on in-process fakes in the unit test
 `MapRun` is the loop; each job it hands off has a room of its own, all Ray-free:
 
 ```text
-caller's iterator ─► InputFeed ─┐ items, pulled outside the pool's lock   input_feed.py
+caller's iterator ─► InputFeed ─┐ items, pulled by a thread of the feed    input_feed.py
                      CallSizer ─┤ items per call, time budget per call     call_sizing.py
                    due retries ─┤                                          results.py
                                 ▼
@@ -68,11 +68,16 @@ class Pool(Protocol):
     become ready, restart, are benched or die."""
 
     def wait(self, inbox: Inbox, timeout: float) -> list:
-        """Wait up to ``timeout`` seconds until calls of ``inbox`` answered or the pool changed
-        (a replica became ready, an abandoned call gave its slot back); return the answered calls.
+        """Wait up to ``timeout`` seconds until calls of ``inbox`` answered, the pool changed
+        (a replica became ready, an abandoned call gave its slot back) or `notify` was called
+        for ``inbox``; return what ``inbox`` received (answered calls, and `rhmapper.slots.INPUT_NEWS`).
 
         Raises `rhmapper.NoReplicasError` when no replica is alive or starting.
         """
+
+    def notify(self, inbox: Inbox) -> None:
+        """Put `rhmapper.slots.INPUT_NEWS` in ``inbox`` and wake the map waiting on it (from any thread): its
+        input feed has items, or ended."""
 
     def submit(self, replica: Replica, call: "CallSpec", start: int, items: list,
                budget: float | None, inbox: Inbox) -> Any:
@@ -129,13 +134,14 @@ class MapRun:
         self._pool = pool
         self._plan = plan
         self._cancelled = cancelled or threading.Event()
+        self._inbox = Inbox()
         self._feed: InputFeed | ListFeed = (
             ListFeed(source, plan.max_call_bytes) if isinstance(source, list)
-            else InputFeed(source, plan.max_call_bytes))
+            else InputFeed(source, plan.max_call_bytes, plan.max_wait_seconds,
+                           on_news=lambda: pool.notify(self._inbox)))
         self._sizer = CallSizer(plan)
         self._book = ResultBook(plan, on_progress)
         self.stats: MapStats = self._book.stats
-        self._inbox = Inbox()
         self._in_flight: dict[Any, SentCall] = {}
         self._in_flight_on: dict[Replica, int] = {}
         """This map's calls in flight per replica (abandoned calls are not counted)."""
@@ -176,22 +182,18 @@ class MapRun:
                 self._expire_deadlines()
                 yield from book.drain()
         finally:
+            feed.close()
             self._cancel_all()
 
     # -- dispatch ---------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
         """Send what the free slots take. The pool's lock is held from choosing a replica to
-        taking its slot (other maps of the pool choose after this one), but inputs are pulled
-        outside it: a slow or blocking input iterator holds up its own map only."""
-        feed = self._feed
-        while True:
-            feed.wanted = 0
-            with self._pool.slots.lock:
-                self._dispatch_locked()
-            if not feed.wanted:
-                return
-            feed.pull(feed.wanted)
+        taking its slot (other maps of the pool choose after this one); the input is pulled by
+        its feed's thread, so a slow or blocking iterator holds up no other map, nor this map's
+        results."""
+        with self._pool.slots.lock:
+            self._dispatch_locked()
 
     def _dispatch_locked(self) -> None:
         slots = self._pool.slots
@@ -215,7 +217,7 @@ class MapRun:
             queued = replica.in_flight >= replica.capacity
             if queued and not replica.queues_ahead:
                 return
-            work = self._take_fresh(slots.total, max_items, queued)
+            work = self._take_fresh(max_items, queued, spare)
             if work is None:
                 return
             self._send(replica, *work, False)
@@ -235,22 +237,24 @@ class MapRun:
         """Whether this map has calls in flight on replicas other than ``replica``."""
         return len(self._in_flight) > self._in_flight_on.get(replica, 0)
 
-    def _take_fresh(self, slots: int, max_items: int | None, queued: bool = False
+    def _take_fresh(self, max_items: int | None, queued: bool, spare: int
                     ) -> tuple[int, list] | None:
         """The first index and the next items from the input for one call (``None``: none to
         send now). A call that would wait in its replica's queue (``queued``) is sent only if it
-        is short."""
+        is short. An input feed short of items pulls the items of every call the free slots
+        would take now."""
         feed = self._feed
         if feed.exhausted:
             return None
-        size = self._sizer.batch_size(slots, feed.next_index, self._book.emitted)
+        slots = self._pool.slots
+        size = self._sizer.batch_size(slots.total, feed.next_index, self._book.emitted)
         if max_items is not None:
             size = min(size, max_items)
         if size <= 0:
             return None
         if queued and not self._sizer.short_enough_to_queue(size):
             return None
-        return feed.take(size)
+        return feed.take(size, calls=max(1, slots.free(spare)))
 
     # -- completion -------------------------------------------------------------------------
 
@@ -309,10 +313,14 @@ class MapRun:
         self._book.fail_unstarted(start, len(items), reason)
 
     def _wait_seconds(self) -> float:
-        """Until the next deadline or delayed retry, at most `WAIT_TICK_SECONDS`. A due retry
-        still queued waits for a slot (a completion), not for a moment."""
+        """Until the next deadline, delayed retry or held input items' `InputFeed.ready_at`,
+        at most `WAIT_TICK_SECONDS`. A due retry still queued, or held items past their wait,
+        wait for a slot (a completion), not for a moment."""
         now = time.monotonic()
         soonest = now + WAIT_TICK_SECONDS
+        ready_at = self._feed.ready_at()
+        if ready_at is not None and ready_at > now:
+            soonest = ready_at
         while self._deadlines and self._deadlines[0][2] not in self._in_flight:
             heapq.heappop(self._deadlines)
         if self._deadlines:

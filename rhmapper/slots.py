@@ -57,6 +57,8 @@ class SlotIndex:
         self._load_of: dict[Any, int] = {}
         self.total = 0
         """Slots of the ready replicas, in all."""
+        self._busy = 0
+        """Calls in flight on the ready replicas, in all."""
 
     def __len__(self) -> int:
         """How many replicas are ready."""
@@ -70,6 +72,7 @@ class SlotIndex:
         with self.lock:
             if replica not in self._load_of:
                 self.total += replica.capacity
+                self._busy += replica.in_flight
                 self._place(replica)
 
     def leave(self, replica: Slotted) -> None:
@@ -79,18 +82,25 @@ class SlotIndex:
             if load is not None:
                 del self._buckets[load][replica]
                 self.total -= replica.capacity
+                self._busy -= replica.in_flight
 
     def took(self, replica: Slotted) -> None:
         """A call started on ``replica``."""
         with self.lock:
             replica.in_flight += 1
+            self._busy += replica in self._load_of
             self._move(replica)
 
     def gave_back(self, replica: Slotted) -> None:
         """A call of ``replica`` answered (or was given up for lost)."""
         with self.lock:
             replica.in_flight -= 1
+            self._busy -= replica in self._load_of
             self._move(replica)
+
+    def free(self, spare: int = 0) -> int:
+        """How many more calls the ready replicas take now (``spare`` more each may queue)."""
+        return self.total + spare * len(self._load_of) - self._busy
 
     def least_loaded(self, spare: int = 0, avoid: Any = None) -> Any | None:
         """The ready replica with the most free slots, or ``None`` if none has a free one.
@@ -146,6 +156,10 @@ class SlotIndex:
             bucket = self._buckets[load] = {}
             heapq.heappush(self._loads, load)
         bucket[replica] = None
+
+
+INPUT_NEWS = "input-news"
+"""What `Pool.notify` puts in a map's `Inbox`: its input feed has items for it, or ended."""
 
 
 class Inbox:

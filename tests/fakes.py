@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,7 +37,7 @@ from rhmapper.pool_records import (
     ReplicaState,
 )
 from rhmapper.pool_state import PoolState
-from rhmapper.slots import Inbox
+from rhmapper.slots import INPUT_NEWS, Inbox
 from rhmapper.wire import BatchReply, CallSpec, RemoteFailure, ReplicaDied
 
 
@@ -109,6 +110,7 @@ class FakePool:
         self.retired: list[FakeReplica] = []
         self.random = random.Random(seed)
         self.waits = 0
+        self._input_news = threading.Event()
         self._pending: list[FakeCall] = []
         self._start_ready()
         self.cancelled: list[FakeCall] = []
@@ -162,6 +164,10 @@ class FakePool:
         self._pending.append(token)
         return token
 
+    def notify(self, inbox: Inbox) -> None:
+        inbox.put(INPUT_NEWS)
+        self._input_news.set()
+
     def wait(self, inbox: Inbox, timeout: float) -> list:
         self.waits += 1
         answered = [token for token in self.abandoned if not token.hung]
@@ -175,8 +181,10 @@ class FakePool:
                 raise error
         answering = [token for token in self._pending if token.inbox is inbox and not token.hung]
         if not answering:
-            time.sleep(timeout)
-            return []
+            if not inbox:
+                self._input_news.wait(timeout)
+            self._input_news.clear()
+            return inbox.take()
         self.random.shuffle(answering)
         done = answering[: self.random.randint(1, len(answering))]
         for token in done:

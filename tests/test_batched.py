@@ -189,6 +189,40 @@ def test_calls_from_100_threads_share_batches(model):
     assert calls < 100 // 4, f"100 calls from threads took {calls} calls in the replicas"
 
 
+def test_items_of_a_paused_input_share_a_batch_after_max_wait_and_come_back_while_it_blocks(model):
+    """An imap over a stream that gives 5 items, then pauses: the 5 go in one call once they
+    waited max_wait_ms (10 ms) for more, not for a full batch of 64, and their results come while
+    the stream still blocks."""
+    import queue
+    import threading
+
+    calls_and_items(model)  # from zero
+    inputs, results = queue.Queue(), queue.Queue()
+
+    def paused_stream():
+        while (item := inputs.get()) is not None:
+            yield item
+
+    def read() -> None:
+        for value in model.imap(paused_stream()):
+            results.put(value)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for item in range(5):
+            inputs.put(item)
+        assert [results.get(timeout=60) for _ in range(5)] == list(range(5))
+        assert calls_and_items(model) == (1, 5), "the 5 items share one call"
+        inputs.put(7)
+        assert results.get(timeout=60) == 7
+    finally:
+        inputs.put(None)
+    reader.join(60)
+    assert not reader.is_alive()
+    assert calls_and_items(model) == (1, 1)
+
+
 class AsyncScorer:
     """A stateful class whose batched method is ``async def`` (its replicas are async actors)."""
 

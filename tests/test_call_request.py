@@ -1,5 +1,5 @@
 """The request a call carries to a replica (`rhmapper.wire.CallRequest`): its wire form is the
-plain five-element list the pool sends, it reads back to the same request, and a replica runs
+plain six-element list the pool sends (items of plain data in one C pickle), it reads back to the same request, and a replica runs
 exactly that list (the shape ``rhmapper.replicas`` builds) with its guard honoured."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from rhmapper.wire import BatchReply, CallRequest, Guard
+from rhmapper.wire import BatchReply, CallRequest, Guard, plain_pickle
 
 
 def test_a_request_round_trips_through_its_wire_form():
@@ -22,10 +22,30 @@ def test_a_request_round_trips_through_its_wire_form():
         assert type(wire) is list and len(wire) == 6
         assert CallRequest.from_wire(wire) == request
         assert CallRequest.from_wire(tuple(wire)) == request
-    assert guarded.to_wire() == ["predict", [(1, 2), (3, 4)], True, {"scale": "ref"},
-                                 ["board_0", "map-7", 30.0, 10.0], False]
-    assert unguarded.to_wire() == ["fn", [1, "x", None], False, None, None, False]
-    assert batched.to_wire() == ["embed", [[0.5, 1.5]], False, None, None, True]
+        assert CallRequest.from_wire(wire).plain and not request.plain
+    assert guarded.to_wire()[2:] == [True, {"scale": "ref"}, ["board_0", "map-7", 30.0, 10.0],
+                                     False]
+    assert unguarded.to_wire()[2:] == [False, None, None, False]
+    assert batched.to_wire()[2:] == [False, None, None, True]
+    assert pickle.loads(guarded.to_wire()[1]) == [(1, 2), (3, 4)]
+
+
+def test_items_that_are_not_plain_data_travel_as_they_are_for_ray_to_serialize():
+    """An object of a class (an ``ObjectRef`` among them) is not plain data: those items go as
+    a list, and the replica looks for references in them."""
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    items = [1, Point(2)]
+    wire = CallRequest("fn", items).to_wire()
+    assert wire[1] is items
+    read = CallRequest.from_wire(wire)
+    assert read.items is items and not read.plain
+    assert plain_pickle([1, 2.5, "s", b"b", None, True, (1,), [2], {"k": {3}}]) is not None
+    for not_plain in (3j, Point(1), len, type, frozenset({Point(1)}), [[Point(1)]]):
+        assert plain_pickle([1, not_plain]) is None, not_plain
 
 
 def test_the_wire_form_pickles_no_class_of_rhmapper():
@@ -87,18 +107,19 @@ def test_a_replica_runs_the_wire_list_and_honours_its_guard(ray_local):
         # as RayReplica.start builds it: method, items, star, kwargs, [board, key, deadline,
         # sent], batched
         ran = BatchReply.from_wire(ray.get(actor._rhmapper_run.remote(
-            ["add_one", [1, 2, 3], False, None, [None, None, now + 60, now], False]), timeout=60))
+            ["add_one", [1, 2, 3], False, None, [None, None, now + 60, now], False]), timeout=60)
+        ).unpacked()
         assert ran.values == [2, 3, 4] and ran.failures is None and ran.not_started is None
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 3
         # past its deadline: the replica starts none of its items
         late = CallRequest("add_one", [4, 5], guard=Guard(None, None, now - 1, now - 2))
         refused = BatchReply.from_wire(ray.get(actor._rhmapper_run.remote(late.to_wire()),
-                                               timeout=60))
+                                               timeout=60)).unpacked()
         assert refused.not_started == (0, "timeout") and refused.values == [None, None]
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 3
         # your actors run the same entry point through __ray_call__
         via_ray_call = BatchReply.from_wire(ray.get(actor.__ray_call__.remote(
-            run_call, CallRequest("add_one", [(10,)], star=True).to_wire()), timeout=60))
+            run_call, CallRequest("add_one", [(10,)], star=True).to_wire()), timeout=60)).unpacked()
         assert via_ray_call.values == [11]
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 4
     finally:

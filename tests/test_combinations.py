@@ -132,7 +132,8 @@ def test_a_blocking_input_in_one_thread_does_not_freeze_another_threads_map(back
             daemon=True)
         inputs.put(1)
         reader.start()
-        time.sleep(1.0)  # the reader waits inside its input iterator now
+        # the first result comes while the input blocks (its feed's thread waits in it)
+        assert wait_until(lambda: blocked == [2], seconds=60), blocked
         assert bounded(lambda: m.map(range(50), timeout=5), seconds=30) == list(range(1, 51))
         assert bounded(lambda: m.call(41), seconds=30) == 42
         inputs.put(2)

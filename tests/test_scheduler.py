@@ -66,7 +66,9 @@ def test_tiny_items_take_a_few_large_calls_after_one_probe_per_slot():
     pool = FakePool(4, item_seconds=1e-7)  # x + 1 takes ~0.1 us in a replica
     collect(pool, list(range(100_000)))
     sizes = [len(items) for _, _, items in pool.log]
-    assert sizes[:4] == [1, 1, 1, 1], "the first call per slot measures one item"
+    # calls sent before any answered measure one item each (at most one per slot: the feed's
+    # thread may bring the next slots' items after the first answer sized them)
+    assert sizes[0] == 1 and sizes.count(1) <= 4, sizes
     assert len(sizes) <= 20, f"tiny items should take few calls, got {len(sizes)}: {sizes}"
     assert max(sizes) >= 10_000 and min(sizes[4:]) >= 10_000 // 2
     assert max(sizes) <= 100_000 // (2 * 4), "a small map splits in equal shares, two per slot"
@@ -82,7 +84,7 @@ def test_a_later_map_sizes_its_first_calls_from_the_last_measured_item_time():
 
 def test_under_a_timeout_the_first_calls_measure_one_item_whatever_the_hint():
     pool = FakePool(4, item_seconds=1e-7)
-    collect(pool, list(range(1000)), item_seconds_hint=1e-7, timeout=10.0)
+    collect(pool, list(range(1000)), as_list=True, item_seconds_hint=1e-7, timeout=10.0)
     assert [len(items) for _, _, items in pool.log][:4] == [1, 1, 1, 1]
 
 
