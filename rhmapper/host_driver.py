@@ -19,7 +19,7 @@ from rhmapper import _ray_compat
 from rhmapper.backend import MapperSpec, OnProgress
 from rhmapper.errors import MapCancelledError
 from rhmapper.host import MAX_CONCURRENCY, TAKE_WAIT_SECONDS, MapperHost
-from rhmapper.input_feed import InputFeed
+from rhmapper.input_feed import SEQUENCES, InputFeed
 from rhmapper.names import NAMESPACE, new_host_name
 from rhmapper.pool_setup import put_kwargs, upload_local_dirs
 from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, MapPlan
@@ -177,7 +177,7 @@ class _Feeder:
                  max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS,
                  on_news: Callable[[], None] | None = None) -> None:
         self._window, self._total = window, total
-        self._list = iter(source) if isinstance(source, list) else None
+        self._list = iter(source) if isinstance(source, SEQUENCES) else None
         self._input = None if self._list is not None else InputFeed(
             iter(source), FEED_CHUNK_BYTES, max_wait_seconds, on_news)
         self._per_chunk: int | None = None

@@ -16,6 +16,7 @@ that thread, not in the caller's.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from typing import Callable, Iterator
@@ -25,6 +26,10 @@ from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS
 from rhmapper.sizing import mean_item_bytes
 
 _EMPTY = object()
+
+SEQUENCES = (list, tuple, range)
+"""Inputs that iterating never blocks: a map over one takes slices of it (`ListFeed`), with no
+thread to pull it."""
 
 
 class InputFeed:
@@ -57,8 +62,6 @@ class InputFeed:
         lock (a deque's append and popleft are atomic); the map takes under it."""
         self._oldest_since: float | None = None
         """When the oldest held item was pulled, or earlier (``time.monotonic()``)."""
-        self._pulled = 0
-        """Items pulled so far (written by the pulling thread only)."""
         self._pull_until = 0
         """Pull until this many items were pulled (written by the map only)."""
         self._source_done = False
@@ -139,9 +142,9 @@ class InputFeed:
             self._changed.notify_all()
 
     def _pop(self, count: int) -> list:
-        """The ``count`` oldest held items (one by one: the pulling thread may append meanwhile)."""
-        popleft = self._held.popleft
-        return [popleft() for _ in range(count)]
+        """The ``count`` oldest held items (one by one, in C: the pulling thread may append
+        meanwhile)."""
+        return list(itertools.starmap(self._held.popleft, itertools.repeat((), count)))
 
     def _fits(self, items: list) -> int:
         per_item = mean_item_bytes(items)
@@ -167,35 +170,45 @@ class InputFeed:
             raise error
 
     def _pull(self) -> None:
-        """The pulling thread: as many items as asked, one at a time, until the input ends or
-        raises, or the map ends. It takes the lock only to wait, and to tell news: a first
-        held item (it starts the wait of `ready_at`), or all that was asked for."""
+        """The pulling thread: as many items as asked, until the input ends or raises, or the
+        map ends. Each item is held as soon as the input gives it (``islice`` waits for none
+        but the next). The lock is taken only to wait, and to tell news: a first held item (it
+        starts the wait of `ready_at`), or all that was asked for."""
         source, held, changed = self._source, self._held, self._changed
+        append = held.append
+        pulled = 0
         while True:
-            if self._pulled >= self._pull_until:
-                with changed:
-                    while self._pulled >= self._pull_until and not self._closed:
-                        changed.wait()
-            if self._closed:
-                return
+            with changed:
+                while self._pull_until <= pulled and not self._closed:
+                    changed.wait()
+                if self._closed:
+                    return
+                wanted = self._pull_until - pulled
+            got = 0
             try:
-                item = next(source, _EMPTY)
+                for item in itertools.islice(source, wanted):
+                    if self._closed:
+                        return
+                    append(item)
+                    got += 1
+                    if len(held) == 1:
+                        self._news()
             except BaseException as error:  # noqa: B036 - the map raises it, as its own
                 self._ended(error)
                 return
-            if item is _EMPTY:
+            pulled += got
+            if got < wanted:
                 self._ended(None)
                 return
-            if self._closed:
-                return
-            held.append(item)
-            self._pulled += 1
-            if len(held) == 1 or self._pulled >= self._pull_until:
-                with changed:
-                    if self._oldest_since is None:
-                        self._oldest_since = time.monotonic()
-                    changed.notify_all()
-                self._on_news()
+            self._news()
+
+    def _news(self) -> None:
+        """Tell the map: items are held (the first one starts the wait of `ready_at`)."""
+        with self._changed:
+            if self._oldest_since is None:
+                self._oldest_since = time.monotonic()
+            self._changed.notify_all()
+        self._on_news()
 
     def _ended(self, error: BaseException | None) -> None:
         with self._changed:
@@ -206,19 +219,22 @@ class InputFeed:
 
 
 class ListFeed:
-    """The items of a map over a list (`rhmapper.Mapper.map`, ``starmap``): each call takes a
-    slice of it, with none of `InputFeed`'s pulling and holding. Same interface.
+    """The items of a map over a list (`rhmapper.Mapper.map`, ``starmap``), or an ``imap`` over a
+    list, tuple or range (`SEQUENCES`): each call takes a slice of it, with none of
+    `InputFeed`'s pulling and holding. Same interface.
 
     Examples:
         >>> feed = ListFeed(list("abcde"), max_call_bytes=2**20)
         >>> feed.take(2), feed.take_now(5), feed.exhausted
         ((0, ['a', 'b']), (2, ['c', 'd', 'e']), True)
+        >>> ListFeed(range(10**12), max_call_bytes=2**20).take(3)
+        (0, [0, 1, 2])
         >>> _, items = ListFeed([b"x" * 600] * 3, max_call_bytes=1000).take(3)
         >>> len(items)  # the call stays within max_call_bytes
         1
     """
 
-    def __init__(self, items: list, max_call_bytes: int) -> None:
+    def __init__(self, items: list | tuple | range, max_call_bytes: int) -> None:
         self._items = items
         self._max_call_bytes = max_call_bytes
         self.next_index = 0
@@ -237,7 +253,7 @@ class ListFeed:
         """The first index and the items of a call of at most ``size`` items, fewer if they
         would carry more than ``max_call_bytes`` (one item at least)."""
         start = self.next_index
-        items = self._items[start:start + size]
+        items = self._slice(start, size)
         if len(items) > 1:
             fits = max(1, int(self._max_call_bytes // max(mean_item_bytes(items), 1.0)))
             del items[fits:]
@@ -248,9 +264,13 @@ class ListFeed:
         """The first index and the next ``size`` items (fewer at the end), whatever their bytes:
         for items that will not be sent."""
         start = self.next_index
-        items = self._items[start:start + size]
+        items = self._slice(start, size)
         self.next_index += len(items)
         return start, items
+
+    def _slice(self, start: int, size: int) -> list:
+        items = self._items[start:start + size]
+        return items if type(items) is list else list(items)
 
     def ready_at(self) -> None:
         """Nothing waits to fill a call: every item is here."""

@@ -16,6 +16,7 @@ from rhmapper.checks import check_count, check_seconds
 from rhmapper.connect import ensure_ray
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
+from rhmapper.input_feed import SEQUENCES
 from rhmapper.module import Module, is_async_callable
 from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.pool_verbs import PoolVerbs
@@ -269,7 +270,9 @@ class Mapper(PoolVerbs):
     def _stream(self, iterables: tuple, ordered: bool, settings: MapSettings) -> Iterator:
         _check_inputs("imap", iterables)
         star = len(iterables) > 1
-        source = zip(*iterables, strict=True) if star else iter(iterables[0])
+        first = iterables[0]
+        source = (zip(*iterables, strict=True) if star
+                  else first if isinstance(first, SEQUENCES) else iter(first))
         total = min(operator.length_hint(iterable, -1) for iterable in iterables)
         plan = self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
                           window=settings.window)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from rhmapper.call_sizing import CallSizer
 from rhmapper.errors import MapCancelledError, NoReplicasError
-from rhmapper.input_feed import InputFeed, ListFeed
+from rhmapper.input_feed import SEQUENCES, InputFeed, ListFeed
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.results import ResultBook, SentCall
 from rhmapper.slots import Inbox, SlotIndex
@@ -136,7 +136,7 @@ class MapRun:
         self._cancelled = cancelled or threading.Event()
         self._inbox = Inbox()
         self._feed: InputFeed | ListFeed = (
-            ListFeed(source, plan.max_call_bytes) if isinstance(source, list)
+            ListFeed(source, plan.max_call_bytes) if isinstance(source, SEQUENCES)
             else InputFeed(source, plan.max_call_bytes, plan.max_wait_seconds,
                            on_news=lambda: pool.notify(self._inbox)))
         self._sizer = CallSizer(plan)

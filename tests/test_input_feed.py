@@ -106,3 +106,18 @@ def test_a_map_that_ends_early_stops_pulling_its_input():
     assert not puller.is_alive()
     assert 3 not in pulled and 4 not in pulled, f"pulled after the map ended: {pulled}"
     assert pool.log == [("fake_replica_0", 0, [1])]
+
+
+def test_a_sequence_is_sliced_lazily_without_a_thread():
+    """An imap over a list, tuple or range takes slices of it: a range of 10**12 items streams
+    its first results at once, and no thread pulls it."""
+    pool = FakePool(2, fn=lambda x: -x)
+    run = MapRun(pool, MapPlan(CallSpec("fn"), window=64, batch_size=8), range(10**12))
+    chunks = run.chunks()
+    first = []
+    while len(first) < 20:
+        first.extend(next(chunks))
+    chunks.close()
+    assert first[:20] == [-x for x in range(20)]
+    assert not hasattr(run._feed, "_puller")
+    assert sum(len(items) for _, _, items in pool.log) <= 64 + 8
