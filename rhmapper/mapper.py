@@ -7,6 +7,7 @@ of `Mapper`; the map verbs are here.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -74,7 +75,7 @@ class Mapper(PoolVerbs):
         self._cancel_events: set[threading.Event] = set()
         batched = spec.batched
         self._coalescer = None if batched is None else CallCoalescer(
-            batched.max_size, batched.max_wait_ms / 1000, self._shared_calls)
+            batched.max_size, batched.max_wait_ms / 1000, self._shared_run)
         try:
             self.add_replicas(replicas)
         except BaseException:
@@ -137,7 +138,8 @@ class Mapper(PoolVerbs):
 
     def call(self, /, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
-        On a batched mapper, calls from several threads share batches (see `rm.Batched`).
+        On a batched mapper, calls (and small maps) from several threads share batches (see
+        `rm.Batched`).
 
         Examples:
             >>> with rm.mapper(pow, replicas=2) as m:
@@ -145,7 +147,7 @@ class Mapper(PoolVerbs):
             1024
         """
         if self._coalescer is not None:
-            return self._coalescer.call(args, kwargs or None)
+            return self._coalescer.call(args, kwargs or None, _SHARED_DEFAULTS)
         return self._collect([args], True, MapSettings(kwargs=kwargs or None, batch_size=1,
                                                        progress=False))[0]
 
@@ -223,10 +225,11 @@ class Mapper(PoolVerbs):
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _shared_calls(self, args: list[tuple], kwargs: dict | None) -> list:
-        """The calls of several threads in one map; a failed call's exception is its value."""
-        return self._collect(args, True, MapSettings(kwargs=kwargs, return_exceptions=True,
-                                                     progress=False))
+    def _shared_run(self, args: list[tuple], kwargs: dict | None, options: MapSettings) -> list:
+        """The calls and small maps of several threads in one map; a failed item's exception is
+        its value."""
+        return self._collect_own(args, True, dataclasses.replace(
+            options, kwargs=kwargs, return_exceptions=True, progress=False))
 
     def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
         method = settings.method or self.method
@@ -263,6 +266,29 @@ class Mapper(PoolVerbs):
     def _collect(self, items: list, star: bool, settings: MapSettings) -> list:
         if not items:
             return []
+        coalescer = self._coalescer
+        if (coalescer is not None and len(items) <= coalescer.max_size
+                and settings.batch_size == "auto" and settings.progress is not True):
+            return self._collect_shared(coalescer, items, star, settings)
+        return self._collect_own(items, star, settings)
+
+    @staticmethod
+    def _collect_shared(coalescer: CallCoalescer, items: list, star: bool,
+                        settings: MapSettings) -> list:
+        """A small map of a batched mapper: its items share a batch with the calls and small
+        maps of other threads that have the same options (see `CallCoalescer`)."""
+        options = dataclasses.replace(settings, kwargs=None, return_exceptions=False,
+                                      progress=None)
+        outcomes = coalescer.run_many(items if star else [(item,) for item in items],
+                                      settings.kwargs, options)
+        if not settings.return_exceptions:
+            failed = next((outcome for outcome in outcomes
+                           if isinstance(outcome, BaseException)), None)
+            if failed is not None:
+                raise failed
+        return outcomes
+
+    def _collect_own(self, items: list, star: bool, settings: MapSettings) -> list:
         plan = self._plan(star, settings, collect=True, total=len(items), window=None)
         *_, results = self._run(plan, items, settings.progress, len(items))
         return results
@@ -285,6 +311,10 @@ class Mapper(PoolVerbs):
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
+
+
+_SHARED_DEFAULTS = MapSettings()
+"""The options of ``Mapper.call``, as the calls of a batched mapper share runs by them."""
 
 
 def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:

@@ -189,6 +189,47 @@ def test_calls_from_100_threads_share_batches(model):
     assert calls < 100 // 4, f"100 calls from threads took {calls} calls in the replicas"
 
 
+def maps_from_threads(model, count: int, bad: tuple = ()) -> dict:
+    """``count`` threads each map 5 items (a bad third item in the threads of ``bad``; the
+    second of those with return_exceptions=True): what each returned or raised."""
+    import threading
+
+    outcomes: dict = {}
+
+    def map_five(thread: int) -> None:
+        items = [100 * thread + x for x in range(5)]
+        if thread in bad:
+            items[2] = BAD
+        try:
+            outcomes[thread] = model.map(items, return_exceptions=bad[-1:] == (thread,))
+        except Exception as error:  # the test reads it
+            outcomes[thread] = error
+
+    threads = [threading.Thread(target=map_five, args=(thread,)) for thread in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive(), "a shared map never returned"
+    return outcomes
+
+
+def test_small_maps_from_many_threads_share_batches(model):
+    """20 threads each map 5 items: far fewer calls than 20, each thread gets its own values in
+    its own order; a bad item fails its own map only (its value under return_exceptions)."""
+    calls_and_items(model)  # from zero
+    outcomes = maps_from_threads(model, 20)
+    assert outcomes == {thread: [100 * thread + x for x in range(5)] for thread in range(20)}
+    calls, items = calls_and_items(model)
+    assert items == 100 and calls < 20 // 2, f"20 small maps took {calls} calls in the replicas"
+    outcomes = maps_from_threads(model, 10, bad=(3, 4))
+    for thread in set(range(10)) - {3, 4}:
+        assert outcomes[thread] == [100 * thread + x for x in range(5)]
+    assert isinstance(outcomes[3], ValueError) and str(outcomes[3]) == f"item {BAD} is bad"
+    assert outcomes[4][:2] == [400, 401] and outcomes[4][3:] == [403, 404]
+    assert isinstance(outcomes[4][2], ValueError)
+
+
 def test_items_of_a_paused_input_share_a_batch_after_max_wait_and_come_back_while_it_blocks(model):
     """An imap over a stream that gives 5 items, then pauses: the 5 go in one call once they
     waited max_wait_ms (10 ms) for more, not for a full batch of 64, and their results come while

@@ -120,7 +120,7 @@ def test_calls_of_many_threads_share_runs_and_each_gets_its_own_outcome():
 
     runs = []
 
-    def run(args, kwargs):
+    def run(args, kwargs, options):
         runs.append(len(args))
         return [ValueError(f"{x} is bad") if x == 13 else x * kwargs["scale"] for (x,) in args]
 
@@ -137,7 +137,7 @@ def test_only_calls_with_equal_kwargs_share_a_run_and_a_failed_run_fails_each_ca
 
     kwargs_seen = []
 
-    def run(args, kwargs):
+    def run(args, kwargs, options):
         kwargs_seen.append(kwargs)
         if kwargs == {"fail": True}:
             raise RuntimeError("the map was cancelled")
@@ -156,7 +156,7 @@ def test_a_lone_call_waits_at_most_max_wait():
 
     from rhmapper.batching import CallCoalescer
 
-    coalescer = CallCoalescer(max_size=64, max_wait_seconds=0.05, run=lambda args, kwargs: [1])
+    coalescer = CallCoalescer(max_size=64, max_wait_seconds=0.05, run=lambda args, kwargs, options: [1])
     started = time.monotonic()
     assert coalescer.call((0,), None) == 1
     assert time.monotonic() - started < 5  # loose: waits ~0.05 s, not for a full batch
