@@ -16,8 +16,7 @@ event loop.
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from rhmapper.checks import check_count
@@ -30,10 +29,10 @@ class Batched:
     array), one value per item. For ``starmap`` and maps over several iterables it receives one
     list per argument (columns); constant ``kwargs=`` are passed as they are.
 
-    ``max_wait_ms``: a ``Mapper.call``, or a map of at most ``max_size`` items, waits up to this
-    long for calls and small maps of other threads to join its batch (see `CallCoalescer`); an
-    ``imap``'s items wait up to this long for more of its input to fill their batch. ``rm.mapper(fn, batched=True)`` is
-    ``batched=rm.Batched()``.
+    The calls, maps and ``imap``s of all threads that have the same options (and equal
+    constant ``kwargs``) share batches (see `rhmapper.lanes`): once a replica slot is free, an
+    item waits at most ``max_wait_ms`` for others to fill its batch. ``rm.mapper(fn,
+    batched=True)`` is ``batched=rm.Batched()``.
 
     Examples:
         >>> import rhmapper as rm
@@ -47,7 +46,7 @@ class Batched:
     max_size: int = 64
     """Items per call at most."""
     max_wait_ms: float = 10.0
-    """How long a call, a small map or an ``imap``'s items wait for others to share a batch."""
+    """How long an item waits for others to fill its batch once a replica slot is free."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_size", check_count("Batched(max_size=...)", self.max_size))
@@ -179,103 +178,3 @@ class BatchedCall:
             return
         middle = (start + stop) // 2
         self._spans += [(middle, stop), (start, middle)]
-
-
-class CallCoalescer:
-    """Concurrent calls and small maps (``Mapper.call`` and ``Mapper.map`` from many threads)
-    gathered into shared runs of up to ``max_size`` items: the first caller of a run waits up
-    to ``max_wait_seconds`` for others to join (less once the run is full), then runs all their
-    items with ``run(args, kwargs, options)``, which returns one outcome per item, an exception
-    standing for a failure. Only callers with equal ``kwargs`` and equal ``options`` (the map's
-    other options) share a run, and a caller's items all go in one run. Each caller gets its
-    own outcomes; a run that fails as a whole (the map was cancelled) fails each of its items.
-
-    Examples:
-        >>> import threading
-        >>> runs = []
-        >>> def run(args, kwargs, options):
-        ...     runs.append(len(args))
-        ...     return [a + b for a, b in args]
-        >>> coalescer = CallCoalescer(max_size=8, max_wait_seconds=0.5, run=run)
-        >>> results = [None] * 8
-        >>> def call(i):
-        ...     results[i] = coalescer.call((i, 10), None)
-        >>> threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
-        >>> for thread in threads: thread.start()
-        >>> for thread in threads: thread.join()
-        >>> results, runs
-        ([10, 11, 12, 13, 14, 15, 16, 17], [8])
-        >>> coalescer.run_many([(1, 2), (3, 4)], None)  # a small map's items: their outcomes
-        [3, 7]
-    """
-
-    def __init__(self, max_size: int, max_wait_seconds: float,
-                 run: Callable[[list[tuple], dict | None, Any], list]) -> None:
-        self.max_size = max_size
-        self._max_wait_seconds = max_wait_seconds
-        self._run = run
-        self._lock = threading.Lock()
-        self._open: list[_SharedRun] = []
-        """Runs still taking items."""
-
-    def call(self, args: tuple, kwargs: dict | None, options: Any = None) -> Any:
-        """Run ``args`` (with ``kwargs``) in a shared run; its value, or its exception raised."""
-        outcome = self.run_many([args], kwargs, options)[0]
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    def run_many(self, entries: list[tuple], kwargs: dict | None, options: Any = None) -> list:
-        """Run ``entries`` (each a tuple of arguments; at most ``max_size``) in one shared run;
-        their outcomes, a failure's exception as its value."""
-        with self._lock:
-            shared = next((run for run in self._open
-                           if len(run.args) + len(entries) <= self.max_size
-                           and run.options == options and _equal(run.kwargs, kwargs)), None)
-            leads = shared is None
-            if leads:
-                shared = _SharedRun(kwargs, options)
-                self._open.append(shared)
-            position = len(shared.args)
-            shared.args.extend(entries)
-            if len(shared.args) >= self.max_size:
-                self._close(shared)
-        if leads:
-            shared.full.wait(self._max_wait_seconds)
-            with self._lock:
-                self._close(shared)
-            try:
-                shared.outcomes = self._run(shared.args, kwargs, options)
-            except BaseException as error:  # noqa: B036 - every item of the run fails with it
-                shared.outcomes = [error] * len(shared.args)
-            shared.done.set()
-        shared.done.wait()
-        return shared.outcomes[position:position + len(entries)]
-
-    def _close(self, shared: "_SharedRun") -> None:
-        if shared in self._open:
-            self._open.remove(shared)
-        shared.full.set()
-
-
-@dataclass(eq=False)
-class _SharedRun:
-    kwargs: dict | None
-    options: Any = None
-    args: list = field(default_factory=list)
-    outcomes: list = field(default_factory=list)
-    full: threading.Event = field(default_factory=threading.Event)
-    """Set once the run takes no more items."""
-    done: threading.Event = field(default_factory=threading.Event)
-
-
-def _equal(first: dict | None, second: dict | None) -> bool:
-    """Whether two calls' keyword arguments are equal (values whose ``==`` is not a plain
-    ``True``, such as arrays, count as different)."""
-    try:
-        return bool(first == second) if first is None or second is None else (
-            first.keys() == second.keys()
-            and all((first[key] is second[key]) or (first[key] == second[key]) is True
-                    for key in first))
-    except Exception:  # an == that raises: not known equal, so not shared
-        return False

@@ -29,6 +29,9 @@ from rhmapper import spawned
 
 FEED_CHUNK_BYTES = 2**20
 """Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
+FIRST_INPUT_CHUNK = 1024
+"""An iterator's first chunk carries up to this many items: those its input gives within the
+map's max wait (and `FEED_CHUNK_BYTES`), so that the host's first calls are full."""
 START_ALL_BYTES = 64 * 2**20
 """A list of inputs up to this size (estimated) goes to the host whole, with the map's start."""
 
@@ -224,7 +227,7 @@ class _Feeder:
 
     def _next_chunk(self) -> tuple[list, bool] | None:
         """The next chunk and whether it is the last (``None``: none to send now)."""
-        room = self._per_chunk or 16
+        room = self._per_chunk or (16 if self._list is not None else FIRST_INPUT_CHUNK)
         if self._window is not None:
             room = min(room, self._window - (self.sent - self.received))
         if self._input is not None:

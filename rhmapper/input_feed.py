@@ -62,6 +62,9 @@ class InputFeed:
         lock (a deque's append and popleft are atomic); the map takes under it."""
         self._oldest_since: float | None = None
         """When the oldest held item was pulled, or earlier (``time.monotonic()``)."""
+        self._wanted_since: float | None = None
+        """Since when a call has wanted more items than are held (``None``: since the last call
+        took items, none has asked)."""
         self._pull_until = 0
         """Pull until this many items were pulled (written by the map only)."""
         self._source_done = False
@@ -88,10 +91,13 @@ class InputFeed:
         return self._source_done and not self._held and self._error is None
 
     def ready_at(self) -> float | None:
-        """When the held items go in a call even if it is not full (``time.monotonic()``;
-        ``None``: nothing is held)."""
-        since = self._oldest_since
-        return since + self._max_wait_seconds if since is not None and self._held else None
+        """When the held items go in a call even if it is not full (``time.monotonic()``):
+        once the oldest has waited ``max_wait_seconds``, counted from when a call wanted them
+        (``None``: nothing is held, or no call wants items)."""
+        since, wanted_since = self._oldest_since, self._wanted_since
+        if since is None or wanted_since is None or not self._held:
+            return None
+        return max(since, wanted_since) + self._max_wait_seconds
 
     def take(self, size: int, calls: int = 1) -> tuple[int, list] | None:
         """The first index and the items of a call of at most ``size`` items, fewer if they would
@@ -106,9 +112,12 @@ class InputFeed:
             held = self._held
             if len(held) < size and not self._source_done:
                 self._want(size * calls - len(held))
+                if self._wanted_since is None:
+                    self._wanted_since = time.monotonic()
                 ready_at = self.ready_at()
                 if ready_at is None or time.monotonic() < ready_at:
                     return None
+            since = self._oldest_since
             items = self._pop(min(size, len(held)))
             if not items:
                 return None
@@ -116,8 +125,7 @@ class InputFeed:
             if fits < len(items):  # too many bytes for one call: the rest goes in the next
                 held.extendleft(reversed(items[fits:]))
                 del items[fits:]
-            if not held:
-                self._oldest_since = None  # the next item pulled sets it again
+                self._oldest_since = since
         start = self.next_index
         self.next_index += len(items)
         return start, items
@@ -143,15 +151,19 @@ class InputFeed:
 
     def _pop(self, count: int) -> list:
         """The ``count`` oldest held items (one by one, in C: the pulling thread may append
-        meanwhile)."""
-        return list(itertools.starmap(self._held.popleft, itertools.repeat((), count)))
+        meanwhile; under the lock)."""
+        items = list(itertools.starmap(self._held.popleft, itertools.repeat((), count)))
+        self._wanted_since = None
+        if not self._held:
+            self._oldest_since = None  # the next item pulled sets it again
+        return items
 
     def _fits(self, items: list) -> int:
         per_item = mean_item_bytes(items)
         previous = self._bytes_per_item
         self._bytes_per_item = per_item if previous is None else (
             previous + EWMA_WEIGHT * (per_item - previous))
-        return max(1, int(self._max_call_bytes // max(per_item, 1.0)))
+        return items_within(self._max_call_bytes, per_item)
 
     def _want(self, count: int) -> None:
         """Ask the pulling thread for ``count`` more items than are held (under the lock)."""
@@ -165,7 +177,8 @@ class InputFeed:
         self._changed.notify_all()
 
     def _raise_error(self) -> None:
-        if self._error is not None:
+        """Raise what the input raised, once the items it gave before are taken."""
+        if self._error is not None and not self._held:
             error, self._error = self._error, None
             raise error
 
@@ -218,6 +231,16 @@ class InputFeed:
         self._on_news()
 
 
+def items_within(max_call_bytes: int, bytes_per_item: float) -> int:
+    """How many items of ``bytes_per_item`` a call of ``max_call_bytes`` carries (one at least).
+
+    Examples:
+        >>> items_within(1000, 300.0), items_within(1000, 5000.0)
+        (3, 1)
+    """
+    return max(1, int(max_call_bytes // max(bytes_per_item, 1.0)))
+
+
 class ListFeed:
     """The items of a map over a list (`rhmapper.Mapper.map`, ``starmap``), or an ``imap`` over a
     list, tuple or range (`SEQUENCES`): each call takes a slice of it, with none of
@@ -255,8 +278,7 @@ class ListFeed:
         start = self.next_index
         items = self._slice(start, size)
         if len(items) > 1:
-            fits = max(1, int(self._max_call_bytes // max(mean_item_bytes(items), 1.0)))
-            del items[fits:]
+            del items[items_within(self._max_call_bytes, mean_item_bytes(items)):]
         self.next_index += len(items)
         return start, items
 

@@ -23,9 +23,10 @@ from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
 from rhmapper.backend import Backend, MapperSpec
-from rhmapper.batching import Batched, CallCoalescer
+from rhmapper.batching import Batched
+from rhmapper.lanes import Lane, SharedRuns
 from rhmapper.retries import Retries
-from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
+from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, DEFAULT_WINDOW, MapPlan, MapStats
 from rhmapper import spawned
 from rhmapper.signals import start_board
 from rhmapper.wire import CallSpec
@@ -74,8 +75,9 @@ class Mapper(PoolVerbs):
         """Whether calls to auto replicas go over a compiled graph each."""
         self._cancel_events: set[threading.Event] = set()
         batched = spec.batched
-        self._coalescer = None if batched is None else CallCoalescer(
-            batched.max_size, batched.max_wait_ms / 1000, self._shared_run)
+        self._shared = None if batched is None else SharedRuns(
+            self._start_shared, self.max_call_bytes, batched.max_wait_ms / 1000,
+            batched.max_size)
         try:
             self.add_replicas(replicas)
         except BaseException:
@@ -146,10 +148,8 @@ class Mapper(PoolVerbs):
             ...     m.call(2, 10)
             1024
         """
-        if self._coalescer is not None:
-            return self._coalescer.call(args, kwargs or None, _SHARED_DEFAULTS)
-        return self._collect([args], True, MapSettings(kwargs=kwargs or None, batch_size=1,
-                                                       progress=False))[0]
+        return self._collect([args], True, MapSettings(
+            kwargs=kwargs or None, batch_size="auto" if self._shared else 1, progress=False))[0]
 
     def broadcast(self, method: str, /, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` once on every replica; a list of results in replica order.
@@ -225,12 +225,6 @@ class Mapper(PoolVerbs):
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _shared_run(self, args: list[tuple], kwargs: dict | None, options: MapSettings) -> list:
-        """The calls and small maps of several threads in one map; a failed item's exception is
-        its value."""
-        return self._collect_own(args, True, dataclasses.replace(
-            options, kwargs=kwargs, return_exceptions=True, progress=False))
-
     def _plan(self, star: bool, settings: MapSettings, **shape: Any) -> MapPlan:
         method = settings.method or self.method
         target = self.spec.method_of(method) if method else self.spec.target
@@ -266,29 +260,8 @@ class Mapper(PoolVerbs):
     def _collect(self, items: list, star: bool, settings: MapSettings) -> list:
         if not items:
             return []
-        coalescer = self._coalescer
-        if (coalescer is not None and len(items) <= coalescer.max_size
-                and settings.batch_size == "auto" and settings.progress is not True):
-            return self._collect_shared(coalescer, items, star, settings)
-        return self._collect_own(items, star, settings)
-
-    @staticmethod
-    def _collect_shared(coalescer: CallCoalescer, items: list, star: bool,
-                        settings: MapSettings) -> list:
-        """A small map of a batched mapper: its items share a batch with the calls and small
-        maps of other threads that have the same options (see `CallCoalescer`)."""
-        options = dataclasses.replace(settings, kwargs=None, return_exceptions=False,
-                                      progress=None)
-        outcomes = coalescer.run_many(items if star else [(item,) for item in items],
-                                      settings.kwargs, options)
-        if not settings.return_exceptions:
-            failed = next((outcome for outcome in outcomes
-                           if isinstance(outcome, BaseException)), None)
-            if failed is not None:
-                raise failed
-        return outcomes
-
-    def _collect_own(self, items: list, star: bool, settings: MapSettings) -> list:
+        if self._shares(settings):
+            return self._lane(star, settings, items, ordered=True).collect()
         plan = self._plan(star, settings, collect=True, total=len(items), window=None)
         *_, results = self._run(plan, items, settings.progress, len(items))
         return results
@@ -299,10 +272,43 @@ class Mapper(PoolVerbs):
         first = iterables[0]
         source = (zip(*iterables, strict=True) if star
                   else first if isinstance(first, SEQUENCES) else iter(first))
+        if self._shares(settings):
+            return self._lane_values(star, settings, source, ordered)
         total = min(operator.length_hint(iterable, -1) for iterable in iterables)
         plan = self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
                           window=settings.window)
         return self._values(self._run(plan, source, settings.progress, plan.total))
+
+    # -- shared runs of a batched mapper ----------------------------------------------------
+
+    def _shares(self, settings: MapSettings) -> bool:
+        """Whether a map with ``settings`` shares batches with other callers (`rhmapper.lanes`):
+        on a batched mapper, with the default ``batch_size`` and no ``progress=True``."""
+        return (self._shared is not None and settings.batch_size == "auto"
+                and settings.progress is not True)
+
+    def _lane(self, star: bool, settings: MapSettings, source: Iterator | list, ordered: bool,
+              window: int | None = None) -> Lane:
+        self._check_open()
+        assert self._shared is not None
+        options = dataclasses.replace(settings, kwargs=None, return_exceptions=False,
+                                      progress=None, window=DEFAULT_WINDOW)
+        return self._shared.lane((star, options), settings.kwargs, source, ordered=ordered,
+                                 window=window, return_exceptions=settings.return_exceptions)
+
+    def _lane_values(self, star: bool, settings: MapSettings, source: Iterator | list,
+                     ordered: bool) -> Iterator:
+        """An ``imap`` of a batched mapper: its lane joins when iterated."""
+        yield from self._lane(star, settings, source, ordered, settings.window).values()
+
+    def _start_shared(self, options: tuple[bool, MapSettings], kwargs: dict | None,
+                      source: Iterator) -> Iterator[list]:
+        """The map of a shared run (see `rhmapper.lanes.SharedRuns`)."""
+        star, settings = options
+        plan = self._plan(star, dataclasses.replace(settings, kwargs=kwargs,
+                                                    return_exceptions=True),
+                          ordered=False, indexed=True, total=None, window=None)
+        return self._run(plan, source, False, None)
 
     @staticmethod
     def _values(chunks: Iterator[list]) -> Iterator:
@@ -311,10 +317,6 @@ class Mapper(PoolVerbs):
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
-
-
-_SHARED_DEFAULTS = MapSettings()
-"""The options of ``Mapper.call``, as the calls of a batched mapper share runs by them."""
 
 
 def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:

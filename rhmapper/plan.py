@@ -42,6 +42,9 @@ class MapPlan:
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
     """How long items pulled from an iterator wait for more to fill their call once they could
     go (see `rhmapper.input_feed.InputFeed.take`)."""
+    indexed: bool = False
+    """An unordered map yields each result as an ``(index, value)`` pair (the shared runs of
+    `rhmapper.lanes` tell by the index whose item it was)."""
     item_seconds_hint: float | None = None
     """The run time of one item measured by an earlier map of the same method, if any: auto
     batches are sized from it until this map's own calls answer (see `CallSizer.batch_size`)."""

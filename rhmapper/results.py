@@ -70,7 +70,7 @@ class _ListSink:
         return []
 
 
-class _OrderedSink:
+class OrderedSink:
     """Results of ``imap``: chunks wait until every item before them is ready."""
 
     def __init__(self) -> None:
@@ -101,26 +101,38 @@ class _OrderedSink:
         self.emitted = self._next
         return ready
 
+    def ready(self) -> bool:
+        """Whether `drain` would hand out results."""
+        return self._missing.get(self._next) == 0
 
-class _UnorderedSink:
-    """Results of ``imap_unordered``: each value as soon as it is ready."""
 
-    def __init__(self) -> None:
+class UnorderedSink:
+    """Results of ``imap_unordered``: each value as soon as it is ready; ``indexed``: as
+    ``(index, value)`` pairs."""
+
+    def __init__(self, indexed: bool = False) -> None:
         self._ready: list = []
+        self._indexed = indexed
         self.emitted = 0
 
     def put(self, start: int, values: list, holes: set[int]) -> None:
+        if self._indexed:
+            values = list(zip(range(start, start + len(values)), values))
         if holes:
             values = [value for position, value in enumerate(values) if start + position not in holes]
         self._ready.extend(values)
 
     def fill(self, index: int, value: Any) -> None:
-        self._ready.append(value)
+        self._ready.append((index, value) if self._indexed else value)
 
     def drain(self) -> list[list]:
         ready, self._ready = self._ready, []
         self.emitted += len(ready)
         return [ready] if ready else []
+
+    def ready(self) -> bool:
+        """Whether `drain` would hand out results."""
+        return bool(self._ready)
 
 
 class ResultBook:
@@ -145,11 +157,11 @@ class ResultBook:
         self._on_progress = on_progress
         self.stats = MapStats()
         if plan.collect:
-            self._sink: _ListSink | _OrderedSink | _UnorderedSink = _ListSink(plan.total or 0)
+            self._sink: _ListSink | OrderedSink | UnorderedSink = _ListSink(plan.total or 0)
         elif plan.ordered:
-            self._sink = _OrderedSink()
+            self._sink = OrderedSink()
         else:
-            self._sink = _UnorderedSink()
+            self._sink = UnorderedSink(indexed=plan.indexed)
         self.drain: Callable[[], list[list]] = self._sink.drain
         """The lists of results ready to yield, as the plan's ordering allows."""
         self.due: collections.deque[Retry] = collections.deque()

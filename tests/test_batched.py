@@ -4,7 +4,6 @@ alone. Calls are counted inside the replicas."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,7 +101,10 @@ def test_one_bad_item_fails_alone_at_a_cost_of_at_most_12_calls(model):
     with pytest.raises(ValueError, match=f"item {BAD} is bad") as raised:
         model.map(items)
     assert any("item 40 failed on replica" in note for note in raised.value.__notes__)
-    assert calls_and_items(model) == (calls, items_run), "the same split once more, no more"
+    # The 64 items may go in more than one batch (items wait at most max_wait_ms for others):
+    # the split costs the same at most.
+    calls, items_run = calls_and_items(model)
+    assert 1 < calls <= 1 + 12 and items_run <= 64 * 7
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -177,12 +179,11 @@ def test_a_hung_item_times_out_alone():
 
 
 def test_calls_from_100_threads_share_batches(model):
-    from tests.test_batching import call_from_threads
+    from tests.test_lanes import in_threads
 
     calls_and_items(model)  # from zero
-    caller = SimpleNamespace(call=lambda args, kwargs: model.call(*args))
-    outcomes = call_from_threads(caller, [((x,), None) for x in range(99)] + [((BAD,), None)],
-                                 timeout=120)
+    outcomes = in_threads([lambda x=x: model.call(x) for x in range(99)]
+                          + [lambda: model.call(BAD)], timeout=120)
     assert outcomes[:99] == list(range(99))
     assert isinstance(outcomes[99], ValueError) and str(outcomes[99]) == f"item {BAD} is bad"
     calls, items = calls_and_items(model)
@@ -228,6 +229,27 @@ def test_small_maps_from_many_threads_share_batches(model):
     assert isinstance(outcomes[3], ValueError) and str(outcomes[3]) == f"item {BAD} is bad"
     assert outcomes[4][:2] == [400, 401] and outcomes[4][3:] == [403, 404]
     assert isinstance(outcomes[4][2], ValueError)
+
+
+def test_imaps_and_large_maps_from_many_threads_share_batches(model):
+    """10 threads: 5 imap 5 items of a generator each, 5 map 70 items each (more than a batch):
+    on their own they take 5 + 10 calls; sharing, fewer. Each gets its own values, in order."""
+    from tests.test_lanes import in_threads
+
+    calls_and_items(model)  # from zero
+
+    def work(thread: int):
+        if thread % 2:
+            return model.map([1000 * thread + x for x in range(70)])
+        return list(model.imap(1000 * thread + x for x in range(5)))
+
+    outcomes = in_threads([lambda thread=thread: work(thread) for thread in range(10)],
+                          timeout=120)
+    assert outcomes == [[1000 * thread + x for x in range(70 if thread % 2 else 5)]
+                        for thread in range(10)]
+    calls, items = calls_and_items(model)
+    assert items == 5 * 5 + 5 * 70
+    assert calls < 5 + 10, f"the 10 maps took {calls} calls in the replicas"
 
 
 def test_items_of_a_paused_input_share_a_batch_after_max_wait_and_come_back_while_it_blocks(model):

@@ -121,3 +121,25 @@ def test_a_sequence_is_sliced_lazily_without_a_thread():
     assert first[:20] == [-x for x in range(20)]
     assert not hasattr(run._feed, "_puller")
     assert sum(len(items) for _, _, items in pool.log) <= 64 + 8
+
+
+def test_held_items_wait_for_others_from_when_a_call_wants_them_not_from_when_pulled():
+    """Items pulled while no replica slot was free (replicas starting) still get max_wait to be
+    joined by others once a call wants them: the first call is not one lone item."""
+    from rhmapper.input_feed import InputFeed
+
+    inputs: queue.Queue = queue.Queue()
+    feed = InputFeed(paused_input(inputs, []), max_call_bytes=2**20, max_wait_seconds=0.2)
+    inputs.put(0)
+    assert not feed.is_empty()  # item 0 is held
+    time.sleep(0.3)  # longer than max_wait, with no call wanting items
+    assert feed.ready_at() is None and feed.take(8) is None  # a call wants them from now
+    for item in range(1, 4):
+        inputs.put(item)
+    deadline = time.monotonic() + 10
+    while (taken := feed.take(8)) is None:
+        assert time.monotonic() < deadline, "the held items never went"
+        time.sleep(0.01)
+    assert taken == (0, [0, 1, 2, 3])
+    inputs.put(None)
+    feed.close()
