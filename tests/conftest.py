@@ -18,8 +18,21 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
-    """Run tests that start their own Ray clusters after those that share the session's Ray."""
-    items.sort(key=lambda item: item.get_closest_marker("multinode") is not None)
+    """Run tests that start their own Ray clusters after those that share the session's Ray, and
+    just before them the tests that use the session's Ray heads (`heads`), together."""
+    items.sort(key=lambda item: (item.get_closest_marker("multinode") is not None,
+                                 item.get_closest_marker("heads") is not None))
+
+
+_SESSION_HEADS: list = []
+"""The `heads` of the session, once a test asked for them."""
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """Stop the session's heads after the last test that uses them."""
+    if (_SESSION_HEADS and item.get_closest_marker("heads") is not None
+            and (nextitem is None or nextitem.get_closest_marker("heads") is None)):
+        _SESSION_HEADS[0].stop()
 
 
 @pytest.fixture(scope="session")
@@ -53,12 +66,14 @@ def head():
         head.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def heads():
-    """Ray heads of the module's own, started as its tests ask (see tests/ray_head.py)."""
+    """Ray heads shared by the tests marked ``heads``, started as they ask (see
+    tests/ray_head.py) and stopped after the last of them."""
     from tests.ray_head import Heads
 
     heads = Heads()
+    _SESSION_HEADS.append(heads)
     try:
         yield heads
     finally:

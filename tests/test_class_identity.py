@@ -21,7 +21,7 @@ import pytest
 
 from tests.driver_process import DriverProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heads]
 
 DRIVER = """
     import json, sys, uuid

@@ -18,7 +18,7 @@ import pytest
 
 from tests.driver_process import DriverProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heads]
 
 
 BOTH_CLUSTERS = """

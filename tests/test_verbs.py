@@ -27,6 +27,7 @@ from tests.conftest import TESTS_RUNTIME_ENV
 from tests.ray_head import wait_until
 
 BACKENDS = ["local", "on_cluster", "multi_cluster"]
+pytestmark = pytest.mark.heads  # multi_cluster runs on the session's heads
 
 
 class Flaw(Exception):
