@@ -5,6 +5,7 @@ The scheduler and its types (``rhmapper.scheduler``, ``rhmapper.wire``, ``rhmapp
 the mapper itself needs Ray.
 """
 
+from rhmapper.autoscaling import Autoscale, ScalingDecision
 from rhmapper.batching import Batched
 from rhmapper.env import Env
 from rhmapper.errors import (
@@ -19,6 +20,7 @@ from rhmapper.errors import (
 from rhmapper.retries import Retries
 
 __all__ = [
+    "Autoscale",
     "Batched",
     "ClusterAuthenticationError",
     "Env",
@@ -28,6 +30,7 @@ __all__ = [
     "ReplicaLostError",
     "Retries",
     "RhmapperError",
+    "ScalingDecision",
     "UnschedulableError",
 ]
 __version__ = "0.1.0"

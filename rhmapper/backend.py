@@ -14,6 +14,7 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from rhmapper.autoscaling import Autoscale, ScalingDecision
 from rhmapper.batching import Batched
 from rhmapper.checks import check_count
 from rhmapper.env import Env
@@ -39,6 +40,10 @@ class Backend(Protocol):
     def add_user(self, handles: list, concurrency: int | None) -> None: ...
 
     def drop(self, count: int) -> None: ...
+
+    def autoscale(self, autoscale: Autoscale) -> None: ...
+
+    def scaling_history(self) -> list[ScalingDecision]: ...
 
     def wait_ready(self, timeout: float | None) -> None: ...
 
@@ -148,7 +153,13 @@ class MapperSpec:
         """Add ``replicas`` to ``backend``, checked as `rhmapper.Mapper.add_replicas` says: a
         count of auto replicas, a list of the user's actor handles, or (over several clusters)
         a count per cluster. ``concurrency`` is checked already."""
-        if isinstance(replicas, dict):
+        if isinstance(replicas, Autoscale):
+            if concurrency is not None:
+                raise ValueError("add_replicas(rm.Autoscale(...), concurrency=...): concurrency "
+                                 "applies to your own actors; set it in rm.mapper(..., "
+                                 "concurrency=k)")
+            backend.autoscale(replicas)
+        elif isinstance(replicas, dict):
             if not self.clusters:
                 raise TypeError("replicas={address: count} is for a mapper over several clusters: "
                                 "create it with rm.mapper(fn, replicas={'ray://host:10001': n, ...})")
@@ -213,6 +224,16 @@ class LocalBackend:
 
     def drop(self, count: int) -> None:
         self.pool.drop(count)
+
+    def autoscale(self, autoscale: Autoscale) -> None:
+        if not isinstance(self.pool, ReplicaPool):
+            raise TypeError(
+                "replicas=rm.Autoscale(...) scales the pool of one cluster; a mapper over several "
+                "clusters takes a count per cluster: replicas={'ray://host:10001': n, ...}")
+        self.pool.autoscale(autoscale)
+
+    def scaling_history(self) -> list[ScalingDecision]:
+        return self.pool.scaling_history() if isinstance(self.pool, ReplicaPool) else []
 
     def wait_ready(self, timeout: float | None) -> None:
         self.pool.wait_ready(timeout)

@@ -210,6 +210,9 @@ class MapperHost:
         self._spec.check_open(self._shut_down)
         self._spec.add_replicas(self._backend, replicas, concurrency)
 
+    def scaling_history(self) -> list:
+        return self._backend.scaling_history()
+
     def drop_replicas(self, count: int) -> None:
         self._backend.drop(check_count("count", count, minimum=0))
 

@@ -75,6 +75,12 @@ class ClusterBackend:
     def drop(self, count: int) -> None:
         self._call("drop_replicas", count)
 
+    def autoscale(self, autoscale: Any) -> None:
+        self._call("add_replicas", autoscale, None)
+
+    def scaling_history(self) -> list:
+        return self._call("scaling_history")
+
     def wait_ready(self, timeout: float | None) -> None:
         self._call("wait_ready", timeout)
 

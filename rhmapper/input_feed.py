@@ -90,6 +90,10 @@ class InputFeed:
         exception is still to raise)."""
         return self._source_done and not self._held and self._error is None
 
+    def held(self) -> int:
+        """How many items are pulled and not taken by a call yet."""
+        return len(self._held)
+
     def ready_at(self) -> float | None:
         """When the held items go in a call even if it is not full (``time.monotonic()``):
         once the oldest has waited ``max_wait_seconds``, counted from when a call wanted them
@@ -281,6 +285,10 @@ class ListFeed:
             del items[items_within(self._max_call_bytes, mean_item_bytes(items)):]
         self.next_index += len(items)
         return start, items
+
+    def held(self) -> int:
+        """How many items no call took yet."""
+        return len(self._items) - self.next_index
 
     def take_now(self, size: int) -> tuple[int, list]:
         """The first index and the next ``size`` items (fewer at the end), whatever their bytes:

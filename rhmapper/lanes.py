@@ -31,7 +31,8 @@ from rhmapper.results import OrderedSink, UnorderedSink
 
 StartRun = Callable[[Any, dict | None, Iterator], Iterator[list]]
 """Start the map of a shared run: ``(options, kwargs, source)`` to chunks of ``(index, value)``
-pairs, a failed item's exception as its value."""
+pairs, a failed item's exception as its value. It is called under the runs' lock and must not
+iterate ``source`` before it returns (a generator, iterated by the run's thread)."""
 
 
 class SharedRuns:
@@ -87,8 +88,9 @@ class Lane:
     back in its own order. Iterate `values` (or `collect`) in the caller's thread.
 
     Examples:
-        >>> runs = SharedRuns(lambda options, kwargs, source: iter([list(enumerate(source))]),
-        ...                   max_call_bytes=2**20, max_wait_seconds=0.01, chunk=8)
+        >>> def start(options, kwargs, source):  # a map of one chunk, once its input ends
+        ...     yield list(enumerate(source))
+        >>> runs = SharedRuns(start, max_call_bytes=2**20, max_wait_seconds=0.01, chunk=8)
         >>> runs.lane(None, None, ["a", "b"]).collect()
         ['a', 'b']
     """

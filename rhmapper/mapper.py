@@ -23,6 +23,7 @@ from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
 from rhmapper.backend import Backend, MapperSpec
+from rhmapper.autoscaling import Autoscale
 from rhmapper.batching import Batched
 from rhmapper.lanes import Lane, SharedRuns
 from rhmapper.retries import Retries
@@ -54,7 +55,7 @@ class Mapper(PoolVerbs):
         self,
         obj: Callable | type | Module,
         method: str | None = None,
-        replicas: int | list | dict[str, int] = 1,
+        replicas: int | list | dict[str, int] | Autoscale = 1,
         env: Env | None = None,
         concurrency: int | None = None,
         ready_timeout: float | None = None,
@@ -359,7 +360,7 @@ def _check_inputs(verb: str, iterables: tuple) -> None:
 def mapper(
     obj: Callable | type | Module,
     method: str | None = None,
-    replicas: int | list | dict[str, int] = 1,
+    replicas: int | list | dict[str, int] | Autoscale = 1,
     env: Env | None = None,
     concurrency: int | None = None,
     ready_timeout: float | None = None,
@@ -377,7 +378,9 @@ def mapper(
         method: for a class, the method to map.
         replicas: how many auto replicas to create, or a list of existing Ray actor handles,
             or ``{"ray://host:10001": n, ...}``: ``n`` auto replicas on each of several clusters,
-            joined over Ray Client (see `rhmapper.clusters`).
+            joined over Ray Client (see `rhmapper.clusters`), or `rhmapper.Autoscale`
+            ``(min=0, max=32, idle_seconds=60)``: as many auto replicas as the work waiting
+            needs, stopped when idle (see `rhmapper.autoscaling`).
         env: the `Env` auto replicas run in (if unnamed: named after ``obj``, plus a unique
             suffix, so that no two mappers share a pool by accident).
         concurrency: calls in flight per replica. Auto replicas run ``concurrency`` calls at

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from typing import Any
 
 from rhmapper.pool_records import CallRecord, ReplicaRecord
@@ -137,7 +138,10 @@ class CallBook:
         """The call of ``record`` answered (or was given up): its slot is free, once."""
         if record.holds_slot:
             record.holds_slot = False
-            self.slots.gave_back(record.replica)
+            replica = record.replica
+            self.slots.gave_back(replica)
+            if not replica.in_flight:
+                replica.idle_since = time.monotonic()
 
     def end_heard(self, key: str) -> bool:
         """Whether the end of map ``key`` must be sent (a replica may have asked about it, or

@@ -29,6 +29,8 @@ class Reason(enum.Enum):
     DROPPED = "dropped"
     SHUT_DOWN = "the pool shut down"
     CLUSTER_LOST = "its cluster is unreachable"
+    SCALED_UP = "the autoscaler asked for it"
+    SCALED_DOWN = "the autoscaler stopped it (idle)"
 
 
 class ReplicaState(enum.Enum):
@@ -95,6 +97,8 @@ class ReplicaRecord:
         """Whether calls that failed as unavailable may still run there (Ray cannot say)."""
         self.abandoned_running = 0
         """Abandoned calls of it not answered yet."""
+        self.idle_since = self.started_at
+        """When its last call in flight ended (``time.monotonic()``; the autoscaler reads it)."""
 
     @property
     def queues_ahead(self) -> bool:

@@ -25,6 +25,7 @@ import itertools
 import time
 from typing import Any, Iterable
 
+from rhmapper.autoscaling import START_SECONDS_GUESS, ScalingDecision, ScalingPolicy
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.pool_calls import CallBook
 from rhmapper.pool_events import (
@@ -53,6 +54,8 @@ from rhmapper.pool_records import (
 )
 from rhmapper.slots import SlotIndex
 
+START_SECONDS_WEIGHT = 0.5
+"""The weight of the latest replica's start time in `PoolState.start_seconds`."""
 FEASIBILITY_RECHECK_SECONDS = 1.0
 """While replicas are starting, how often the pool asks whether the cluster can ever host one."""
 
@@ -97,6 +100,10 @@ class PoolState:
         self.unreachable = False
         """Whether the pool's cluster stopped answering."""
         self._feasible_checked_at = 0.0
+        self.scaling: ScalingPolicy | None = None
+        """The autoscaler's policy, if the pool autoscales (see `scale`)."""
+        self.start_seconds = START_SECONDS_GUESS
+        """How long an auto replica takes to start, as measured (a decaying mean)."""
 
     # -- membership -----------------------------------------------------------------------------
 
@@ -107,13 +114,35 @@ class PoolState:
         name_of = name_of or (lambda index: f"{self.pool_name}_replica_{index}")
         return next(index for index in itertools.count(start) if name_of(index) not in taken)
 
-    def add_auto(self, count: int, name_of: Any = None) -> list[Create]:
+    def add_auto(self, count: int, name_of: Any = None,
+                 reason: Reason = Reason.ADDED) -> list[Create]:
         """Actions creating ``count`` auto replicas at the first free indices."""
         actions, index = [], -1
         for _ in range(count):
             index = self.free_index(index + 1, name_of)
-            actions.append(Create(index, Reason.ADDED))
+            actions.append(Create(index, reason))
         return actions
+
+    def scale(self, now: float, wall_time: float, concurrency: int,
+              name_of: Any = None) -> tuple[ScalingDecision, list[Action]]:
+        """The autoscaler's decision for this tick (see `rhmapper.autoscaling.ScalingPolicy`)
+        and its actions: auto replicas to create, or idle ones to stop.
+
+        Examples:
+            >>> from rhmapper.autoscaling import Autoscale
+            >>> state = PoolState("grow", fingerprint={})
+            >>> state.scaling = ScalingPolicy(Autoscale(min=0, max=4))
+            >>> state.slots.backlog.report("map", items=100, item_seconds=None)
+            >>> decision, actions = state.scale(now=0.0, wall_time=0.0, concurrency=1)
+            >>> decision.change, [action.reason.name for action in actions]
+            (4, ['SCALED_UP', 'SCALED_UP', 'SCALED_UP', 'SCALED_UP'])
+        """
+        assert self.scaling is not None
+        decision, stop = self.scaling.decide(now, self.slots.backlog, concurrency,
+                                             self.start_seconds, self.replicas, wall_time)
+        if decision.change > 0:
+            return decision, list(self.add_auto(decision.change, name_of, Reason.SCALED_UP))
+        return decision, [self._remove(replica, Reason.SCALED_DOWN) for replica in stop]
 
     def join(self, replica: Any, position: int | None = None) -> Any:
         """A created replica joins the pool (starting: its probe was sent); returns it."""
@@ -207,6 +236,11 @@ class PoolState:
                 f"max_concurrency); the pool keeps {replica.capacity} in flight on it, not the "
                 f"{replica.requested} asked for. Create the actor with "
                 ".options(max_concurrency=...) to run more.", Reason.PROBED))
+        now = time.monotonic()
+        if replica.owned:
+            took = now - replica.started_at
+            self.start_seconds += START_SECONDS_WEIGHT * (took - self.start_seconds)
+        replica.idle_since = now
         self.move(replica, ReplicaState.READY, Reason.PROBED)
         return actions
 
@@ -330,6 +364,8 @@ class PoolState:
         if not replicas:
             if self.refused is not None:
                 return PoolMismatchError(self.refused)
+            if self.scaling is not None and self.scaling.autoscale.max:
+                return None  # the autoscaler creates replicas for the work waiting
             if not self.any_removed:
                 return NoReplicasError(
                     "the mapper has no replicas: create it with replicas=N (or a list of your "

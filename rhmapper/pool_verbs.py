@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ContextManager
 
+from rhmapper.autoscaling import Autoscale, ScalingDecision
 from rhmapper.backend import Backend, MapperSpec
 from rhmapper.checks import check_concurrency, check_count
 
@@ -30,8 +31,10 @@ class PoolVerbs:
         self._backend = backend
         self._shut_down = False
 
-    def add_replicas(self, replicas: int | list, concurrency: int | None = None) -> None:
-        """Add ``replicas`` auto replicas (an int), or the given Ray actor handles (a list).
+    def add_replicas(self, replicas: int | list | Autoscale,
+                     concurrency: int | None = None) -> None:
+        """Add ``replicas`` auto replicas (an int), or the given Ray actor handles (a list); or
+        from now on scale the auto replicas with the work waiting (`rhmapper.Autoscale`).
 
         Auto replicas are created in parallel and take work as soon as each is ready. For your
         actors, ``concurrency`` caps the calls in flight on each (default: the mapper's
@@ -104,6 +107,17 @@ class PoolVerbs:
             2
         """
         return len(self._backend.names())
+
+    def scaling_history(self) -> list[ScalingDecision]:
+        """The autoscaler's recent decisions, oldest first, each with its reason (a pool of
+        ``replicas=rm.Autoscale(...)``; empty for a fixed pool).
+
+        Examples:
+            >>> with rm.mapper(abs, replicas=rm.Autoscale(min=1, max=2)) as m:
+            ...     print(m.scaling_history()[0])
+            up by 1 (0 -> 1): below min=1
+        """
+        return self._backend.scaling_history()
 
     @property
     def concurrency(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import threading
 import time
 import warnings
@@ -28,6 +29,7 @@ from typing import Any
 
 import ray
 
+from rhmapper.autoscaling import Autoscale, ScalingDecision, ScalingPolicy
 from rhmapper.call_sender import CallSender, on_its_cluster, wait_for_answers
 from rhmapper.compiled import CompiledCalls
 from rhmapper.env import Env
@@ -42,6 +44,11 @@ from rhmapper.ray_replica import RayReplica
 from rhmapper.replica_launcher import ReplicaLauncher
 from rhmapper.remote_errors import add_note
 from rhmapper.slots import Inbox, SlotIndex
+
+_log = logging.getLogger(__name__)
+
+SCALE_TICK_SECONDS = 0.5
+"""How often an autoscaling pool decides (a backlog gets its replicas asked for within it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +94,8 @@ class ReplicaPool(CallSender):
                                    env.resource_request(), slots),
                          cluster, connection, env.detached, wakeup)
         self._launcher = ReplicaLauncher(env, target, self.auto_concurrency, fingerprint, cluster)
+        self._scaler_stop = threading.Event()
+        self._scaler: threading.Thread | None = None
 
     # -- membership -------------------------------------------------------------------------
 
@@ -118,6 +127,42 @@ class ReplicaPool(CallSender):
         return added
 
     @on_its_cluster
+    def autoscale(self, autoscale: Autoscale) -> None:
+        """Scale the pool's auto replicas with the work waiting in its maps from now on (see
+        `rhmapper.autoscaling`): ``autoscale.min`` replicas now, then a decision every
+        `SCALE_TICK_SECONDS`, in a thread of the pool's own."""
+        check_feasible(self.env)
+        with self._lock:
+            self.state.scaling = ScalingPolicy(autoscale)
+        self._scale()
+        if self._scaler is None:
+            self._scaler = threading.Thread(target=self._scale_every_tick,
+                                            name="rhmapper-autoscaler", daemon=True)
+            self._scaler.start()
+
+    def scaling_history(self) -> list[ScalingDecision]:
+        """The autoscaler's recent decisions, oldest first (none if the pool does not scale)."""
+        with self._lock:
+            return list(self.state.scaling.history) if self.state.scaling else []
+
+    def _scale_every_tick(self) -> None:
+        while not self._scaler_stop.wait(SCALE_TICK_SECONDS):
+            try:
+                self._scale()
+            except Exception:  # the next tick tries again; the maps see what failed
+                _log.warning("rhmapper: the autoscaler of pool %r failed this tick",
+                             self.env.name, exc_info=True)
+
+    @on_its_cluster
+    def _scale(self) -> None:
+        with self._lock:
+            if self.state.scaling is None:
+                return
+            _, actions = self.state.scale(time.monotonic(), time.time(), self.auto_concurrency,
+                                          self._launcher.name_of)
+            self._carry_out(actions)
+
+    @on_its_cluster
     def drop(self, count: int) -> list[RayReplica]:
         """Remove ``count`` replicas, the newest auto replicas first (killed), then user actors."""
         with self._lock:
@@ -128,7 +173,9 @@ class ReplicaPool(CallSender):
     @on_its_cluster
     def shutdown(self, kill: bool = True) -> None:
         """Forget every replica; kill the auto replicas if ``kill`` (the user's actors stay alive)."""
+        self._scaler_stop.set()
         with self._lock:
+            self.state.scaling = None
             actions = self.state.shutdown(kill)
             self._carry_out(actions)
         for action in actions:  # not under the lock: maps on other threads go on meanwhile

@@ -172,6 +172,7 @@ class MapRun:
                 if self._cancelled.is_set():
                     raise MapCancelledError("the map was cancelled with Mapper.cancel()")
                 self._dispatch()
+                self._report_backlog()
                 if not self._in_flight and not book.due and not book.delayed and feed.exhausted:
                     yield from book.drain()
                     return
@@ -183,7 +184,19 @@ class MapRun:
                 yield from book.drain()
         finally:
             feed.close()
+            self._pool.slots.backlog.report(self._inbox, 0, None)
             self._cancel_all()
+
+    def _report_backlog(self) -> None:
+        """Tell the pool's autoscaler how many items wait (still to send, or to retry; within
+        the window) and how long one takes."""
+        feed, plan, book = self._feed, self._plan, self._book
+        waiting = plan.total - feed.next_index if plan.total is not None else feed.held()
+        if plan.window is not None:
+            waiting = min(waiting, plan.window)
+        self._pool.slots.backlog.report(
+            self._inbox, waiting + len(book.due) + len(book.delayed),
+            self._sizer.per_item_seconds or plan.item_seconds_hint)
 
     # -- dispatch ---------------------------------------------------------------------------
 

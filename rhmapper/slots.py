@@ -13,6 +13,8 @@ import heapq
 import threading
 from typing import Any, Protocol
 
+from rhmapper.autoscaling import Backlog
+
 
 class Slotted(Protocol):
     """What the index needs of a replica."""
@@ -59,6 +61,9 @@ class SlotIndex:
         """Slots of the ready replicas, in all."""
         self._busy = 0
         """Calls in flight on the ready replicas, in all."""
+        self.backlog = Backlog()
+        """The work waiting in the maps of the pool (or pools) of these slots, as they report it
+        for the autoscaler."""
 
     def __len__(self) -> int:
         """How many replicas are ready."""

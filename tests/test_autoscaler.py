@@ -1,5 +1,6 @@
 """With Ray's autoscaler configured, a replica that needs a node type the autoscaler can add waits
-for that node instead of failing; a request no node type can satisfy still fails fast.
+for that node instead of failing (an autoscaled pool at zero asks for it, and once idle its
+replica and then the node go away); a request no node type can satisfy still fails fast.
 
 The cluster is a real head on loopback (``tests/ray_head.py``) started the way
 ``ray.cluster_utils.AutoscalingCluster`` starts one, but by hand, since that class runs
@@ -181,12 +182,14 @@ DRIVER = textwrap.dedent("""
     report = {"head": head_id, "gpus_before": ray.cluster_resources().get("GPU", 0),
               "nodes_before": sum(n["Alive"] for n in ray.nodes())}
 
-    # (a) No node has a GPU, but the autoscaler's gpu_node type does: no UnschedulableError; the
-    # mapper waits for the node the autoscaler adds.
+    # (a) No node has a GPU, but the autoscaler's gpu_node type does: no UnschedulableError. An
+    # autoscaled pool at zero asks for a replica for the map's backlog; the replica waits for the
+    # node Ray's autoscaler adds; once idle, the replica and then the node go away.
     started = time.monotonic()
-    m = rm.mapper(square_where, replicas=1, env=rm.Env(name="gpu", compute={"GPU": 1, "CPU": 0.5}),
-                  ready_timeout=120)
+    m = rm.mapper(square_where, replicas=rm.Autoscale(min=0, max=1, idle_seconds=2),
+                  env=rm.Env(name="gpu", compute={"GPU": 1, "CPU": 0.5}), ready_timeout=120)
     report["create_seconds"] = time.monotonic() - started
+    report["replicas_at_start"] = m.num_replicas
     out = m.map(range(5))
     report["map_seconds"] = time.monotonic() - started
     report["results"] = [value for value, _ in out]
@@ -196,6 +199,17 @@ DRIVER = textwrap.dedent("""
                            if n["Alive"] and n["Resources"].get("GPU", 0) >= 1]
     for item, ((value, node), off_head) in enumerate(zip(out, report["ran_off_head"])):
         print(f"item {item} -> {value} on node {node} (not the head: {off_head})", flush=True)
+    deadline = time.monotonic() + 60
+    while m.num_replicas and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report["replicas_after_idle"] = m.num_replicas
+    while time.monotonic() < deadline and any(
+            n["Alive"] and n["Resources"].get("GPU", 0) >= 1 for n in ray.nodes()):
+        time.sleep(0.5)
+    report["gpu_nodes_after_idle"] = sum(n["Alive"] and n["Resources"].get("GPU", 0) >= 1
+                                         for n in ray.nodes())
+    report["scaling"] = [str(decision) for decision in m.scaling_history()]
+    print("scaling:", report["scaling"], flush=True)
     m.shutdown()
 
     # (b) No node type offers 8 GPUs: fail fast at creation, naming the resource.
@@ -232,6 +246,11 @@ def test_autoscaler_node_type_is_waited_for_and_impossible_request_fails_fast(au
     assert report["results"] == [x * x for x in range(5)]
     assert all(report["ran_off_head"]), report
     assert len(set(report["ran_on"])) == 1 and report["ran_on"][0] in report["gpu_nodes"], report
+    # The pool started at zero, grew for the map, and once idle its replica, then the node, left.
+    assert report["replicas_at_start"] == 0, report
+    assert any(decision.startswith("up by 1 (0 -> 1): backlog of 5 items")
+               for decision in report["scaling"]), report
+    assert (report["replicas_after_idle"], report["gpu_nodes_after_idle"]) == (0, 0), report
 
     # (b) A request no node type can meet fails fast, naming the resource.
     assert report["huge_error"] is not None, report

@@ -22,6 +22,8 @@ WITHOUT_RAY = """
     from rhmapper.scheduler import MapRun
     from rhmapper import call_sizing, input_feed, plan, remote_errors, results  # its rooms
     from rhmapper.batching import Batched, BatchedCall
+    from rhmapper.lanes import SharedRuns
+    from rhmapper.autoscaling import Autoscale, ScalingPolicy
     from rhmapper.wire import CallRequest, CallSpec, Guard, ReplicaDied
     from tests.fakes import FakePool, ReplicaKiller
 
