@@ -30,6 +30,8 @@ _log = logging.getLogger(__name__)
 
 START_SECONDS_GUESS = 5.0
 """How long a replica takes to start, until the pool measured one."""
+START_SECONDS_WEIGHT = 0.5
+"""The weight of the latest start in `ScalingPolicy.start_seconds` (a decaying mean)."""
 HISTORY_KEPT = 100
 """Scaling decisions kept for `rhmapper.Mapper.scaling_history`."""
 
@@ -137,15 +139,16 @@ class ScalingPolicy:
     Examples:
         >>> from rhmapper.pool_records import ReplicaRecord, ReplicaState
         >>> policy = ScalingPolicy(Autoscale(min=0, max=10, idle_seconds=60))
-        >>> backlog = Backlog(); backlog.report("m", items=1000, item_seconds=0.05)
-        >>> decision, stop = policy.decide(now=0.0, backlog=backlog, concurrency=1,
-        ...                                start_seconds=10.0, replicas=[])
-        >>> print(decision)  # 1000 x 0.05 s = 50 s of work: 5 replicas do it in one start time
-        up by 5 (0 -> 5): backlog of 1000 items x 0.05 s per item = 50 replica-seconds; a replica starts in 10 s
+        >>> policy.started(15.0); policy.started(5.0); policy.start_seconds  # measured starts
+        7.5
+        >>> backlog = Backlog(); backlog.report("m", items=1000, item_seconds=0.075)
+        >>> decision, stop = policy.decide(now=0.0, backlog=backlog, concurrency=1, replicas=[])
+        >>> print(decision)  # 1000 x 0.075 s = 75 s of work: 10 replicas do it in one start time
+        up by 10 (0 -> 10): backlog of 1000 items x 0.075 s per item = 75 replica-seconds; a replica starts in 7.5 s
         >>> idle = ReplicaRecord("r0", owned=True, requested=1, index=0)
         >>> idle.state, idle.idle_since = ReplicaState.READY, 0.0
         >>> decision, stop = policy.decide(now=61.0, backlog=Backlog(), concurrency=1,
-        ...                                start_seconds=10.0, replicas=[idle])
+        ...                                replicas=[idle])
         >>> print(decision), [replica.name for replica in stop]
         down by 1 (1 -> 0): 1 replica(s) idle for 60 s or more, no work waiting
         (None, ['r0'])
@@ -155,15 +158,22 @@ class ScalingPolicy:
         self.autoscale = autoscale
         self.history: collections.deque[ScalingDecision] = collections.deque(maxlen=HISTORY_KEPT)
         """Recent decisions: every change, and the first no-op after one."""
+        self.last: ScalingDecision | None = None
+        """The latest decision (kept in `history` or not)."""
+        self.start_seconds = START_SECONDS_GUESS
+        """How long an auto replica takes to start, as measured (see `started`)."""
 
-    def decide(self, now: float, backlog: Backlog, concurrency: int, start_seconds: float,
-               replicas: Iterable[Any], wall_time: float = 0.0
-               ) -> tuple[ScalingDecision, list[Any]]:
+    def started(self, seconds: float) -> None:
+        """An auto replica took ``seconds`` to start."""
+        self.start_seconds += START_SECONDS_WEIGHT * (seconds - self.start_seconds)
+
+    def decide(self, now: float, backlog: Backlog, concurrency: int, replicas: Iterable[Any],
+               wall_time: float = 0.0) -> tuple[ScalingDecision, list[Any]]:
         """The decision for this tick, and the replicas to stop (auto replicas, ready, with no
         call in flight, idle since ``idle_since`` + ``idle_seconds`` <= ``now``, newest first).
         ``replicas``: the pool's live replicas (records with ``owned``, ``state``,
         ``in_flight``, ``abandoned_running``, ``idle_since``)."""
-        scale = self.autoscale
+        scale, start_seconds = self.autoscale, self.start_seconds
         live = [replica for replica in replicas if replica.state is not ReplicaState.DEAD]
         size = len(live)
         items = backlog.items()
@@ -197,6 +207,7 @@ class ScalingPolicy:
     def _record(self, at: float, change: int, size: int, target: int,
                 reason: str) -> ScalingDecision:
         decision = ScalingDecision(at, change, size, target, reason)
+        self.last = decision
         last = self.history[-1] if self.history else None
         if change or last is None or last.change:
             self.history.append(decision)

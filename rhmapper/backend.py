@@ -233,7 +233,9 @@ class LocalBackend:
         self.pool.autoscale(autoscale)
 
     def scaling_history(self) -> list[ScalingDecision]:
-        return self.pool.scaling_history() if isinstance(self.pool, ReplicaPool) else []
+        with self.pool.slots.lock:  # the pool's scaler appends under it
+            scaling = self.pool.state.scaling if isinstance(self.pool, ReplicaPool) else None
+            return list(scaling.history) if scaling else []
 
     def wait_ready(self, timeout: float | None) -> None:
         self.pool.wait_ready(timeout)

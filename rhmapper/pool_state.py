@@ -25,9 +25,10 @@ import itertools
 import time
 from typing import Any, Iterable
 
-from rhmapper.autoscaling import START_SECONDS_GUESS, ScalingDecision, ScalingPolicy
-from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError, UnschedulableError
+from rhmapper.autoscaling import ScalingPolicy
+from rhmapper.errors import PoolMismatchError, RhmapperError, UnschedulableError
 from rhmapper.pool_calls import CallBook
+from rhmapper.pool_idle import idle_error
 from rhmapper.pool_events import (
     Action,
     ClusterLost,
@@ -54,8 +55,6 @@ from rhmapper.pool_records import (
 )
 from rhmapper.slots import SlotIndex
 
-START_SECONDS_WEIGHT = 0.5
-"""The weight of the latest replica's start time in `PoolState.start_seconds`."""
 FEASIBILITY_RECHECK_SECONDS = 1.0
 """While replicas are starting, how often the pool asks whether the cluster can ever host one."""
 
@@ -102,8 +101,6 @@ class PoolState:
         self._feasible_checked_at = 0.0
         self.scaling: ScalingPolicy | None = None
         """The autoscaler's policy, if the pool autoscales (see `scale`)."""
-        self.start_seconds = START_SECONDS_GUESS
-        """How long an auto replica takes to start, as measured (a decaying mean)."""
 
     # -- membership -----------------------------------------------------------------------------
 
@@ -124,25 +121,15 @@ class PoolState:
         return actions
 
     def scale(self, now: float, wall_time: float, concurrency: int,
-              name_of: Any = None) -> tuple[ScalingDecision, list[Action]]:
-        """The autoscaler's decision for this tick (see `rhmapper.autoscaling.ScalingPolicy`)
-        and its actions: auto replicas to create, or idle ones to stop.
-
-        Examples:
-            >>> from rhmapper.autoscaling import Autoscale
-            >>> state = PoolState("grow", fingerprint={})
-            >>> state.scaling = ScalingPolicy(Autoscale(min=0, max=4))
-            >>> state.slots.backlog.report("map", items=100, item_seconds=None)
-            >>> decision, actions = state.scale(now=0.0, wall_time=0.0, concurrency=1)
-            >>> decision.change, [action.reason.name for action in actions]
-            (4, ['SCALED_UP', 'SCALED_UP', 'SCALED_UP', 'SCALED_UP'])
-        """
+              name_of: Any = None) -> list[Action]:
+        """The actions of the autoscaler's decision for this tick (see
+        `rhmapper.autoscaling.ScalingPolicy`): auto replicas to create, or idle ones to stop."""
         assert self.scaling is not None
-        decision, stop = self.scaling.decide(now, self.slots.backlog, concurrency,
-                                             self.start_seconds, self.replicas, wall_time)
+        decision, stop = self.scaling.decide(now, self.slots.backlog, concurrency, self.replicas,
+                                             wall_time)
         if decision.change > 0:
-            return decision, list(self.add_auto(decision.change, name_of, Reason.SCALED_UP))
-        return decision, [self._remove(replica, Reason.SCALED_DOWN) for replica in stop]
+            return list(self.add_auto(decision.change, name_of, Reason.SCALED_UP))
+        return [self._remove(replica, Reason.SCALED_DOWN) for replica in stop]
 
     def join(self, replica: Any, position: int | None = None) -> Any:
         """A created replica joins the pool (starting: its probe was sent); returns it."""
@@ -237,9 +224,8 @@ class PoolState:
                 f"{replica.requested} asked for. Create the actor with "
                 ".options(max_concurrency=...) to run more.", Reason.PROBED))
         now = time.monotonic()
-        if replica.owned:
-            took = now - replica.started_at
-            self.start_seconds += START_SECONDS_WEIGHT * (took - self.start_seconds)
+        if replica.owned and self.scaling is not None:
+            self.scaling.started(now - replica.started_at)
         replica.idle_since = now
         self.move(replica, ReplicaState.READY, Reason.PROBED)
         return actions
@@ -352,45 +338,13 @@ class PoolState:
     def idle_error(self, unschedulable: UnschedulableError | None = None,
                    now: float | None = None) -> RhmapperError | None:
         """Why no replica can take work, now or later, or None while one is ready or may yet
-        start. ``unschedulable``: the error saying no node can ever host a replica, if found.
+        start (see `rhmapper.pool_idle.idle_error`).
 
         Examples:
             >>> print(PoolState("idle", fingerprint={}).idle_error())
             the mapper has no replicas: create it with replicas=N (or a list of your actors), or add some with m.add_replicas(N)
         """
-        replicas = self.replicas
-        if any(r.state is ReplicaState.READY for r in replicas):
-            return None
-        if not replicas:
-            if self.refused is not None:
-                return PoolMismatchError(self.refused)
-            if self.scaling is not None and self.scaling.autoscale.max:
-                return None  # the autoscaler creates replicas for the work waiting
-            if not self.any_removed:
-                return NoReplicasError(
-                    "the mapper has no replicas: create it with replicas=N (or a list of your "
-                    "actors), or add some with m.add_replicas(N)")
-            return NoReplicasError(
-                "the pool has no replicas left: every replica died or was dropped. "
-                "Add replicas with Mapper.add_replicas().")
-        starting = [r for r in replicas if r.state is ReplicaState.STARTING]
-        if not starting and all(r.state is ReplicaState.BENCHED for r in replicas):
-            return NoReplicasError(
-                f"no replica can take work: all {len(replicas)} are your actors still "
-                "running calls that outlived timeout= (a running call cannot be interrupted). "
-                "Make the function return in time, or add replicas.", benched=True)
-        if starting and unschedulable is not None:
-            error = NoReplicasError(f"no replica is ready and none can start again: {unschedulable}")
-            error.__cause__, error.__suppress_context__ = unschedulable, True
-            return error
-        now = time.monotonic() if now is None else now
-        if starting and self.ready_timeout is not None and all(
-                now - r.started_at > self.ready_timeout for r in starting):
-            return NoReplicasError(
-                f"no replica is ready: {len(starting)} replica(s) of env {self.pool_name!r} have "
-                f"not started within ready_timeout={self.ready_timeout}s (not enough free "
-                f"{', '.join(self.resources) or 'resources'} on the cluster?)")
-        return None
+        return idle_error(self, unschedulable, time.monotonic() if now is None else now)
 
 
 def _caused(error: RhmapperError, cause: BaseException | None) -> RhmapperError:

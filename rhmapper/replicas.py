@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import threading
 import time
 import warnings
@@ -29,7 +28,7 @@ from typing import Any
 
 import ray
 
-from rhmapper.autoscaling import Autoscale, ScalingDecision, ScalingPolicy
+from rhmapper.autoscaling import Autoscale, ScalingPolicy
 from rhmapper.call_sender import CallSender, on_its_cluster, wait_for_answers
 from rhmapper.compiled import CompiledCalls
 from rhmapper.env import Env
@@ -44,8 +43,7 @@ from rhmapper.ray_replica import RayReplica
 from rhmapper.replica_launcher import ReplicaLauncher
 from rhmapper.remote_errors import add_note
 from rhmapper.slots import Inbox, SlotIndex
-
-_log = logging.getLogger(__name__)
+from rhmapper.ticker import Ticker
 
 SCALE_TICK_SECONDS = 0.5
 """How often an autoscaling pool decides (a backlog gets its replicas asked for within it)."""
@@ -94,8 +92,7 @@ class ReplicaPool(CallSender):
                                    env.resource_request(), slots),
                          cluster, connection, env.detached, wakeup)
         self._launcher = ReplicaLauncher(env, target, self.auto_concurrency, fingerprint, cluster)
-        self._scaler_stop = threading.Event()
-        self._scaler: threading.Thread | None = None
+        self._scaler: Ticker | None = None
 
     # -- membership -------------------------------------------------------------------------
 
@@ -136,31 +133,15 @@ class ReplicaPool(CallSender):
             self.state.scaling = ScalingPolicy(autoscale)
         self._scale()
         if self._scaler is None:
-            self._scaler = threading.Thread(target=self._scale_every_tick,
-                                            name="rhmapper-autoscaler", daemon=True)
-            self._scaler.start()
-
-    def scaling_history(self) -> list[ScalingDecision]:
-        """The autoscaler's recent decisions, oldest first (none if the pool does not scale)."""
-        with self._lock:
-            return list(self.state.scaling.history) if self.state.scaling else []
-
-    def _scale_every_tick(self) -> None:
-        while not self._scaler_stop.wait(SCALE_TICK_SECONDS):
-            try:
-                self._scale()
-            except Exception:  # the next tick tries again; the maps see what failed
-                _log.warning("rhmapper: the autoscaler of pool %r failed this tick",
-                             self.env.name, exc_info=True)
+            self._scaler = Ticker(SCALE_TICK_SECONDS, self._scale,
+                                  f"the autoscaler of pool {self.env.name!r}")
 
     @on_its_cluster
     def _scale(self) -> None:
         with self._lock:
-            if self.state.scaling is None:
-                return
-            _, actions = self.state.scale(time.monotonic(), time.time(), self.auto_concurrency,
-                                          self._launcher.name_of)
-            self._carry_out(actions)
+            if self.state.scaling is not None:
+                self._carry_out(self.state.scale(time.monotonic(), time.time(),
+                                                 self.auto_concurrency, self._launcher.name_of))
 
     @on_its_cluster
     def drop(self, count: int) -> list[RayReplica]:
@@ -173,7 +154,8 @@ class ReplicaPool(CallSender):
     @on_its_cluster
     def shutdown(self, kill: bool = True) -> None:
         """Forget every replica; kill the auto replicas if ``kill`` (the user's actors stay alive)."""
-        self._scaler_stop.set()
+        if self._scaler is not None:
+            self._scaler.stop()
         with self._lock:
             self.state.scaling = None
             actions = self.state.shutdown(kill)
@@ -249,9 +231,16 @@ class ReplicaPool(CallSender):
                 raise
         return results
 
-    def ready_replicas(self) -> int:
-        """How many replicas take calls now (for the progress bar)."""
-        return len(self.slots)
+    def ready_replicas(self) -> int | str:
+        """How many replicas take calls now, for the progress bar; of an autoscaled pool, also
+        how many are starting and the autoscaler's target (from its last decision: O(1))."""
+        ready = len(self.slots)
+        scaling = self.state.scaling
+        last = scaling.last if scaling is not None else None
+        if last is None:
+            return ready
+        size = last.size + last.change
+        return f"{ready} ready, {max(0, size - ready)} starting, target {last.target}"
 
     @on_its_cluster
     def handle_events(self) -> None:

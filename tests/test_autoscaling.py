@@ -26,7 +26,9 @@ def backlog_of(items: int, item_seconds: float | None) -> Backlog:
 
 def decide(autoscale: Autoscale, backlog: Backlog, replicas: list, now: float = 0.0,
            concurrency: int = 1, start_seconds: float = 10.0):
-    return ScalingPolicy(autoscale).decide(now, backlog, concurrency, start_seconds, replicas)
+    policy = ScalingPolicy(autoscale)
+    policy.start_seconds = start_seconds
+    return policy.decide(now, backlog, concurrency, replicas)
 
 
 @pytest.mark.parametrize("arguments, message", [
@@ -91,12 +93,23 @@ def test_a_pool_below_min_grows_to_min_and_starting_replicas_count():
 def test_history_keeps_every_change_and_the_first_no_op_after_one():
     policy = ScalingPolicy(Autoscale(min=0, max=4, idle_seconds=1))
     ready = [replica("r0", idle_since=0.0)]
-    policy.decide(0.0, backlog_of(100, None), 1, 1.0, [])
+    policy.decide(0.0, backlog_of(100, None), 1, [])
     for now in (0.1, 0.2, 0.3):
-        policy.decide(now, backlog_of(100, None), 1, 1.0, [replica(f"r{i}") for i in range(4)])
-    policy.decide(5.0, Backlog(), 1, 1.0, ready)
+        policy.decide(now, backlog_of(100, None), 1, [replica(f"r{i}") for i in range(4)])
+    policy.decide(5.0, Backlog(), 1, ready)
     assert [str(decision).split(":")[0] for decision in policy.history] == [
         "up by 4 (0 -> 4)", "no change (4 -> 4)", "down by 1 (1 -> 0)"]
+
+
+def test_starts_are_measured_as_replicas_become_ready():
+    from rhmapper.pool_events import Probed, ProbeOutcome
+
+    state = PoolState("timed", fingerprint={})
+    state.scaling = ScalingPolicy(Autoscale(max=2))
+    record = state.join(ReplicaRecord("timed_replica_0", owned=True, requested=1, index=0))
+    record.started_at -= 9.0  # it took 9 s
+    state.handle(Probed(record, ProbeOutcome.READY, fingerprint={}))
+    assert 6.9 < state.scaling.start_seconds < 7.5  # halfway from the 5 s guess to 9 s
 
 
 def test_the_pool_state_creates_and_stops_replicas_for_the_policy():
@@ -104,8 +117,8 @@ def test_the_pool_state_creates_and_stops_replicas_for_the_policy():
     state.scaling = ScalingPolicy(Autoscale(min=0, max=3, idle_seconds=1))
     assert state.idle_error() is None  # empty, but the autoscaler will create replicas
     state.slots.backlog.report("map", 50, None)
-    decision, actions = state.scale(now=0.0, wall_time=0.0, concurrency=1)
-    assert decision.change == 3
+    actions = state.scale(now=0.0, wall_time=0.0, concurrency=1)
+    assert state.scaling.last.change == 3
     assert [(type(a), a.index, a.reason) for a in actions] == [
         (Create, index, Reason.SCALED_UP) for index in range(3)]
     replicas = [state.join(ReplicaRecord(f"scaled_replica_{i}", owned=True, requested=1,
@@ -114,7 +127,7 @@ def test_the_pool_state_creates_and_stops_replicas_for_the_policy():
         state.move(record, ReplicaState.READY, Reason.PROBED)
         record.idle_since = 0.0
     state.slots.backlog.report("map", 0, None)
-    decision, actions = state.scale(now=2.0, wall_time=0.0, concurrency=1)
-    assert decision.change == -3
+    actions = state.scale(now=2.0, wall_time=0.0, concurrency=1)
+    assert state.scaling.last.change == -3
     assert all(isinstance(a, Stop) and a.kill and a.reason is Reason.SCALED_DOWN for a in actions)
     assert state.replicas == [] and len(state.slots) == 0

@@ -31,14 +31,15 @@ def runs_of(path: Path, items: range) -> dict[int, int]:
 
 @pytest.mark.parametrize("on_cluster", [False, True], ids=["local", "on_cluster"])
 def test_a_pool_at_zero_grows_for_a_map_runs_each_item_once_and_shrinks_to_min(
-        ray_local, tmp_path, on_cluster):
+        ray_local, tmp_path, capfd, on_cluster):
     scale = rm.Autoscale(min=0, max=3, idle_seconds=2)
     with rm.mapper(slow_square, replicas=scale, env=rm.Env(compute={"CPU": 0.5}),
                    on_cluster=on_cluster) as m:
         assert m.num_replicas == 0
         items = range(40)
-        assert m.map(items, kwargs={"runs": str(tmp_path)}, batch_size=1) == [
+        assert m.map(items, kwargs={"runs": str(tmp_path)}, batch_size=1, progress=True) == [
             x * x for x in items]
+        assert "starting, target" in capfd.readouterr().err  # the bar shows the counts
         assert runs_of(tmp_path, items) == dict.fromkeys(items, 1)  # once each, none lost
         pids = {line for x in items for line in (tmp_path / str(x)).read_text().splitlines()}
         assert len(pids) > 1, "the map ran on one replica: the pool did not grow"

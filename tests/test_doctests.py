@@ -14,7 +14,7 @@ import pytest
     "rhmapper.slots", "rhmapper.wire", "rhmapper.pool_state", "rhmapper.pool_calls",
     "rhmapper.pool_records", "rhmapper.pool_events",
     "rhmapper.plan", "rhmapper.input_feed", "rhmapper.call_sizing", "rhmapper.results",
-    "rhmapper.remote_errors", "rhmapper.lanes",
+    "rhmapper.remote_errors", "rhmapper.lanes", "rhmapper.pool_idle", "rhmapper.ticker",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
