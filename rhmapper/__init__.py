@@ -5,7 +5,7 @@ The scheduler and its types (``rhmapper.scheduler``, ``rhmapper.wire``, ``rhmapp
 the mapper itself needs Ray.
 """
 
-from rhmapper.autoscaling import Autoscale, ScalingDecision
+from rhmapper.autoscaling import Autoscale, ReplicaCount, ScalingDecision
 from rhmapper.batching import Batched
 from rhmapper.env import Env
 from rhmapper.errors import (
@@ -27,6 +27,7 @@ __all__ = [
     "MapCancelledError",
     "NoReplicasError",
     "PoolMismatchError",
+    "ReplicaCount",
     "ReplicaLostError",
     "Retries",
     "RhmapperError",

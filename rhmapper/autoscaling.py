@@ -21,7 +21,7 @@ import collections
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from rhmapper.checks import check_count, check_seconds
 from rhmapper.pool_records import ReplicaState
@@ -113,12 +113,18 @@ class Backlog:
 
     def __init__(self) -> None:
         self._maps: dict[Any, tuple[int, float | None]] = {}
+        self.on_new_work: Callable[[], None] | None = None
+        """Called when a map that had no work waiting reports some (the autoscaler decides at
+        once instead of at its next tick)."""
 
     def report(self, key: Any, items: int, item_seconds: float | None) -> None:
         """Map ``key`` has ``items`` waiting, each taking ``item_seconds`` (``None``: not
         measured yet); 0 items (its end) forgets it."""
         if items:
+            new = key not in self._maps
             self._maps[key] = (items, item_seconds)
+            if new and self.on_new_work is not None:
+                self.on_new_work()
         else:
             self._maps.pop(key, None)
 
@@ -131,6 +137,45 @@ class Backlog:
         ``default_item_seconds``)."""
         return sum(items * (default_item_seconds if seconds is None else seconds)
                    for items, seconds in list(self._maps.values()))
+
+
+class ReplicaCount(int):
+    """How many replicas a pool has (starting, ready or benched): an ``int``, which also says
+    how many are ``ready`` and ``starting``, and the autoscaler's ``target`` (for a fixed pool,
+    the count itself).
+
+    Examples:
+        >>> count = ReplicaCount(3, ready=2, starting=1, target=4)
+        >>> count, count + 1, (count.ready, count.starting, count.target)
+        (3, 4, (2, 1, 4))
+    """
+
+    ready: int
+    starting: int
+    target: int
+
+    def __new__(cls, total: int, ready: int, starting: int, target: int) -> "ReplicaCount":
+        count = super().__new__(cls, total)
+        count.ready, count.starting, count.target = ready, starting, target
+        return count
+
+    def __getnewargs__(self) -> tuple[int, int, int, int]:
+        return int(self), self.ready, self.starting, self.target
+
+
+def replica_count(replicas: list, scaling: "ScalingPolicy | None") -> ReplicaCount:
+    """The `ReplicaCount` of a pool's live ``replicas`` (records with a ``state``).
+
+    Examples:
+        >>> from rhmapper.pool_records import ReplicaRecord
+        >>> replica_count([ReplicaRecord("r", owned=True, requested=1)], None).starting
+        1
+    """
+    ready = sum(replica.state is ReplicaState.READY for replica in replicas)
+    starting = sum(replica.state is ReplicaState.STARTING for replica in replicas)
+    last = scaling.last if scaling is not None else None
+    return ReplicaCount(len(replicas), ready, starting,
+                        len(replicas) if last is None else last.target)
 
 
 class ScalingPolicy:

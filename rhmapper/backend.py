@@ -14,7 +14,13 @@ import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from rhmapper.autoscaling import Autoscale, ScalingDecision
+from rhmapper.autoscaling import (
+    Autoscale,
+    ReplicaCount,
+    ScalingDecision,
+    ScalingPolicy,
+    replica_count,
+)
 from rhmapper.batching import Batched
 from rhmapper.checks import check_count
 from rhmapper.env import Env
@@ -44,6 +50,8 @@ class Backend(Protocol):
     def autoscale(self, autoscale: Autoscale) -> None: ...
 
     def scaling_history(self) -> list[ScalingDecision]: ...
+
+    def replica_count(self) -> ReplicaCount: ...
 
     def wait_ready(self, timeout: float | None) -> None: ...
 
@@ -234,8 +242,15 @@ class LocalBackend:
 
     def scaling_history(self) -> list[ScalingDecision]:
         with self.pool.slots.lock:  # the pool's scaler appends under it
-            scaling = self.pool.state.scaling if isinstance(self.pool, ReplicaPool) else None
+            scaling = self._scaling()
             return list(scaling.history) if scaling else []
+
+    def replica_count(self) -> ReplicaCount:
+        with self.pool.slots.lock:
+            return replica_count(list(self.pool.replicas), self._scaling())
+
+    def _scaling(self) -> ScalingPolicy | None:
+        return self.pool.state.scaling if isinstance(self.pool, ReplicaPool) else None
 
     def wait_ready(self, timeout: float | None) -> None:
         self.pool.wait_ready(timeout)

@@ -24,6 +24,7 @@ from typing import Iterator
 import ray
 
 from rhmapper import _ray_compat
+from rhmapper.autoscaling import ReplicaCount
 from rhmapper.backend import MapperSpec
 from rhmapper.checks import check_concurrency, check_count
 from rhmapper.errors import MapCancelledError, RhmapperError
@@ -212,6 +213,9 @@ class MapperHost:
 
     def scaling_history(self) -> list:
         return self._backend.scaling_history()
+
+    def replica_count(self) -> ReplicaCount:
+        return self._backend.replica_count()
 
     def drop_replicas(self, count: int) -> None:
         self._backend.drop(check_count("count", count, minimum=0))

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import ray
 
 from rhmapper import _ray_compat
+from rhmapper.autoscaling import ReplicaCount
 from rhmapper.backend import MapperSpec, OnProgress
 from rhmapper.errors import MapCancelledError
 from rhmapper.host import MAX_CONCURRENCY, TAKE_WAIT_SECONDS, MapperHost
@@ -80,6 +81,9 @@ class ClusterBackend:
 
     def scaling_history(self) -> list:
         return self._call("scaling_history")
+
+    def replica_count(self) -> ReplicaCount:
+        return self._call("replica_count")
 
     def wait_ready(self, timeout: float | None) -> None:
         self._call("wait_ready", timeout)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ContextManager
 
-from rhmapper.autoscaling import Autoscale, ScalingDecision
+from rhmapper.autoscaling import Autoscale, ReplicaCount, ScalingDecision
 from rhmapper.backend import Backend, MapperSpec
 from rhmapper.checks import check_concurrency, check_count
 
@@ -98,15 +98,18 @@ class PoolVerbs:
         return self._backend.names()
 
     @property
-    def num_replicas(self) -> int:
-        """How many replicas the pool has (ready or starting).
+    def num_replicas(self) -> ReplicaCount:
+        """How many replicas the pool has (ready or starting): an int that also says how many
+        are ``ready`` and ``starting``, and the autoscaler's ``target`` (see `rhmapper.Autoscale`;
+        for a fixed pool the count itself).
 
         Examples:
             >>> with rm.mapper(abs, replicas=2) as m:
-            ...     m.num_replicas
-            2
+            ...     count = m.wait_ready(timeout=60).num_replicas
+            ...     count, count.ready, count.starting, count.target
+            (2, 2, 0, 2)
         """
-        return len(self._backend.names())
+        return self._backend.replica_count()
 
     def scaling_history(self) -> list[ScalingDecision]:
         """The autoscaler's recent decisions, oldest first, each with its reason (a pool of

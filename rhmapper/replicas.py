@@ -46,7 +46,8 @@ from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.ticker import Ticker
 
 SCALE_TICK_SECONDS = 0.5
-"""How often an autoscaling pool decides (a backlog gets its replicas asked for within it)."""
+"""How often an autoscaling pool decides; a map whose work starts to wait gets a decision at
+once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +136,7 @@ class ReplicaPool(CallSender):
         if self._scaler is None:
             self._scaler = Ticker(SCALE_TICK_SECONDS, self._scale,
                                   f"the autoscaler of pool {self.env.name!r}")
+            self.slots.backlog.on_new_work = self._scaler.poke
 
     @on_its_cluster
     def _scale(self) -> None:

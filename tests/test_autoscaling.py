@@ -131,3 +131,15 @@ def test_the_pool_state_creates_and_stops_replicas_for_the_policy():
     assert state.scaling.last.change == -3
     assert all(isinstance(a, Stop) and a.kill and a.reason is Reason.SCALED_DOWN for a in actions)
     assert state.replicas == [] and len(state.slots) == 0
+
+
+def test_a_map_whose_work_starts_to_wait_wakes_the_autoscaler_once():
+    woken = []
+    backlog = Backlog()
+    backlog.on_new_work = lambda: woken.append(1)
+    backlog.report("map", 10, None)
+    backlog.report("map", 8, 0.1)  # the same map, still waiting: no new wake-up
+    backlog.report("map", 0, 0.1)
+    backlog.report("other", 0, None)  # nothing waits: nothing to wake for
+    backlog.report("map", 3, 0.1)
+    assert len(woken) == 2

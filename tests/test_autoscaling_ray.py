@@ -40,6 +40,9 @@ def test_a_pool_at_zero_grows_for_a_map_runs_each_item_once_and_shrinks_to_min(
         assert m.map(items, kwargs={"runs": str(tmp_path)}, batch_size=1, progress=True) == [
             x * x for x in items]
         assert "starting, target" in capfd.readouterr().err  # the bar shows the counts
+        count = m.num_replicas
+        assert count.target == m.scaling_history()[-1].target and 1 < count <= scale.max
+        assert count.ready + count.starting == count
         assert runs_of(tmp_path, items) == dict.fromkeys(items, 1)  # once each, none lost
         pids = {line for x in items for line in (tmp_path / str(x)).read_text().splitlines()}
         assert len(pids) > 1, "the map ran on one replica: the pool did not grow"
