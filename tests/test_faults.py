@@ -259,27 +259,29 @@ def test_keyboard_interrupt_cancels_and_context_exit_kills_replicas(compiled_gra
 
 @pytest.mark.parametrize("compiled_graphs", [False, True])
 def test_stress_random_failures_and_two_kills(capsys, compiled_graphs):
-    # Over compiled graphs: one item per call (the path they are for) and concurrency 1.
+    # Over compiled graphs: one item per call (the path they are for), concurrency 1, and half
+    # the items (one call each: the same kills and retries at half the suite's time).
     options = {"batch_size": 1} if compiled_graphs else {}
+    items = 10_000 if compiled_graphs else 20_000
     with rm.mapper(sometimes_fails, replicas=8, concurrency=1 if compiled_graphs else 2,
                    env=rm.Env(name="stress", compute={"CPU": 0.25}),
                    compiled_graphs=compiled_graphs).wait_ready() as m:
         done = [0]
         killed: list = []
-        first = kill_when(m, 6000, lambda: done[0], killed)
-        second = kill_when(m, 13000, lambda: done[0], killed)
+        first = kill_when(m, items * 3 // 10, lambda: done[0], killed)
+        second = kill_when(m, items * 13 // 20, lambda: done[0], killed)
         results = []
-        for value in m.imap(range(20_000), retries=rm.Retries(max_retries=3, initial_delay=0.01),
+        for value in m.imap(range(items), retries=rm.Retries(max_retries=3, initial_delay=0.01),
                             progress=True, **options):
             results.append(value)
             done[0] += 1
         first.join(5)
         second.join(5)
         assert len(killed) == 2
-        assert results == [-x for x in range(20_000)]
+        assert results == [-x for x in range(items)]
         assert m.num_replicas == 8
     err = capsys.readouterr().err
-    assert "20000/20000" in err and "failed=0" in err
+    assert f"{items}/{items}" in err and "failed=0" in err
 
 
 def test_token_authentication_is_on():
