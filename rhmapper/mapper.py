@@ -141,7 +141,7 @@ class Mapper(PoolVerbs):
 
     def call(self, /, *args: Any, **kwargs: Any) -> Any:
         """Run one call on the least-loaded replica (ties taken in turn) and return its result.
-        On a batched mapper, calls (and small maps) from several threads share batches (see
+        On a batched mapper, the calls and maps of all threads share batches (see
         `rm.Batched`).
 
         Examples:
