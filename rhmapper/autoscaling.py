@@ -11,8 +11,10 @@ the Ray pool's scaler and turns its answer into ``Create`` and ``Stop`` actions:
 
 Up: the work waiting (items × seconds per item, over the slots of a replica) is what replicas
 started now would do in the time one takes to start; as many as that needs are asked for at
-once, never above ``max``. Down: an auto replica with no call in flight for ``idle_seconds``,
-while no map has work waiting, is stopped, never below ``min``.
+once, never above ``max``; auto replicas still starting beyond that (asked for when the items'
+time was not yet measured, or for work since done) are stopped. Down: an auto replica with no
+call in flight for ``idle_seconds``, while no map has work waiting, is stopped, never below
+``min``.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class Backlog:
 
     def __init__(self) -> None:
         self._maps: dict[Any, tuple[int, float | None]] = {}
+        self.watched = False
+        """Whether an autoscaler reads it (the maps of a pool without one report nothing)."""
         self.on_new_work: Callable[[], None] | None = None
         """Called when a map that had no work waiting reports some (the autoscaler decides at
         once instead of at its next tick)."""
@@ -214,8 +218,9 @@ class ScalingPolicy:
 
     def decide(self, now: float, backlog: Backlog, concurrency: int, replicas: Iterable[Any],
                wall_time: float = 0.0) -> tuple[ScalingDecision, list[Any]]:
-        """The decision for this tick, and the replicas to stop (auto replicas, ready, with no
-        call in flight, idle since ``idle_since`` + ``idle_seconds`` <= ``now``, newest first).
+        """The decision for this tick, and the replicas to stop, newest first: with work waiting,
+        auto replicas still starting beyond the target; without, auto replicas ready with no
+        call in flight, idle since ``idle_since`` + ``idle_seconds`` <= ``now``.
         ``replicas``: the pool's live replicas (records with ``owned``, ``state``,
         ``in_flight``, ``abandoned_running``, ``idle_since``)."""
         scale, start_seconds = self.autoscale, self.start_seconds
@@ -225,13 +230,20 @@ class ScalingPolicy:
         if items:
             work = backlog.replica_seconds(default_item_seconds=start_seconds)
             needed = max(1, math.ceil(work / (concurrency * max(start_seconds, 1e-3))))
-            target = min(scale.max, max(scale.min, needed, size if size <= scale.max else 0))
+            target = min(scale.max, max(scale.min, needed))
             reason = (f"backlog of {items} items x {_seconds(work / items)} per item = "
                       f"{_seconds(work, unit=' replica-seconds')}; a replica starts in "
                       f"{_seconds(start_seconds)}")
             if needed > scale.max and target == scale.max:
                 reason += f"; at max={scale.max}"
-            return self._record(wall_time, max(0, target - size), size, target, reason), []
+            if target >= size:
+                return self._record(wall_time, target - size, size, target, reason), []
+            surplus = [replica for replica in reversed(live)
+                       if replica.owned and replica.state is ReplicaState.STARTING]
+            stop = surplus[:size - target]
+            if stop:
+                reason += f"; {len(stop)} replica(s) still starting are not needed"
+            return self._record(wall_time, -len(stop), size, size - len(stop), reason), stop
         if size < scale.min:
             return self._record(wall_time, scale.min - size, size, scale.min,
                                 f"below min={scale.min}"), []

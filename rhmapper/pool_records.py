@@ -30,7 +30,7 @@ class Reason(enum.Enum):
     SHUT_DOWN = "the pool shut down"
     CLUSTER_LOST = "its cluster is unreachable"
     SCALED_UP = "the autoscaler asked for it"
-    SCALED_DOWN = "the autoscaler stopped it (idle)"
+    SCALED_DOWN = "the autoscaler stopped it (idle, or no longer needed while starting)"
 
 
 class ReplicaState(enum.Enum):

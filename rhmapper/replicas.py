@@ -137,6 +137,7 @@ class ReplicaPool(CallSender):
             self._scaler = Ticker(SCALE_TICK_SECONDS, self._scale,
                                   f"the autoscaler of pool {self.env.name!r}")
             self.slots.backlog.on_new_work = self._scaler.poke
+            self.slots.backlog.watched = True
 
     @on_its_cluster
     def _scale(self) -> None:

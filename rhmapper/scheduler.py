@@ -190,6 +190,8 @@ class MapRun:
     def _report_backlog(self) -> None:
         """Tell the pool's autoscaler how many items wait (still to send, or to retry; within
         the window) and how long one takes."""
+        if not self._pool.slots.backlog.watched:
+            return
         feed, plan, book = self._feed, self._plan, self._book
         waiting = plan.total - feed.next_index if plan.total is not None else feed.held()
         if plan.window is not None:

@@ -143,3 +143,19 @@ def test_a_map_whose_work_starts_to_wait_wakes_the_autoscaler_once():
     backlog.report("other", 0, None)  # nothing waits: nothing to wake for
     backlog.report("map", 3, 0.1)
     assert len(woken) == 2
+
+
+def test_replicas_still_starting_beyond_the_measured_need_are_stopped_never_ready_ones():
+    ready = [replica("r0", in_flight=1), replica("r1", in_flight=1)]
+    yours = replica("yours", owned=False, state=ReplicaState.STARTING)
+    starting = [replica(f"s{i}", state=ReplicaState.STARTING) for i in range(3)]
+    pool = ready + [yours] + starting
+    # Asked for when each item counted a start-up; measured, 40 items x 0.1 s need 1 replica.
+    decision, stop = decide(Autoscale(min=0, max=8), backlog_of(40, 0.1), pool)
+    assert [r.name for r in stop] == ["s2", "s1", "s0"]
+    assert (decision.change, decision.size, decision.target) == (-3, 6, 3)
+    assert decision.reason.endswith("3 replica(s) still starting are not needed")
+    decision, stop = decide(Autoscale(min=5, max=8), backlog_of(40, 0.1), pool)
+    assert [r.name for r in stop] == ["s2"]  # never below min
+    decision, stop = decide(Autoscale(min=0, max=8), backlog_of(600, 0.1), pool)
+    assert (decision.change, stop) == (0, [])  # 60 s of work: 6 replicas, and 6 are there
