@@ -211,6 +211,8 @@ class ScalingPolicy:
         """The latest decision (kept in `history` or not)."""
         self.start_seconds = START_SECONDS_GUESS
         """How long an auto replica takes to start, as measured (see `started`)."""
+        self._work_seen_at: float | None = None
+        """When a decision last saw work waiting (or the first decision)."""
 
     def started(self, seconds: float) -> None:
         """An auto replica took ``seconds`` to start."""
@@ -220,14 +222,18 @@ class ScalingPolicy:
                wall_time: float = 0.0) -> tuple[ScalingDecision, list[Any]]:
         """The decision for this tick, and the replicas to stop, newest first: with work waiting,
         auto replicas still starting beyond the target; without, auto replicas ready with no
-        call in flight, idle since ``idle_since`` + ``idle_seconds`` <= ``now``.
+        call in flight, idle since ``idle_since`` + ``idle_seconds`` <= ``now``, and those still
+        starting when no work has waited for ``idle_seconds``.
         ``replicas``: the pool's live replicas (records with ``owned``, ``state``,
         ``in_flight``, ``abandoned_running``, ``idle_since``)."""
         scale, start_seconds = self.autoscale, self.start_seconds
         live = [replica for replica in replicas if replica.state is not ReplicaState.DEAD]
         size = len(live)
         items = backlog.items()
+        if self._work_seen_at is None:
+            self._work_seen_at = now
         if items:
+            self._work_seen_at = now
             work = backlog.replica_seconds(default_item_seconds=start_seconds)
             needed = max(1, math.ceil(work / (concurrency * max(start_seconds, 1e-3))))
             target = min(scale.max, max(scale.min, needed))
@@ -247,10 +253,13 @@ class ScalingPolicy:
         if size < scale.min:
             return self._record(wall_time, scale.min - size, size, scale.min,
                                 f"below min={scale.min}"), []
+        no_work_long = now - self._work_seen_at >= scale.idle_seconds
         idle = [replica for replica in reversed(live)
-                if replica.owned and replica.state is ReplicaState.READY
-                and not replica.in_flight and not replica.abandoned_running
-                and now - replica.idle_since >= scale.idle_seconds]
+                if replica.owned and (
+                    replica.state is ReplicaState.READY and not replica.in_flight
+                    and not replica.abandoned_running
+                    and now - replica.idle_since >= scale.idle_seconds
+                    or replica.state is ReplicaState.STARTING and no_work_long)]
         stop = idle[:max(0, size - scale.min)]
         if stop:
             return self._record(

@@ -159,3 +159,15 @@ def test_replicas_still_starting_beyond_the_measured_need_are_stopped_never_read
     assert [r.name for r in stop] == ["s2"]  # never below min
     decision, stop = decide(Autoscale(min=0, max=8), backlog_of(600, 0.1), pool)
     assert (decision.change, stop) == (0, [])  # 60 s of work: 6 replicas, and 6 are there
+
+
+def test_replicas_still_starting_stop_once_no_work_has_waited_for_idle_seconds():
+    policy = ScalingPolicy(Autoscale(min=1, max=8, idle_seconds=10))
+    starting = [replica(f"s{i}", state=ReplicaState.STARTING) for i in range(3)]
+    decision, stop = policy.decide(0.0, backlog_of(50, 1.0), 1, starting)
+    assert stop == []
+    decision, stop = policy.decide(9.0, Backlog(), 1, starting)
+    assert stop == []  # work waited 9 s ago
+    decision, stop = policy.decide(10.0, Backlog(), 1, starting)
+    assert [r.name for r in stop] == ["s2", "s1"]  # down to min=1
+    assert decision.reason == "2 replica(s) idle for 10 s or more, no work waiting"

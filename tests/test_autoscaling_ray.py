@@ -57,6 +57,34 @@ def test_a_pool_at_zero_grows_for_a_map_runs_each_item_once_and_shrinks_to_min(
         assert m.map([3], kwargs={"runs": str(tmp_path)}) == [9]  # from zero again
 
 
+def test_a_spawned_map_grows_the_pool_on_the_cluster_and_it_shrinks_after(ray_local, tmp_path):
+    scale = rm.Autoscale(min=0, max=3, idle_seconds=2)
+    with rm.mapper(slow_square, replicas=scale, env=rm.Env(compute={"CPU": 0.5}),
+                   on_cluster=True) as m:
+        items = range(30)
+        spawned = m.spawn_map(items, name="autoscaled_spawn", kwargs={"runs": str(tmp_path)},
+                              batch_size=1)
+        assert spawned.results() == [x * x for x in items]
+        assert runs_of(tmp_path, items) == dict.fromkeys(items, 1)
+        pids = {line for x in items for line in (tmp_path / str(x)).read_text().splitlines()}
+        assert len(pids) > 1, "the spawned map ran on one replica: the pool did not grow"
+        assert any(decision.change > 0 and decision.size == 0
+                   for decision in m.scaling_history())
+        assert wait_until(lambda: m.num_replicas == 0, seconds=scale.idle_seconds + 10), (
+            f"still {m.num_replicas} replicas long after the spawned map: {m.scaling_history()}")
+
+
+def test_replicas_still_waiting_for_resources_stop_too_once_the_work_is_done(ray_local):
+    # 4 CPUs: two replicas of 1.5 CPU start, the others the unmeasured map asks for wait.
+    scale = rm.Autoscale(min=0, max=4, idle_seconds=2)
+    with rm.mapper(abs, replicas=scale, env=rm.Env(compute={"CPU": 1.5})) as m:
+        assert m.map(range(-8, 0)) == list(range(8, 0, -1))
+        assert max(d.size + d.change for d in m.scaling_history()) == scale.max
+        assert wait_until(lambda: m.num_replicas == 0, seconds=scale.idle_seconds + 10), (
+            f"{m.num_replicas!r} ({m.num_replicas.starting} starting) long after the map: "
+            f"{m.scaling_history()}")
+
+
 def test_your_actors_count_and_are_never_stopped(ray_local, tmp_path):
     import ray
 
