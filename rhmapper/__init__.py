@@ -7,8 +7,14 @@ the mapper itself needs Ray.
 
 from rhmapper.autoscaling import Autoscale, ReplicaCount, ScalingDecision
 from rhmapper.batching import Batched
+from rhmapper.checkpoint_read import read_checkpoint
 from rhmapper.env import Env
 from rhmapper.errors import (
+    CheckpointCorruptError,
+    CheckpointIncompleteError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
     ClusterAuthenticationError,
     MapCancelledError,
     NoReplicasError,
@@ -22,6 +28,11 @@ from rhmapper.retries import Retries
 __all__ = [
     "Autoscale",
     "Batched",
+    "CheckpointCorruptError",
+    "CheckpointIncompleteError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "ClusterAuthenticationError",
     "Env",
     "MapCancelledError",
@@ -33,6 +44,7 @@ __all__ = [
     "RhmapperError",
     "ScalingDecision",
     "UnschedulableError",
+    "read_checkpoint",
 ]
 __version__ = "0.1.0"
 

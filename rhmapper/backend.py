@@ -24,6 +24,7 @@ from rhmapper.autoscaling import (
 from rhmapper.batching import Batched
 from rhmapper.checks import check_count
 from rhmapper.env import Env
+from rhmapper.durable import DurableMap, OnValue
 from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module
 from rhmapper.replicas import ReplicaPool
@@ -272,13 +273,30 @@ class LocalBackend:
 
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:
+        if plan.checkpoint is None:
+            yield from self._run(plan, source, on_progress, cancelled)
+            return
+        with DurableMap(plan.checkpoint, plan.ordered, plan.indexed) as durable:
+            if durable.stored_before:
+                on_progress(durable.stored_before, MapStats(), self.pool.ready_replicas())
+            chunks = self._run(durable.inner_plan(plan), durable.source(source), on_progress,
+                               cancelled, durable.on_value)
+            if plan.collect:
+                *_, fresh = chunks
+                yield durable.collected(fresh)
+            else:
+                yield from durable.results(chunks)
+
+    def _run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
+             cancelled: threading.Event, on_value: OnValue | None = None) -> Iterator[list]:
         end_signal, end_map = self.pool.open_end_signal()
         method = plan.call.method
         plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal),
                                    item_seconds_hint=self._item_seconds.get(method))
         pool = self.pool
         run = MapRun(pool, plan, source,
-                     lambda done, stats: on_progress(done, stats, pool.ready_replicas()), cancelled)
+                     lambda done, stats: on_progress(done, stats, pool.ready_replicas()), cancelled,
+                     on_value)
         try:
             yield from run.chunks()
             if plan.collect:

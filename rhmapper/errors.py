@@ -97,3 +97,53 @@ class ClusterAuthenticationError(RhmapperError, ConnectionError):
         >>> isinstance(error, ConnectionError)
         True
     """
+
+
+class CheckpointMismatchError(RhmapperError, ValueError):
+    """A checkpoint belongs to another map: it was written with another fingerprint (target,
+    constant kwargs, options that change results), one of its inputs differs from the input whose
+    result it holds, or its location holds files that are not a checkpoint.
+
+    Examples:
+        >>> issubclass(CheckpointMismatchError, ValueError)
+        True
+    """
+
+
+class CheckpointWriteError(RhmapperError):
+    """Writing results to a checkpoint failed (the storage is down, full or refused the write).
+
+    Results already written stay readable; the message says how many were not saved. The
+    storage's own error is the ``__cause__``.
+
+    Examples:
+        >>> issubclass(CheckpointWriteError, RhmapperError)
+        True
+    """
+
+
+class CheckpointIncompleteError(RhmapperError):
+    """A checkpoint was read as a whole, but its map has not finished all its items.
+
+    Examples:
+        >>> issubclass(CheckpointIncompleteError, RhmapperError)
+        True
+    """
+
+
+class CheckpointNotFoundError(RhmapperError, FileNotFoundError):
+    """No checkpoint is at the URI that was read (no ``manifest.json`` there).
+
+    Examples:
+        >>> issubclass(CheckpointNotFoundError, FileNotFoundError)
+        True
+    """
+
+
+class CheckpointCorruptError(RhmapperError, ValueError):
+    """A shard of a checkpoint cannot be read (it was cut short or damaged outside rhmapper).
+
+    Examples:
+        >>> issubclass(CheckpointCorruptError, ValueError)
+        True
+    """

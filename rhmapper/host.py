@@ -30,6 +30,7 @@ from rhmapper.checks import check_concurrency, check_count
 from rhmapper.errors import MapCancelledError, RhmapperError
 from rhmapper.pool_setup import name_taken
 from rhmapper.plan import MapPlan, MapStats
+from rhmapper.saved_results import SavedResults
 from rhmapper.signals import start_board
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
@@ -55,11 +56,14 @@ class HostedMap:
         [1, 2, 3]
     """
 
-    def __init__(self, window: int | None, keep: bool = False) -> None:
+    def __init__(self, window: int | None, keep: bool = False,
+                 saved: SavedResults | None = None) -> None:
         self._changed = threading.Condition()
         self.keep = keep
         """Keep every result (a spawned map, read from any position) instead of handing each
         chunk to the driver once."""
+        self.saved = saved
+        """A checkpointed spawned map's results: read from its checkpoint, not kept here."""
         self.values: list = []
         self.finished_at: float | None = None
         self._inputs: collections.deque = collections.deque()
@@ -108,7 +112,9 @@ class HostedMap:
 
     def put(self, chunk: list) -> None:
         with self._changed:
-            if self.keep:
+            if self.saved is not None:
+                self.saved.note(chunk)
+            elif self.keep:
                 self.values.extend(chunk)
             else:
                 self._outbox.append(chunk)
@@ -123,24 +129,30 @@ class HostedMap:
             self._changed.notify_all()
 
     def read(self, start: int, wait: float) -> dict:
-        """The kept results from position ``start`` on, waiting up to ``wait`` seconds for one."""
+        """The kept results from position ``start`` on, waiting up to ``wait`` seconds for one;
+        of a checkpointed map, once it finished, a batch read from its checkpoint."""
         with self._changed:
             self._changed.wait_for(lambda: self.finished or len(self.values) > start, wait)
-            return {"values": self.values[start:], "emitted": len(self.values),
-                    "finished": self.finished,
-                    "error": None if self.error is None else _portable(self.error)}
+            reply = {"values": self.values[start:], "emitted": len(self.values),
+                     "finished": self.finished,
+                     "error": None if self.error is None else _portable(self.error)}
+        if self.saved is not None and reply["finished"] and reply["error"] is None:
+            reply.update(values=self.saved.read(start), emitted=self.saved.total)
+        return reply
 
     @property
     def fed_all(self) -> bool:
         """Whether every input has arrived."""
         return self._fed_all
 
-    def cancel(self, reason: BaseException | None = None) -> None:
-        """End the map; it fails with ``reason`` if given (else `MapCancelledError`)."""
+    def cancel(self, reason: BaseException | None = None, wait: float = 0.0) -> None:
+        """End the map; it fails with ``reason`` if given (else `MapCancelledError`). Waits up
+        to ``wait`` seconds for it to end (its checkpoint, if any, written and closed)."""
         with self._changed:
             self._cancel_reason = self._cancel_reason or reason
             self.cancelled.set()
             self._changed.notify_all()
+            self._changed.wait_for(lambda: self.finished, wait)
 
     def take(self, wait: float, eager: bool) -> dict:
         """What happened since the last `take`, waiting up to ``wait`` seconds: for the first
@@ -274,14 +286,17 @@ class MapperHost:
         error = None
         try:
             for chunk in self._backend.run(plan, source, hosted.on_progress, hosted.cancelled):
-                if chunk:
+                if not chunk:
+                    continue
+                if hosted.saved is None:  # a checkpointed map's results are not kept here
                     hosted.result_bytes += mean_item_bytes(chunk) * len(chunk)
                     if hosted.result_bytes > max_result_bytes:
                         raise RhmapperError(
                             f"the spawned map's results outgrew max_result_bytes="
                             f"{max_result_bytes:.0f} (they are kept in the host's memory); read "
-                            "them as they come with iter_results(), or raise max_result_bytes")
-                    hosted.put(chunk)
+                            "them as they come with iter_results(), give it a checkpoint=, or "
+                            "raise max_result_bytes")
+                hosted.put(chunk)
         except BaseException as caught:  # the map's outcome, handed to the driver by take()
             error = caught
         hosted.finish(error)
@@ -305,11 +320,11 @@ class MapperHost:
                 self._maps.pop(map_id, None)
         return reply
 
-    def cancel(self, map_id: str) -> None:
+    def cancel(self, map_id: str, wait: float = 0.0) -> None:
         with self._lock:
             hosted = self._maps.pop(map_id, None)
         if hosted is not None:
-            hosted.cancel()
+            hosted.cancel(wait=wait)
 
     # -- spawned maps -----------------------------------------------------------------------
 
@@ -323,7 +338,8 @@ class MapperHost:
         if plan.call.kwargs:  # the driver's refs go with the driver: the host owns copies
             kwargs = {key: ray.put(ray.get(ref)) for key, ref in plan.call.kwargs.items()}
             plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, kwargs=kwargs))
-        hosted = HostedMap(None, keep=True)
+        hosted = HostedMap(None, keep=True, saved=None if plan.checkpoint is None else
+                           SavedResults(plan.checkpoint.uri, total))
         with self._lock:
             self._spawned[name] = (hosted, total, keep_seconds)
         self._launch(f"spawn:{name}", hosted, plan, items, last, max_result_bytes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import uuid
 import time
@@ -23,16 +24,20 @@ from rhmapper.host import MAX_CONCURRENCY, TAKE_WAIT_SECONDS, MapperHost
 from rhmapper.input_feed import SEQUENCES, InputFeed
 from rhmapper.names import NAMESPACE, new_host_name
 from rhmapper.pool_setup import put_kwargs, upload_local_dirs
-from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, MapPlan
+from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, DEFAULT_WINDOW, MapPlan
 from rhmapper.remote_errors import add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
+
+_log = logging.getLogger(__name__)
 
 FEED_CHUNK_BYTES = 2**20
 """Inputs travel to the host in chunks of about this many bytes (estimated from the items)."""
 FIRST_INPUT_CHUNK = 1024
 """An iterator's first chunk carries up to this many items: those its input gives within the
 map's max wait (and `FEED_CHUNK_BYTES`), so that the host's first calls are full."""
+CHECKPOINT_CLOSE_SECONDS = 60.0
+"""How long an early-ended checkpointed map's verb waits for the host to close its checkpoint."""
 START_ALL_BYTES = 64 * 2**20
 """A list of inputs up to this size (estimated) goes to the host whole, with the map's start."""
 
@@ -159,13 +164,30 @@ class ClusterBackend:
         finally:
             feeder.close()
             if not finished:
-                self.host.cancel.remote(map_id)
+                self._cancel_on_host(map_id, plan)
+
+    def _cancel_on_host(self, map_id: str, plan: MapPlan) -> None:
+        """End the map on the host; a checkpointed map's verb waits until its checkpoint holds
+        what was saved (a run of it right after resumes from all of that)."""
+        wait = CHECKPOINT_CLOSE_SECONDS if plan.checkpoint is not None else 0.0
+        cancelled = self.host.cancel.remote(map_id, wait)
+        if wait:
+            try:
+                ray.get(cancelled, timeout=wait + 30)
+            except (ray.exceptions.RayError, TimeoutError) as error:
+                _log.warning("the host did not confirm that the map with checkpoint %s ended "
+                             "(%s); its last results may still be being written",
+                             plan.checkpoint.uri, error)
 
     def spawn(self, name: str, plan: MapPlan, items: list, keep_seconds: float,
               max_result_bytes: float) -> "spawned.SpawnedMap":
         """Ship ``items`` to the host and start the spawned map ``name`` there."""
         feeder = _Feeder(items, None, len(items))
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True, window=None)
+        if plan.checkpoint is not None:  # saved, not kept: as they come, the failures by index
+            hosted_plan = dataclasses.replace(
+                hosted_plan, ordered=False, indexed=True, window=DEFAULT_WINDOW,
+                checkpoint=dataclasses.replace(plan.checkpoint, read_back=False))
         ray.get(self.host.spawn.remote(name, hosted_plan, *feeder.first_chunk(), len(items),
                                        keep_seconds, max_result_bytes))
         try:

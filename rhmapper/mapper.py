@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from rhmapper.arguments import spec_of
 from rhmapper.checks import check_count, check_seconds
 from rhmapper.connect import ensure_ray
+from rhmapper.durable import Checkpointing, absolute_if_local, map_fingerprint
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
 from rhmapper.input_feed import SEQUENCES
@@ -179,9 +180,12 @@ class Mapper(PoolVerbs):
         The inputs are shipped to the mapper's host first. The results are kept in the host's
         memory until collected (``results()`` reads and deletes them), deleted, or for
         ``keep_seconds`` after the map ends (default a day); a map whose results outgrow
-        ``max_result_bytes`` (default 1 GiB) fails. Options as in `map` (no progress bar).
-        ``ObjectRef`` inputs must outlive this driver (``kwargs=`` values are copied to the
-        host).
+        ``max_result_bytes`` (default 1 GiB) fails. With ``checkpoint=URI`` the results are
+        saved there as they finish instead, with no size limit, and ``iter_results()`` reads
+        them from it once the map ended; spawned again with the same name and checkpoint (after
+        a crash of the host or the cluster), it runs only the inputs without a result. Options
+        as in `map` (no progress bar). ``ObjectRef`` inputs must outlive this driver
+        (``kwargs=`` values are copied to the host).
 
         Examples:
             >>> with rm.mapper(abs, replicas=1, on_cluster=True) as m:
@@ -233,7 +237,10 @@ class Mapper(PoolVerbs):
         batched = self.spec.batched
         call = CallSpec(method=method or "fn", star=star, kwargs=kwargs,
                         is_async=is_async_callable(target), batched=batched is not None)
-        return MapPlan(call=call, retries=Retries.of(settings.retries),
+        checkpoint = None if settings.checkpoint is None else Checkpointing(
+            absolute_if_local(settings.checkpoint),
+            self._fingerprint(method, settings.kwargs, star), settings.overwrite)
+        return MapPlan(call=call, retries=Retries.of(settings.retries), checkpoint=checkpoint,
                        return_exceptions=settings.return_exceptions, timeout=settings.timeout,
                        batch_size=settings.batch_size if batched is None
                        else batched.size_of(settings.batch_size),
@@ -241,6 +248,14 @@ class Mapper(PoolVerbs):
                        max_call_bytes=self.max_call_bytes, **shape,
                        **({} if batched is None else
                           {"max_wait_seconds": batched.max_wait_ms / 1000}))
+
+    def _fingerprint(self, method: str | None, kwargs: dict | None, star: bool) -> dict[str, str]:
+        target = self.spec.target
+        if isinstance(target, Module):
+            name, build_args = _qualified_name(target.cls), (target.args, target.kwargs)
+        else:
+            name, build_args = _qualified_name(target), None
+        return map_fingerprint(name, method, build_args, kwargs, star)
 
     def _run(self, plan: MapPlan, source: Iterator | list, progress: bool | None,
              total: int | None) -> Iterator[list]:
@@ -286,7 +301,7 @@ class Mapper(PoolVerbs):
         """Whether a map with ``settings`` shares batches with other callers (`rhmapper.lanes`):
         on a batched mapper, with the default ``batch_size`` and no ``progress=True``."""
         return (self._shared is not None and settings.batch_size == "auto"
-                and settings.progress is not True)
+                and settings.progress is not True and settings.checkpoint is None)
 
     def _lane(self, star: bool, settings: MapSettings, source: Iterator | list, ordered: bool,
               window: int | None = None) -> Lane:
@@ -318,6 +333,12 @@ class Mapper(PoolVerbs):
             chunk.reverse()
             while chunk:
                 yield chunk.pop()
+
+
+def _qualified_name(target: Any) -> str:
+    """``module.qualname`` of a function or class (its ``repr`` if it has none)."""
+    qualname = getattr(target, "__qualname__", None)
+    return repr(target) if qualname is None else f"{getattr(target, '__module__', '')}.{qualname}"
 
 
 def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:

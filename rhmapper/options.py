@@ -6,6 +6,7 @@ each one); `MapSettings` holds them with their defaults, checked as they are bui
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypedDict
 
@@ -28,6 +29,10 @@ class MapOptions(TypedDict, total=False):
         progress: show a tqdm bar (``None``, the default: when stderr is a terminal).
         max_replica_crashes: an item that was running each time a replica died this many times
             (default 3) fails with `rhmapper.ReplicaLostError`.
+        checkpoint: a local path or a ``pyarrow.fs`` URI (``s3://``, ``gs://``, ``file://``):
+            each result is saved there as it finishes, and the same map run again sends only
+            the inputs without one (see the "Durable maps" page).
+        overwrite: with ``checkpoint``, start afresh: delete what is saved there first.
 
     Examples:
         >>> options: MapOptions = {"retries": 2, "timeout": 30.0}
@@ -43,6 +48,8 @@ class MapOptions(TypedDict, total=False):
     batch_size: int | Literal["auto"]
     progress: bool | None
     max_replica_crashes: int
+    checkpoint: str | None
+    overwrite: bool
 
 
 class StreamOptions(MapOptions, total=False):
@@ -86,6 +93,8 @@ class MapSettings:
     progress: bool | None = None
     max_replica_crashes: int = 3
     window: int = DEFAULT_WINDOW
+    checkpoint: str | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.method is not None and not isinstance(self.method, str):
@@ -101,6 +110,15 @@ class MapSettings:
         self._set("max_replica_crashes", check_count("max_replica_crashes",
                                                      self.max_replica_crashes))
         self._set("window", check_count("window", self.window))
+        if self.checkpoint is not None:
+            if isinstance(self.checkpoint, os.PathLike):
+                self._set("checkpoint", os.fspath(self.checkpoint))
+            if not isinstance(self.checkpoint, str) or not self.checkpoint:
+                raise TypeError(f"checkpoint must be a local path or a URI (s3://..., gs://..., "
+                                f"file://...), got {self.checkpoint!r}")
+        if self.overwrite is not False and (self.overwrite is not True or not self.checkpoint):
+            raise ValueError(f"overwrite={self.overwrite!r} applies to a map with checkpoint=URI "
+                             "(overwrite=True deletes what is saved there first)")
 
     def _set(self, name: str, value: Any) -> None:
         """Store a checked value (a NumPy integer becomes an int) in this frozen dataclass."""
@@ -115,7 +133,7 @@ class MapSettings:
             >>> MapSettings.of({"retry": 1})
             Traceback (most recent call last):
             ...
-            TypeError: unknown map option 'retry'; the options are: batch_size, kwargs, max_replica_crashes, method, progress, retries, return_exceptions, timeout, window
+            TypeError: unknown map option 'retry'; the options are: batch_size, checkpoint, kwargs, max_replica_crashes, method, overwrite, progress, retries, return_exceptions, timeout, window
         """
         known = {option.name for option in fields(cls)} - (set() if stream else {"window"})
         unknown = sorted(set(options) - known)

@@ -5,9 +5,13 @@ the dispatch loop (`rhmapper.scheduler`) to name them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rhmapper.retries import Retries
 from rhmapper.wire import CallSpec
+
+if TYPE_CHECKING:
+    from rhmapper.durable import Checkpointing
 
 DEFAULT_MAX_CALL_BYTES = 16 * 2**20
 """A call carries about this many bytes of input at most; a larger item goes alone."""
@@ -45,6 +49,9 @@ class MapPlan:
     indexed: bool = False
     """An unordered map yields each result as an ``(index, value)`` pair (the shared runs of
     `rhmapper.lanes` tell by the index whose item it was)."""
+    checkpoint: Checkpointing | None = None
+    """A `rhmapper.durable.Checkpointing`: the map's results are saved there, and only inputs
+    without one are sent."""
     item_seconds_hint: float | None = None
     """The run time of one item measured by an earlier map of the same method, if any: auto
     batches are sized from it until this map's own calls answer (see `CallSizer.batch_size`)."""

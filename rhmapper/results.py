@@ -151,10 +151,13 @@ class ResultBook:
         ([['A', 'B'], ['C']], 3)
     """
 
-    def __init__(self, plan: MapPlan, on_progress: Callable[[int, MapStats], None] | None
-                 ) -> None:
+    def __init__(self, plan: MapPlan, on_progress: Callable[[int, MapStats], None] | None,
+                 on_value: Callable[[int, Any, Any], None] | None = None) -> None:
         self._plan = plan
         self._on_progress = on_progress
+        self._on_value = on_value
+        """``on_value(index, item, value)`` for each item that succeeded, as its reply comes (a
+        durable map saves it: `rhmapper.durable`)."""
         self.stats = MapStats()
         if plan.collect:
             self._sink: _ListSink | OrderedSink | UnorderedSink = _ListSink(plan.total or 0)
@@ -204,6 +207,12 @@ class ResultBook:
     def record(self, call: SentCall, reply: BatchReply, ran: int) -> None:
         """Take the reply of ``call``, whose first ``ran`` items ran: their values and failures,
         and the items it did not start (`BatchReply.not_started`)."""
+        if self._on_value is not None:
+            failed = reply.failures or {}
+            for position in range(min(ran, len(reply.values))):
+                if position not in failed:
+                    self._on_value(call.start + position, call.items[position],
+                                   reply.values[position])
         holes: set[int] = set()
         if reply.not_started and reply.not_started[1] == "timeout" and len(call.items) > 1:
             holes = self._run_alone(call, ran)

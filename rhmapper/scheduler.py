@@ -130,6 +130,7 @@ class MapRun:
         source: Iterator | list,
         on_progress: Callable[[int, MapStats], None] | None = None,
         cancelled: threading.Event | None = None,
+        on_value: Callable[[int, Any, Any], None] | None = None,
     ) -> None:
         self._pool = pool
         self._plan = plan
@@ -140,7 +141,7 @@ class MapRun:
             else InputFeed(source, plan.max_call_bytes, plan.max_wait_seconds,
                            on_news=lambda: pool.notify(self._inbox)))
         self._sizer = CallSizer(plan)
-        self._book = ResultBook(plan, on_progress)
+        self._book = ResultBook(plan, on_progress, on_value)
         self.stats: MapStats = self._book.stats
         self._in_flight: dict[Any, SentCall] = {}
         self._in_flight_on: dict[Replica, int] = {}

@@ -117,8 +117,10 @@ class SpawnedMap:
         return MapStatus(**self._call("spawned_status"))
 
     def iter_results(self, delete: bool = True) -> Iterator:
-        """The results in input order, each as soon as it and all before it are ready. Once all
-        are read the map is deleted (unless ``delete=False``). Raises the map's error (the
+        """The results in input order, each as soon as it and all before it are ready (of a map
+        spawned with ``checkpoint=``: once the map ended, read from the checkpoint a batch at a
+        time, whatever their size). Once all are read the map is deleted (unless
+        ``delete=False``). Raises the map's error (the
         user's exception with its notes, `MapCancelledError`, ...) after the results before it.
 
         Examples:

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.s3_server"]  # the s3_server and s3_uri fixtures (an S3 API on loopback)
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)
 TESTS_RUNTIME_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([REPO_DIR, TESTS_DIR])}}

@@ -15,6 +15,8 @@ import pytest
     "rhmapper.pool_records", "rhmapper.pool_events",
     "rhmapper.plan", "rhmapper.input_feed", "rhmapper.call_sizing", "rhmapper.results",
     "rhmapper.remote_errors", "rhmapper.lanes", "rhmapper.pool_idle", "rhmapper.ticker",
+    "rhmapper.digests", "rhmapper.checkpoint_layout", "rhmapper.checkpoint_store",
+    "rhmapper.checkpoint_read", "rhmapper.durable", "rhmapper.saved_results",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

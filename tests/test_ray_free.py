@@ -25,6 +25,8 @@ WITHOUT_RAY = """
     from rhmapper.lanes import SharedRuns
     from rhmapper.autoscaling import Autoscale, ScalingPolicy
     from rhmapper.wire import CallRequest, CallSpec, Guard, ReplicaDied
+    from rhmapper import checkpoint_layout, checkpoint_read, checkpoint_store, digests  # durable
+    from rhmapper import durable, saved_results
     from tests.fakes import FakePool, ReplicaKiller
 
     def flaky(x):
@@ -47,6 +49,12 @@ WITHOUT_RAY = """
     assert CallRequest.from_wire(request.to_wire()) == request
     assert "mapper" not in rhmapper.__all__ and "Env" in rhmapper.__all__
     assert rhmapper.Batched is Batched and BatchedCall(3, "fn").next_span() == (0, 3)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:  # a durable map's storage, on a local dir
+        with checkpoint_store.CheckpointStore.open(folder, {"target": "fn"}) as store:
+            store.add(0, digests.input_digest(3), 6)
+            store.mark_complete(1)
+        assert list(checkpoint_read.read_checkpoint(folder)) == [6]
     print(sorted(name for name in sys.modules if name == "ray" or name.startswith("ray.")))
 """
 

@@ -1,0 +1,136 @@
+"""Reading a checkpoint's results back in input order, with bounded memory.
+
+The shards are merged on their indexes: a shard is opened only when the merge reaches its first
+index, and an open shard holds one record batch (about 256 KiB) in memory. Shards written one
+after another by an ordered map hold runs of indexes that barely overlap, so few are open at a
+time however many there are.
+"""
+
+from __future__ import annotations
+
+import heapq
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+from rhmapper.checkpoint_layout import CheckpointLocation, Shard
+from rhmapper.errors import CheckpointIncompleteError, CheckpointNotFoundError
+
+
+def read_checkpoint(uri: str, partial: bool = False) -> Iterator[Any]:
+    """The results of the map checkpointed at ``uri``, in input order, a batch of them in memory
+    at a time.
+
+    The map must have finished: else `CheckpointIncompleteError` says how many results there are,
+    before any is read. With ``partial=True``, ``(index, result)`` pairs of the inputs done so
+    far, by index, whether or not the map finished.
+
+    Examples:
+        >>> import tempfile
+        >>> from rhmapper.checkpoint_store import CheckpointStore
+        >>> from rhmapper.digests import input_digest
+        >>> folder = tempfile.TemporaryDirectory(); uri = folder.name
+        >>> with CheckpointStore.open(uri, {"target": "upper"}, total=3) as store:
+        ...     for index in [2, 0]:
+        ...         store.add(index, input_digest("abc"[index]), "ABC"[index])
+        >>> list(read_checkpoint(uri, partial=True))
+        [(0, 'A'), (2, 'C')]
+        >>> read_checkpoint(uri)
+        Traceback (most recent call last):
+        ...
+        rhmapper.errors.CheckpointIncompleteError: checkpoint ... holds 2 of 3 results: ...
+        >>> with CheckpointStore.open(uri, {"target": "upper"}) as store:
+        ...     store.add(1, input_digest("b"), "B"); store.mark_complete(3)
+        >>> list(read_checkpoint(uri))
+        ['A', 'B', 'C']
+    """
+    location = CheckpointLocation(uri)
+    manifest = _manifest(location)
+    if partial:
+        return _merged(location, location.shards())
+    count = manifest["complete_count"]
+    if count is None:
+        shards = location.shards()
+        done = sum(location.shard_rows(shard) for shard in shards)
+        of_total = "" if manifest["total"] is None else f" of {manifest['total']}"
+        raise CheckpointIncompleteError(
+            f"checkpoint {uri} holds {done}{of_total} results: its map has not finished. Run the "
+            f"map again with checkpoint={uri!r} to finish it, or read what is done with "
+            f"read_checkpoint({uri!r}, partial=True).")
+    return _values_in_order(uri, _merged(location, location.shards()), count)
+
+
+def indexed_results(uri: str) -> Iterator[tuple[int, Any]]:
+    """``(index, result)`` of each input done in the checkpoint at ``uri``, by index, a batch of
+    them in memory at a time (what ``read_checkpoint(uri, partial=True)`` gives). The shards are
+    those there at the call: shards a store writes later are not read.
+
+    Examples:
+        >>> import tempfile
+        >>> from rhmapper.checkpoint_store import CheckpointStore
+        >>> folder = tempfile.TemporaryDirectory(); uri = folder.name
+        >>> with CheckpointStore.open(uri, {"target": "f"}) as store:
+        ...     store.add(5, bytes(16), None)
+        >>> list(indexed_results(uri))
+        [(5, None)]
+    """
+    location = CheckpointLocation(uri)
+    _manifest(location)
+    return _merged(location, location.shards())
+
+
+def _manifest(location: CheckpointLocation) -> dict:
+    manifest = location.read_manifest()
+    if manifest is None:
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {location.uri}: it has no manifest.json (nothing was written "
+            "there, or it was deleted). Check the URI, or run the map with checkpoint= to write "
+            "one.")
+    return manifest
+
+
+def _values_in_order(uri: str, results: Iterator[tuple[int, Any]], count: int) -> Iterator[Any]:
+    """The values of ``results``, checked to be those of inputs ``0 .. count - 1``, each once."""
+    expected = 0
+    for index, value in results:
+        if index != expected or expected == count:
+            break
+        yield value
+        expected += 1
+    if expected != count:
+        raise CheckpointIncompleteError(
+            f"checkpoint {uri} is marked complete with {count} results, but the result of input "
+            f"{expected} is missing: a shard was deleted outside rhmapper. Run the map again "
+            "with this checkpoint to compute the missing results.")
+
+
+def _merged(location: CheckpointLocation, shards: list[Shard]) -> Iterator[tuple[int, Any]]:
+    """``(index, value)`` of every row of ``shards`` (sorted by first index), by index; an index
+    found in two shards (two runs that wrote the same checkpoint at once) comes once."""
+    heap: list[tuple[int, int, bytes, Iterator[tuple[int, bytes]]]] = []
+    opened = 0
+    last = -1
+    while True:
+        while opened < len(shards) and (not heap or shards[opened].first_index <= heap[0][0]):
+            rows = _rows(location, shards[opened])
+            first = next(rows, None)
+            if first is not None:
+                heapq.heappush(heap, (first[0], opened, first[1], rows))
+            opened += 1
+        if not heap:
+            return
+        index, order, blob, rows = heap[0]
+        following = next(rows, None)
+        if following is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (following[0], order, following[1], rows))
+        if index != last:
+            last = index
+            yield index, pickle.loads(blob)
+
+
+def _rows(location: CheckpointLocation, shard: Shard) -> Iterator[tuple[int, bytes]]:
+    """``(index, pickled value)`` of a shard's rows, one record batch in memory at a time."""
+    for batch in location.read_shard(shard):
+        yield from zip(batch.column(0).to_pylist(), batch.column(2).to_pylist())

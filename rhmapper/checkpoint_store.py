@@ -1,0 +1,370 @@
+"""A durable map's results on storage: `CheckpointStore` opens a checkpoint (its manifest and the
+set of inputs already done), takes results as they finish and writes them in shards from a
+thread of its own.
+
+```text
+results thread ── add(index, digest, value) ── pickle ─► pending rows ─► writer thread
+                                                      │ every flush_bytes or flush_seconds
+                                                      ▼
+                        <uri>/shards/<first index>-<uuid8>.arrow (whole or absent)
+```
+
+The layout on storage is `rhmapper.checkpoint_layout`'s; reading results back,
+`rhmapper.checkpoint_read`'s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from types import TracebackType
+from typing import Any
+
+from rhmapper.checkpoint_layout import ROW_BYTES, CheckpointLocation, ShardRows, new_manifest
+from rhmapper.digests import DIGEST_SIZE, pickled
+from rhmapper.errors import CheckpointMismatchError, CheckpointWriteError
+
+_log = logging.getLogger(__name__)
+
+FLUSH_BYTES = 16 * 1024 * 1024
+"""A shard is written once this many bytes of results wait."""
+FLUSH_SECONDS = 5.0
+"""... or once its oldest result has waited this long."""
+
+
+class DoneSet:
+    """Which inputs have a result, and their digests: a byte and `DIGEST_SIZE` bytes per input
+    (17 MB per million inputs), so a look-up is O(1) and nothing is a Python object per input.
+
+    Examples:
+        >>> done = DoneSet()
+        >>> done.add(3, b"d" * 16), done.add(3, b"e" * 16), len(done), done.end
+        (True, False, 1, 4)
+        >>> 3 in done, 2 in done, 10**9 in done, done.digest(3)
+        (True, False, False, b'dddddddddddddddd')
+    """
+
+    def __init__(self) -> None:
+        self._flags = bytearray()
+        self._digests = bytearray()
+        self._count = 0
+        self.end = 0
+        """One past the highest index done (0 when none is)."""
+
+    def add(self, index: int, digest: bytes) -> bool:
+        """Record ``index`` as done with its input's ``digest``; False (and nothing changes) if
+        it was done already."""
+        if index >= len(self._flags):
+            grown = max(2 * len(self._flags), index + 1)
+            self._flags.extend(bytes(grown - len(self._flags)))
+            self._digests.extend(bytes(grown * DIGEST_SIZE - len(self._digests)))
+        elif self._flags[index]:
+            return False
+        self._flags[index] = 1
+        self._digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        self._count += 1
+        if index >= self.end:
+            self.end = index + 1
+        return True
+
+    def __contains__(self, index: int) -> bool:
+        return index < len(self._flags) and self._flags[index] == 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def digest(self, index: int) -> bytes:
+        """The digest of a done input."""
+        return bytes(self._digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+
+
+class CheckpointStore:
+    """One map's checkpoint, open for writing: what is done, and results added as they finish.
+
+    Open it with `CheckpointStore.open`. `add` is cheap (it pickles the value and queues it); a
+    thread of the store's own writes the queued results in a shard once ``flush_bytes`` of them
+    wait or the oldest has waited ``flush_seconds``, whether or not more come. A failed write is
+    raised, as `CheckpointWriteError`, from the next `add`, `flush` or `close`; shards written
+    before it stay. `close` (or leaving a ``with`` block) writes what waits and stops the thread.
+
+    Examples:
+        >>> import tempfile
+        >>> from rhmapper.digests import input_digest
+        >>> folder = tempfile.TemporaryDirectory(); uri = folder.name
+        >>> with CheckpointStore.open(uri, {"target": "square"}) as store:
+        ...     for index, item in enumerate([1, 2, 3]):
+        ...         store.add(index, input_digest(item), item * item)
+        >>> store = CheckpointStore.open(uri, {"target": "square"})
+        >>> store.done_count, store.done_end, store.is_done(2), store.is_done(3)
+        (3, 3, True, False)
+        >>> store.check_input(0, input_digest(1))  # the same input: nothing to say
+        >>> store.check_input(0, input_digest(5))
+        Traceback (most recent call last):
+        ...
+        rhmapper.errors.CheckpointMismatchError: input 0 differs from the input whose result ...
+        >>> store.mark_complete(3); store.close()
+    """
+
+    def __init__(self, location: CheckpointLocation, manifest: dict, done: DoneSet,
+                 flush_bytes: int, flush_seconds: float) -> None:
+        self._location = location
+        self._manifest = manifest
+        self._done = done
+        self._flush_bytes = flush_bytes
+        self._flush_seconds = flush_seconds
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        """Rows were added, written or failed, or a flush or close was asked for."""
+        self._pending = ShardRows()
+        self._pending_bytes = 0
+        self._oldest = 0.0
+        """`time.monotonic()` when the oldest pending result was added."""
+        self._writing_bytes = 0
+        self._added = 0
+        self._written = 0
+        self._flush_upto = 0
+        """`flush` wants the results added before this count written at once."""
+        self._closing = False
+        self._failure: Exception | None = None
+        self._thread = threading.Thread(target=self._write_shards, daemon=True,
+                                        name="rhmapper-checkpoint-writer")
+        self._thread.start()
+
+    @classmethod
+    def open(cls, uri: str, fingerprint: dict[str, str], *, overwrite: bool = False,
+             total: int | None = None, flush_bytes: int = FLUSH_BYTES,
+             flush_seconds: float = FLUSH_SECONDS) -> CheckpointStore:
+        """Open the checkpoint at ``uri`` for a map whose ``fingerprint`` (what makes its results
+        what they are: target, constant kwargs, options) is given, creating it if there is none.
+
+        A checkpoint of another fingerprint raises `CheckpointMismatchError` naming the first
+        difference, unless ``overwrite`` is True: then its files are deleted first. ``total`` is
+        the number of inputs when known, kept so that reading an unfinished checkpoint says how
+        many results are missing. Reads every shard, one at a time, to know which inputs are
+        done; marks the checkpoint not complete until `mark_complete`.
+
+        Examples:
+            >>> import tempfile
+            >>> folder = tempfile.TemporaryDirectory(); uri = folder.name
+            >>> CheckpointStore.open(uri, {"target": "f", "kwargs": "{}"}).close()
+            >>> CheckpointStore.open(uri, {"target": "g", "kwargs": "{}"})
+            Traceback (most recent call last):
+            ...
+            rhmapper.errors.CheckpointMismatchError: ... its fingerprint's 'target' is 'f' ...
+            >>> CheckpointStore.open(uri, {"target": "g"}, overwrite=True).done_count
+            0
+        """
+        _check_fingerprint(fingerprint)
+        location = CheckpointLocation(uri)
+        manifest = location.read_manifest()
+        if manifest is None:
+            _check_not_foreign(location, overwrite)
+        elif manifest["fingerprint"] != fingerprint and not overwrite:
+            raise CheckpointMismatchError(_fingerprint_difference(
+                uri, manifest["fingerprint"], fingerprint))
+        if overwrite:
+            location.delete()
+            manifest = None
+        done = DoneSet()
+        for shard in location.shards():  # their digests, not their values, are read
+            for batch in location.read_shard(shard, values=False):
+                for index, digest in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                    done.add(index, digest)
+        if manifest is None:
+            manifest = new_manifest(fingerprint, total)
+        else:  # running again: not complete until this run says so
+            manifest = {**manifest, "total": manifest.get("total") if total is None else total,
+                        "complete_count": None}
+            manifest.pop("completed_at", None)
+        location.write_manifest(manifest)
+        return cls(location, manifest, done, flush_bytes, flush_seconds)
+
+    @property
+    def uri(self) -> str:
+        """Where the checkpoint is, as it was given to `open`."""
+        return self._location.uri
+
+    @property
+    def done_count(self) -> int:
+        """How many inputs have a result: written, or added and waiting to be."""
+        return len(self._done)
+
+    @property
+    def done_end(self) -> int:
+        """One past the highest input index with a result (0 when none has one)."""
+        return self._done.end
+
+    def is_done(self, index: int) -> bool:
+        """Whether input ``index`` has a result (written, or added and waiting to be)."""
+        return index in self._done
+
+    def check_input(self, index: int, digest: bytes) -> None:
+        """Raise `CheckpointMismatchError` if input ``index`` is done and its ``digest`` is not
+        the one of the input whose result the checkpoint holds."""
+        if index in self._done and self._done.digest(index) != digest:
+            raise CheckpointMismatchError(
+                f"input {index} differs from the input whose result checkpoint {self.uri} holds "
+                f"(digest {digest.hex()}, the checkpoint's {self._done.digest(index).hex()}): "
+                "to resume a map, give it the same inputs in the same order; else use another "
+                "checkpoint URI, or pass overwrite=True to start afresh")
+
+    def add(self, index: int, digest: bytes, value: Any) -> None:
+        """Queue the result ``value`` of input ``index`` (whose digest is ``digest``) to be
+        written. Waits while the writer is more than twice ``flush_bytes`` behind."""
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError(f"a digest has {DIGEST_SIZE} bytes (rhmapper.digests.input_digest), "
+                             f"not {len(digest)}")
+        blob = pickled(value)
+        with self._lock:
+            self._raise_failure()
+            if self._closing:
+                raise ValueError(f"checkpoint {self.uri} is closed: open it again to add results")
+            if index < 0:
+                raise ValueError(f"an input's index is 0 or more, not {index}")
+            if not self._done.add(index, digest):
+                raise ValueError(f"input {index} has a result in checkpoint {self.uri} already: "
+                                 "add each input's result once (check is_done before running it)")
+            if not self._pending_bytes:
+                self._oldest = time.monotonic()
+                self._changed.notify_all()  # the writer now waits for this row's flush_seconds
+            self._pending.append(index, digest, blob)
+            self._added += 1
+            self._pending_bytes += len(blob) + ROW_BYTES
+            if self._pending_bytes >= self._flush_bytes:
+                self._changed.notify_all()
+            if self._pending_bytes + self._writing_bytes > 2 * self._flush_bytes:
+                while (self._pending_bytes + self._writing_bytes > 2 * self._flush_bytes
+                       and self._failure is None):
+                    self._changed.wait()
+                self._raise_failure()
+
+    def flush(self) -> None:
+        """Return once every result added so far is written."""
+        with self._lock:
+            self._flush_upto = self._added
+            self._changed.notify_all()
+            while self._written < self._flush_upto and self._failure is None:
+                self._changed.wait()
+            self._raise_failure()
+
+    def mark_complete(self, count: int) -> None:
+        """Record, in the manifest, that the map finished: inputs ``0 .. count - 1`` all have a
+        result (written first, if some still wait)."""
+        self.flush()
+        if len(self._done) != count or self._done.end > count:
+            raise ValueError(
+                f"checkpoint {self.uri} holds {len(self._done)} results, of inputs up to "
+                f"{self._done.end - 1}: not the results of inputs 0 .. {count - 1}; mark it "
+                "complete once every input has its result")
+        self._manifest = {**self._manifest, "complete_count": count, "completed_at":
+                          datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        self._location.write_manifest(self._manifest)
+
+    def close(self) -> None:
+        """Write what waits and stop the writer; again, nothing. Raises `CheckpointWriteError` if
+        a write failed."""
+        with self._lock:
+            self._closing = True
+            self._changed.notify_all()
+        self._thread.join()
+        with self._lock:
+            self._raise_failure()
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            self.close()
+        except CheckpointWriteError:
+            if not isinstance(error, CheckpointWriteError):
+                raise
+            # else the same failure is on its way out already
+
+    def _raise_failure(self) -> None:
+        """Raise the writer's failure (call with the lock held)."""
+        if self._failure is not None:
+            raise CheckpointWriteError(
+                f"writing results to checkpoint {self.uri} failed ({self._failure}): "
+                f"{self._added - self._written} results were not saved; those written before "
+                "stay. Once the storage is back, run the map again with the same checkpoint to "
+                "compute the missing results."
+            ) from self._failure
+
+    def _write_shards(self) -> None:
+        """The writer thread: write the pending rows as a shard when due, until closed or a
+        write fails."""
+        while self._write_next_shard():
+            pass
+
+    def _write_next_shard(self) -> bool:
+        """Wait until pending rows are due and write them; False once closed with nothing left,
+        or after a write failed. (The rows are freed on return, not kept while the next wait.)"""
+        with self._lock:
+            while not self._due():
+                if self._closing and not self._pending_bytes:
+                    return False
+                self._changed.wait(self._oldest + self._flush_seconds - time.monotonic()
+                                   if self._pending_bytes else None)
+            rows, self._pending = self._pending, ShardRows()
+            self._writing_bytes, self._pending_bytes = self._pending_bytes, 0
+        count = len(rows)
+        try:
+            self._location.write_shard(rows)  # empties rows
+        except Exception as error:  # raised from the next add, flush or close
+            _log.warning("rhmapper: writing a shard of checkpoint %s failed", self.uri,
+                         exc_info=True)
+            with self._lock:
+                self._failure = error
+                self._changed.notify_all()
+            return False
+        with self._lock:
+            self._written += count
+            self._writing_bytes = 0
+            self._changed.notify_all()
+        return True
+
+    def _due(self) -> bool:
+        """Whether the pending rows are to be written now (call with the lock held)."""
+        return self._pending_bytes > 0 and (
+            self._closing or self._pending_bytes >= self._flush_bytes
+            or self._flush_upto > self._written
+            or time.monotonic() - self._oldest >= self._flush_seconds)
+
+
+def _check_fingerprint(fingerprint: dict[str, str]) -> None:
+    if not isinstance(fingerprint, dict) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in fingerprint.items()):
+        raise TypeError(f"a checkpoint's fingerprint is a dict of str to str, not {fingerprint!r}")
+
+
+def _check_not_foreign(location: CheckpointLocation, overwrite: bool) -> None:
+    """Refuse a location with no manifest that holds files: another program's, which rhmapper
+    does not touch, or shards whose manifest was deleted, which only ``overwrite`` discards."""
+    names = location.names()
+    foreign = [name for name in names if name != "shards"]
+    if foreign:
+        raise CheckpointMismatchError(
+            f"{location.uri} holds files that are not a checkpoint's (such as {foreign[0]!r}) "
+            "and no manifest.json: rhmapper neither writes there nor deletes them. Use a new or "
+            "empty location for checkpoint=.")
+    if names and not overwrite:
+        raise CheckpointMismatchError(
+            f"{location.uri} holds shards of results but no manifest.json, so nothing says which "
+            "map wrote them: pass overwrite=True to discard them, or use another location.")
+
+
+def _fingerprint_difference(uri: str, stored: dict[str, str], given: dict[str, str]) -> str:
+    """The message naming the first key whose value differs between two fingerprints."""
+    key = next(key for key in [*given, *stored] if stored.get(key) != given.get(key))
+
+    def value(fingerprint: dict[str, str]) -> str:
+        return repr(fingerprint[key]) if key in fingerprint else "absent"
+
+    return (f"checkpoint {uri} was written by another map: its fingerprint's {key!r} is "
+            f"{value(stored)} there and {value(given)} here. To "
+            "resume it, run the same target with the same constant kwargs and options; else use "
+            "another checkpoint URI, or pass overwrite=True to discard its results")

@@ -1,0 +1,287 @@
+"""Durable maps, without Ray: a map with ``checkpoint=URI`` saves each result as it finishes
+(`rhmapper.checkpoint_store`) and, run again, sends only the inputs without one, giving back
+the saved results with the new ones as if nothing had failed.
+
+```text
+input ─► DurableMap.source ─┬─ done: digest checked, not sent
+                            └─ to do ─► the map (MapRun) ─► ResultBook ─► on_value ─► store.add
+saved results (by index) ──────────────────┐                    │ values of the run
+                                           ▼                    ▼
+                                   DurableMap.results: stored and new, in the verb's order
+```
+
+The inner map runs over the inputs still to do, numbered 0, 1, ... in their order; `DurableMap`
+keeps, per input sent, its index in the user's input (an ``array`` of 8 bytes per input).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+from rhmapper.checkpoint_store import CheckpointStore
+from rhmapper.digests import input_digest
+from rhmapper.errors import CheckpointMismatchError
+from rhmapper.plan import MapPlan
+
+STORED_BATCH = 1024
+"""Saved results are handed back in lists of up to this many."""
+
+OnValue = Callable[[int, Any, Any], None]
+"""``on_value(index, item, value)``: the map's item ``index`` (``item``) succeeded with ``value``."""
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """A map's ``checkpoint=`` option, as it travels with its `MapPlan` (to the host too).
+
+    Examples:
+        >>> Checkpointing("/tmp/ckpt", {"target": "builtins.abs"}).overwrite
+        False
+    """
+
+    uri: str
+    fingerprint: dict[str, str]
+    """What makes the map's results what they are (see `map_fingerprint`)."""
+    overwrite: bool = False
+    read_back: bool = True
+    """Whether the map hands back the results saved before (a spawned map's are read from the
+    checkpoint when asked for instead)."""
+
+
+def map_fingerprint(target: str, method: str | None, build_args: Any, kwargs: dict | None,
+                    star: bool) -> dict[str, str]:
+    """The fingerprint of a map: its target's qualified name, the method, digests of the
+    arguments its replicas are built with and of its constant ``kwargs``, and whether each
+    input is a tuple of arguments. (The code of the target is not part of it: a fixed bug
+    resumes; pass ``overwrite=True`` to start afresh.)
+
+    Examples:
+        >>> print(map_fingerprint("builtins.pow", None, None, {"mod": 7}, True)["target"])
+        builtins.pow
+    """
+    return {"target": target, "method": method or "", "star": str(star),
+            "build_args": input_digest(build_args).hex(),
+            "kwargs": input_digest(sorted((kwargs or {}).items())).hex()}
+
+
+def absolute_if_local(uri: str) -> str:
+    """``uri``, a local path made absolute (``~`` expanded) where it is given: the map may be
+    run by another process (the mapper's host).
+
+    Examples:
+        >>> absolute_if_local("s3://bucket/run"), absolute_if_local("/data/run")
+        ('s3://bucket/run', '/data/run')
+    """
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+class DurableMap:
+    """One run of a map with a checkpoint: which inputs to send, where their results go, and
+    the results handed back (see the module docstring); a context manager (leaving it writes
+    what waits).
+
+    Examples:
+        >>> import tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> spec = Checkpointing(folder.name, {"target": "square"})
+        >>> def square_all(items, on_value):  # a map that fails after its first two results
+        ...     for index, item in enumerate(items):
+        ...         if index == 2:
+        ...             raise RuntimeError("the driver died")
+        ...         on_value(index, item, item * item)
+        ...         yield [item * item]
+        >>> with DurableMap(spec, ordered=True) as durable:
+        ...     list(durable.results(square_all(durable.source(iter([1, 2, 3, 4])),
+        ...                                     durable.on_value)))
+        Traceback (most recent call last):
+        ...
+        RuntimeError: the driver died
+        >>> sent = []
+        >>> def square_rest(items, on_value):
+        ...     for index, item in enumerate(items):
+        ...         sent.append(item)
+        ...         on_value(index, item, item * item)
+        ...         yield [item * item]
+        >>> with DurableMap(spec, ordered=True) as durable:  # run again: 1 and 2 are not sent
+        ...     list(durable.results(square_rest(durable.source(iter([1, 2, 3, 4])),
+        ...                                      durable.on_value)))
+        [[1, 4], [9], [16]]
+        >>> sent
+        [3, 4]
+    """
+
+    def __init__(self, checkpointing: Checkpointing, ordered: bool, indexed: bool = False
+                 ) -> None:
+        self.store = CheckpointStore.open(checkpointing.uri, checkpointing.fingerprint,
+                                          overwrite=checkpointing.overwrite)
+        self._ordered, self._indexed = ordered, indexed
+        self._read_back = checkpointing.read_back
+        self.stored_before = self._stored_before = self.store.done_count
+        """How many inputs had a result saved when the map started."""
+        self._stored = (_indexed_results(self.store) if self._stored_before and self._read_back
+                        else iter(()))
+        self._index_of: array.array | None = None
+        """The index in the user's input of each input sent, by its index in the inner map
+        (``None``: the same, nothing was done before)."""
+        self._inputs: int | None = None
+        """How many inputs the user's input had, once it is exhausted."""
+
+    def inner_plan(self, plan: MapPlan) -> MapPlan:
+        """The plan of the inner map: no checkpoint, and the number of inputs without a result
+        if ``plan`` knows its total."""
+        total = plan.total
+        if total is not None:
+            if self.store.done_end > total:
+                self._inputs = total
+                self._check_length()
+            total -= self._stored_before
+        return dataclasses.replace(plan, checkpoint=None, total=total)
+
+    def source(self, items: Iterable) -> Iterator | list:
+        """The inputs to send: those without a result (the others' digests are checked); a
+        list stays a list (checked at once)."""
+        if isinstance(items, list):
+            if not self._stored_before:
+                self._inputs = len(items)
+                return items
+            rest = list(self._unsaved(items))
+            self._check_length()
+            return rest
+        return self._unsaved_then_checked(items)
+
+    def _unsaved(self, items: Iterable) -> Iterator:
+        store = self.store
+        index_of = self._index_of = array.array("q")
+        inputs = 0
+        for index, item in enumerate(items):
+            inputs = index + 1
+            if store.is_done(index):
+                store.check_input(index, input_digest(item))
+            else:
+                index_of.append(index)
+                yield item
+        self._inputs = inputs
+
+    def _unsaved_then_checked(self, items: Iterable) -> Iterator:
+        if self._stored_before:
+            yield from self._unsaved(items)
+            self._check_length()
+        else:
+            inputs = 0
+            for inputs, item in enumerate(items, start=1):
+                yield item
+            self._inputs = inputs
+
+    def _check_length(self) -> None:
+        store = self.store
+        if store.done_end > self._inputs:
+            raise CheckpointMismatchError(
+                f"checkpoint {store.uri} holds the result of input {store.done_end - 1}, but the "
+                f"input has {self._inputs} items: to resume a map, give it the same inputs; "
+                "else use another checkpoint URI, or pass overwrite=True to start afresh")
+
+    def on_value(self, index: int, item: Any, value: Any) -> None:
+        """The inner map's item ``index`` succeeded: save its result."""
+        if self._index_of is not None:
+            index = self._index_of[index]
+        self.store.add(index, input_digest(item), value)
+
+    def results(self, chunks: Iterator[list]) -> Iterator[list]:
+        """The results of the user's map, from the inner map's ``chunks``: the saved ones and
+        the new ones, in input order if ordered, else the saved ones first (unless the
+        checkpoint is not read back); of an indexed map, ``(index, value)`` pairs with the
+        index in the user's input. Once every input has its result, the checkpoint is marked
+        complete."""
+        if self._indexed:
+            yield from _batched(iter(self._stored))
+            index_of = self._index_of
+            yield from (chunks if index_of is None else
+                        ([(index_of[index], value) for index, value in chunk] for chunk in chunks))
+        elif not self._stored_before or not self._read_back:
+            yield from chunks
+        elif self._ordered:
+            yield from self._ordered_results(chunks)
+        else:
+            yield from _batched(value for _, value in self._stored)
+            yield from chunks
+        self._complete()
+
+    def collected(self, fresh: list) -> list:
+        """The results of a ``map`` in input order, from the inner map's list ``fresh``."""
+        if self._index_of is None:
+            results = fresh
+        else:
+            results = [None] * (len(fresh) + self._stored_before)
+            for index, value in self._stored:
+                results[index] = value
+            for position, value in enumerate(fresh):
+                results[self._index_of[position]] = value
+        self._complete()
+        return results
+
+    def __enter__(self) -> DurableMap:
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        """Write the results still waiting and stop the store's writer (a write failure is
+        raised as `rhmapper.errors.CheckpointWriteError`)."""
+        self.store.__exit__(*exception)
+
+    def _complete(self) -> None:
+        assert self._inputs is not None, "the inner map ended before its input"
+        if self.store.done_count == self._inputs:  # else items failed: a rerun runs them
+            self.store.mark_complete(self._inputs)
+
+    def _ordered_results(self, chunks: Iterator[list]) -> Iterator[list]:
+        """Saved and new results by index: the saved ones before the first input without a
+        result at once, then each new chunk with the saved ones between its values."""
+        stored, store = self._stored, self.store
+        first_missing = 0
+        while store.is_done(first_missing):
+            first_missing += 1
+        pending = next(stored, None)
+        batch: list = []
+        while pending is not None and pending[0] < first_missing:
+            batch.append(pending[1])
+            pending = next(stored, None)
+            if len(batch) >= STORED_BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        position = 0
+        for chunk in chunks:
+            merged = []
+            for value in chunk:
+                index = self._index_of[position]
+                position += 1
+                while pending is not None and pending[0] < index:
+                    merged.append(pending[1])
+                    pending = next(stored, None)
+                merged.append(value)
+            yield merged
+        if pending is not None:
+            yield [pending[1]]
+        yield from _batched(value for _, value in stored)
+
+
+def _indexed_results(store: CheckpointStore) -> Iterator[tuple[int, Any]]:
+    from rhmapper.checkpoint_read import indexed_results  # the shards there now: read lazily
+
+    return indexed_results(store.uri)
+
+
+def _batched(values: Iterator, size: int = STORED_BATCH) -> Iterator[list]:
+    """``values`` (read from storage, never waiting on work) in lists of up to ``size``."""
+    batch: list = []
+    for value in values:
+        batch.append(value)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

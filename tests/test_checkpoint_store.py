@@ -1,0 +1,363 @@
+"""The storage of durable maps, on real storage: a local directory and an S3 API on loopback
+(moto's server, reached through ``s3://`` and the AWS environment). Ray-free.
+
+Each test runs on both: results written in shards are read back (the done-set and digests by a
+store opened again, the values in input order by `read_checkpoint`), mismatches are named,
+storage that goes down mid-way fails the writes with what was not saved and loses nothing written
+before, and reading back holds a batch per shard, not the results.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import psutil
+import pytest
+
+from rhmapper.checkpoint_layout import CheckpointLocation
+from rhmapper.checkpoint_read import indexed_results, read_checkpoint
+from rhmapper.checkpoint_store import CheckpointStore
+from rhmapper.digests import input_digest
+from rhmapper.errors import (
+    CheckpointCorruptError,
+    CheckpointIncompleteError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
+from tests.conftest import REPO_DIR
+
+MIB = 2**20
+FINGERPRINT = {"target": "tests.square", "kwargs": "{}", "batched": "False"}
+
+
+@dataclass
+class Storage:
+    """Where a test's checkpoint goes, and how to take that storage down and bring it back."""
+
+    uri: str
+    down: Callable[[], None]
+    up: Callable[[], None]
+
+    def put(self, name: str, data: bytes) -> None:
+        """Write a raw file under the checkpoint's location (as something else would)."""
+        location = CheckpointLocation(self.uri)
+        path = f"{location.path}/{name}"
+        if not location.in_place:
+            location.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with location.filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+
+    def shard_count(self) -> int:
+        return len(CheckpointLocation(self.uri).shards())
+
+
+def _local_storage(folder: str) -> Storage:
+    """A local directory; down, its ``shards`` directory is moved away and a file takes its
+    place, so writing a shard fails as on a broken disk (permissions do not stop root)."""
+    uri = os.path.join(folder, "ckpt")
+    shards = os.path.join(uri, "shards")
+
+    def down() -> None:
+        os.rename(shards, shards + ".away")
+        with open(shards, "wb"):
+            pass
+
+    def up() -> None:
+        os.remove(shards)
+        os.rename(shards + ".away", shards)
+
+    return Storage(uri, down, up)
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path) -> Iterator[Storage]:
+    if request.param == "local":
+        yield _local_storage(str(tmp_path))
+    else:
+        server = request.getfixturevalue("s3_server")
+        yield Storage(request.getfixturevalue("s3_uri"), server.stop, server.start)
+
+
+def _write(uri: str, indexes: list[int], value: Callable[[int], object] = lambda i: i * i,
+           **options) -> None:
+    """Results ``value(i)`` of inputs ``i`` (digest of ``("item", i)``), written and closed."""
+    with CheckpointStore.open(uri, FINGERPRINT, **options) as store:
+        for index in indexes:
+            store.add(index, input_digest(("item", index)), value(index))
+
+
+def test_results_written_are_done_with_their_digests_when_opened_again(storage):
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        for index in [0, 2, 5, 3]:
+            store.add(index, input_digest(("item", index)), index * index)
+        assert store.done_count == 4 and store.is_done(5)
+        store.flush()
+        assert storage.shard_count() == 1
+    store = CheckpointStore.open(storage.uri, FINGERPRINT)
+    try:
+        assert store.done_count == 4 and store.done_end == 6
+        assert [index for index in range(8) if store.is_done(index)] == [0, 2, 3, 5]
+        for index in [0, 2, 3, 5]:
+            store.check_input(index, input_digest(("item", index)))  # the same inputs pass
+        store.check_input(1, input_digest("anything"))  # not done: nothing to compare
+        assert list(indexed_results(storage.uri)) == [(0, 0), (2, 4), (3, 9), (5, 25)]
+    finally:
+        store.close()
+    store.close()  # again: nothing
+
+
+class LabelledError(Exception):
+    """An exception with a field of its own, as a map's ``return_exceptions=True`` keeps."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)
+        self.code = code
+
+
+def test_values_round_trip(storage):
+    error = LabelledError("bad item", 7)
+    error.add_note("item 3 on replica embed_replica_0")
+    values = [None, error, np.arange(12, dtype=np.float32).reshape(3, 4), lambda x: x + 1,
+              {"nested": [1, ("two", b"\x00\xff")]}, b"x" * (3 * MIB), "last"]
+    _write(storage.uri, list(range(len(values))), values.__getitem__)
+    back = dict(indexed_results(storage.uri))
+    assert sorted(back) == list(range(len(values)))
+    assert back[0] is None
+    assert type(back[1]) is LabelledError and back[1].args == ("bad item", 7)
+    assert back[1].code == 7 and back[1].__notes__ == ["item 3 on replica embed_replica_0"]
+    assert back[2].dtype == np.float32 and np.array_equal(back[2], values[2])
+    assert back[3](1) == 2  # a lambda: written by cloudpickle
+    assert back[4] == values[4] and back[5] == values[5] and back[6] == "last"
+
+
+def test_another_fingerprint_is_refused_naming_the_first_difference(storage):
+    _write(storage.uri, [0, 1])
+    with pytest.raises(CheckpointMismatchError) as raised:
+        CheckpointStore.open(storage.uri, {**FINGERPRINT, "kwargs": "{'scale': 2}"})
+    message = str(raised.value)
+    assert storage.uri in message
+    assert "'kwargs' is '{}' there and \"{'scale': 2}\" here" in message
+    assert "overwrite=True" in message and "another checkpoint URI" in message
+    with pytest.raises(CheckpointMismatchError, match="'retries' is absent there and '3' here"):
+        CheckpointStore.open(storage.uri, {**FINGERPRINT, "retries": "3"})
+    assert isinstance(raised.value, ValueError)
+    assert dict(indexed_results(storage.uri)) == {0: 0, 1: 1}, "refused: nothing deleted"
+
+
+def test_a_changed_input_is_named(storage):
+    _write(storage.uri, [0, 1, 2])
+    store = CheckpointStore.open(storage.uri, FINGERPRINT)
+    try:
+        store.check_input(1, input_digest(("item", 1)))
+        with pytest.raises(CheckpointMismatchError) as raised:
+            store.check_input(2, input_digest(("item", "changed")))
+    finally:
+        store.close()
+    message = str(raised.value)
+    assert message.startswith(f"input 2 differs from the input whose result checkpoint "
+                              f"{storage.uri} holds")
+    assert "same inputs in the same order" in message and "overwrite=True" in message
+
+
+def test_overwrite_discards_what_was_there(storage):
+    _write(storage.uri, [0, 1, 2])
+    with CheckpointStore.open(storage.uri, {"target": "other"}, overwrite=True) as store:
+        assert store.done_count == 0 and not store.is_done(0)
+        store.add(7, input_digest("x"), "new")
+    assert list(indexed_results(storage.uri)) == [(7, "new")]
+    assert CheckpointLocation(storage.uri).read_manifest()["fingerprint"] == {"target": "other"}
+    with CheckpointStore.open(storage.uri, {"target": "other"}, overwrite=True) as store:
+        assert store.done_count == 0
+    assert list(indexed_results(storage.uri)) == [] and storage.shard_count() == 0
+
+
+def test_results_are_written_after_flush_seconds_without_more_adds(storage):
+    with CheckpointStore.open(storage.uri, FINGERPRINT, flush_seconds=1.5) as store:
+        added = time.monotonic()
+        store.add(0, input_digest(("item", 0)), "waits")
+        assert storage.shard_count() == 0, "written before flush_seconds"
+        while storage.shard_count() == 0:
+            assert time.monotonic() - added < 20, "not written 20 s after it was added"
+            time.sleep(0.05)
+        assert time.monotonic() - added >= 1.5
+        assert list(indexed_results(storage.uri)) == [(0, "waits")]
+
+
+def test_tmp_leftovers_and_foreign_names_are_ignored(storage):
+    _write(storage.uri, [0, 1])
+    storage.put("shards/00000005-0a1b2c3d.arrow.tmp", b"half a shard")
+    storage.put("shards/notes.txt", b"not a shard")
+    store = CheckpointStore.open(storage.uri, FINGERPRINT)
+    try:
+        assert store.done_count == 2 and not store.is_done(5)
+    finally:
+        store.close()
+    assert list(indexed_results(storage.uri)) == [(0, 0), (1, 1)]
+
+
+def test_a_cut_short_shard_is_named(storage):
+    _write(storage.uri, [0])
+    storage.put("shards/00000001-0a1b2c3d.arrow", b"ARROW1\x00\x00cut short")
+    with pytest.raises(CheckpointCorruptError, match="00000001-0a1b2c3d.arrow .*Delete that file"):
+        CheckpointStore.open(storage.uri, FINGERPRINT)
+    with pytest.raises(CheckpointCorruptError, match="00000001-0a1b2c3d.arrow"):
+        list(indexed_results(storage.uri))
+
+
+def test_results_come_in_input_order_across_many_interleaved_shards(storage):
+    count = 2000
+    order = list(range(count))
+    random.Random(22).shuffle(order)  # every shard holds indexes from all over the input
+
+    def value(index: int) -> bytes:
+        return index.to_bytes(4, "little") * 2048  # 8 KiB: several record batches per shard
+
+    with CheckpointStore.open(storage.uri, FINGERPRINT, total=count) as store:
+        for start in range(0, count, 100):
+            for index in order[start:start + 100]:
+                store.add(index, input_digest(("item", index)), value(index))
+            store.flush()
+        store.mark_complete(count)
+    assert storage.shard_count() == 20
+    assert all(got == value(index) for index, got in enumerate(read_checkpoint(storage.uri)))
+    assert sum(1 for _ in read_checkpoint(storage.uri)) == count
+
+
+def test_an_unfinished_map_is_read_whole_only_with_partial(storage):
+    with CheckpointStore.open(storage.uri, FINGERPRINT, total=10) as store:
+        for index in [6, 0, 4, 1, 2, 5]:
+            store.add(index, input_digest(("item", index)), f"r{index}")
+        with pytest.raises(ValueError, match="holds 6 results, of inputs up to 6"):
+            store.mark_complete(7)
+    with pytest.raises(CheckpointIncompleteError) as raised:
+        read_checkpoint(storage.uri)
+    assert "holds 6 of 10 results" in str(raised.value)
+    assert f"read_checkpoint({storage.uri!r}, partial=True)" in str(raised.value)
+    assert list(read_checkpoint(storage.uri, partial=True)) == [
+        (0, "r0"), (1, "r1"), (2, "r2"), (4, "r4"), (5, "r5"), (6, "r6")]
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        store.add(3, input_digest(("item", 3)), "r3")
+        store.mark_complete(7)
+    assert list(read_checkpoint(storage.uri)) == [f"r{index}" for index in range(7)]
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint at .*no manifest.json"):
+        read_checkpoint(storage.uri + "-nothing-here")
+
+
+def test_storage_down_fails_the_writes_loses_nothing_written_and_resumes(storage):
+    store = CheckpointStore.open(storage.uri, FINGERPRINT)
+    for index in range(10):
+        store.add(index, input_digest(("item", index)), f"r{index}")
+    store.flush()
+    storage.down()
+    try:
+        for index in range(10, 20):
+            store.add(index, input_digest(("item", index)), f"r{index}")
+        with pytest.raises(CheckpointWriteError) as raised:
+            store.flush()
+        message = str(raised.value)
+        assert storage.uri in message and "10 results were not saved" in message
+        assert "those written before stay" in message
+        assert isinstance(raised.value.__cause__, OSError)
+        with pytest.raises(CheckpointWriteError, match="10 results were not saved"):
+            store.add(20, input_digest(("item", 20)), "r20")
+        with pytest.raises(CheckpointWriteError, match="10 results were not saved"):
+            store.close()
+    finally:
+        storage.up()
+    assert list(indexed_results(storage.uri)) == [(index, f"r{index}") for index in range(10)]
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as resumed:
+        assert resumed.done_count == 10
+        assert [index for index in range(20) if resumed.is_done(index)] == list(range(10))
+        for index in range(10, 20):
+            resumed.add(index, input_digest(("item", index)), f"r{index}")
+        resumed.mark_complete(20)
+    assert list(read_checkpoint(storage.uri)) == [f"r{index}" for index in range(20)]
+
+
+def test_a_location_of_other_files_is_never_written_nor_deleted(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in [False, True]:
+        with pytest.raises(CheckpointMismatchError, match="such as 'notes.txt'"):
+            CheckpointStore.open(str(tmp_path), FINGERPRINT, overwrite=overwrite)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def test_reading_back_holds_a_batch_per_shard_not_the_results(storage):
+    """300 MiB of results in shards of 16 MiB: reading them back in order grows this process by
+    less than 100 MiB (a batch of 256 KiB per open shard: 1-10 MiB measured), and so does writing
+    them (at most 2 x 16 MiB of results wait: 55-70 MiB measured)."""
+    count, size = 300 * MIB // (64 * 1024), 64 * 1024
+
+    def value(index: int) -> bytes:
+        return index.to_bytes(8, "little") * (size // 8)
+
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        gc.collect()
+        before = _rss()  # pyarrow and its filesystem loaded
+        peak = before
+        for index in range(count):
+            store.add(index, input_digest(index), value(index))
+            if index % 256 == 0:
+                peak = max(peak, _rss())
+        store.mark_complete(count)
+    assert peak - before < 100 * MIB, f"writing grew RSS by {(peak - before) / MIB:.0f} MiB"
+    assert storage.shard_count() >= 18
+    gc.collect()
+    before = _rss()
+    peak = before
+    read = 0
+    for index, got in enumerate(read_checkpoint(storage.uri)):
+        assert got == value(index)
+        read += 1
+        if index % 256 == 0:
+            peak = max(peak, _rss())
+    assert read == count
+    assert peak - before < 100 * MIB, f"reading grew RSS by {(peak - before) / MIB:.0f} MiB"
+
+
+def test_digests_are_the_same_in_every_process_but_for_unordered_pickles():
+    """The same input has the same digest in another process; a set of strings, pickled in hash
+    order, does not when the hash seed differs (the documented limit)."""
+    script = ("from rhmapper.digests import input_digest; "
+              "print(input_digest(('a', 1, [2.5, None], {'k': b'v'})).hex(), "
+              "input_digest({'alpha', 'beta', 'gamma', 'delta', 'epsilon'}).hex())")
+    digests = [subprocess.run([sys.executable, "-c", script], cwd=REPO_DIR, timeout=60,
+                              capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.split()
+               for seed in ["1", "2"]]
+    assert digests[0][0] == digests[1][0] == input_digest(("a", 1, [2.5, None], {"k": b"v"})).hex()
+    assert digests[0][1] != digests[1][1]
+
+
+def test_a_result_is_added_once_and_never_after_close(tmp_path):
+    store = CheckpointStore.open(str(tmp_path), FINGERPRINT)
+    store.add(0, input_digest(("item", 0)), "first")
+    with pytest.raises(ValueError, match="input 0 has a result in checkpoint .* already"):
+        store.add(0, input_digest(("item", 0)), "second")
+    with pytest.raises(ValueError, match="a digest has 16 bytes"):
+        store.add(1, b"short", "value")
+    store.close()
+    with pytest.raises(ValueError, match="is closed: open it again"):
+        store.add(1, input_digest(("item", 1)), "late")
+    assert list(indexed_results(str(tmp_path))) == [(0, "first")]
+
+
+def test_without_pyarrow_the_error_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'rhmapper\[durable\]'"):
+        CheckpointStore.open(str(tmp_path), FINGERPRINT)
+    with pytest.raises(ImportError, match="checkpoint= needs pyarrow"):
+        read_checkpoint(str(tmp_path))

@@ -1,0 +1,177 @@
+"""Durable maps on Ray (issue 22): ``checkpoint=`` saves each result as it finishes; the same map
+run again sends only the inputs without a result and gives back every result, in order, as if
+nothing had failed. Executions are counted in files the replicas write; locally and with the
+mapper on the cluster."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import rhmapper as rm
+from rhmapper.checkpoint_read import indexed_results
+from rhmapper.errors import CheckpointMismatchError
+from tests.ray_head import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+ITEMS = list(range(60))
+
+
+def counted_square(x: int, runs: str, fail_at: int = -1) -> int:
+    """x squared; each run leaves a line in ``runs/x``; ``fail_at`` raises (the "crash")."""
+    with open(os.path.join(runs, str(x)), "a") as log:
+        log.write("run\n")
+    if x == fail_at:
+        raise RuntimeError(f"item {x} fails on purpose")
+    return x * x
+
+
+def runs_of(path: Path, items) -> dict[int, int]:
+    return {x: len((path / str(x)).read_text().splitlines()) if (path / str(x)).exists() else 0
+            for x in items}
+
+
+@pytest.fixture(params=[False, True], ids=["local", "on_cluster"])
+def squarer(request, ray_local):
+    with rm.mapper(counted_square, replicas=2, on_cluster=request.param) as m:
+        yield m
+
+
+def test_a_failed_map_resumes_sending_only_what_is_not_saved_and_returns_all_in_order(
+        squarer, tmp_path):
+    checkpoint, runs = str(tmp_path / "ckpt"), tmp_path / "runs"
+    runs.mkdir()
+    with pytest.raises(RuntimeError, match="item 45 fails on purpose"):
+        squarer.map(ITEMS, kwargs={"runs": str(runs), "fail_at": 45}, checkpoint=checkpoint,
+                    batch_size=3)
+    saved = dict(indexed_results(checkpoint))
+    assert saved and all(saved[x] == x * x for x in saved) and 45 not in saved
+    first = runs_of(runs, ITEMS)
+    # The same map again (item 45 still fails: its exception comes back in its place).
+    assert squarer.map(ITEMS, kwargs={"runs": str(runs), "fail_at": 45}, checkpoint=checkpoint,
+                       return_exceptions=True)[:45] == [x * x for x in ITEMS[:45]]
+    second = runs_of(runs, ITEMS)
+    assert all(second[x] == first[x] for x in saved), "a saved item ran again"
+    # (an item in flight when the first run failed may still have run after `first` was read)
+    assert all(second[x] >= first[x] + 1 for x in ITEMS if x not in saved)
+    again = squarer.map(ITEMS, kwargs={"runs": str(runs), "fail_at": 45}, checkpoint=checkpoint,
+                        return_exceptions=True)
+    assert isinstance(again[45], RuntimeError) and again[:45] == [x * x for x in ITEMS[:45]]
+    assert again[46:] == [x * x for x in ITEMS[46:]]
+    third = runs_of(runs, ITEMS)
+    assert {x: third[x] - second[x] for x in ITEMS} == {x: int(x == 45) for x in ITEMS}, (
+        "only the failed item runs again")
+
+
+@pytest.mark.parametrize("verb", ["imap", "imap_unordered"])
+def test_an_imap_left_early_resumes_with_the_rest(squarer, tmp_path, verb):
+    checkpoint, runs = str(tmp_path / "ckpt"), tmp_path / "runs"
+    runs.mkdir()
+    kwargs = {"runs": str(runs)}
+    stream = getattr(squarer, verb)(iter(ITEMS), kwargs=kwargs, checkpoint=checkpoint,
+                                    batch_size=2, window=8)
+    taken = [next(stream) for _ in range(10)]
+    stream.close()
+    assert len(taken) == 10 and all(value in {x * x for x in ITEMS} for value in taken)
+    first = runs_of(runs, ITEMS)
+    saved = dict(indexed_results(checkpoint))
+    assert len(saved) >= 10
+    results = list(getattr(squarer, verb)(iter(ITEMS), kwargs=kwargs, checkpoint=checkpoint))
+    expected = [x * x for x in ITEMS]
+    assert (results if verb == "imap" else sorted(results)) == expected
+    second = runs_of(runs, ITEMS)
+    assert all(second[x] == first[x] for x in saved), "a saved item ran again"
+    assert all(second[x] >= 1 for x in ITEMS)
+    assert list(getattr(squarer, verb)(ITEMS, kwargs=kwargs, checkpoint=checkpoint)) == (
+        results), "a complete checkpoint gives its results back"
+    assert runs_of(runs, ITEMS) == second, "a complete checkpoint runs nothing"
+    assert list(rm.read_checkpoint(checkpoint)) == expected
+
+
+def test_another_map_or_other_inputs_are_refused_before_anything_runs(squarer, tmp_path):
+    checkpoint, runs = str(tmp_path / "ckpt"), tmp_path / "runs"
+    runs.mkdir()
+    kwargs = {"runs": str(runs)}
+    assert squarer.map([1, 2, 3], kwargs=kwargs, checkpoint=checkpoint) == [1, 4, 9]
+    before = runs_of(runs, range(10))
+    with pytest.raises(CheckpointMismatchError, match="'kwargs'"):
+        squarer.map([1, 2, 3], kwargs={**kwargs, "fail_at": 7}, checkpoint=checkpoint)
+    with pytest.raises(CheckpointMismatchError, match="input 1 differs"):
+        squarer.map([1, 5, 3], kwargs=kwargs, checkpoint=checkpoint)
+    with pytest.raises(CheckpointMismatchError, match="input has 2 items"):
+        squarer.map([1, 2], kwargs=kwargs, checkpoint=checkpoint)
+    assert runs_of(runs, range(10)) == before, "a refused map ran items"
+    assert squarer.map([1, 5, 3], kwargs=kwargs, checkpoint=checkpoint, overwrite=True) == [
+        1, 25, 9]
+    assert runs_of(runs, [1, 5, 3]) == {1: before[1] + 1, 5: 1, 3: before[3] + 1}
+    with pytest.raises(ValueError, match="overwrite=True applies to a map with checkpoint"):
+        squarer.map([1], kwargs=kwargs, overwrite=True)
+
+
+def test_a_longer_input_resumes_and_star_maps_are_their_own_maps(squarer, tmp_path):
+    checkpoint, runs = str(tmp_path / "ckpt"), str(tmp_path)
+    assert squarer.map([1, 2], kwargs={"runs": runs}, checkpoint=checkpoint) == [1, 4]
+    assert squarer.map([1, 2, 3], kwargs={"runs": runs}, checkpoint=checkpoint) == [1, 4, 9]
+    assert runs_of(tmp_path, [1, 2, 3]) == {1: 1, 2: 1, 3: 1}
+    with pytest.raises(CheckpointMismatchError, match="'star'"):
+        squarer.starmap([(1, runs)], checkpoint=checkpoint)
+
+
+def slow_square(x: int, runs: str) -> int:
+    counted_square(x, runs)
+    time.sleep(0.05)
+    return x * x
+
+
+def test_a_map_to_s3_resumes_from_what_it_saved(ray_local, s3_uri, tmp_path):
+    with rm.mapper(counted_square, replicas=2) as m:
+        kwargs = {"runs": str(tmp_path), "fail_at": 30}
+        with pytest.raises(RuntimeError, match="item 30 fails on purpose"):
+            m.map(ITEMS, kwargs=kwargs, checkpoint=s3_uri, batch_size=2)
+        saved = dict(indexed_results(s3_uri))
+        assert saved and all(saved[x] == x * x for x in saved) and 30 not in saved
+        first = runs_of(tmp_path, ITEMS)
+        values = m.map(ITEMS, kwargs=kwargs, checkpoint=s3_uri, return_exceptions=True)
+        assert [v for x, v in enumerate(values) if x != 30] == [x * x for x in ITEMS if x != 30]
+        second = runs_of(tmp_path, ITEMS)
+        assert all(second[x] == first[x] for x in saved), "a saved item ran again"
+
+
+def test_storage_failing_mid_map_fails_it_and_the_rerun_resumes_from_what_was_written(
+        ray_local, tmp_path):
+    checkpoint, runs = tmp_path / "ckpt", tmp_path / "runs"
+    runs.mkdir()
+    shards, moved = checkpoint / "shards", checkpoint / "shards.moved"
+    items = range(300)
+    with rm.mapper(slow_square, replicas=2) as m:
+        failed = []
+
+        def map_in_thread():
+            try:
+                m.map(items, kwargs={"runs": str(runs)}, checkpoint=str(checkpoint), batch_size=1)
+            except rm.CheckpointWriteError as error:
+                failed.append(error)
+
+        mapping = threading.Thread(target=map_in_thread)
+        mapping.start()
+        assert wait_until(lambda: shards.is_dir() and any(shards.glob("*.arrow")), seconds=60)
+        shards.rename(moved)  # the storage fails: no shard can be written from now on
+        shards.write_text("not a directory")
+        mapping.join(120)
+        assert not mapping.is_alive() and failed, "the map did not fail with CheckpointWriteError"
+        assert str(checkpoint) in str(failed[0]) and "were not saved" in str(failed[0])
+        shards.unlink()
+        moved.rename(shards)  # the storage is back
+        saved = dict(indexed_results(str(checkpoint)))
+        assert saved and all(saved[x] == x * x for x in saved)
+        first = runs_of(runs, items)
+        assert m.map(items, kwargs={"runs": str(runs)}, checkpoint=str(checkpoint)) == [
+            x * x for x in items]
+        second = runs_of(runs, items)
+        assert all(second[x] == first[x] for x in saved), "a saved item ran again"
+        assert all(second[x] >= 1 for x in items)
