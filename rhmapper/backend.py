@@ -24,11 +24,12 @@ from rhmapper.autoscaling import (
 from rhmapper.batching import Batched
 from rhmapper.checks import check_count
 from rhmapper.env import Env
-from rhmapper.durable import DurableMap, OnValue
+from rhmapper.durable import DurableMap
 from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module
 from rhmapper.replicas import ReplicaPool
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
+from rhmapper.results import OnValues
 from rhmapper.scheduler import MapRun
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ class LocalBackend:
             if durable.stored_before:
                 on_progress(durable.stored_before, MapStats(), self.pool.ready_replicas())
             chunks = self._run(durable.inner_plan(plan), durable.source(source), on_progress,
-                               cancelled, durable.on_value)
+                               cancelled, durable.on_values)
             if plan.collect:
                 *_, fresh = chunks
                 yield durable.collected(fresh)
@@ -288,7 +289,7 @@ class LocalBackend:
                 yield from durable.results(chunks)
 
     def _run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
-             cancelled: threading.Event, on_value: OnValue | None = None) -> Iterator[list]:
+             cancelled: threading.Event, on_values: OnValues | None = None) -> Iterator[list]:
         end_signal, end_map = self.pool.open_end_signal()
         method = plan.call.method
         plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal),
@@ -296,7 +297,7 @@ class LocalBackend:
         pool = self.pool
         run = MapRun(pool, plan, source,
                      lambda done, stats: on_progress(done, stats, pool.ready_replicas()), cancelled,
-                     on_value)
+                     on_values)
         try:
             yield from run.chunks()
             if plan.collect:

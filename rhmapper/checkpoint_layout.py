@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import bisect
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -272,15 +273,24 @@ class ShardRows:
     def append(self, index: int, digest: bytes, value: bytes) -> None:
         """Add the row of input ``index``: its ``digest`` (`DIGEST_SIZE` bytes) and its pickled
         ``value``."""
-        if index < self._last:
+        self.extend([index], [digest], [value])
+
+    def extend(self, indexes: list[int], digests: list[bytes], values: list[bytes]) -> int:
+        """`append` each row of ``indexes``, ``digests`` and ``values``; the bytes of values
+        added."""
+        if indexes[0] < self._last or any(a > b for a, b in zip(indexes, indexes[1:])):
             self.in_order = False
-        if index < self.first_index or self.first_index < 0:
-            self.first_index = index
-        self._last = index
-        self.indexes.append(index)
-        self.digests += digest
-        self.values += value
-        self.offsets.append(len(self.values))
+        lowest = min(indexes)
+        if lowest < self.first_index or self.first_index < 0:
+            self.first_index = lowest
+        self._last = indexes[-1]
+        self.indexes.extend(indexes)
+        self.digests += b"".join(digests)
+        offset = len(self.values)
+        self.values += b"".join(values)
+        self.offsets.extend(itertools.islice(
+            itertools.accumulate(map(len, values), initial=offset), 1, None))
+        return len(self.values) - offset
 
     def __len__(self) -> int:
         return len(self.indexes)

@@ -31,7 +31,11 @@ _log = logging.getLogger(__name__)
 FLUSH_BYTES = 16 * 1024 * 1024
 """A shard is written once this many bytes of results wait."""
 FLUSH_SECONDS = 5.0
-"""... or once its oldest result has waited this long."""
+"""... or once its oldest result has waited this long at most: `FLUSH_SHARE` of the time the
+store has been open, between `FLUSH_SECONDS_MIN` and this (unless ``flush_seconds`` is given)."""
+FLUSH_SHARE = 1 / 50
+"""A crash loses at most this share of a map's time so far (a resume redoes at most that)."""
+FLUSH_SECONDS_MIN = 0.25
 
 
 class DoneSet:
@@ -56,18 +60,28 @@ class DoneSet:
     def add(self, index: int, digest: bytes) -> bool:
         """Record ``index`` as done with its input's ``digest``; False (and nothing changes) if
         it was done already."""
-        if index >= len(self._flags):
-            grown = max(2 * len(self._flags), index + 1)
-            self._flags.extend(bytes(grown - len(self._flags)))
+        return self.add_many([index], [digest]) is None
+
+    def add_many(self, indexes: list[int], digests: list[bytes]) -> int | None:
+        """Record each of ``indexes`` as done with its digest; the first index that was done
+        already, if any (then nothing changes)."""
+        flags, end = self._flags, max(indexes) + 1
+        if end > len(flags):
+            grown = max(2 * len(flags), end)
+            flags.extend(bytes(grown - len(flags)))
             self._digests.extend(bytes(grown * DIGEST_SIZE - len(self._digests)))
-        elif self._flags[index]:
-            return False
-        self._flags[index] = 1
-        self._digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
-        self._count += 1
-        if index >= self.end:
-            self.end = index + 1
-        return True
+        for index in indexes:
+            if flags[index]:
+                return index
+        if len(set(indexes)) != len(indexes):
+            return next(index for index in indexes if indexes.count(index) > 1)
+        stored = self._digests
+        for index, digest in zip(indexes, digests):
+            flags[index] = 1
+            stored[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        self._count += len(indexes)
+        self.end = max(self.end, end)
+        return None
 
     def __contains__(self, index: int) -> bool:
         return index < len(self._flags) and self._flags[index] == 1
@@ -85,7 +99,8 @@ class CheckpointStore:
 
     Open it with `CheckpointStore.open`. `add` is cheap (it pickles the value and queues it); a
     thread of the store's own writes the queued results in a shard once ``flush_bytes`` of them
-    wait or the oldest has waited ``flush_seconds``, whether or not more come. A failed write is
+    wait or the oldest has waited ``flush_seconds`` (by default 1/50 of the time the store has
+    been open, between 0.25 s and 5 s), whether or not more come. A failed write is
     raised, as `CheckpointWriteError`, from the next `add`, `flush` or `close`; shards written
     before it stay. `close` (or leaving a ``with`` block) writes what waits and stops the thread.
 
@@ -108,12 +123,13 @@ class CheckpointStore:
     """
 
     def __init__(self, location: CheckpointLocation, manifest: dict, done: DoneSet,
-                 flush_bytes: int, flush_seconds: float) -> None:
+                 flush_bytes: int, flush_seconds: float | None) -> None:
         self._location = location
         self._manifest = manifest
         self._done = done
         self._flush_bytes = flush_bytes
         self._flush_seconds = flush_seconds
+        self._opened_at = time.monotonic()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         """Rows were added, written or failed, or a flush or close was asked for."""
@@ -135,7 +151,7 @@ class CheckpointStore:
     @classmethod
     def open(cls, uri: str, fingerprint: dict[str, str], *, overwrite: bool = False,
              total: int | None = None, flush_bytes: int = FLUSH_BYTES,
-             flush_seconds: float = FLUSH_SECONDS) -> CheckpointStore:
+             flush_seconds: float | None = None) -> CheckpointStore:
         """Open the checkpoint at ``uri`` for a map whose ``fingerprint`` (what makes its results
         what they are: target, constant kwargs, options) is given, creating it if there is none.
 
@@ -213,25 +229,32 @@ class CheckpointStore:
     def add(self, index: int, digest: bytes, value: Any) -> None:
         """Queue the result ``value`` of input ``index`` (whose digest is ``digest``) to be
         written. Waits while the writer is more than twice ``flush_bytes`` behind."""
-        if len(digest) != DIGEST_SIZE:
+        self.add_many([index], [digest], [value])
+
+    def add_many(self, indexes: list[int], digests: list[bytes], values: list) -> None:
+        """`add` for several results at once (those of one call: one lock, no Python call per
+        result beyond pickling it)."""
+        if any(len(digest) != DIGEST_SIZE for digest in digests):
             raise ValueError(f"a digest has {DIGEST_SIZE} bytes (rhmapper.digests.input_digest), "
-                             f"not {len(digest)}")
-        blob = pickled(value)
+                             f"not {[len(digest) for digest in digests]}")
+        blobs = [pickled(value) for value in values]
         with self._lock:
             self._raise_failure()
             if self._closing:
                 raise ValueError(f"checkpoint {self.uri} is closed: open it again to add results")
-            if index < 0:
-                raise ValueError(f"an input's index is 0 or more, not {index}")
-            if not self._done.add(index, digest):
-                raise ValueError(f"input {index} has a result in checkpoint {self.uri} already: "
-                                 "add each input's result once (check is_done before running it)")
+            if min(indexes) < 0:
+                raise ValueError(f"an input's index is 0 or more, not {min(indexes)}")
+            repeated = self._done.add_many(indexes, digests)
+            if repeated is not None:
+                raise ValueError(f"input {repeated} has a result in checkpoint {self.uri} "
+                                 "already: add each input's result once (check is_done before "
+                                 "running it)")
             if not self._pending_bytes:
                 self._oldest = time.monotonic()
                 self._changed.notify_all()  # the writer now waits for this row's flush_seconds
-            self._pending.append(index, digest, blob)
-            self._added += 1
-            self._pending_bytes += len(blob) + ROW_BYTES
+            added_bytes = self._pending.extend(indexes, digests, blobs)
+            self._added += len(indexes)
+            self._pending_bytes += added_bytes + ROW_BYTES * len(indexes)
             if self._pending_bytes >= self._flush_bytes:
                 self._changed.notify_all()
             if self._pending_bytes + self._writing_bytes > 2 * self._flush_bytes:
@@ -307,7 +330,7 @@ class CheckpointStore:
             while not self._due():
                 if self._closing and not self._pending_bytes:
                     return False
-                self._changed.wait(self._oldest + self._flush_seconds - time.monotonic()
+                self._changed.wait(self._oldest + self._interval() - time.monotonic()
                                    if self._pending_bytes else None)
             rows, self._pending = self._pending, ShardRows()
             self._writing_bytes, self._pending_bytes = self._pending_bytes, 0
@@ -332,7 +355,15 @@ class CheckpointStore:
         return self._pending_bytes > 0 and (
             self._closing or self._pending_bytes >= self._flush_bytes
             or self._flush_upto > self._written
-            or time.monotonic() - self._oldest >= self._flush_seconds)
+            or time.monotonic() - self._oldest >= self._interval())
+
+    def _interval(self) -> float:
+        """How long the oldest pending row may wait: ``flush_seconds`` if given, else
+        `FLUSH_SHARE` of the time open, between `FLUSH_SECONDS_MIN` and `FLUSH_SECONDS`."""
+        if self._flush_seconds is not None:
+            return self._flush_seconds
+        share = FLUSH_SHARE * (time.monotonic() - self._opened_at)
+        return min(FLUSH_SECONDS, max(FLUSH_SECONDS_MIN, share))
 
 
 def _check_fingerprint(fingerprint: dict[str, str]) -> None:

@@ -4,7 +4,7 @@ the saved results with the new ones as if nothing had failed.
 
 ```text
 input ─► DurableMap.source ─┬─ done: digest checked, not sent
-                            └─ to do ─► the map (MapRun) ─► ResultBook ─► on_value ─► store.add
+                            └─ to do ─► the map (MapRun) ─► ResultBook ─► on_values ─► store
 saved results (by index) ──────────────────┐                    │ values of the run
                                            ▼                    ▼
                                    DurableMap.results: stored and new, in the verb's order
@@ -20,7 +20,7 @@ import array
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from rhmapper.checkpoint_store import CheckpointStore
 from rhmapper.digests import input_digest
@@ -29,9 +29,6 @@ from rhmapper.plan import MapPlan
 
 STORED_BATCH = 1024
 """Saved results are handed back in lists of up to this many."""
-
-OnValue = Callable[[int, Any, Any], None]
-"""``on_value(index, item, value)``: the map's item ``index`` (``item``) succeeded with ``value``."""
 
 
 @dataclass(frozen=True)
@@ -88,27 +85,27 @@ class DurableMap:
         >>> import tempfile
         >>> folder = tempfile.TemporaryDirectory()
         >>> spec = Checkpointing(folder.name, {"target": "square"})
-        >>> def square_all(items, on_value):  # a map that fails after its first two results
+        >>> def square_all(items, on_values):  # a map that fails after its first two results
         ...     for index, item in enumerate(items):
         ...         if index == 2:
         ...             raise RuntimeError("the driver died")
-        ...         on_value(index, item, item * item)
+        ...         on_values([index], [item], [item * item])
         ...         yield [item * item]
         >>> with DurableMap(spec, ordered=True) as durable:
         ...     list(durable.results(square_all(durable.source(iter([1, 2, 3, 4])),
-        ...                                     durable.on_value)))
+        ...                                     durable.on_values)))
         Traceback (most recent call last):
         ...
         RuntimeError: the driver died
         >>> sent = []
-        >>> def square_rest(items, on_value):
+        >>> def square_rest(items, on_values):
         ...     for index, item in enumerate(items):
         ...         sent.append(item)
-        ...         on_value(index, item, item * item)
+        ...         on_values([index], [item], [item * item])
         ...         yield [item * item]
         >>> with DurableMap(spec, ordered=True) as durable:  # run again: 1 and 2 are not sent
         ...     list(durable.results(square_rest(durable.source(iter([1, 2, 3, 4])),
-        ...                                      durable.on_value)))
+        ...                                      durable.on_values)))
         [[1, 4], [9], [16]]
         >>> sent
         [3, 4]
@@ -184,11 +181,12 @@ class DurableMap:
                 f"input has {self._inputs} items: to resume a map, give it the same inputs; "
                 "else use another checkpoint URI, or pass overwrite=True to start afresh")
 
-    def on_value(self, index: int, item: Any, value: Any) -> None:
-        """The inner map's item ``index`` succeeded: save its result."""
+    def on_values(self, indexes: list[int], items: list, values: list) -> None:
+        """The inner map's items at ``indexes`` succeeded: save their results."""
         if self._index_of is not None:
-            index = self._index_of[index]
-        self.store.add(index, input_digest(item), value)
+            index_of = self._index_of
+            indexes = [index_of[index] for index in indexes]
+        self.store.add_many(indexes, [input_digest(item) for item in items], values)
 
     def results(self, chunks: Iterator[list]) -> Iterator[list]:
         """The results of the user's map, from the inner map's ``chunks``: the saved ones and

@@ -25,6 +25,9 @@ from rhmapper.wire import BatchReply, ReplicaDied
 if TYPE_CHECKING:
     from rhmapper.scheduler import Replica
 
+OnValues = Callable[[list[int], list, list], None]
+"""``on_values(indexes, items, values)``: the map's items at ``indexes`` succeeded."""
+
 _RETRYING = object()
 """What `ResultBook._failed` returns when the item will run again."""
 
@@ -152,12 +155,12 @@ class ResultBook:
     """
 
     def __init__(self, plan: MapPlan, on_progress: Callable[[int, MapStats], None] | None,
-                 on_value: Callable[[int, Any, Any], None] | None = None) -> None:
+                 on_values: OnValues | None = None) -> None:
         self._plan = plan
         self._on_progress = on_progress
-        self._on_value = on_value
-        """``on_value(index, item, value)`` for each item that succeeded, as its reply comes (a
-        durable map saves it: `rhmapper.durable`)."""
+        self._on_values = on_values
+        """Called with the items of each reply that succeeded (a durable map saves them:
+        `rhmapper.durable`)."""
         self.stats = MapStats()
         if plan.collect:
             self._sink: _ListSink | OrderedSink | UnorderedSink = _ListSink(plan.total or 0)
@@ -207,12 +210,14 @@ class ResultBook:
     def record(self, call: SentCall, reply: BatchReply, ran: int) -> None:
         """Take the reply of ``call``, whose first ``ran`` items ran: their values and failures,
         and the items it did not start (`BatchReply.not_started`)."""
-        if self._on_value is not None:
+        if self._on_values is not None:
             failed = reply.failures or {}
-            for position in range(min(ran, len(reply.values))):
-                if position not in failed:
-                    self._on_value(call.start + position, call.items[position],
-                                   reply.values[position])
+            ok = [position for position in range(min(ran, len(reply.values)))
+                  if position not in failed]
+            if ok:
+                self._on_values([call.start + position for position in ok],
+                                [call.items[position] for position in ok],
+                                [reply.values[position] for position in ok])
         holes: set[int] = set()
         if reply.not_started and reply.not_started[1] == "timeout" and len(call.items) > 1:
             holes = self._run_alone(call, ran)

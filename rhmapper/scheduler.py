@@ -35,7 +35,7 @@ from rhmapper.call_sizing import CallSizer
 from rhmapper.errors import MapCancelledError, NoReplicasError
 from rhmapper.input_feed import SEQUENCES, InputFeed, ListFeed
 from rhmapper.plan import MapPlan, MapStats
-from rhmapper.results import ResultBook, SentCall
+from rhmapper.results import OnValues, ResultBook, SentCall
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, ReplicaDied
 
@@ -130,7 +130,7 @@ class MapRun:
         source: Iterator | list,
         on_progress: Callable[[int, MapStats], None] | None = None,
         cancelled: threading.Event | None = None,
-        on_value: Callable[[int, Any, Any], None] | None = None,
+        on_values: OnValues | None = None,
     ) -> None:
         self._pool = pool
         self._plan = plan
@@ -141,7 +141,7 @@ class MapRun:
             else InputFeed(source, plan.max_call_bytes, plan.max_wait_seconds,
                            on_news=lambda: pool.notify(self._inbox)))
         self._sizer = CallSizer(plan)
-        self._book = ResultBook(plan, on_progress, on_value)
+        self._book = ResultBook(plan, on_progress, on_values)
         self.stats: MapStats = self._book.stats
         self._in_flight: dict[Any, SentCall] = {}
         self._in_flight_on: dict[Replica, int] = {}

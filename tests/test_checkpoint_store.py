@@ -295,10 +295,12 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def test_reading_back_holds_a_batch_per_shard_not_the_results(storage):
+def test_reading_back_holds_a_batch_per_shard_not_the_results(tmp_path):
     """300 MiB of results in shards of 16 MiB: reading them back in order grows this process by
     less than 100 MiB (a batch of 256 KiB per open shard: 1-10 MiB measured), and so does writing
-    them (at most 2 x 16 MiB of results wait: 55-70 MiB measured)."""
+    them (at most 2 x 16 MiB of results wait: 55-70 MiB measured). On a local directory only:
+    what is held is the reader's and the writer's, whatever the storage (on S3 it took 18 s)."""
+    storage = _local_storage(str(tmp_path))
     count, size = 300 * MIB // (64 * 1024), 64 * 1024
 
     def value(index: int) -> bytes:
@@ -314,7 +316,7 @@ def test_reading_back_holds_a_batch_per_shard_not_the_results(storage):
                 peak = max(peak, _rss())
         store.mark_complete(count)
     assert peak - before < 100 * MIB, f"writing grew RSS by {(peak - before) / MIB:.0f} MiB"
-    assert storage.shard_count() >= 18
+    assert storage.shard_count() >= 10  # 16 MiB each, or up to 32 MiB when the writer lags
     gc.collect()
     before = _rss()
     peak = before
