@@ -36,8 +36,10 @@ def runs_of(path: Path, items) -> dict[int, int]:
             for x in items}
 
 
-@pytest.fixture(params=[False, True], ids=["local", "on_cluster"])
-def squarer(request, ray_local):
+@pytest.fixture(scope="module", params=[False, True], ids=["local", "on_cluster"])
+def squarer(request, ray_session):
+    """One mapper per backend for the module's tests (each test has its own checkpoint)."""
+    assert ray_session.is_initialized(), "a multi-node test ran before a local-Ray test"
     with rm.mapper(counted_square, replicas=2, on_cluster=request.param) as m:
         yield m
 
