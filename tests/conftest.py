@@ -19,11 +19,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "stops_heads: tests that stop the session's heads; they "
+                            "run last of the heads tests, so no other needs the heads restarted")
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     """Run tests that start their own Ray clusters after those that share the session's Ray, and
-    just before them the tests that use the session's Ray heads (`heads`), together."""
+    just before them the tests that use the session's Ray heads (`heads`), together, those that
+    stop heads (`stops_heads`) last."""
     items.sort(key=lambda item: (item.get_closest_marker("multinode") is not None,
-                                 item.get_closest_marker("heads") is not None))
+                                 item.get_closest_marker("heads") is not None,
+                                 item.get_closest_marker("stops_heads") is not None))
 
 
 _SESSION_HEADS: list = []

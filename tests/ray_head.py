@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -250,14 +251,60 @@ class Heads:
         self._heads: list[RayHead] = []
 
     def live(self, count: int) -> list[RayHead]:
-        self._heads = [start_head_for_client() if head.stopped else head for head in self._heads]
-        while len(self._heads) < count:
-            self._heads.append(start_head_for_client())
+        """The first ``count`` heads; those missing, and any that was stopped, are started first,
+        side by side."""
+        wanted = [index for index, head in enumerate(self._heads) if head.stopped]
+        wanted += range(len(self._heads), count)
+        started: dict[int, RayHead] = {}
+        errors: list[BaseException] = []
+
+        def start(index: int) -> None:
+            try:
+                started[index] = start_head_for_client()
+            except BaseException as error:  # start_head stopped what it had started
+                errors.append(error)
+
+        starters = [threading.Thread(target=start, args=(index,), daemon=True)
+                    for index in wanted]
+        for starter in starters:
+            starter.start()
+        for starter in starters:
+            starter.join(300)  # a start ends (or raises) within its 90 s, plus a stop if it failed
+        for index in wanted:  # kept even if another failed, so that `stop` stops them
+            if index in started and index < len(self._heads):
+                self._heads[index] = started[index]
+            elif index in started:
+                self._heads.append(started[index])
+        if any(starter.is_alive() for starter in starters):
+            raise RuntimeError("a test head did not start within 300 s")
+        if errors:
+            raise errors[0]
         return self._heads[:count]
 
     def stop(self) -> None:
-        for head in self._heads:
+        stop_heads(self._heads)
+
+
+def stop_heads(heads: Sequence[RayHead]) -> None:
+    """Stop the ``heads`` side by side, each as `RayHead.stop` does (by pid); raise the first
+    error a stop raised."""
+    errors: list[BaseException] = []
+
+    def stop(head: RayHead) -> None:
+        try:
             head.stop()
+        except BaseException as error:
+            errors.append(error)
+
+    stoppers = [threading.Thread(target=stop, args=(head,), daemon=True) for head in heads]
+    for stopper in stoppers:
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join(120)  # a stop ends (or raises) within its 30 + 10 + 10 s of waiting
+    if any(stopper.is_alive() for stopper in stoppers):
+        raise RuntimeError("a test head did not stop within 120 s")
+    if errors:
+        raise errors[0]
 
 
 def start_head_for_client() -> RayHead:

@@ -6,7 +6,9 @@ progress does not make a map see an empty pool, and when one cluster's head
 is stopped mid-map the map completes on the other, every result once.
 
 Two independent heads on loopback (``tests/ray_head.py``: own ports, own temp dirs, Ray Client
-servers), stopped by pid; the driver runs in a subprocess connected to both.
+servers), stopped by pid; the driver runs in a subprocess connected to both. The heads are the
+session's (the ``heads`` fixture); the tests that stop them are marked ``stops_heads`` and run after
+every other test that uses them, so the heads are started again only for those.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import textwrap
 import pytest
 
 from tests.driver_process import DriverProcess
+from tests.ray_head import stop_heads
 
 pytestmark = [pytest.mark.slow, pytest.mark.heads]
 
@@ -131,8 +134,8 @@ ONE_CLUSTER_CANNOT_START = """
     blocker = rm.mapper(abs, replicas={b: 1}, env=rm.Env(compute={"CPU": 1.5}))
     blocker.wait_ready(timeout=120)
     m = rm.mapper(Triple, method="triple", replicas={a: 0, b: 1},
-                  env=rm.Env(compute={"CPU": 1}), ready_timeout=15)
-    time.sleep(15.5)  # b's replica is past ready_timeout
+                  env=rm.Env(compute={"CPU": 1}), ready_timeout=10)
+    time.sleep(10.5)  # b's replica is past ready_timeout
     m.add_replicas({a: 1})  # a's starts now, well within it
     values = m.map(range(40), batch_size=1)
     print(json.dumps({"values": values, "replicas": m.num_replicas}))
@@ -215,6 +218,7 @@ FAILOVER = """
 """
 
 
+@pytest.mark.stops_heads
 @pytest.mark.timeout(300)
 def test_map_completes_on_the_other_cluster_when_one_is_lost(heads):
     a, b = heads.live(2)
@@ -256,6 +260,7 @@ EVERY_CLUSTER_LOST = """
 """
 
 
+@pytest.mark.stops_heads
 @pytest.mark.timeout(300)
 def test_losing_every_cluster_raises_no_replicas(heads):
     a, b = heads.live(2)
@@ -264,8 +269,7 @@ def test_losing_every_cluster_raises_no_replicas(heads):
                           a.client_address, b.client_address)
     try:
         assert driver.next_line(timeout=150) == "STOP"
-        a.stop()
-        b.stop()
+        stop_heads([a, b])  # both at once
         result = json.loads(driver.finish(timeout=120))
     finally:
         driver.kill()

@@ -20,12 +20,18 @@ def where(x):
     return (x * x, ray.get_runtime_context().get_node_id())
 
 
-@pytest.fixture
-def cluster():
+def add_worker(cluster: Cluster, index: int):
+    """Worker node ``index``: 2 CPUs and the custom resource ``worker_<index>``."""
+    return cluster.add_node(num_cpus=2, resources={f"worker_{index}": 1})
+
+
+@pytest.fixture(scope="module")
+def module_cluster():
+    """A head (1 CPU) and two worker nodes, shared by the module's tests (see `cluster`)."""
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    workers = [cluster.add_node(num_cpus=2, resources={f"worker_{i}": 1}) for i in range(2)]
+    workers = [add_worker(cluster, i) for i in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, runtime_env=TESTS_RUNTIME_ENV)
     try:
@@ -33,6 +39,19 @@ def cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The module's cluster and its worker nodes; a worker node the test removed is replaced
+    after it by a new one with the same resources, so that every test finds the cluster alike
+    (the test's mapper has killed its replicas on leaving its ``with``)."""
+    cluster, workers = module_cluster
+    yield cluster, list(workers)
+    for index, node in enumerate(workers):
+        if node not in cluster.worker_nodes:
+            workers[index] = add_worker(cluster, index)
+    cluster.wait_for_nodes()
 
 
 @pytest.mark.parametrize("compiled_graphs", [False, True])

@@ -3,10 +3,12 @@ the ``rhmapper`` CLI and ``list_pools``/``kill_pool`` work over the client, and 
 cluster's token is told at once how to fix it.
 
 Every driver runs in its own process against one real head on loopback (``tests/ray_head.py``) with
-token authentication and a Ray Client server. The head is started with
-``GRPC_ENABLE_FORK_SUPPORT=false``: Ray 2.60's client server forks a server process per client from
-a process busy in gRPC, and with gRPC's fork handlers on that child sometimes dies at once (the
-client then fails after 30 s with "Starting Ray client server failed"; ray-project/ray#63202).
+token authentication and a Ray Client server: the first of the session's heads (the ``heads``
+fixture, shared with the other tests marked ``heads``; each test leaves it as it found it). The
+head is started with ``GRPC_ENABLE_FORK_SUPPORT=false``: Ray 2.60's client server forks a server
+process per client from a process busy in gRPC, and with gRPC's fork handlers on that child
+sometimes dies at once (the client then fails after 30 s with "Starting Ray client server failed";
+ray-project/ray#63202).
 """
 
 from __future__ import annotations
@@ -16,25 +18,31 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 
 from tests.driver_process import DriverProcess
-from tests.ray_head import RHMAPPER, start_head, wait_until
+from tests.ray_head import RHMAPPER, wait_until
+
+pytestmark = pytest.mark.heads
 
 CONNECT_SECONDS = 10.0
 """A token mismatch must be reported within this (Ray itself retries 20 s for a GCS address, 30 s
 for a client address)."""
 
+KILLED_DRIVER_GRACE = {"RAY_CLIENT_RECONNECT_GRACE_PERIOD": "3"}
+"""The environment of a driver the test kills: a Ray Client driver sends its reconnect grace
+period to the cluster, which ends the driver's session (its job, so its non-detached actors) only
+once the driver has been gone that long: 3 s instead of Ray's default 30 s."""
 
-@pytest.fixture(scope="module")
-def head():
-    head = start_head(num_cpus=2, extra_env={"GRPC_ENABLE_FORK_SUPPORT": "false"})
-    try:
-        yield head
-    finally:
-        head.stop()
+
+@pytest.fixture
+def head(heads):
+    """The session's first head (a Ray Client server on loopback, see tests/ray_head.py)."""
+    (head,) = heads.live(1)
+    return head
 
 
 def run_python(script: str, env: dict[str, str], *args: str, timeout: float = 120):
@@ -45,6 +53,13 @@ def run_python(script: str, env: dict[str, str], *args: str, timeout: float = 12
 def run_cli(*args: str, env: dict[str, str], timeout: float = 120):
     return subprocess.run([RHMAPPER, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_clis(*commands: tuple[str, ...], env: dict[str, str], timeout: float = 120):
+    """Run the ``rhmapper`` ``commands`` side by side (each only reads the cluster); their
+    results, in order."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: run_cli(*args, env=env, timeout=timeout), commands))
 
 
 def last_json(done: subprocess.CompletedProcess):
@@ -118,14 +133,16 @@ def test_pools_are_listed_and_killed_over_ray_client(head):
     api_pids = [member["pid"] for member in report["listed"]["by_api"]["members"]]
     assert wait_until(lambda: not any(alive(pid) for pid in api_pids)), api_pids
 
-    client = ["--address", head.client_address]
-    table = run_cli("pools", *client, env=head.driver_env())
+    client = ("--address", head.client_address)
+    sources = ("state", "gcs")
+    table, *listings = run_clis(("pools", *client), *(
+        ("pools", *client, "--json", "--source", source) for source in sources),
+        env=head.driver_env())
     assert table.returncode == 0, table.stderr
     assert [line.split() for line in table.stdout.splitlines()] == [
         ["POOL", "REPLICAS", "ALIVE", "NODES", "DETACHED"], ["by_cli", "2", "2", "1", "yes"]]
-    for source in ("state", "gcs"):
-        listed = run_cli("pools", *client, "--json", "--source", source, env=head.driver_env())
-        assert listed.returncode == 0, listed.stderr
+    for source, listed in zip(sources, listings, strict=True):
+        assert listed.returncode == 0, (source, listed.stderr)
         (pool,) = json.loads(listed.stdout)
         assert (pool["pool"], pool["alive"]) == ("by_cli", 2), pool
         assert sorted(m["pid"] for m in pool["members"]) == sorted(
@@ -137,10 +154,11 @@ def test_pools_are_listed_and_killed_over_ray_client(head):
     cli_pids = [member["pid"] for member in report["listed"]["by_cli"]["members"]]
     assert wait_until(lambda: not any(alive(pid) for pid in cli_pids)), cli_pids
     # Read back over the GCS address too, not only through the client.
-    after = run_cli("pools", "--address", head.gcs_address, "--json", env=head.driver_env())
+    after, table = run_clis(("pools", "--address", head.gcs_address, "--json"),
+                            ("pools", *client), env=head.driver_env())
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout) == []
-    assert "no rhmapper pools" in run_cli("pools", *client, env=head.driver_env()).stdout
+    assert "no rhmapper pools" in table.stdout
 
 
 def alive(pid: int) -> bool:
@@ -339,7 +357,7 @@ def test_spawned_map_outlives_its_killed_driver(head, tmp_path):
     host and its replicas are gone once the map is collected."""
     log = tmp_path / "executions.log"
     env = head.driver_env(RAY_ADDRESS=head.client_address)
-    first = DriverProcess(SPAWNS_AND_WAITS, env, str(log))
+    first = DriverProcess(SPAWNS_AND_WAITS, {**env, **KILLED_DRIVER_GRACE}, str(log))
     try:
         spawned_at = json.loads(first.next_line(timeout=120))
     finally:
@@ -395,7 +413,7 @@ def test_a_killed_drivers_map_on_the_cluster_ends_and_its_spawned_map_stays(head
     exits with its replica once that map is collected."""
     log = tmp_path / "executions.log"
     env = head.driver_env(RAY_ADDRESS=head.client_address)
-    driver = DriverProcess(MAPS_AND_IS_KILLED, env, str(log))
+    driver = DriverProcess(MAPS_AND_IS_KILLED, {**env, **KILLED_DRIVER_GRACE}, str(log))
     try:
         assert driver.next_line(timeout=120) == "MAPPING"
     finally:
