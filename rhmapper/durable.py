@@ -117,9 +117,9 @@ class DurableMap:
                                           overwrite=checkpointing.overwrite)
         self._ordered, self._indexed = ordered, indexed
         self._read_back = checkpointing.read_back
-        self.stored_before = self._stored_before = self.store.done_count
+        self.stored_before = self.store.done_count
         """How many inputs had a result saved when the map started."""
-        self._stored = (_indexed_results(self.store) if self._stored_before and self._read_back
+        self._stored = (_indexed_results(self.store) if self.stored_before and self._read_back
                         else iter(()))
         self._index_of: array.array | None = None
         """The index in the user's input of each input sent, by its index in the inner map
@@ -135,14 +135,14 @@ class DurableMap:
             if self.store.done_end > total:
                 self._inputs = total
                 self._check_length()
-            total -= self._stored_before
+            total -= self.stored_before
         return dataclasses.replace(plan, checkpoint=None, total=total)
 
     def source(self, items: Iterable) -> Iterator | list:
         """The inputs to send: those without a result (the others' digests are checked); a
         list stays a list (checked at once)."""
         if isinstance(items, list):
-            if not self._stored_before:
+            if not self.stored_before:
                 self._inputs = len(items)
                 return items
             rest = list(self._unsaved(items))
@@ -164,7 +164,7 @@ class DurableMap:
         self._inputs = inputs
 
     def _unsaved_then_checked(self, items: Iterable) -> Iterator:
-        if self._stored_before:
+        if self.stored_before:
             yield from self._unsaved(items)
             self._check_length()
         else:
@@ -199,7 +199,7 @@ class DurableMap:
             index_of = self._index_of
             yield from (chunks if index_of is None else
                         ([(index_of[index], value) for index, value in chunk] for chunk in chunks))
-        elif not self._stored_before or not self._read_back:
+        elif not self.stored_before or not self._read_back:
             yield from chunks
         elif self._ordered:
             yield from self._ordered_results(chunks)
@@ -213,7 +213,7 @@ class DurableMap:
         if self._index_of is None:
             results = fresh
         else:
-            results = [None] * (len(fresh) + self._stored_before)
+            results = [None] * (len(fresh) + self.stored_before)
             for index, value in self._stored:
                 results[index] = value
             for position, value in enumerate(fresh):
