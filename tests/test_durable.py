@@ -89,8 +89,9 @@ def test_an_imap_left_early_resumes_with_the_rest(squarer, tmp_path, verb):
     second = runs_of(runs, ITEMS)
     assert all(second[x] == first[x] for x in saved), "a saved item ran again"
     assert all(second[x] >= 1 for x in ITEMS)
-    assert list(getattr(squarer, verb)(ITEMS, kwargs=kwargs, checkpoint=checkpoint)) == (
-        results), "a complete checkpoint gives its results back"
+    again = list(getattr(squarer, verb)(ITEMS, kwargs=kwargs, checkpoint=checkpoint))
+    assert (again if verb == "imap" else sorted(again)) == expected, (
+        "a complete checkpoint gives its results back")
     assert runs_of(runs, ITEMS) == second, "a complete checkpoint runs nothing"
     assert list(rm.read_checkpoint(checkpoint)) == expected
 
