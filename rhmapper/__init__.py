@@ -23,6 +23,7 @@ from rhmapper.errors import (
     RhmapperError,
     UnschedulableError,
 )
+from rhmapper.pool_stats import MapperStats, MapSnapshot, ReplicaStats
 from rhmapper.retries import Retries
 
 __all__ = [
@@ -36,10 +37,13 @@ __all__ = [
     "ClusterAuthenticationError",
     "Env",
     "MapCancelledError",
+    "MapSnapshot",
+    "MapperStats",
     "NoReplicasError",
     "PoolMismatchError",
     "ReplicaCount",
     "ReplicaLostError",
+    "ReplicaStats",
     "Retries",
     "RhmapperError",
     "ScalingDecision",

@@ -31,6 +31,7 @@ from rhmapper.replicas import ReplicaPool
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper.results import OnValues
 from rhmapper.scheduler import MapRun
+from rhmapper.pool_stats import MapperStats
 
 if TYPE_CHECKING:
     from rhmapper.clusters import MultiClusterPool
@@ -65,6 +66,8 @@ class Backend(Protocol):
 
     def put_kwargs(self, kwargs: dict) -> dict:
         """A map's constant keyword arguments, put where its replicas fetch them."""
+
+    def stats(self) -> MapperStats: ...
 
     def shutdown(self, kill: bool) -> None: ...
 
@@ -262,6 +265,11 @@ class LocalBackend:
 
     def names(self) -> list[str]:
         return [replica.name for replica in self.pool.replicas]
+
+    def stats(self) -> MapperStats:
+        with self.pool.slots.lock:
+            replicas = list(self.pool.replicas)
+        return self.pool.slots.board.snapshot(replicas)
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         return self.pool.broadcast(method, args, kwargs)

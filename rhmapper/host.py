@@ -34,6 +34,7 @@ from rhmapper.saved_results import SavedResults
 from rhmapper.signals import start_board
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
+from rhmapper.pool_stats import MapperStats
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +241,9 @@ class MapperHost:
 
     def names(self) -> list[str]:
         return self._backend.names()
+
+    def stats(self) -> MapperStats:
+        return self._backend.stats()
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         self._spec.method_of(method)

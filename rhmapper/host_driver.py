@@ -28,6 +28,7 @@ from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, DEFAULT_WINDOW, MapPlan
 from rhmapper.remote_errors import add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
+from rhmapper.pool_stats import MapperStats
 
 _log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class ClusterBackend:
 
     def names(self) -> list[str]:
         return self._call("names")
+
+    def stats(self) -> MapperStats:
+        return self._call("stats")
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         return self._call("broadcast", method, args, kwargs)

@@ -4,9 +4,11 @@ the dispatch loop (`rhmapper.scheduler`) to name them."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rhmapper.latency import LatencySketch
 from rhmapper.retries import Retries
 from rhmapper.wire import CallSpec
 
@@ -70,3 +72,10 @@ class MapStats:
     retries: int = 0
     failures: int = 0
     replicas_lost: int = 0
+    timed_out: int = 0
+    """Items whose call outlived ``timeout=``."""
+    calls: int = 0
+    """Calls answered."""
+    started_at: float = field(default_factory=time.monotonic)
+    call_seconds: LatencySketch = field(default_factory=LatencySketch, repr=False)
+    """Each answered call's time from sending to answer."""

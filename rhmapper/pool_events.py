@@ -43,6 +43,7 @@ class Probed:
     fingerprint: dict | None = None
     max_concurrency: int | None = None
     node_id: str | None = None
+    pid: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ import enum
 import time
 from typing import Any
 
+from rhmapper.pool_stats import ReplicaCounters
+
 _HISTORY_KEPT = 16
 
 
@@ -93,6 +95,12 @@ class ReplicaRecord:
         self.started_at = time.monotonic()
         """When it was created or last probed again."""
         self.node_id: str | None = None
+        self.pid: int | None = None
+        """The process id of its actor (from its probe)."""
+        self.ready_at: float | None = None
+        """When it first became ready (``time.monotonic()``)."""
+        self.counters = ReplicaCounters()
+        """What it ran (see `rhmapper.pool_stats`)."""
         self.unsure = False
         """Whether calls that failed as unavailable may still run there (Ray cannot say)."""
         self.abandoned_running = 0

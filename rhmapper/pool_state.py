@@ -57,6 +57,8 @@ from rhmapper.slots import SlotIndex
 
 FEASIBILITY_RECHECK_SECONDS = 1.0
 """While replicas are starting, how often the pool asks whether the cluster can ever host one."""
+_DEATHS = frozenset({Reason.REPLACES_DEAD, Reason.DIED, Reason.CLUSTER_LOST})
+"""Why a replica leaves the pool when it died (counted in `rhmapper.pool_stats.PoolBoard`)."""
 
 
 class PoolState:
@@ -182,9 +184,13 @@ class PoolState:
         replica.state = state
         replica.history.append((state, reason))
         if state is ReplicaState.READY:
+            if replica.ready_at is None:
+                replica.ready_at = time.monotonic()
             self.slots.join(replica)
         else:
             self.slots.leave(replica)
+            if reason in _DEATHS:
+                self.slots.board.replica_died(replica.name)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -215,7 +221,7 @@ class PoolState:
                 "It was dropped from the pool."), event.cause), Reason.INIT_FAILED)]
         if replica.owned and event.fingerprint != self.fingerprint:
             return self._mismatched(replica, event.fingerprint)
-        replica.node_id = event.node_id
+        replica.node_id, replica.pid = event.node_id, event.pid
         actions: list[Action] = []
         if not replica.owned and fit_capacity(replica, event.max_concurrency):
             actions.append(Warn(

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ContextManager
 from rhmapper.autoscaling import Autoscale, ReplicaCount, ScalingDecision
 from rhmapper.backend import Backend, MapperSpec
 from rhmapper.checks import check_concurrency, check_count
+from rhmapper.pool_stats import MapperStats
 
 if TYPE_CHECKING:  # annotations only: not a run-time dependency
     from typing_extensions import Self
@@ -96,6 +97,22 @@ class PoolVerbs:
             ['double_replica_0', 'double_replica_1']
         """
         return self._backend.names()
+
+    def stats(self) -> MapperStats:
+        """A snapshot of the pool and its running maps: per replica its calls, items, failures,
+        retries, busy share, items per second, p50 / p99 time per item and deaths; per map
+        running its counts, calls in flight, items waiting and rate (see `rhmapper.MapperStats`).
+        ``print(m.stats())`` shows it as a table.
+
+        Examples:
+            >>> with rm.mapper(abs, replicas=2) as m:
+            ...     _ = m.map(range(-50, 50))
+            ...     stats = m.stats()
+            >>> sum(replica.items for replica in stats.replicas), stats.maps
+            (100, [])
+        """
+        self._check_open()
+        return self._backend.stats()
 
     @property
     def num_replicas(self) -> ReplicaCount:

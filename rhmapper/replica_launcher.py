@@ -108,4 +108,5 @@ class ReplicaLauncher:
             outcome = ProbeOutcome.INIT_FAILED if error.actor_init_failed else ProbeOutcome.DIED
             return Probed(replica, outcome, str(error), error)
         return Probed(replica, ProbeOutcome.READY, fingerprint=info["fingerprint"],
-                      max_concurrency=info["max_concurrency"], node_id=info["node_id"])
+                      max_concurrency=info["max_concurrency"], node_id=info["node_id"],
+                      pid=info["pid"])

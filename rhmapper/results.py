@@ -43,6 +43,8 @@ class SentCall:
     """A retry carries one item, whose value fills its hole in the sink."""
     deadline: float | None
     budget: float | None
+    sent_at: float = 0.0
+    """When it was sent (``time.monotonic()``)."""
 
 
 @dataclass(order=True)
@@ -239,6 +241,7 @@ class ResultBook:
     def timed_out(self, call: SentCall) -> None:
         """``call`` outlived its budget: a batch runs again item by item (`_run_alone`), a single
         item fails with `TimeoutError` (retried as the plan says)."""
+        self.stats.timed_out += len(call.items)
         values = [None] * len(call.items)
         if len(call.items) > 1:
             holes = self._run_alone(call, 0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from typing import Any, Callable, Iterator, Protocol
@@ -40,6 +41,12 @@ from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.wire import BatchReply, CallSpec, ReplicaDied
 
 WAIT_TICK_SECONDS = 0.2
+SLOW_CALL_FACTOR = 10
+SLOW_CALL_SECONDS = 10.0
+"""A call of a map without ``timeout=`` running longer than `SLOW_CALL_FACTOR` times the map's
+p99 call time and this many seconds is logged (once), not stopped."""
+
+_log = logging.getLogger(__name__)
 
 
 class Replica(Protocol):
@@ -152,11 +159,27 @@ class MapRun:
         self._replica_deaths = 0
         self._benched_since: float | None = None
         """Since when no replica could take work because all are benched (see `_wait`)."""
+        self._board = pool.slots.board
+        self._sent_order: list[tuple[float, int, Any]] = []
+        """Without ``timeout=``: a heap of (sent at, sequence, token), for `_warn_slow_calls`."""
+        self._warned_slow: Any = None
+        """The call `_warn_slow_calls` last warned about."""
 
     @property
     def item_seconds(self) -> float | None:
         """The run time of one item measured so far (``None`` before any call answered)."""
         return self._sizer.per_item_seconds
+
+    def in_flight_calls(self) -> int:
+        """This map's calls in flight."""
+        return len(self._in_flight)
+
+    def waiting_items(self) -> int | None:
+        """Items not yet sent, retries included (``None``: an iterator of unknown length)."""
+        if self._plan.total is None:
+            return None
+        book = self._book
+        return self._plan.total - self._feed.next_index + len(book.due) + len(book.delayed)
 
     @property
     def results(self) -> list:
@@ -168,6 +191,7 @@ class MapRun:
         feed, book = self._feed, self._book
         if feed.is_empty():
             return  # an empty input ends at once, whether or not any replica is ready yet
+        map_id = self._board.map_started(self)
         try:
             while True:
                 if self._cancelled.is_set():
@@ -182,8 +206,10 @@ class MapRun:
                     if token in self._in_flight:  # else it timed out while its answer came
                         self._complete(token)
                 self._expire_deadlines()
+                self._warn_slow_calls()
                 yield from book.drain()
         finally:
+            self._board.map_ended(map_id)
             feed.close()
             self._pool.slots.backlog.report(self._inbox, 0, None)
             self._cancel_all()
@@ -240,14 +266,17 @@ class MapRun:
 
     def _send(self, replica: Replica, start: int, items: list, is_retry: bool) -> None:
         deadline = budget = None
+        now = time.monotonic()
         if self._plan.timeout is not None:
             budget = self._sizer.budget(len(items))
-            deadline = time.monotonic() + budget
+            deadline = now + budget
         token = self._pool.submit(replica, self._plan.call, start, items, budget, self._inbox)
-        self._in_flight[token] = SentCall(replica, start, items, is_retry, deadline, budget)
+        self._in_flight[token] = SentCall(replica, start, items, is_retry, deadline, budget, now)
         self._in_flight_on[replica] = self._in_flight_on.get(replica, 0) + 1
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
+        else:
+            heapq.heappush(self._sent_order, (now, next(self._sequence), token))
 
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""
@@ -284,7 +313,16 @@ class MapRun:
         ran = reply.not_started[0] if reply.not_started else len(call.items)
         if ran and reply.seconds is not None:
             self._sizer.measure(ran, reply.seconds)
-        self._book.record(call, reply, ran)
+        stats = self.stats
+        retries_before = stats.retries
+        latency = time.monotonic() - call.sent_at
+        stats.calls += 1
+        stats.call_seconds.add(latency)
+        try:
+            self._book.record(call, reply, ran)
+        finally:
+            self._board.call_answered(call.replica, ran, len(reply.failures or ()),
+                                      stats.retries - retries_before, reply.seconds, latency)
 
     def _replica_died(self, call: SentCall, died: ReplicaDied) -> None:
         self._replica_deaths += 1
@@ -357,7 +395,33 @@ class MapRun:
                 continue
             self._forget(token)
             self._pool.abandon(token, call.replica, deadline=now)
+            self._board.timed_out(call.replica, len(call.items))
             self._book.timed_out(call)
+
+    def _warn_slow_calls(self) -> None:
+        """Log one warning for each call of a map without ``timeout=`` that runs longer than
+        `SLOW_CALL_FACTOR` times the p99 of the map's calls and `SLOW_CALL_SECONDS`: which
+        items, on which replica, node and process (`Mapper.diagnose` shows its stack)."""
+        heap = self._sent_order
+        if not heap:
+            return
+        now = time.monotonic()
+        p99 = self.stats.call_seconds.quantile(0.99) or 0.0
+        limit = max(SLOW_CALL_SECONDS, SLOW_CALL_FACTOR * p99)
+        while heap and (heap[0][2] not in self._in_flight or now - heap[0][0] > limit):
+            sent_at, _, token = heapq.heappop(heap)
+            call = self._in_flight.get(token)
+            if call is None:
+                continue
+            replica = call.replica
+            last = call.start + len(call.items) - 1
+            items = f"item {call.start}" if last == call.start else f"items {call.start}-{last}"
+            _log.warning(
+                "rhmapper: a call of %s has run %.0f s on replica %s (node %s, pid %s), over "
+                "%d x this map's p99 call time (%.3f s) and %.0f s; it is left running. "
+                "m.diagnose() shows its stack; timeout= would stop it.", items, now - sent_at,
+                replica.name, getattr(replica, "node_id", None), getattr(replica, "pid", None),
+                SLOW_CALL_FACTOR, p99, SLOW_CALL_SECONDS)
 
     def _sent_late(self, token: Any, call: SentCall, now: float) -> bool:
         """Whether ``call`` reached its replica after it was submitted (or not yet: its compiled

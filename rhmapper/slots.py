@@ -14,6 +14,7 @@ import threading
 from typing import Any, Protocol
 
 from rhmapper.autoscaling import Backlog
+from rhmapper.pool_stats import PoolBoard
 
 
 class Slotted(Protocol):
@@ -64,6 +65,8 @@ class SlotIndex:
         self.backlog = Backlog()
         """The work waiting in the maps of the pool (or pools) of these slots, as they report it
         for the autoscaler."""
+        self.board = PoolBoard()
+        """What the maps of the pool (or pools) of these slots did (`Mapper.stats`)."""
 
     def __len__(self) -> int:
         """How many replicas are ready."""
