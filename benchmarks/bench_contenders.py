@@ -285,6 +285,13 @@ class Rhmapper(Contender):
         self.m = None
 
 
+class RhmapperNoMetrics(Rhmapper):
+    """rhmapper with metrics=False: what the Ray metrics cost (issue 23: within 2 %)."""
+
+    name = "rhmapper_no_metrics"
+    mapper_kwargs = {"metrics": False}
+
+
 class RhmapperB1(Rhmapper):
     """rhmapper with batch_size=1: one item per call, like per_item/ActorPool."""
 
@@ -430,7 +437,8 @@ class RayData(VectorContender):
 
 
 CONTENDER_CLASSES = {c.name: c for c in (Optimum, PerItem, ActorPoolContender, MpPool,
-                                         Rhmapper, RhmapperB1, RhmapperCompiledB1,
+                                         Rhmapper, RhmapperNoMetrics, RhmapperB1,
+                                         RhmapperCompiledB1,
                                          RhmapperTimeout, RhmapperChunks, ActorPoolChunks,
                                          RayData, RhmapperBatched)}
 """Contender name -> class, in report order."""

@@ -23,6 +23,7 @@ from rhmapper.errors import (
     RhmapperError,
     UnschedulableError,
 )
+from rhmapper.diagnosis import Diagnosis, RunningCall
 from rhmapper.pool_stats import MapperStats, MapSnapshot, ReplicaStats
 from rhmapper.retries import Retries
 
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWriteError",
     "ClusterAuthenticationError",
+    "Diagnosis",
     "Env",
     "MapCancelledError",
     "MapSnapshot",
@@ -45,6 +47,7 @@ __all__ = [
     "ReplicaLostError",
     "ReplicaStats",
     "Retries",
+    "RunningCall",
     "RhmapperError",
     "ScalingDecision",
     "UnschedulableError",

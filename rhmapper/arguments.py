@@ -24,8 +24,8 @@ from rhmapper.plan import DEFAULT_MAX_CALL_BYTES
 def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: Any = 1,
             env: Env | None = None, concurrency: Any = None, ready_timeout: float | None = None,
             replace_mismatched: bool = False, max_call_bytes: Any = DEFAULT_MAX_CALL_BYTES,
-            on_cluster: bool = False, compiled_graphs: Any = False, batched: Any = False
-            ) -> MapperSpec:
+            on_cluster: bool = False, compiled_graphs: Any = False, batched: Any = False,
+            metrics: Any = True) -> MapperSpec:
     """The `MapperSpec` of ``rm.mapper(obj, ...)``'s arguments (see `rhmapper.mapper` for
     each), checked: ``TypeError`` or ``ValueError`` saying what to pass for a wrong one. An
     unnamed env is named after ``obj`` plus a unique suffix. ``replicas`` is only looked at
@@ -62,6 +62,8 @@ def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: 
     else:
         check_picklable(target, f"the module {cls.__qualname__}(...) with its arguments")
     clusters = tuple(replicas) if isinstance(replicas, dict) else ()
+    if not isinstance(metrics, bool):
+        raise TypeError(f"metrics must be True or False, got {metrics!r}")
     if not isinstance(compiled_graphs, bool):
         raise TypeError(f"compiled_graphs must be True or False, got {compiled_graphs!r}")
     if compiled_graphs and batching is not None:
@@ -78,7 +80,7 @@ def spec_of(obj: Callable | type | Module, method: str | None = None, replicas: 
         target=target, method=method, env=env, concurrency=concurrency,
         ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
         max_call_bytes=max_call_bytes, compiled_graphs=compiled_graphs, clusters=clusters,
-        batched=batching)
+        batched=batching, metrics=metrics)
 
 
 def _default_name(obj: Any) -> str:

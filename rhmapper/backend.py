@@ -31,6 +31,9 @@ from rhmapper.replicas import ReplicaPool
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper.results import OnValues
 from rhmapper.scheduler import MapRun
+from rhmapper.stacks import stacks_of
+from rhmapper.diagnosis import Diagnosis
+from rhmapper.metrics import RayMetrics
 from rhmapper.pool_stats import MapperStats
 
 if TYPE_CHECKING:
@@ -68,6 +71,8 @@ class Backend(Protocol):
         """A map's constant keyword arguments, put where its replicas fetch them."""
 
     def stats(self) -> MapperStats: ...
+
+    def diagnose(self, limit: int, stacks: bool) -> Diagnosis: ...
 
     def shutdown(self, kill: bool) -> None: ...
 
@@ -145,6 +150,8 @@ class MapperSpec:
     compiled_graphs: bool = False
     clusters: tuple[str, ...] = ()
     batched: Batched | None = None
+    metrics: bool = True
+    """Export the pool's counts as Ray metrics (see `rhmapper.metrics`)."""
 
     @property
     def cls(self) -> type | None:
@@ -204,12 +211,13 @@ class MapperSpec:
         if self.clusters:
             from rhmapper.clusters import MultiClusterPool  # joins clusters over Ray Client
 
-            return LocalBackend(MultiClusterPool(
+            pool: ReplicaPool | MultiClusterPool = MultiClusterPool(
                 self.env, self.target, self.concurrency, self.ready_timeout,
-                self.replace_mismatched, list(self.clusters)))
-        return LocalBackend(ReplicaPool(
-            self.env, self.target, self.concurrency, self.ready_timeout, self.replace_mismatched,
-            compiled_graphs=self.compiled_graphs))
+                self.replace_mismatched, list(self.clusters))
+        else:
+            pool = ReplicaPool(self.env, self.target, self.concurrency, self.ready_timeout,
+                               self.replace_mismatched, compiled_graphs=self.compiled_graphs)
+        return LocalBackend(pool, RayMetrics(pool, self.env.name) if self.metrics else None)
 
 
 class LocalBackend:
@@ -223,8 +231,10 @@ class LocalBackend:
         >>> backend.shutdown(kill=True)
     """
 
-    def __init__(self, pool: "ReplicaPool | MultiClusterPool") -> None:
+    def __init__(self, pool: "ReplicaPool | MultiClusterPool",
+                 metrics: RayMetrics | None = None) -> None:
         self.pool = pool
+        self._metrics = metrics
         self._item_seconds: dict[str, float] = {}
         """The run time of one item per method, as the last map that measured it left it: the
         next map of that method sizes its first calls from it instead of one-item calls."""
@@ -271,6 +281,11 @@ class LocalBackend:
             replicas = list(self.pool.replicas)
         return self.pool.slots.board.snapshot(replicas)
 
+    def diagnose(self, limit: int, stacks: bool) -> Diagnosis:
+        calls = self.pool.slots.board.longest_calls(limit)
+        processes = {(call.node_id, call.pid) for call in calls if call.pid is not None}
+        return Diagnosis(calls, stacks_of(processes) if stacks else {})
+
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         return self.pool.broadcast(method, args, kwargs)
 
@@ -278,6 +293,8 @@ class LocalBackend:
         return self.pool.put_kwargs(kwargs)
 
     def shutdown(self, kill: bool) -> None:
+        if self._metrics is not None:
+            self._metrics.stop()
         self.pool.shutdown(kill=kill)
 
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,

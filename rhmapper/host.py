@@ -34,6 +34,7 @@ from rhmapper.saved_results import SavedResults
 from rhmapper.signals import start_board
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
+from rhmapper.diagnosis import Diagnosis
 from rhmapper.pool_stats import MapperStats
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,9 @@ class MapperHost:
 
     def stats(self) -> MapperStats:
         return self._backend.stats()
+
+    def diagnose(self, limit: int, stacks: bool) -> Diagnosis:
+        return self._backend.diagnose(limit, stacks)
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         self._spec.method_of(method)

@@ -28,6 +28,7 @@ from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, DEFAULT_WINDOW, MapPlan
 from rhmapper.remote_errors import add_note
 from rhmapper.sizing import mean_item_bytes
 from rhmapper import spawned
+from rhmapper.diagnosis import Diagnosis
 from rhmapper.pool_stats import MapperStats
 
 _log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class ClusterBackend:
 
     def stats(self) -> MapperStats:
         return self._call("stats")
+
+    def diagnose(self, limit: int, stacks: bool) -> Diagnosis:
+        return self._call("diagnose", limit, stacks)
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         return self._call("broadcast", method, args, kwargs)

@@ -65,9 +65,10 @@ class Mapper(PoolVerbs):
         on_cluster: bool = False,
         compiled_graphs: bool = False,
         batched: bool | Batched = False,
+        metrics: bool = True,
     ) -> None:
         spec = spec_of(obj, method, replicas, env, concurrency, ready_timeout, replace_mismatched,
-                       max_call_bytes, on_cluster, compiled_graphs, batched)
+                       max_call_bytes, on_cluster, compiled_graphs, batched, metrics)
         super().__init__(spec, _backend_of(spec, on_cluster))
         self.method, self.env, self.max_call_bytes = spec.method, spec.env, spec.max_call_bytes
         self.on_cluster = on_cluster
@@ -390,6 +391,7 @@ def mapper(
     on_cluster: bool = False,
     compiled_graphs: bool = False,
     batched: bool | Batched = False,
+    metrics: bool = True,
 ) -> Mapper:
     """Create a `Mapper` of ``obj`` over a pool of replicas (Ray actors).
 
@@ -432,6 +434,8 @@ def mapper(
             maps over several iterables) and returns one value per item; a batch that raises is
             split in halves until the items that raise fail alone (see `rhmapper.batching`).
             A map's ``batch_size`` then defaults to ``max_size`` and may not exceed it.
+        metrics: export the pool's counts as Ray application metrics (``ray.util.metrics``,
+            see docs/observability.md): on by default; they cost a few microseconds per call.
 
     Ray is initialised with ``ray.init()`` if it is not yet (``RAY_ADDRESS`` is honoured).
 
@@ -444,4 +448,4 @@ def mapper(
     return Mapper(obj, method=method, replicas=replicas, env=env, concurrency=concurrency,
                   ready_timeout=ready_timeout, replace_mismatched=replace_mismatched,
                   max_call_bytes=max_call_bytes, on_cluster=on_cluster,
-                  compiled_graphs=compiled_graphs, batched=batched)
+                  compiled_graphs=compiled_graphs, batched=batched, metrics=metrics)

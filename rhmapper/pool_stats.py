@@ -12,11 +12,13 @@ Mapper.stats() ── snapshot ──────► MapperStats: ReplicaStats p
 from __future__ import annotations
 
 import collections
+import heapq
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
+from rhmapper.diagnosis import RunningCall
 from rhmapper.latency import LatencySketch
 
 if TYPE_CHECKING:
@@ -186,6 +188,10 @@ class RunningMap(Protocol):
     def waiting_items(self) -> int | None:
         """Items not yet sent (``None``: unknown, an iterator)."""
 
+    def calls_running(self) -> list[tuple[int, int, Any, float]]:
+        """Each call in flight: its first item, its number of items, its replica and when it
+        was sent (``time.monotonic()``)."""
+
 
 class PoolBoard:
     """A pool's observations: its running maps, replica deaths, and the metrics sink.
@@ -254,6 +260,18 @@ class PoolBoard:
                 running.in_flight_calls(), running.waiting_items(), stats.done / seconds,
                 seconds, stats.call_seconds.quantile(0.5), stats.call_seconds.quantile(0.99)))
         return MapperStats(replica_stats, maps)
+
+    def longest_calls(self, limit: int, now: float | None = None) -> list[RunningCall]:
+        """The ``limit`` calls in flight running longest, longest first (O(calls in flight),
+        when asked)."""
+        now = time.monotonic() if now is None else now
+        calls = []
+        for map_id, running in self.running().items():
+            p99 = running.stats.call_seconds.quantile(0.99)
+            for first, items, replica, sent_at in running.calls_running():
+                calls.append(RunningCall(map_id, first, items, replica.name, replica.node_id,
+                                         replica.pid, now - sent_at, p99))
+        return heapq.nlargest(limit, calls, key=lambda call: call.seconds)
 
     def _replica_stats(self, replica: Any, now: float) -> ReplicaStats:
         counters: ReplicaCounters = replica.counters

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ContextManager
 from rhmapper.autoscaling import Autoscale, ReplicaCount, ScalingDecision
 from rhmapper.backend import Backend, MapperSpec
 from rhmapper.checks import check_concurrency, check_count
+from rhmapper.diagnosis import Diagnosis
 from rhmapper.pool_stats import MapperStats
 
 if TYPE_CHECKING:  # annotations only: not a run-time dependency
@@ -113,6 +114,27 @@ class PoolVerbs:
         """
         self._check_open()
         return self._backend.stats()
+
+    def diagnose(self, limit: int = 5, stacks: bool = True) -> Diagnosis:
+        """Why is it stuck? The ``limit`` calls in flight running longest, each with its items,
+        map, replica, node and process, how long it has run against its map's p99 call time,
+        and (``stacks=True``) the Python stack of the replica threads running rhmapper's calls,
+        taken with ``py-spy dump`` on the replica's node (see `rhmapper.Diagnosis`).
+        ``print(m.diagnose())`` shows it. Nothing is stopped.
+
+        Examples:
+            >>> import time
+            >>> with rm.mapper(time.sleep, replicas=1) as m:
+            ...     running = m.imap_unordered([0.01, 30.0], batch_size=1)
+            ...     _ = next(running)
+            ...     diagnosis = m.diagnose(limit=1)
+            ...     running.close()
+            >>> diagnosis.calls[0].items_text, "sleep" in str(diagnosis)
+            ('item 1', True)
+        """
+        self._check_open()
+        check_count("limit", limit)
+        return self._backend.diagnose(limit, stacks)
 
     @property
     def num_replicas(self) -> ReplicaCount:

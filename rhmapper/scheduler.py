@@ -181,6 +181,12 @@ class MapRun:
         book = self._book
         return self._plan.total - self._feed.next_index + len(book.due) + len(book.delayed)
 
+    def calls_running(self) -> list[tuple[int, int, Any, float]]:
+        """Each call of this map in flight: its first item, its number of items, its replica
+        and when it was sent (a copy, safe to take from another thread)."""
+        return [(call.start, len(call.items), call.replica, call.sent_at)
+                for call in list(self._in_flight.values())]
+
     @property
     def results(self) -> list:
         """The collected results, in input order (``collect=True`` plans only)."""

@@ -17,6 +17,8 @@ the functions the tests map."""
 # Ray's newer releases default to token authentication; the suite runs with it on, deliberately.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Metrics reach Ray's Prometheus endpoint within a second (default: 10 s); tests/test_metrics.py.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 def pytest_configure(config) -> None:
