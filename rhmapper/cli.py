@@ -1,10 +1,11 @@
-"""The ``rhmapper`` command: list and kill the replica pools living on a Ray cluster.
+"""The ``rhmapper`` command: list, diagnose and kill the replica pools living on a Ray cluster.
 
 A pool is the set of auto replicas of one `Env`: Ray named actors
 ``<pool>_replica_<i>`` in the namespace ``rhmapper``. A detached pool (``Env(detached=True)``)
 outlives the driver that made it; these commands find it again and end it::
 
     rhmapper pools [--address ADDR] [--json]     # one line per pool: replicas, alive, nodes, detached
+    rhmapper diagnose POOL [--address ADDR]      # each replica's node, pid and running stack
     rhmapper kill POOL [--address ADDR]          # kill the pool's replicas
 
 Both connect with ``ray.init(address=ADDR or "auto")``: ``RAY_ADDRESS``, then the cluster this
@@ -35,6 +36,7 @@ from rhmapper.connect import (
 from rhmapper.errors import RhmapperError
 from rhmapper.names import NAMESPACE, parse_replica_name
 from rhmapper.pool_setup import wait_name_released
+from rhmapper.stacks import stacks_of
 
 _CLUSTER_LOOKUP_SECONDS = 60.0
 
@@ -214,6 +216,50 @@ def _replicas_from_gcs() -> list[tuple[str, ReplicaInfo]]:
     return found
 
 
+def diagnose_pool(name: str) -> list[tuple[ReplicaInfo, str]]:
+    """Each live replica of the pool ``name`` with the stack of its threads running rhmapper's
+    calls, taken by ``py-spy dump`` on its node (see `rhmapper.stacks`). Which items those are,
+    and for how long against their map's p99, only the map's driver knows: ``m.diagnose()``.
+    Raises ``KeyError`` if there is no such pool.
+
+    Examples:
+        >>> from rhmapper.cli import connect, diagnose_pool
+        >>> connect()  # doctest: +SKIP
+        >>> for replica, stack in diagnose_pool("shared"):  # doctest: +SKIP
+        ...     print(replica.name, replica.pid, stack.splitlines()[1].strip())
+        shared_replica_0 4242 predict (model.py:9)
+    """
+    pool = _pool_named(name)
+    alive = [replica for replica in pool.replicas if replica.alive and replica.pid]
+    stacks = stacks_of({(replica.node_id, replica.pid) for replica in alive})
+    return [(replica, stacks[(replica.node_id, replica.pid)]) for replica in alive]
+
+
+def format_diagnosis(found: Sequence[tuple[ReplicaInfo, str]]) -> str:
+    """What ``rhmapper diagnose`` prints.
+
+    Examples:
+        >>> replica = ReplicaInfo("embed_replica_0", 0, "ALIVE", "n1", 7, True)
+        >>> print(format_diagnosis([(replica, 'Thread 7 (active): "Thread-1"')]))
+        embed_replica_0 (node n1, pid 7):
+            Thread 7 (active): "Thread-1"
+    """
+    if not found:
+        return "no live replica with a known process in this pool"
+    lines = []
+    for replica, stack in found:
+        lines.append(f"{replica.name} (node {replica.node_id}, pid {replica.pid}):")
+        lines.extend("    " + line for line in stack.splitlines())
+    return "\n".join(lines)
+
+
+def _pool_named(name: str) -> PoolInfo:
+    pool = next((pool for pool in list_pools(source="gcs") if pool.name == name), None)
+    if pool is None:
+        raise KeyError(f"no pool named {name!r} on this cluster (see `rhmapper pools`)")
+    return pool
+
+
 def kill_pool(name: str, timeout: float = 30.0) -> list[str]:
     """Kill every replica of the pool ``name`` on the connected cluster; return their names.
 
@@ -226,9 +272,7 @@ def kill_pool(name: str, timeout: float = 30.0) -> list[str]:
         >>> kill_pool("shared")  # doctest: +SKIP
         ['shared_replica_0', 'shared_replica_1']
     """
-    pool = next((pool for pool in list_pools(source="gcs") if pool.name == name), None)
-    if pool is None:
-        raise KeyError(f"no pool named {name!r} on this cluster (see `rhmapper pools`)")
+    pool = _pool_named(name)
     killed = []
     for replica in pool.replicas:
         try:
@@ -263,7 +307,8 @@ def format_pools(pools: Sequence[PoolInfo]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rhmapper", description="List and kill rhmapper replica pools on a Ray cluster.")
+        prog="rhmapper",
+        description="List, diagnose and kill rhmapper replica pools on a Ray cluster.")
     commands = parser.add_subparsers(dest="command", required=True)
     address_help = ("Ray cluster address: GCS HOST:PORT or Ray Client ray://HOST:PORT (default: "
                     "RAY_ADDRESS, else the local cluster)")
@@ -272,6 +317,10 @@ def _parser() -> argparse.ArgumentParser:
     pools.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pools.add_argument("--source", choices=("auto", "state", "gcs"), default="auto",
                        help="read actors from the state API (needs a dashboard) or the GCS")
+    diagnose = commands.add_parser(
+        "diagnose", help="show each replica's node, pid and the stack of its running calls")
+    diagnose.add_argument("pool", help="the pool (env) name")
+    diagnose.add_argument("--address", help=address_help)
     kill = commands.add_parser("kill", help="kill a pool's replicas")
     kill.add_argument("pool", help="the pool (env) name, e.g. 'shared' for shared_replica_<i>")
     kill.add_argument("--address", help=address_help)
@@ -303,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(format_pools(pools))
             return 0
         try:
+            if args.command == "diagnose":
+                print(format_diagnosis(diagnose_pool(args.pool)))
+                return 0
             killed = kill_pool(args.pool)
         except KeyError as error:
             print(f"rhmapper: {error.args[0]}", file=sys.stderr)

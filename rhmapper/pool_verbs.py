@@ -124,13 +124,13 @@ class PoolVerbs:
 
         Examples:
             >>> import time
-            >>> with rm.mapper(time.sleep, replicas=1) as m:
-            ...     running = m.imap_unordered([0.01, 30.0], batch_size=1)
-            ...     _ = next(running)
+            >>> with rm.mapper(time.sleep, replicas=2) as m:
+            ...     running = m.imap_unordered([30.0, 0.01], batch_size=1)
+            ...     _ = next(running)  # item 1's result: item 0 still sleeps
             ...     diagnosis = m.diagnose(limit=1)
             ...     running.close()
             >>> diagnosis.calls[0].items_text, "sleep" in str(diagnosis)
-            ('item 1', True)
+            ('item 0', True)
         """
         self._check_open()
         check_count("limit", limit)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -17,6 +18,7 @@ import pytest
 import ray
 
 import rhmapper as rm
+from tests.ray_head import RHMAPPER, client_env
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -151,11 +153,16 @@ def test_metrics_off_exports_nothing(ray_local):
 
 
 def test_diagnose_names_the_longest_call_its_process_and_its_stack(ray_local):
-    with rm.mapper(sleepy, replicas=2, env=rm.Env(name=f"stuck_{uuid.uuid4().hex[:6]}")) as m:
+    pool = f"stuck_{uuid.uuid4().hex[:6]}"
+    with rm.mapper(sleepy, replicas=2, env=rm.Env(name=pool)) as m:
         running = m.imap_unordered([0.01] * 20 + [60.0] + [0.01] * 20, batch_size=1)
         for _ in range(40):
             next(running)
         diagnosis = m.diagnose()
+        # The command, in a process of its own, sees the same replica's stack.
+        command = subprocess.run(
+            [RHMAPPER, "diagnose", pool, "--address", ray.get_runtime_context().gcs_address],
+            env=client_env(), capture_output=True, text=True, timeout=120)
         running.close()
     longest = diagnosis.calls[0]
     assert (longest.first_item, longest.items) == (20, 1)
@@ -164,4 +171,12 @@ def test_diagnose_names_the_longest_call_its_process_and_its_stack(ray_local):
     stack = diagnosis.stacks[(longest.node_id, longest.pid)]
     assert "sleepy (" in stack and "batch_runner.py" in stack, stack
     assert "item 20 of map" in str(diagnosis) and "sleepy (" in str(diagnosis)
+    assert command.returncode == 0, command.stderr
+    assert f"{longest.replica} (node {longest.node_id}, pid {longest.pid}):" in command.stdout
+    assert "sleepy (" in command.stdout, command.stdout
+    unknown = subprocess.run(
+        [RHMAPPER, "diagnose", "no_such_pool", "--address",
+         ray.get_runtime_context().gcs_address],
+        env=client_env(), capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 1 and "no pool named 'no_such_pool'" in unknown.stderr
 
