@@ -370,8 +370,9 @@ class MapperHost:
             state = "done"
         else:
             state = "cancelled" if isinstance(hosted.error, MapCancelledError) else "failed"
+        snapshot = self._backend.pool.slots.board.map_snapshot(hosted.stats, hosted.finished_at)
         return {"done": hosted.done, "total": self._spawned[name][1],
-                "failed": hosted.stats.failures, "state": state}
+                "failed": hosted.stats.failures, "state": state, "stats": snapshot}
 
     def spawned_read(self, name: str, start: int, wait: float) -> dict:
         return self._spawned_map(name).read(start, wait)

@@ -134,6 +134,23 @@ class MapSnapshot:
     p50_call_seconds: float | None
     p99_call_seconds: float | None
 
+    @classmethod
+    def of(cls, map_id: int, stats: MapStats, in_flight: int, waiting: int | None,
+           now: float) -> MapSnapshot:
+        """The snapshot of a map whose counters are ``stats``, as of ``now``
+        (``time.monotonic()``; a map that ended: when it ended).
+
+        Examples:
+            >>> from rhmapper.plan import MapStats
+            >>> stats = MapStats(done=30, started_at=10.0)
+            >>> MapSnapshot.of(1, stats, in_flight=2, waiting=5, now=13.0).items_per_second
+            10.0
+        """
+        seconds = max(1e-9, now - stats.started_at)
+        return cls(map_id, stats.done, stats.failures, stats.retries, stats.timed_out,
+                   stats.calls, in_flight, waiting, stats.done / seconds, seconds,
+                   stats.call_seconds.quantile(0.5), stats.call_seconds.quantile(0.99))
+
 
 @dataclass(frozen=True)
 class MapperStats:
@@ -251,15 +268,20 @@ class PoolBoard:
         maps."""
         now = time.monotonic() if now is None else now
         replica_stats = [self._replica_stats(replica, now) for replica in replicas]
-        maps = []
-        for map_id, running in sorted(self.running().items()):
-            stats = running.stats
-            seconds = max(1e-9, now - stats.started_at)
-            maps.append(MapSnapshot(
-                map_id, stats.done, stats.failures, stats.retries, stats.timed_out, stats.calls,
-                running.in_flight_calls(), running.waiting_items(), stats.done / seconds,
-                seconds, stats.call_seconds.quantile(0.5), stats.call_seconds.quantile(0.99)))
+        maps = [MapSnapshot.of(map_id, running.stats, running.in_flight_calls(),
+                               running.waiting_items(), now)
+                for map_id, running in sorted(self.running().items())]
         return MapperStats(replica_stats, maps)
+
+    def map_snapshot(self, stats: MapStats, ended_at: float | None) -> MapSnapshot:
+        """The snapshot of the map counting in ``stats``: running (its calls in flight and
+        items waiting), or ended at ``ended_at`` (``time.monotonic()``; its map id is then 0).
+        """
+        for map_id, running in self.running().items():
+            if running.stats is stats:
+                return MapSnapshot.of(map_id, stats, running.in_flight_calls(),
+                                      running.waiting_items(), time.monotonic())
+        return MapSnapshot.of(0, stats, 0, 0, ended_at or time.monotonic())
 
     def longest_calls(self, limit: int, now: float | None = None) -> list[RunningCall]:
         """The ``limit`` calls in flight running longest, longest first (O(calls in flight),

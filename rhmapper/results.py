@@ -314,6 +314,12 @@ class ResultBook:
             self._sink.put(call.start, values, holes)
         self._count_done(len(values) - len(holes))
 
+    def announce(self) -> None:
+        """Hand the map's counters to ``on_progress`` before any item is done (a spawned map's
+        host reads them from its status: `rhmapper.host`)."""
+        if self._on_progress is not None:
+            self._on_progress(0, self.stats)
+
     def _count_done(self, done: int) -> None:
         self.stats.done += done
         if self._on_progress is not None and done:

@@ -198,6 +198,7 @@ class MapRun:
         if feed.is_empty():
             return  # an empty input ends at once, whether or not any replica is ready yet
         map_id = self._board.map_started(self)
+        book.announce()
         try:
             while True:
                 if self._cancelled.is_set():

@@ -12,7 +12,7 @@ found through a small detached actor, the directory (``rhmapper_spawned_maps``, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import ray
@@ -21,6 +21,7 @@ from rhmapper import _ray_compat
 from rhmapper.connect import ensure_ray
 from rhmapper.errors import RhmapperError
 from rhmapper.names import NAMESPACE, SPAWNED_DIRECTORY
+from rhmapper.pool_stats import MapSnapshot
 
 DEFAULT_KEEP_SECONDS = 24 * 3600.0
 DEFAULT_MAX_RESULT_BYTES = 2**30
@@ -74,6 +75,9 @@ class MapStatus:
     total: int
     failed: int
     state: str
+    stats: MapSnapshot | None = field(default=None, repr=False, compare=False)
+    """Its counters as `Mapper.stats` shows a running map's: retries, timeouts, calls in
+    flight, items waiting, items per second, p50 / p99 call time."""
 
 
 class SpawnedMap:

@@ -98,7 +98,11 @@ def test_spawned_map_is_found_by_name_and_kept_until_collected(ray_local):
         spawned = m.spawn_map(range(100), name="test_spawned_squares", batch_size=1)
         assert rm.get_map("test_spawned_squares").iter_results(delete=False).__next__() == 0
         assert spawned.results(delete=False) == [x * x for x in range(100)]
-        assert rm.get_map("test_spawned_squares").status() == rm.MapStatus(100, 100, 0, "done")
+        status = rm.get_map("test_spawned_squares").status()
+        assert status == rm.MapStatus(100, 100, 0, "done")
+        counted = status.stats  # as m.stats() shows a running map: one call per item here
+        assert (counted.done, counted.calls, counted.in_flight, counted.retried) == (100, 100, 0, 0)
+        assert counted.p50_call_seconds <= counted.p99_call_seconds
         with pytest.raises(ValueError, match="already exists"):
             m.spawn_map([1], name="test_spawned_squares")
         assert rm.get_map("test_spawned_squares").results() == [x * x for x in range(100)]
@@ -117,6 +121,11 @@ def test_spawned_map_reports_failure_and_cancel(ray_local, tmp_path):
         log.write_text("")
         slow = m.spawn_map([2.0, 2.1, 2.2, 2.3, 2.4], name="test_spawned_cancel", batch_size=1,
                            kwargs={"log": str(log)})
+        deadline = time.monotonic() + 30
+        while slow.status().stats.in_flight < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        running = slow.status().stats  # one call running, one queued behind it on the replica
+        assert running.map_id > 0 and running.in_flight >= 1 and running.done == 0
         slow.cancel()
         with pytest.raises(rm.MapCancelledError):
             slow.results()
