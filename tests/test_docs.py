@@ -29,7 +29,7 @@ API_OBJECTS = {
 MAPPER_MEMBERS = [
     "map", "starmap", "imap", "imap_unordered", "call", "broadcast", "add_replicas",
     "drop_replicas", "wait_ready", "replicas", "replica_names", "num_replicas", "concurrency",
-    "spawn_map", "cancel", "shutdown", "connection",
+    "spawn_map", "cancel", "stats", "diagnose", "shutdown", "connection",
 ]
 
 

@@ -180,3 +180,20 @@ def test_diagnose_names_the_longest_call_its_process_and_its_stack(ray_local):
         env=client_env(), capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 1 and "no pool named 'no_such_pool'" in unknown.stderr
 
+
+
+def test_stats_and_diagnose_of_a_mapper_on_the_cluster(ray_local):
+    """The host on the cluster keeps the counters and takes the stacks; the driver asks it."""
+    with rm.mapper(sleepy, replicas=2, on_cluster=True) as m:
+        assert m.map([0.0] * 30, batch_size=1) == [0.0] * 30
+        assert sum(replica.calls for replica in m.stats().replicas) == 30
+        running = m.imap_unordered([30.0] + [0.01] * 10, batch_size=1)
+        for _ in range(10):
+            next(running)
+        stats, diagnosis = m.stats(), m.diagnose(limit=1)
+        running.close()
+    [snapshot] = stats.maps
+    assert snapshot.done == 10 and snapshot.in_flight == 1
+    [longest] = diagnosis.calls
+    assert (longest.first_item, longest.items) == (0, 1)
+    assert "sleepy (" in diagnosis.stacks[(longest.node_id, longest.pid)]
