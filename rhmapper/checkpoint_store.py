@@ -70,14 +70,14 @@ class DoneSet:
             grown = max(2 * len(flags), end)
             flags.extend(bytes(grown - len(flags)))
             self._digests.extend(bytes(grown * DIGEST_SIZE - len(self._digests)))
-        for index in indexes:
-            if flags[index]:
+        for position, index in enumerate(indexes):
+            if flags[index]:  # done before, or earlier in this call: undo this call's flags
+                for flagged in indexes[:position]:
+                    flags[flagged] = 0
                 return index
-        if len(set(indexes)) != len(indexes):
-            return next(index for index in indexes if indexes.count(index) > 1)
+            flags[index] = 1
         stored = self._digests
         for index, digest in zip(indexes, digests):
-            flags[index] = 1
             stored[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
         self._count += len(indexes)
         self.end = max(self.end, end)

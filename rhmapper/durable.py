@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -153,25 +154,26 @@ class DurableMap:
     def _unsaved(self, items: Iterable) -> Iterator:
         store = self.store
         index_of = self._index_of = array.array("q")
-        inputs = 0
-        for index, item in enumerate(items):
-            inputs = index + 1
+        for index, item in enumerate(self._counted(items)):
             if store.is_done(index):
                 store.check_input(index, input_digest(item))
             else:
                 index_of.append(index)
                 yield item
-        self._inputs = inputs
 
     def _unsaved_then_checked(self, items: Iterable) -> Iterator:
         if self.stored_before:
             yield from self._unsaved(items)
             self._check_length()
         else:
-            inputs = 0
-            for inputs, item in enumerate(items, start=1):
-                yield item
-            self._inputs = inputs
+            yield from self._counted(items)
+
+    def _counted(self, items: Iterable) -> Iterator:
+        """``items``, counted into ``_inputs`` once they end."""
+        inputs = 0
+        for inputs, item in enumerate(items, start=1):
+            yield item
+        self._inputs = inputs
 
     def _check_length(self) -> None:
         store = self.store
@@ -237,34 +239,34 @@ class DurableMap:
     def _ordered_results(self, chunks: Iterator[list]) -> Iterator[list]:
         """Saved and new results by index: the saved ones before the first input without a
         result at once, then each new chunk with the saved ones between its values."""
-        stored, store = self._stored, self.store
+        saved, store = _SavedCursor(self._stored), self.store
         first_missing = 0
         while store.is_done(first_missing):
             first_missing += 1
-        pending = next(stored, None)
-        batch: list = []
-        while pending is not None and pending[0] < first_missing:
-            batch.append(pending[1])
-            pending = next(stored, None)
-            if len(batch) >= STORED_BATCH:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batched(saved.values_before(first_missing))
         position = 0
         for chunk in chunks:
             merged = []
             for value in chunk:
-                index = self._index_of[position]
-                position += 1
-                while pending is not None and pending[0] < index:
-                    merged.append(pending[1])
-                    pending = next(stored, None)
+                merged.extend(saved.values_before(self._index_of[position]))
                 merged.append(value)
+                position += 1
             yield merged
-        if pending is not None:
-            yield [pending[1]]
-        yield from _batched(value for _, value in stored)
+        yield from _batched(saved.values_before(math.inf))
+
+
+class _SavedCursor:
+    """The saved ``(index, value)`` results, in index order, taken up to an index at a time."""
+
+    def __init__(self, saved: Iterator[tuple[int, Any]]) -> None:
+        self._saved = saved
+        self._next = next(saved, None)
+
+    def values_before(self, end: float) -> Iterator:
+        """The values of the saved results before index ``end`` not taken yet."""
+        while self._next is not None and self._next[0] < end:
+            yield self._next[1]
+            self._next = next(self._saved, None)
 
 
 def _indexed_results(store: CheckpointStore) -> Iterator[tuple[int, Any]]:
