@@ -31,7 +31,6 @@ from rhmapper.replicas import ReplicaPool
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper.results import OnValues
 from rhmapper.scheduler import MapRun
-from rhmapper.stacks import stacks_of
 from rhmapper.diagnosis import Diagnosis
 from rhmapper.metrics import RayMetrics
 from rhmapper.pool_stats import MapperStats
@@ -284,7 +283,7 @@ class LocalBackend:
     def diagnose(self, limit: int, stacks: bool) -> Diagnosis:
         calls = self.pool.slots.board.longest_calls(limit)
         processes = {(call.node_id, call.pid) for call in calls if call.pid is not None}
-        return Diagnosis(calls, stacks_of(processes) if stacks else {})
+        return Diagnosis(calls, self.pool.stacks(processes) if stacks and processes else {})
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         return self.pool.broadcast(method, args, kwargs)
@@ -293,9 +292,11 @@ class LocalBackend:
         return self.pool.put_kwargs(kwargs)
 
     def shutdown(self, kill: bool) -> None:
-        if self._metrics is not None:
-            self._metrics.stop()
-        self.pool.shutdown(kill=kill)
+        try:
+            if self._metrics is not None:
+                self._metrics.stop()
+        finally:
+            self.pool.shutdown(kill=kill)
 
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
             cancelled: threading.Event) -> Iterator[list]:

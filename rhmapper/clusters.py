@@ -92,6 +92,16 @@ class MultiClusterPool:
             answers.extend(pool.broadcast(method, args, kwargs) or [])
         return answers
 
+    def stacks(self, processes: set[tuple[str | None, int]]) -> dict[tuple[str | None, int], str]:
+        """`ReplicaPool.stacks` of each process, taken on the cluster of its node."""
+        stacks: dict[tuple[str | None, int], str] = {}
+        for pool in self._open_pools():
+            nodes = {replica.node_id for replica in pool.replicas}
+            here = {process for process in processes if process[0] in nodes}
+            if here:
+                stacks.update(pool.stacks(here) or {})
+        return stacks
+
     def put_kwargs(self, kwargs: dict) -> ClusterKwargs:
         """The map's constant keyword arguments, put on every reachable cluster."""
         return ClusterKwargs({address: pool.put_kwargs(kwargs)

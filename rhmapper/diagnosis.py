@@ -82,9 +82,13 @@ class Diagnosis:
         return "\n".join(lines)
 
 
+NO_CALL_RUNNING = ("(no thread is running a call now: the replica is idle, or its calls await "
+                   "between items, as an async replica's do)")
+
+
 def calls_threads(dump: str) -> str:
     """The threads of a ``py-spy dump`` that run a call of rhmapper's (their stack holds
-    `BATCH_RUNNER_FRAME`), or the whole dump if none does.
+    `BATCH_RUNNER_FRAME`), or `NO_CALL_RUNNING`.
 
     Examples:
         >>> dump = '''Process 9: ray::Replica
@@ -98,6 +102,8 @@ def calls_threads(dump: str) -> str:
         Thread 2 (active): "Thread-3"
             predict (model.py:9)
             run_batch (rhmapper/batch_runner.py:330)
+        >>> calls_threads(dump.split("Thread 2")[0]) == NO_CALL_RUNNING
+        True
     """
     threads: list[list[str]] = []
     for line in dump.splitlines():
@@ -107,4 +113,4 @@ def calls_threads(dump: str) -> str:
             threads[-1].append(line)
     running = ["\n".join(thread) for thread in threads
                if any(BATCH_RUNNER_FRAME in line for line in thread)]
-    return "\n".join(running) if running else dump.strip()
+    return "\n".join(running) if running else NO_CALL_RUNNING

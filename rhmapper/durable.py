@@ -265,8 +265,9 @@ class _SavedCursor:
     def values_before(self, end: float) -> Iterator:
         """The values of the saved results before index ``end`` not taken yet."""
         while self._next is not None and self._next[0] < end:
-            yield self._next[1]
+            value = self._next[1]
             self._next = next(self._saved, None)
+            yield value
 
 
 def _indexed_results(store: CheckpointStore) -> Iterator[tuple[int, Any]]:

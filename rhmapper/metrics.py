@@ -10,6 +10,7 @@ also ``replica``. docs/observability.md lists them; docs/grafana_dashboard.json 
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -88,6 +89,9 @@ class RayMetrics:
         """The tags of each replica (made once: a dict per call is what costs)."""
         self._mapper_tags = {"mapper": self._mapper}
         self._states_seen: set[str] = set()
+        self._gauges_lock = threading.Lock()
+        """Held while the gauges are set: a sample running as `stop` zeroes them sets none."""
+        self._stopped = False
         pool.slots.board.sink = self
         self._sampler = Ticker(GAUGE_SECONDS, self.sample_gauges, "sampling rhmapper's gauges")
 
@@ -95,7 +99,9 @@ class RayMetrics:
         """Stop sampling the gauges, and set them to zero (the pool is gone)."""
         self._sampler.stop()
         self._pool.slots.board.sink = None
-        self._set_gauges({}, {}, 0)
+        with self._gauges_lock:
+            self._set_gauges({}, {}, 0)
+            self._stopped = True
 
     def _replica_tags(self, replica: str) -> dict[str, str]:
         tags = self._tags.get(replica)
@@ -105,6 +111,7 @@ class RayMetrics:
 
     def call_answered(self, replica: str, items: int, failed: int, retried: int,
                       run_seconds: float | None, latency_seconds: float) -> None:
+        """Count one answered call (see `rhmapper.pool_stats.MetricsSink`)."""
         metrics, tags = self._metrics, self._replica_tags(replica)
         if items > failed:
             metrics.items_done.inc(items - failed, tags)
@@ -115,12 +122,15 @@ class RayMetrics:
         if run_seconds is not None and items:
             metrics.item_seconds.observe(run_seconds / items, tags)
         metrics.call_seconds.observe(latency_seconds, tags)
-        metrics.batch_size.observe(items, self._mapper_tags)
+        if items:  # a call none of whose items started carried no batch
+            metrics.batch_size.observe(items, self._mapper_tags)
 
     def timed_out(self, replica: str, items: int) -> None:
+        """Count a call's items that outlived ``timeout=``."""
         self._metrics.items_timed_out.inc(items, self._replica_tags(replica))
 
     def replica_died(self, replica: str) -> None:
+        """Count a replica's death."""
         self._metrics.replica_deaths.inc(1, self._replica_tags(replica))
 
     def sample_gauges(self) -> None:
@@ -131,7 +141,9 @@ class RayMetrics:
         states = collections.Counter(replica.state.value for replica in replicas)
         backlog = sum(running.waiting_items() or 0
                       for running in self._pool.slots.board.running().values())
-        self._set_gauges(in_flight, states, backlog)
+        with self._gauges_lock:
+            if not self._stopped:
+                self._set_gauges(in_flight, states, backlog)
 
     def _set_gauges(self, in_flight: dict[str, int], states: dict[str, int], backlog: int
                     ) -> None:

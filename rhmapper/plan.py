@@ -72,6 +72,7 @@ class MapStats:
     retries: int = 0
     failures: int = 0
     replicas_lost: int = 0
+    """Replicas that died under the map's calls."""
     timed_out: int = 0
     """Items whose call outlived ``timeout=``."""
     calls: int = 0

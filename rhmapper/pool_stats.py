@@ -83,8 +83,9 @@ class ReplicaStats:
     ``busy_share`` is the share of its slots' time spent running calls since it became ready
     (``capacity`` slots; 1.0: always full); ``items_per_second`` is over the same time;
     ``p50_item_seconds`` and ``p99_item_seconds`` are percentiles of the run time per item of
-    its calls (within 9 %; ``None`` before any call). ``deaths`` counts the replicas of this
-    name that died (an auto replica is replaced under a new name or the same one).
+    its calls (within 5 %; ``None`` before any call). ``deaths`` counts the replicas of this
+    name that died before (a replacement often takes another name: `MapperStats` counts them
+    all).
 
     Examples:
         >>> ReplicaStats("r0", "ready", None, None, 2, 0, 10, 0, 0, 0, 0.5, 20.0, 0.01, 0.02).calls
@@ -113,8 +114,8 @@ class MapSnapshot:
     """One running map in a `MapperStats` snapshot: items ``done`` (``failed`` of them failed),
     items run again (``retried``), items past ``timeout=`` (``timed_out``), ``calls`` answered
     and ``in_flight``, items ``waiting`` to be sent (``None``: an iterator of unknown length),
-    ``items_per_second`` since it started ``seconds`` ago, and percentiles of its calls' time
-    from sending to answer.
+    ``items_per_second`` since it started ``seconds`` ago, percentiles of its calls' time
+    from sending to answer, and the replicas that died under its calls.
 
     Examples:
         >>> MapSnapshot(1, 100, 0, 0, 0, 5, 2, 50, 10.0, 10.0, 0.1, 0.3).items_per_second
@@ -133,6 +134,8 @@ class MapSnapshot:
     seconds: float
     p50_call_seconds: float | None
     p99_call_seconds: float | None
+    replicas_lost: int = 0
+    """Replicas that died under its calls."""
 
     @classmethod
     def of(cls, map_id: int, stats: MapStats, in_flight: int, waiting: int | None,
@@ -149,7 +152,8 @@ class MapSnapshot:
         seconds = max(1e-9, now - stats.started_at)
         return cls(map_id, stats.done, stats.failures, stats.retries, stats.timed_out,
                    stats.calls, in_flight, waiting, stats.done / seconds, seconds,
-                   stats.call_seconds.quantile(0.5), stats.call_seconds.quantile(0.99))
+                   stats.call_seconds.quantile(0.5), stats.call_seconds.quantile(0.99),
+                   stats.replicas_lost)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,9 @@ class MapperStats:
 
     replicas: list[ReplicaStats]
     maps: list[MapSnapshot]
+    replica_deaths: int = 0
+    """Replicas of the pool that died since it was made (those that died have left
+    ``replicas``; their replacements may have other names)."""
     taken_at: float = field(default_factory=time.time)
 
     def __str__(self) -> str:
@@ -185,6 +192,8 @@ class MapperStats:
                 f"{snapshot.in_flight} calls in flight, {waiting} waiting, "
                 f"{snapshot.items_per_second:.1f} items/s over {snapshot.seconds:.1f} s, "
                 f"p99 call {_seconds(snapshot.p99_call_seconds)}")
+        if self.replica_deaths:
+            lines.append(f"{self.replica_deaths} replica(s) of the pool died so far")
         return "\n".join(lines)
 
 
@@ -237,6 +246,7 @@ class PoolBoard:
         return map_id
 
     def map_ended(self, map_id: int) -> None:
+        """The map ``map_id`` ended: it leaves the snapshots."""
         with self._lock:
             self._maps.pop(map_id, None)
 
@@ -247,31 +257,40 @@ class PoolBoard:
 
     def call_answered(self, replica: Any, items: int, failed: int, retried: int,
                       run_seconds: float | None, latency_seconds: float) -> None:
-        """One call answered: the replica's counters, and the sink."""
-        replica.counters.call_answered(items, failed, retried, run_seconds)
-        if self.sink is not None:
-            self.sink.call_answered(replica.name, items, failed, retried, run_seconds,
-                                    latency_seconds)
+        """One call answered: the replica's counters (maps of several threads share a replica:
+        under the board's lock), and the sink."""
+        with self._lock:
+            replica.counters.call_answered(items, failed, retried, run_seconds)
+        sink = self.sink
+        if sink is not None:
+            sink.call_answered(replica.name, items, failed, retried, run_seconds,
+                               latency_seconds)
 
     def timed_out(self, replica: Any, items: int) -> None:
-        if self.sink is not None:
-            self.sink.timed_out(replica.name, items)
+        """A call of ``items`` items outlived its ``timeout=`` on ``replica``: for the sink."""
+        sink = self.sink
+        if sink is not None:
+            sink.timed_out(replica.name, items)
 
     def replica_died(self, name: str) -> None:
+        """The replica ``name`` died (or its cluster was lost)."""
         with self._lock:
             self.deaths[name] += 1
-        if self.sink is not None:
-            self.sink.replica_died(name)
+        sink = self.sink
+        if sink is not None:
+            sink.replica_died(name)
 
     def snapshot(self, replicas: Iterable[Any], now: float | None = None) -> MapperStats:
         """The `MapperStats` of ``replicas`` (the pool's `ReplicaRecord` objects) and the running
         maps."""
         now = time.monotonic() if now is None else now
-        replica_stats = [self._replica_stats(replica, now) for replica in replicas]
+        with self._lock:
+            replica_stats = [self._replica_stats(replica, now) for replica in replicas]
+            deaths = sum(self.deaths.values())
         maps = [MapSnapshot.of(map_id, running.stats, running.in_flight_calls(),
                                running.waiting_items(), now)
                 for map_id, running in sorted(self.running().items())]
-        return MapperStats(replica_stats, maps)
+        return MapperStats(replica_stats, maps, deaths)
 
     def map_snapshot(self, stats: MapStats, ended_at: float | None) -> MapSnapshot:
         """The snapshot of the map counting in ``stats``: running (its calls in flight and

@@ -129,7 +129,7 @@ class PoolVerbs:
             ...     _ = next(running)  # item 1's result: item 0 still sleeps
             ...     diagnosis = m.diagnose(limit=1)
             ...     running.close()
-            >>> diagnosis.calls[0].items_text, "sleep" in str(diagnosis)
+            >>> diagnosis.calls[0].items_text, "batch_runner.py" in str(diagnosis)
             ('item 0', True)
         """
         self._check_open()

@@ -43,6 +43,7 @@ from rhmapper.ray_replica import RayReplica
 from rhmapper.replica_launcher import ReplicaLauncher
 from rhmapper.remote_errors import add_note
 from rhmapper.slots import Inbox, SlotIndex
+from rhmapper.stacks import stacks_of
 from rhmapper.ticker import Ticker
 
 SCALE_TICK_SECONDS = 0.5
@@ -216,6 +217,11 @@ class ReplicaPool(CallSender):
         done = wait_for_answers(self._wakeup, inbox, timeout, [self])
         self.handle_events()
         return done
+
+    @on_its_cluster
+    def stacks(self, processes: set[tuple[str | None, int]]) -> dict[tuple[str | None, int], str]:
+        """`rhmapper.stacks.stacks_of` these ``(node_id, pid)``, on this pool's cluster."""
+        return stacks_of(processes)
 
     @on_its_cluster
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:

@@ -45,6 +45,8 @@ class SentCall:
     budget: float | None
     sent_at: float = 0.0
     """When it was sent (``time.monotonic()``)."""
+    seq: int = 0
+    """Its number in its map (see `rhmapper.scheduler.MapRun`)."""
 
 
 @dataclass(order=True)

@@ -25,6 +25,7 @@ caller's iterator ─► InputFeed ─┐ items, pulled by a thread of the feed 
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -44,7 +45,9 @@ WAIT_TICK_SECONDS = 0.2
 SLOW_CALL_FACTOR = 10
 SLOW_CALL_SECONDS = 10.0
 """A call of a map without ``timeout=`` running longer than `SLOW_CALL_FACTOR` times the map's
-p99 call time and this many seconds is logged (once), not stopped."""
+p99 call time and this many seconds is logged (once), not stopped..."""
+SLOW_CALL_MIN_ANSWERED = 5
+"""... once this many calls of the map answered (before, it has no p99 to compare with)."""
 
 _log = logging.getLogger(__name__)
 
@@ -61,6 +64,9 @@ class Replica(Protocol):
     queues_ahead: bool
     """Whether one more call may wait in its queue while its slots are full (an auto replica);
     your actors never get more calls than they run at once."""
+    node_id: str | None
+    """Where it runs, once known (for logs and `rhmapper.pool_stats`)."""
+    pid: int | None
 
     def max_items(self, call: "CallSpec") -> int | None:
         """The most items one call of ``call`` may carry on this replica (``None``: any)."""
@@ -153,17 +159,21 @@ class MapRun:
         self._in_flight: dict[Any, SentCall] = {}
         self._in_flight_on: dict[Replica, int] = {}
         """This map's calls in flight per replica (abandoned calls are not counted)."""
-        self._deadlines: list[tuple[float, int, Any]] = []
-        """A heap of (deadline, sequence, token); entries of calls that answered are skipped."""
+        self._token_of: dict[int, Any] = {}
+        """The token of each call in flight by its `SentCall.seq` (the heaps below hold the
+        number, not the token: a Ray token keeps its answer in memory)."""
+        self._deadlines: list[tuple[float, int]] = []
+        """A heap of (deadline, seq); entries of calls that answered are skipped."""
         self._sequence = itertools.count()
         self._replica_deaths = 0
+        self._lost: set[Replica] = set()
+        """The replicas that died under this map's calls."""
         self._benched_since: float | None = None
         """Since when no replica could take work because all are benched (see `_wait`)."""
         self._board = pool.slots.board
-        self._sent_order: list[tuple[float, int, Any]] = []
-        """Without ``timeout=``: a heap of (sent at, sequence, token), for `_warn_slow_calls`."""
-        self._warned_slow: Any = None
-        """The call `_warn_slow_calls` last warned about."""
+        self._sent_order: collections.deque[tuple[float, int]] = collections.deque()
+        """Without ``timeout=``: (sent at, seq) of each call in the order sent (so by time), for
+        `_warn_slow_calls`; entries of calls that answered are skipped."""
 
     @property
     def item_seconds(self) -> float | None:
@@ -278,12 +288,15 @@ class MapRun:
             budget = self._sizer.budget(len(items))
             deadline = now + budget
         token = self._pool.submit(replica, self._plan.call, start, items, budget, self._inbox)
-        self._in_flight[token] = SentCall(replica, start, items, is_retry, deadline, budget, now)
+        seq = next(self._sequence)
+        self._in_flight[token] = SentCall(replica, start, items, is_retry, deadline, budget, now,
+                                          seq)
+        self._token_of[seq] = token
         self._in_flight_on[replica] = self._in_flight_on.get(replica, 0) + 1
         if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
+            heapq.heappush(self._deadlines, (deadline, seq))
         else:
-            heapq.heappush(self._sent_order, (now, next(self._sequence), token))
+            self._sent_order.append((now, seq))
 
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""
@@ -334,7 +347,9 @@ class MapRun:
     def _replica_died(self, call: SentCall, died: ReplicaDied) -> None:
         self._replica_deaths += 1
         if died.permanent:
-            self.stats.replicas_lost += 1
+            if call.replica not in self._lost:  # its other calls in flight die with it
+                self._lost.add(call.replica)
+                self.stats.replicas_lost += 1
             self._pool.lost(call.replica, died)
         else:
             self._pool.unavailable(call.replica)
@@ -382,7 +397,7 @@ class MapRun:
         ready_at = self._feed.ready_at()
         if ready_at is not None and ready_at > now:
             soonest = ready_at
-        while self._deadlines and self._deadlines[0][2] not in self._in_flight:
+        while self._deadlines and self._deadlines[0][1] not in self._token_of:
             heapq.heappop(self._deadlines)
         if self._deadlines:
             soonest = min(soonest, self._deadlines[0][0])
@@ -394,10 +409,11 @@ class MapRun:
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, token = heapq.heappop(self._deadlines)
-            call = self._in_flight.get(token)
-            if call is None:
+            _, seq = heapq.heappop(self._deadlines)
+            token = self._token_of.get(seq)
+            if token is None:
                 continue
+            call = self._in_flight[token]
             if self._sent_late(token, call, now):
                 continue
             self._forget(token)
@@ -407,19 +423,25 @@ class MapRun:
 
     def _warn_slow_calls(self) -> None:
         """Log one warning for each call of a map without ``timeout=`` that runs longer than
-        `SLOW_CALL_FACTOR` times the p99 of the map's calls and `SLOW_CALL_SECONDS`: which
-        items, on which replica, node and process (`Mapper.diagnose` shows its stack)."""
-        heap = self._sent_order
-        if not heap:
-            return
+        `SLOW_CALL_FACTOR` times the p99 of the map's calls and `SLOW_CALL_SECONDS`, once
+        `SLOW_CALL_MIN_ANSWERED` of its calls answered (a p99 to compare with): which items, on
+        which replica, node and process (`Mapper.diagnose` shows its stack)."""
+        sent, token_of = self._sent_order, self._token_of
+        while sent and sent[0][1] not in token_of:
+            sent.popleft()
         now = time.monotonic()
-        p99 = self.stats.call_seconds.quantile(0.99) or 0.0
+        stats = self.stats
+        if (not sent or now - sent[0][0] <= SLOW_CALL_SECONDS
+                or stats.calls < SLOW_CALL_MIN_ANSWERED):
+            return
+        p99 = stats.call_seconds.quantile(0.99) or 0.0
         limit = max(SLOW_CALL_SECONDS, SLOW_CALL_FACTOR * p99)
-        while heap and (heap[0][2] not in self._in_flight or now - heap[0][0] > limit):
-            sent_at, _, token = heapq.heappop(heap)
-            call = self._in_flight.get(token)
-            if call is None:
+        while sent and (sent[0][1] not in token_of or now - sent[0][0] > limit):
+            sent_at, seq = sent.popleft()
+            token = token_of.get(seq)
+            if token is None:
                 continue
+            call = self._in_flight[token]
             replica = call.replica
             last = call.start + len(call.items) - 1
             items = f"item {call.start}" if last == call.start else f"items {call.start}-{last}"
@@ -427,8 +449,8 @@ class MapRun:
                 "rhmapper: a call of %s has run %.0f s on replica %s (node %s, pid %s), over "
                 "%d x this map's p99 call time (%.3f s) and %.0f s; it is left running. "
                 "m.diagnose() shows its stack; timeout= would stop it.", items, now - sent_at,
-                replica.name, getattr(replica, "node_id", None), getattr(replica, "pid", None),
-                SLOW_CALL_FACTOR, p99, SLOW_CALL_SECONDS)
+                replica.name, replica.node_id, replica.pid, SLOW_CALL_FACTOR, p99,
+                SLOW_CALL_SECONDS)
 
     def _sent_late(self, token: Any, call: SentCall, now: float) -> bool:
         """Whether ``call`` reached its replica after it was submitted (or not yet: its compiled
@@ -440,7 +462,7 @@ class MapRun:
         if deadline <= now:
             return False
         call.deadline = deadline
-        heapq.heappush(self._deadlines, (deadline, next(self._sequence), token))
+        heapq.heappush(self._deadlines, (deadline, call.seq))
         return True
 
     def _cancel_all(self) -> None:
@@ -448,8 +470,10 @@ class MapRun:
             self._pool.abandon(token, call.replica, deadline=call.deadline)
         self._in_flight.clear()
         self._in_flight_on.clear()
+        self._token_of.clear()
 
     def _forget(self, token: Any) -> SentCall:
         call = self._in_flight.pop(token)
+        del self._token_of[call.seq]
         self._in_flight_on[call.replica] -= 1
         return call

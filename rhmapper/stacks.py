@@ -16,6 +16,8 @@ from rhmapper.diagnosis import calls_threads
 
 PY_SPY_SECONDS = 10.0
 """The most one ``py-spy dump`` may take."""
+TASK_START_SECONDS = 20.0
+"""... and the most the tasks running them may wait to start."""
 
 
 def dump_stack(pid: int) -> str:
@@ -40,9 +42,10 @@ def dump_stack(pid: int) -> str:
         said = (done.stderr or done.stdout).strip().splitlines()
         why = next((line for line in said if line.startswith("Error")), said[0] if said else
                    f"exit code {done.returncode}")
-        return (f"(py-spy could not read process {pid}: {why}; "
-                "it needs ptrace rights: run as the same user, or with CAP_SYS_PTRACE in a "
-                "container)")
+        if "ermission" in why or "ptrace" in why:
+            why += ("; py-spy needs ptrace rights: run as the same user, or with "
+                    "CAP_SYS_PTRACE in a container")
+        return f"(py-spy could not read process {pid}: {why})"
     return calls_threads(done.stdout)
 
 
@@ -50,7 +53,8 @@ _dump_stack_task = ray.remote(num_cpus=0, max_retries=0)(dump_stack)
 
 
 def stacks_of(processes: set[tuple[str | None, int]]) -> dict[tuple[str | None, int], str]:
-    """`dump_stack` of each ``(node_id, pid)``, taken on its node, all at once.
+    """`dump_stack` of each ``(node_id, pid)``, taken on its node, all at once, within
+    `PY_SPY_SECONDS` plus `TASK_START_SECONDS` in all.
 
     Examples:
         >>> import os, ray
@@ -58,14 +62,24 @@ def stacks_of(processes: set[tuple[str | None, int]]) -> dict[tuple[str | None, 
         >>> stacks_of({here})[here]
         '(py-spy could not read process 4194311: ...)'
     """
-    refs = {}
+    stacks, refs = {}, {}
     for node_id, pid in processes:
-        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else None
-        refs[(node_id, pid)] = _dump_stack_task.options(scheduling_strategy=strategy).remote(pid)
-    stacks = {}
-    for process, ref in refs.items():
+        if node_id is None:  # not probed: a pid on another node would be another process
+            stacks[(node_id, pid)] = f"(the node of process {pid} is not known yet)"
+            continue
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        refs[_dump_stack_task.options(scheduling_strategy=strategy).remote(pid)] = (node_id, pid)
+    if not refs:
+        return stacks
+    ready, late = ray.wait(list(refs), num_returns=len(refs),
+                           timeout=PY_SPY_SECONDS + TASK_START_SECONDS)
+    for ref in late:
+        ray.cancel(ref)
+        stacks[refs[ref]] = (f"(the stack of process {refs[ref][1]} was not taken within "
+                             f"{PY_SPY_SECONDS + TASK_START_SECONDS:.0f} s)")
+    for ref in ready:
         try:
-            stacks[process] = ray.get(ref, timeout=PY_SPY_SECONDS + 30)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as error:
-            stacks[process] = f"(the stack of process {process[1]} could not be taken: {error})"
+            stacks[refs[ref]] = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            stacks[refs[ref]] = f"(the stack of process {refs[ref][1]} could not be taken: {error})"
     return stacks

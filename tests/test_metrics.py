@@ -144,12 +144,16 @@ def test_gauges_show_calls_in_flight_backlog_and_replicas_while_a_map_runs(ray_l
 
 
 def test_metrics_off_exports_nothing(ray_local):
-    name = f"quiet_{uuid.uuid4().hex[:6]}"
-    with rm.mapper(sleepy, replicas=1, env=rm.Env(name=name), metrics=False) as m:
-        assert m.map([0.0] * 5) == [0.0] * 5
-        assert m.stats().replicas[0].items == 5  # stats are kept all the same
-    time.sleep(2.5)  # two report intervals
-    assert not [sample for sample in scrape() if sample[1].get("mapper") == name]
+    quiet, heard = (f"{kind}_{uuid.uuid4().hex[:6]}" for kind in ("quiet", "heard"))
+    with rm.mapper(sleepy, replicas=1, env=rm.Env(name=quiet), metrics=False) as off, \
+            rm.mapper(sleepy, replicas=1, env=rm.Env(name=heard)) as on:
+        assert off.map([0.0] * 5) == [0.0] * 5 and on.map([0.0] * 5) == [0.0] * 5
+        assert off.stats().replicas[0].items == 5  # stats are kept all the same
+    # Once the mapper with metrics on shows its items, the one without has shown nothing.
+    samples = eventually(lambda: (lambda s: s if total(
+        s, "ray_rhmapper_items_done_total", mapper=heard) == 5 else None)(scrape()))
+    assert samples, "the mapper with metrics on never reached Prometheus"
+    assert not [sample for sample in samples if sample[1].get("mapper") == quiet]
 
 
 def test_diagnose_names_the_longest_call_its_process_and_its_stack(ray_local):

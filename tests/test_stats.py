@@ -35,9 +35,16 @@ def test_per_replica_counts_add_up_to_what_the_replicas_ran():
         replica.name: len(replica.calls) for replica in pool.replicas}
     for replica in stats.replicas:
         assert replica.state == "ready" and replica.failed == replica.retried == 0
-        assert replica.p50_item_seconds == pytest.approx(0.001, rel=0.1)
-        assert replica.p99_item_seconds == pytest.approx(0.001, rel=0.1)
-    assert stats.maps == []  # the map ended
+        assert replica.p50_item_seconds == pytest.approx(0.001, rel=0.05)
+        assert replica.p99_item_seconds == pytest.approx(0.001, rel=0.05)
+    assert stats.maps == [] and stats.replica_deaths == 0  # the map ended; no replica died
+    # Ten seconds after the first replica became ready: each replica's rate and busy share over
+    # its own time ready (2 slots each; the fake's calls take 1 ms per item).
+    later = min(replica.ready_at for replica in pool.replicas) + 10.0
+    for replica, counted in zip(pool.replicas, pool.slots.board.snapshot(pool.replicas, later).replicas):
+        ready_for = later - replica.ready_at
+        assert counted.items_per_second == pytest.approx(ran[replica.name] / ready_for)
+        assert counted.busy_share == pytest.approx(ran[replica.name] * 0.001 / (ready_for * 2))
 
 
 def test_failures_and_retries_are_counted_on_the_replica_they_happened_on():
@@ -85,37 +92,64 @@ def test_a_running_map_is_in_the_snapshot_with_its_counts_and_deaths_are_counted
     for chunk in chunks:
         seen.extend(chunk)
     assert seen == list(range(100))
-    assert sum(pool.slots.board.deaths.values()) == 1
-    assert pool.slots.board.snapshot(pool.all_replicas).maps == []
+    assert sum(pool.slots.board.deaths.values()) == 1 and map_run.stats.replicas_lost == 1
+    after = pool.slots.board.snapshot(pool.replicas)
+    assert after.maps == [] and after.replica_deaths == 1
+    assert "1 replica(s) of the pool died" in str(after)
+
+
+def run_until_cancelled(pool: FakePool, items: int, seconds: float, note=lambda: None):
+    """A map of one item per call whose hung call never answers, cancelled after ``seconds``:
+    the run, its results and the slow-call warnings logged (each with ``note()`` then)."""
+    plan = MapPlan(CallSpec("fn"), ordered=False, total=items, window=None, batch_size=1)
+    cancelled = threading.Event()
+    map_run = MapRun(pool, plan, list(range(items)), cancelled=cancelled)
+    timer = threading.Timer(seconds, cancelled.set)
+    timer.start()
+    results = []
+    try:
+        with pytest.raises(MapCancelledError):
+            with _warnings("rhmapper.scheduler", note) as warned:
+                for chunk in map_run.chunks():
+                    results.extend(chunk)
+    finally:
+        timer.cancel()
+    return map_run, sorted(results), warned
 
 
 def test_a_call_running_far_past_the_maps_p99_is_logged_once_and_left_running(monkeypatch):
     monkeypatch.setattr(scheduler, "SLOW_CALL_SECONDS", 0.3)
     pool = FakePool(2, fn=lambda x: x, hangs=lambda item: item == 3)
-    plan = MapPlan(CallSpec("fn"), ordered=False, total=10, window=None, batch_size=1)
-    cancelled = threading.Event()
-    map_run = MapRun(pool, plan, list(range(10)), cancelled=cancelled)
-    warned = []  # (message, calls abandoned when it was logged)
-
-    class Recorder(logging.Handler):
-        def emit(self, record):
-            warned.append((record.getMessage(), len(pool.cancelled)))
-
-    recorder = Recorder(logging.WARNING)
-    logging.getLogger("rhmapper.scheduler").addHandler(recorder)
-    timer = threading.Timer(1.5, cancelled.set)  # the hung call never answers: end the map
-    timer.start()
-    results = []
-    try:
-        with pytest.raises(MapCancelledError):
-            for chunk in map_run.chunks():
-                results.extend(chunk)
-    finally:
-        timer.cancel()
-        logging.getLogger("rhmapper.scheduler").removeHandler(recorder)
-    assert sorted(results) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    _, results, warned = run_until_cancelled(pool, 10, 1.5, note=lambda: len(pool.cancelled))
+    assert results == [0, 1, 2, 4, 5, 6, 7, 8, 9]
     assert len(warned) == 1, warned
     message, abandoned_then = warned[0]
     assert "item 3 " in message and "fake_replica_" in message and "left running" in message
     assert abandoned_then == 0  # logged, not stopped
     assert [token.items for token in pool.cancelled] == [[3]]  # stopped by the cancel only
+
+
+def test_no_slow_call_warning_before_the_map_has_a_p99(monkeypatch):
+    """Fewer than SLOW_CALL_MIN_ANSWERED calls answered: nothing to compare a call with."""
+    monkeypatch.setattr(scheduler, "SLOW_CALL_SECONDS", 0.3)
+    pool = FakePool(2, fn=lambda x: x, hangs=lambda item: item == 0)
+    map_run, results, warned = run_until_cancelled(pool, 3, 1.2)
+    assert results == [1, 2] and map_run.stats.calls == 2
+    assert warned == []
+
+
+class _warnings:
+    """The warnings a logger logs inside the block, each as ``(message, note())``."""
+
+    def __init__(self, logger: str, note=lambda: None) -> None:
+        self._logger = logging.getLogger(logger)
+        self._handler = logging.Handler(logging.WARNING)
+        self.messages: list[tuple[str, object]] = []
+        self._handler.emit = lambda record: self.messages.append((record.getMessage(), note()))
+
+    def __enter__(self) -> list[tuple[str, object]]:
+        self._logger.addHandler(self._handler)
+        return self.messages
+
+    def __exit__(self, *exc_info) -> None:
+        self._logger.removeHandler(self._handler)
