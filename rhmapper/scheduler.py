@@ -25,31 +25,22 @@ caller's iterator ─► InputFeed ─┐ items, pulled by a thread of the feed 
 
 from __future__ import annotations
 
-import collections
-import heapq
 import itertools
-import logging
 import threading
 import time
 from typing import Any, Callable, Iterator, Protocol
 
 from rhmapper.call_sizing import CallSizer
+from rhmapper.deadlines import Deadlines
 from rhmapper.errors import MapCancelledError, NoReplicasError
 from rhmapper.input_feed import SEQUENCES, InputFeed, ListFeed
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.results import OnValues, ResultBook, SentCall
 from rhmapper.slots import Inbox, SlotIndex
+from rhmapper.slow_calls import SlowCalls
 from rhmapper.wire import BatchReply, CallSpec, ReplicaDied
 
 WAIT_TICK_SECONDS = 0.2
-SLOW_CALL_FACTOR = 10
-SLOW_CALL_SECONDS = 10.0
-"""A call of a map without ``timeout=`` running longer than `SLOW_CALL_FACTOR` times the map's
-p99 call time and this many seconds is logged (once), not stopped..."""
-SLOW_CALL_MIN_ANSWERED = 5
-"""... once this many calls of the map answered (before, it has no p99 to compare with)."""
-
-_log = logging.getLogger(__name__)
 
 
 class Replica(Protocol):
@@ -123,6 +114,57 @@ class Pool(Protocol):
         it answers again; drop it if it turns out dead."""
 
 
+class RunView:
+    """What observers read of a running map (`rhmapper.pool_stats.PoolBoard`, from any thread):
+    its counters, its calls in flight and its items waiting, read from the map's own
+    containers.
+
+    Examples:
+        >>> from rhmapper.plan import MapStats
+        >>> from rhmapper.results import ResultBook, SentCall
+        >>> plan = MapPlan(CallSpec("fn"), total=10)
+        >>> in_flight = {"token": SentCall("r0", 4, ["e", "f"], False, None, None, 1.5)}
+        >>> view = RunView(MapStats(), in_flight, plan, ListFeed(list("abcdefghij"), 1 << 20),
+        ...                ResultBook(plan, on_progress=None))
+        >>> view.in_flight_calls(), view.waiting_items(), view.calls_running()
+        (1, 10, [(4, 2, 'r0', 1.5)])
+    """
+
+    def __init__(self, stats: MapStats, in_flight: dict[Any, SentCall], plan: MapPlan,
+                 feed: InputFeed | ListFeed, book: ResultBook) -> None:
+        self.stats = stats
+        self._in_flight, self._plan, self._feed, self._book = in_flight, plan, feed, book
+
+    def in_flight_calls(self) -> int:
+        """The map's calls in flight."""
+        return len(self._in_flight)
+
+    def waiting_items(self) -> int | None:
+        """Items not yet sent, retries included (``None``: an iterator of unknown length)."""
+        if self._plan.total is None:
+            return None
+        return self._plan.total - self._feed.next_index + self._retries()
+
+    def backlog_items(self) -> int:
+        """What the autoscaler counts as waiting: items not yet sent (of an iterator of unknown
+        length, those held), within the window, and retries."""
+        plan = self._plan
+        waiting = plan.total - self._feed.next_index if plan.total is not None else (
+            self._feed.held())
+        if plan.window is not None:
+            waiting = min(waiting, plan.window)
+        return waiting + self._retries()
+
+    def _retries(self) -> int:
+        return len(self._book.due) + len(self._book.delayed)
+
+    def calls_running(self) -> list[tuple[int, int, Any, float]]:
+        """Each call in flight: its first item, its number of items, its replica and when it
+        was sent (a copy, safe to take from another thread)."""
+        return [(call.start, len(call.items), call.replica, call.sent_at)
+                for call in list(self._in_flight.values())]
+
+
 class MapRun:
     """One map's dispatch loop over a pool. Iterate `chunks` to drive it.
 
@@ -160,42 +202,21 @@ class MapRun:
         self._in_flight_on: dict[Replica, int] = {}
         """This map's calls in flight per replica (abandoned calls are not counted)."""
         self._token_of: dict[int, Any] = {}
-        """The token of each call in flight by its `SentCall.seq` (the heaps below hold the
-        number, not the token: a Ray token keeps its answer in memory)."""
-        self._deadlines: list[tuple[float, int]] = []
-        """A heap of (deadline, seq); entries of calls that answered are skipped."""
+        """Calls in flight by `SentCall.seq` (what the deadlines and slow calls hold)."""
+        self._deadlines = Deadlines()
         self._sequence = itertools.count()
         self._replica_deaths = 0
-        self._lost: set[Replica] = set()
-        """The replicas that died under this map's calls."""
+        self._lost: set[Replica] = set()  # replicas that died under this map's calls
         self._benched_since: float | None = None
         """Since when no replica could take work because all are benched (see `_wait`)."""
         self._board = pool.slots.board
-        self._sent_order: collections.deque[tuple[float, int]] = collections.deque()
-        """Without ``timeout=``: (sent at, seq) of each call in the order sent (so by time), for
-        `_warn_slow_calls`; entries of calls that answered are skipped."""
+        self._view = RunView(self.stats, self._in_flight, plan, self._feed, self._book)
+        self._slow = SlowCalls()  # without timeout=: calls running far past the map's p99
 
     @property
     def item_seconds(self) -> float | None:
         """The run time of one item measured so far (``None`` before any call answered)."""
         return self._sizer.per_item_seconds
-
-    def in_flight_calls(self) -> int:
-        """This map's calls in flight."""
-        return len(self._in_flight)
-
-    def waiting_items(self) -> int | None:
-        """Items not yet sent, retries included (``None``: an iterator of unknown length)."""
-        if self._plan.total is None:
-            return None
-        book = self._book
-        return self._plan.total - self._feed.next_index + len(book.due) + len(book.delayed)
-
-    def calls_running(self) -> list[tuple[int, int, Any, float]]:
-        """Each call of this map in flight: its first item, its number of items, its replica
-        and when it was sent (a copy, safe to take from another thread)."""
-        return [(call.start, len(call.items), call.replica, call.sent_at)
-                for call in list(self._in_flight.values())]
 
     @property
     def results(self) -> list:
@@ -207,7 +228,7 @@ class MapRun:
         feed, book = self._feed, self._book
         if feed.is_empty():
             return  # an empty input ends at once, whether or not any replica is ready yet
-        map_id = self._board.map_started(self)
+        map_id = self._board.map_started(self._view)
         book.announce()
         try:
             while True:
@@ -223,7 +244,9 @@ class MapRun:
                     if token in self._in_flight:  # else it timed out while its answer came
                         self._complete(token)
                 self._expire_deadlines()
-                self._warn_slow_calls()
+                self._slow.warn(time.monotonic(),
+                                lambda seq: self._in_flight.get(self._token_of.get(seq)),
+                                self.stats)
                 yield from book.drain()
         finally:
             self._board.map_ended(map_id)
@@ -234,15 +257,10 @@ class MapRun:
     def _report_backlog(self) -> None:
         """Tell the pool's autoscaler how many items wait (still to send, or to retry; within
         the window) and how long one takes."""
-        if not self._pool.slots.backlog.watched:
-            return
-        feed, plan, book = self._feed, self._plan, self._book
-        waiting = plan.total - feed.next_index if plan.total is not None else feed.held()
-        if plan.window is not None:
-            waiting = min(waiting, plan.window)
-        self._pool.slots.backlog.report(
-            self._inbox, waiting + len(book.due) + len(book.delayed),
-            self._sizer.per_item_seconds or plan.item_seconds_hint)
+        if self._pool.slots.backlog.watched:
+            self._pool.slots.backlog.report(
+                self._inbox, self._view.backlog_items(),
+                self._sizer.per_item_seconds or self._plan.item_seconds_hint)
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -294,9 +312,9 @@ class MapRun:
         self._token_of[seq] = token
         self._in_flight_on[replica] = self._in_flight_on.get(replica, 0) + 1
         if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, seq))
+            self._deadlines.add(deadline, seq)
         else:
-            self._sent_order.append((now, seq))
+            self._slow.sent(now, seq)
 
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""
@@ -397,10 +415,9 @@ class MapRun:
         ready_at = self._feed.ready_at()
         if ready_at is not None and ready_at > now:
             soonest = ready_at
-        while self._deadlines and self._deadlines[0][1] not in self._token_of:
-            heapq.heappop(self._deadlines)
-        if self._deadlines:
-            soonest = min(soonest, self._deadlines[0][0])
+        deadline = self._deadlines.soonest(self._token_of.__contains__)
+        if deadline is not None:
+            soonest = min(soonest, deadline)
         delayed = self._book.delayed
         if delayed:
             soonest = min(soonest, delayed[0].not_before)
@@ -408,8 +425,7 @@ class MapRun:
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, seq = heapq.heappop(self._deadlines)
+        for seq in self._deadlines.due(now):
             token = self._token_of.get(seq)
             if token is None:
                 continue
@@ -421,37 +437,6 @@ class MapRun:
             self._board.timed_out(call.replica, len(call.items))
             self._book.timed_out(call)
 
-    def _warn_slow_calls(self) -> None:
-        """Log one warning for each call of a map without ``timeout=`` that runs longer than
-        `SLOW_CALL_FACTOR` times the p99 of the map's calls and `SLOW_CALL_SECONDS`, once
-        `SLOW_CALL_MIN_ANSWERED` of its calls answered (a p99 to compare with): which items, on
-        which replica, node and process (`Mapper.diagnose` shows its stack)."""
-        sent, token_of = self._sent_order, self._token_of
-        while sent and sent[0][1] not in token_of:
-            sent.popleft()
-        now = time.monotonic()
-        stats = self.stats
-        if (not sent or now - sent[0][0] <= SLOW_CALL_SECONDS
-                or stats.calls < SLOW_CALL_MIN_ANSWERED):
-            return
-        p99 = stats.call_seconds.quantile(0.99) or 0.0
-        limit = max(SLOW_CALL_SECONDS, SLOW_CALL_FACTOR * p99)
-        while sent and (sent[0][1] not in token_of or now - sent[0][0] > limit):
-            sent_at, seq = sent.popleft()
-            token = token_of.get(seq)
-            if token is None:
-                continue
-            call = self._in_flight[token]
-            replica = call.replica
-            last = call.start + len(call.items) - 1
-            items = f"item {call.start}" if last == call.start else f"items {call.start}-{last}"
-            _log.warning(
-                "rhmapper: a call of %s has run %.0f s on replica %s (node %s, pid %s), over "
-                "%d x this map's p99 call time (%.3f s) and %.0f s; it is left running. "
-                "m.diagnose() shows its stack; timeout= would stop it.", items, now - sent_at,
-                replica.name, replica.node_id, replica.pid, SLOW_CALL_FACTOR, p99,
-                SLOW_CALL_SECONDS)
-
     def _sent_late(self, token: Any, call: SentCall, now: float) -> bool:
         """Whether ``call`` reached its replica after it was submitted (or not yet: its compiled
         graph is compiling), so that its budget ends later than it seemed; its deadline then
@@ -462,7 +447,7 @@ class MapRun:
         if deadline <= now:
             return False
         call.deadline = deadline
-        heapq.heappush(self._deadlines, (deadline, call.seq))
+        self._deadlines.add(deadline, call.seq)
         return True
 
     def _cancel_all(self) -> None:

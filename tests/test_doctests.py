@@ -17,7 +17,7 @@ import pytest
     "rhmapper.remote_errors", "rhmapper.lanes", "rhmapper.pool_idle", "rhmapper.ticker",
     "rhmapper.digests", "rhmapper.checkpoint_layout", "rhmapper.checkpoint_store",
     "rhmapper.checkpoint_read", "rhmapper.durable", "rhmapper.saved_results",
-    "rhmapper.latency", "rhmapper.pool_stats", "rhmapper.diagnosis",
+    "rhmapper.latency", "rhmapper.pool_stats", "rhmapper.diagnosis", "rhmapper.slow_calls", "rhmapper.deadlines",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

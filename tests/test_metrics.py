@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -123,21 +124,23 @@ def test_gauges_show_calls_in_flight_backlog_and_replicas_while_a_map_runs(ray_l
     name = f"gauges_{uuid.uuid4().hex[:6]}"
     with rm.mapper(sleepy, replicas=2, concurrency=2, env=rm.Env(name=name)) as m:
         m.wait_ready(timeout=60)
-        running = m.imap([0.5] * 40, batch_size=1)
-        next(running)
+        # A map of about 7 s (60 items of 0.5 s, 4 at a time), run by a thread of its own.
+        mapping = threading.Thread(target=m.map, args=([0.5] * 60,), kwargs={"batch_size": 1})
+        mapping.start()
 
         def busy():
             samples = scrape()
-            if (total(samples, "ray_rhmapper_calls_in_flight", mapper=name) == 4
+            if (total(samples, "ray_rhmapper_calls_in_flight", mapper=name) >= 4
                     and total(samples, "ray_rhmapper_backlog_items", mapper=name) > 0):
                 return samples
             return None
 
         samples = eventually(busy, 20)
+        mapping.join(60)
         assert samples, "the gauges never showed the running map"
         assert total(samples, "ray_rhmapper_replicas", mapper=name, state="ready") == 2
-        assert total(samples, "ray_rhmapper_backlog_items", mapper=name) <= 40 - 4
-        running.close()
+        assert total(samples, "ray_rhmapper_backlog_items", mapper=name) <= 60 - 4
+        assert not mapping.is_alive()
     gone = eventually(lambda: total(scrape(), "ray_rhmapper_replicas", mapper=name,
                                     state="ready") == 0, 20)
     assert gone, "the replicas gauge still counts the shut-down pool"

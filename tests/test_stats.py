@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from rhmapper import scheduler
+from rhmapper import slow_calls
 from rhmapper.errors import MapCancelledError
 from rhmapper.plan import MapPlan
 from rhmapper.retries import Retries
@@ -109,7 +109,7 @@ def run_until_cancelled(pool: FakePool, items: int, seconds: float, note=lambda:
     results = []
     try:
         with pytest.raises(MapCancelledError):
-            with _warnings("rhmapper.scheduler", note) as warned:
+            with _warnings("rhmapper.slow_calls", note) as warned:
                 for chunk in map_run.chunks():
                     results.extend(chunk)
     finally:
@@ -118,7 +118,7 @@ def run_until_cancelled(pool: FakePool, items: int, seconds: float, note=lambda:
 
 
 def test_a_call_running_far_past_the_maps_p99_is_logged_once_and_left_running(monkeypatch):
-    monkeypatch.setattr(scheduler, "SLOW_CALL_SECONDS", 0.3)
+    monkeypatch.setattr(slow_calls, "SLOW_CALL_SECONDS", 0.3)
     pool = FakePool(2, fn=lambda x: x, hangs=lambda item: item == 3)
     _, results, warned = run_until_cancelled(pool, 10, 1.5, note=lambda: len(pool.cancelled))
     assert results == [0, 1, 2, 4, 5, 6, 7, 8, 9]
@@ -130,8 +130,8 @@ def test_a_call_running_far_past_the_maps_p99_is_logged_once_and_left_running(mo
 
 
 def test_no_slow_call_warning_before_the_map_has_a_p99(monkeypatch):
-    """Fewer than SLOW_CALL_MIN_ANSWERED calls answered: nothing to compare a call with."""
-    monkeypatch.setattr(scheduler, "SLOW_CALL_SECONDS", 0.3)
+    """Fewer than slow_calls.SLOW_CALL_MIN_ANSWERED calls answered: nothing to compare a call with."""
+    monkeypatch.setattr(slow_calls, "SLOW_CALL_SECONDS", 0.3)
     pool = FakePool(2, fn=lambda x: x, hangs=lambda item: item == 0)
     map_run, results, warned = run_until_cancelled(pool, 3, 1.2)
     assert results == [1, 2] and map_run.stats.calls == 2
