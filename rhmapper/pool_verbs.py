@@ -124,8 +124,8 @@ class PoolVerbs:
 
         Examples:
             >>> import time
-            >>> with rm.mapper(time.sleep, replicas=2) as m:
-            ...     running = m.imap_unordered([30.0, 0.01], batch_size=1)
+            >>> with rm.mapper(time.sleep, replicas=2).wait_ready(timeout=60) as m:
+            ...     running = m.imap_unordered([30.0, 0.01], batch_size=1)  # one per replica
             ...     _ = next(running)  # item 1's result: item 0 still sleeps
             ...     diagnosis = m.diagnose(limit=1)
             ...     running.close()

@@ -159,25 +159,47 @@ def test_metrics_off_exports_nothing(ray_local):
     assert not [sample for sample in samples if sample[1].get("mapper") == quiet]
 
 
+def diagnosed_while_running(m: rm.Mapper, items: list, long_item: int
+                            ) -> tuple[rm.Diagnosis, rm.MapperStats]:
+    """``m.diagnose()`` and ``m.stats()`` once the call of ``long_item`` has run a second, the
+    map run by a thread of its own (a suspended imap would send nothing more), then cancelled."""
+    cancelled = []
+
+    def run():
+        try:
+            m.map(items, batch_size=1)
+        except rm.MapCancelledError as error:
+            cancelled.append(error)
+
+    mapping = threading.Thread(target=run)
+    mapping.start()
+    try:
+        found = eventually(lambda: [call for call in m.diagnose(limit=1, stacks=False).calls
+                                    if call.first_item == long_item and call.seconds > 1], 60)
+        assert found, "the long item never ran"
+        diagnosis, stats = m.diagnose(limit=1), m.stats()
+    finally:
+        m.cancel()
+        mapping.join(60)
+    assert cancelled and not mapping.is_alive()
+    return diagnosis, stats
+
+
 def test_diagnose_names_the_longest_call_its_process_and_its_stack(ray_local):
     pool = f"stuck_{uuid.uuid4().hex[:6]}"
     with rm.mapper(sleepy, replicas=2, env=rm.Env(name=pool)) as m:
-        running = m.imap_unordered([0.01] * 20 + [60.0] + [0.01] * 20, batch_size=1)
-        for _ in range(40):
-            next(running)
-        diagnosis = m.diagnose()
+        diagnosis, _ = diagnosed_while_running(m, [0.01] * 40 + [60.0], long_item=40)
         # The command, in a process of its own, sees the same replica's stack.
         command = subprocess.run(
             [RHMAPPER, "diagnose", pool, "--address", ray.get_runtime_context().gcs_address],
             env=client_env(), capture_output=True, text=True, timeout=120)
-        running.close()
     longest = diagnosis.calls[0]
-    assert (longest.first_item, longest.items) == (20, 1)
+    assert (longest.first_item, longest.items) == (40, 1)
     assert longest.seconds > 0 and longest.times_p99 > 1
     assert longest.replica.startswith("stuck_") and longest.pid > 0
     stack = diagnosis.stacks[(longest.node_id, longest.pid)]
     assert "sleepy (" in stack and "batch_runner.py" in stack, stack
-    assert "item 20 of map" in str(diagnosis) and "sleepy (" in str(diagnosis)
+    assert "item 40 of map" in str(diagnosis) and "sleepy (" in str(diagnosis)
     assert command.returncode == 0, command.stderr
     assert f"{longest.replica} (node {longest.node_id}, pid {longest.pid}):" in command.stdout
     assert "sleepy (" in command.stdout, command.stdout
@@ -188,19 +210,14 @@ def test_diagnose_names_the_longest_call_its_process_and_its_stack(ray_local):
     assert unknown.returncode == 1 and "no pool named 'no_such_pool'" in unknown.stderr
 
 
-
 def test_stats_and_diagnose_of_a_mapper_on_the_cluster(ray_local):
     """The host on the cluster keeps the counters and takes the stacks; the driver asks it."""
     with rm.mapper(sleepy, replicas=2, on_cluster=True) as m:
         assert m.map([0.0] * 30, batch_size=1) == [0.0] * 30
         assert sum(replica.calls for replica in m.stats().replicas) == 30
-        running = m.imap_unordered([30.0] + [0.01] * 10, batch_size=1)
-        for _ in range(10):
-            next(running)
-        stats, diagnosis = m.stats(), m.diagnose(limit=1)
-        running.close()
+        diagnosis, stats = diagnosed_while_running(m, [0.01] * 10 + [30.0], long_item=10)
     [snapshot] = stats.maps
     assert snapshot.done == 10 and snapshot.in_flight == 1
     [longest] = diagnosis.calls
-    assert (longest.first_item, longest.items) == (0, 1)
+    assert (longest.first_item, longest.items) == (10, 1)
     assert "sleepy (" in diagnosis.stacks[(longest.node_id, longest.pid)]

@@ -25,13 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.heads]
 
 
 BOTH_CLUSTERS = """
-    import json, sys
+    import json, sys, time
     import ray
     import rhmapper as rm
 
     a, b = sys.argv[1:3]
 
     def tagged(x, factor):
+        if factor == 0:
+            time.sleep(x)
         return x * factor, ray.get_runtime_context().get_node_id()
 
     class Tagger:
@@ -52,6 +54,26 @@ BOTH_CLUSTERS = """
     m.wait_ready(timeout=120)
     one_per_call = m.map(range(60), batch_size=1, kwargs={"factor": 3})
     batched = m.map(range(3000), kwargs={"factor": 3})
+    # The call running longest, and its stack taken on its own cluster: the map runs in a
+    # thread of its own until the long item (sent last) has run a second, then is cancelled.
+    import threading
+    def slow_map():
+        try:
+            m.map([0.0] * 6 + [30.0], batch_size=1, kwargs={"factor": 0})
+        except rm.MapCancelledError:
+            pass
+    mapping = threading.Thread(target=slow_map)
+    mapping.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not [
+            call for call in m.diagnose(limit=1, stacks=False).calls
+            if call.first_item == 6 and call.seconds > 1]:
+        time.sleep(0.2)
+    diagnosis = m.diagnose(limit=1)
+    m.cancel()
+    mapping.join(60)
+    [longest] = diagnosis.calls
+    stack = diagnosis.stacks[(longest.node_id, longest.pid)]
     m.shutdown()
     # Your actors, created under the mapper's connection to each cluster, join it.
     users = rm.mapper(Tagger, method="tag", replicas={a: 0, b: 0})
@@ -83,7 +105,7 @@ BOTH_CLUSTERS = """
                       "user_per_cluster": per_cluster(from_users),
                       "broadcast_per_cluster": per_cluster(broadcast),
                       "broadcast_values": [v for v, _ in broadcast], "refused": refused,
-                      "calls": calls}))
+                      "calls": calls, "longest": longest.first_item, "stack": stack}))
 """
 
 
@@ -115,6 +137,8 @@ def test_one_map_spreads_over_both_clusters(heads):
     assert result["calls"] == result["user_per_cluster"], "each actor ran its cluster's calls"
     assert "was not created over one of this mapper's cluster connections" in result["refused"]
     assert "with m.connection(address):" in result["refused"], result["refused"]
+    assert result["longest"] == 6  # the 30-s item, its stack read by py-spy on its cluster
+    assert "tagged (" in result["stack"] and "batch_runner.py" in result["stack"], result["stack"]
 
 
 ONE_CLUSTER_CANNOT_START = """
