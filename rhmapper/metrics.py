@@ -58,13 +58,17 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_metrics_lock = threading.Lock()
 
 
 def _shared() -> _Metrics:
+    """The process's metrics, made by the first mapper (mappers may be made in several
+    threads at once)."""
     global _metrics
-    if _metrics is None:
-        _metrics = _Metrics()
-    return _metrics
+    with _metrics_lock:
+        if _metrics is None:
+            _metrics = _Metrics()
+        return _metrics
 
 
 class RayMetrics:
