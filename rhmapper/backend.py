@@ -22,11 +22,13 @@ from rhmapper.autoscaling import (
     replica_count,
 )
 from rhmapper.batching import Batched
+from rhmapper.broadcasts import Broadcast
 from rhmapper.checks import check_count
 from rhmapper.env import Env
 from rhmapper.durable import DurableMap
 from rhmapper.errors import RhmapperError
 from rhmapper.module import FunctionReplica, Module
+from rhmapper.pacing import Pacer
 from rhmapper.replicas import ReplicaPool
 from rhmapper.plan import DEFAULT_MAX_CALL_BYTES, MapPlan, MapStats
 from rhmapper.results import OnValues
@@ -64,7 +66,8 @@ class Backend(Protocol):
 
     def names(self) -> list[str]: ...
 
-    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list: ...
+    def start_broadcast(self, method: str, args: tuple, kwargs: dict) -> Broadcast:
+        """Call ``method`` on every replica at once (see `rhmapper.broadcasts`)."""
 
     def put_kwargs(self, kwargs: dict) -> dict:
         """A map's constant keyword arguments, put where its replicas fetch them."""
@@ -76,9 +79,10 @@ class Backend(Protocol):
     def shutdown(self, kill: bool) -> None: ...
 
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
-            cancelled: threading.Event) -> Iterator[list]:
+            cancelled: threading.Event, pacer: Pacer | None = None) -> Iterator[list]:
         """Run one map: yield chunks of results as the plan's ordering allows, then (for a
-        ``collect`` plan) the whole list of results."""
+        ``collect`` plan) the whole list of results. With a ``pacer`` the map never blocks: it
+        yields `rhmapper.pacing.PAUSE` where it would wait (see `rhmapper.pacing`)."""
 
 
 def method_of(cls: type | None, method: str) -> Callable:
@@ -285,8 +289,8 @@ class LocalBackend:
         processes = {(call.node_id, call.pid) for call in calls if call.pid is not None}
         return Diagnosis(calls, self.pool.stacks(processes) if stacks and processes else {})
 
-    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        return self.pool.broadcast(method, args, kwargs)
+    def start_broadcast(self, method: str, args: tuple, kwargs: dict) -> Broadcast:
+        return self.pool.start_broadcast(method, args, kwargs)
 
     def put_kwargs(self, kwargs: dict) -> dict:
         return self.pool.put_kwargs(kwargs)
@@ -299,23 +303,22 @@ class LocalBackend:
             self.pool.shutdown(kill=kill)
 
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
-            cancelled: threading.Event) -> Iterator[list]:
+            cancelled: threading.Event, pacer: Pacer | None = None) -> Iterator[list]:
         if plan.checkpoint is None:
-            yield from self._run(plan, source, on_progress, cancelled)
+            yield from self._run(plan, source, on_progress, cancelled, pacer)
             return
         with DurableMap(plan.checkpoint, plan.ordered, plan.indexed) as durable:
             if durable.stored_before:
                 on_progress(durable.stored_before, MapStats(), self.pool.ready_replicas())
             chunks = self._run(durable.inner_plan(plan), durable.source(source), on_progress,
-                               cancelled, durable.on_values)
-            if plan.collect:
-                *_, fresh = chunks
-                yield durable.collected(fresh)
-            else:
-                yield from durable.results(chunks)
+                               cancelled, pacer, durable.on_values, durable.collected)
+            yield from (chunks if plan.collect else durable.results(chunks))
 
     def _run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
-             cancelled: threading.Event, on_values: OnValues | None = None) -> Iterator[list]:
+             cancelled: threading.Event, pacer: Pacer | None, on_values: OnValues | None = None,
+             collected: Callable[[list], list] | None = None) -> Iterator[list]:
+        """The map's chunks; a ``collect`` plan's last is its results (``collected`` of them:
+        a durable map's merge with the saved ones)."""
         end_signal, end_map = self.pool.open_end_signal()
         method = plan.call.method
         plan = dataclasses.replace(plan, call=dataclasses.replace(plan.call, end_signal=end_signal),
@@ -323,11 +326,11 @@ class LocalBackend:
         pool = self.pool
         run = MapRun(pool, plan, source,
                      lambda done, stats: on_progress(done, stats, pool.ready_replicas()), cancelled,
-                     on_values)
+                     on_values, pacer)
         try:
             yield from run.chunks()
             if plan.collect:
-                yield run.results
+                yield run.results if collected is None else collected(run.results)
         finally:
             end_map()
             if run.item_seconds is not None:

@@ -143,6 +143,7 @@ class CallSender:
                 inbox.put(ref)
                 self._answered.append(ref)  # its slot frees before its map fetches it
             self._wakeup.notify_all()
+            self.slots.pool_news()
 
     def notify(self, inbox: Inbox) -> None:
         """The map of ``inbox`` has news from its input (see `rhmapper.scheduler.Pool.notify`)."""
@@ -291,6 +292,7 @@ class CallSender:
                 self._inboxes.clear()
                 self._events.clear()  # probes and abandoned calls there will not answer either
                 self._wakeup.notify_all()
+                self.slots.pool_news()
         for action in actions:
             if isinstance(action, Warn):
                 warnings.warn(action.message, RuntimeWarning, stacklevel=3)

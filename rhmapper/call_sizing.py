@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 from rhmapper.plan import MapPlan
+
+if TYPE_CHECKING:
+    from rhmapper.input_feed import InputFeed, ListFeed
+    from rhmapper.slots import SlotIndex
 
 TARGET_CALL_SECONDS = 0.25
 """Auto batches aim at about this much work per call: per-call overhead stays near 1%."""
@@ -114,6 +120,21 @@ class CallSizer:
             floor = min(int(MIN_CALL_SECONDS / per_item), math.ceil(plan.total / (2 * slots)))
             size = min(size, max(guided, floor))
         return max(1, min(size, room)) if room > 0 else 0
+
+    def next_call(self, feed: InputFeed | ListFeed, slots: SlotIndex, emitted: int,
+                  max_items: int | None, queued: bool, spare: int) -> tuple[int, list] | None:
+        """The first index and the items of ``feed`` for the next call (``None``: none to send
+        now). A call that would wait in its replica's queue (``queued``) is sent only if it is
+        short. A feed short of items pulls the items of every call the free ``slots`` would
+        take now (``spare`` more each may queue); ``emitted``: results the map yielded so far."""
+        if feed.exhausted:
+            return None
+        size = self.batch_size(slots.total, feed.next_index, emitted)
+        if max_items is not None:
+            size = min(size, max_items)
+        if size <= 0 or (queued and not self.short_enough_to_queue(size)):
+            return None
+        return feed.take(size, calls=max(1, slots.free(spare)))
 
     def budget(self, items: int) -> float:
         """How long a call of ``items`` may run under ``timeout=``: ``timeout`` for one item.

@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager
 import ray
 
 from rhmapper import _ray_compat
+from rhmapper.broadcasts import Broadcast
 from rhmapper.env import Env
 from rhmapper.errors import NoReplicasError, PoolMismatchError, RhmapperError
 from rhmapper.names import NAMESPACE
@@ -85,12 +86,11 @@ class MultiClusterPool:
     def replicas(self) -> list[RayReplica]:
         return [replica for pool in self.pools.values() for replica in pool.replicas]
 
-    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        """`ReplicaPool.broadcast` on each cluster in turn (a cluster lost meanwhile: none)."""
-        answers: list = []
-        for pool in self._open_pools():
-            answers.extend(pool.broadcast(method, args, kwargs) or [])
-        return answers
+    def start_broadcast(self, method: str, args: tuple, kwargs: dict) -> Broadcast:
+        """`ReplicaPool.start_broadcast` on each cluster in turn (a cluster lost meanwhile:
+        none)."""
+        sent = [pool.start_broadcast(method, args, kwargs) for pool in self._open_pools()]
+        return Broadcast.joined([part for part in sent if part is not None])
 
     def stacks(self, processes: set[tuple[str | None, int]]) -> dict[tuple[str | None, int], str]:
         """`ReplicaPool.stacks` of each process, taken on the cluster of its node."""

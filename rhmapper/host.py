@@ -251,7 +251,7 @@ class MapperHost:
 
     def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
         self._spec.method_of(method)
-        return self._backend.broadcast(method, args, kwargs)
+        return self._backend.start_broadcast(method, args, kwargs).answers()
 
     def _shutdown_pool(self, kill: bool) -> None:
         """Empty the pool (killing its auto replicas if ``kill``); no replica joins it after."""

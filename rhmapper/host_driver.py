@@ -18,11 +18,13 @@ import ray
 
 from rhmapper import _ray_compat
 from rhmapper.autoscaling import ReplicaCount
+from rhmapper.broadcasts import Broadcast
 from rhmapper.backend import MapperSpec, OnProgress
 from rhmapper.errors import MapCancelledError
 from rhmapper.host import MAX_CONCURRENCY, TAKE_WAIT_SECONDS, MapperHost
 from rhmapper.input_feed import SEQUENCES, InputFeed
 from rhmapper.names import NAMESPACE, new_host_name
+from rhmapper.pacing import PAUSE, Pacer
 from rhmapper.pool_setup import put_kwargs, upload_local_dirs
 from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, DEFAULT_WINDOW, MapPlan
 from rhmapper.remote_errors import add_note
@@ -107,8 +109,9 @@ class ClusterBackend:
     def diagnose(self, limit: int, stacks: bool) -> Diagnosis:
         return self._call("diagnose", limit, stacks)
 
-    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        return self._call("broadcast", method, args, kwargs)
+    def start_broadcast(self, method: str, args: tuple, kwargs: dict) -> Broadcast:
+        answer = self.host.broadcast.remote(method, args, kwargs)
+        return Broadcast([answer.future()], lambda: ray.get(answer))
 
     def put_kwargs(self, kwargs: dict) -> dict:
         return put_kwargs(kwargs)  # the driver's refs; a spawned map's host copies them
@@ -120,12 +123,21 @@ class ClusterBackend:
             pass  # the host exits in shutdown: its call ends with the actor
 
     def run(self, plan: MapPlan, source: Iterator | list, on_progress: OnProgress,
-            cancelled: threading.Event) -> Iterator[list]:
+            cancelled: threading.Event, pacer: Pacer | None = None) -> Iterator[list]:
         map_id = uuid.uuid4().hex
         news = threading.Event()
         """Set when the host answers a take, or the input has news (see `_Feeder`)."""
+
+        def tell() -> None:
+            news.set()
+            if pacer is not None:
+                pacer.wake()
+
         feeder = _Feeder(source, plan.window, plan.total if plan.collect else None,
-                         plan.max_wait_seconds, on_news=news.set)
+                         plan.max_wait_seconds, on_news=tell)
+        while pacer is not None and feeder.is_empty(wait=False) is None:
+            pacer.pause(time.monotonic() + TAKE_WAIT_SECONDS, None)
+            yield PAUSE  # the input's first item (or end) wakes it
         # The host streams a list's results in order as they come (not all at the end), so
         # that sending them overlaps with the map.
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
@@ -141,8 +153,12 @@ class ClusterBackend:
                     raise MapCancelledError("the map was cancelled with Mapper.cancel()")
                 if answer is None:
                     answer = self.host.take.remote(map_id, not plan.collect).future()
-                    answer.add_done_callback(lambda _: news.set())
-                news.wait(feeder.wait_seconds())
+                    answer.add_done_callback(lambda _: tell())
+                if pacer is None:
+                    news.wait(feeder.wait_seconds())
+                elif not news.is_set():
+                    pacer.pause(time.monotonic() + feeder.wait_seconds(), None)
+                    yield PAUSE
                 news.clear()  # then what set it is read: the answer, or the input
                 if not answer.done():
                     continue
@@ -228,6 +244,10 @@ class _Feeder:
         self.received = 0
         self.chunks = 0
         self.exhausted = False
+
+    def is_empty(self, wait: bool) -> bool | None:
+        """Whether the input has no item (see `rhmapper.input_feed.InputFeed.is_empty`)."""
+        return self._input is not None and self._input.is_empty(wait)
 
     def first_chunk(self) -> tuple[list, bool]:
         """The chunk that starts the map (waiting for the input's first item, or its end)."""

@@ -74,12 +74,15 @@ class InputFeed:
         self._bytes_per_item: float | None = None
         """A decaying mean of the input items' size, which bounds the next calls."""
 
-    def is_empty(self) -> bool:
+    def is_empty(self, wait: bool = True) -> bool | None:
         """Whether the input has no item at all (waits for its first item, or its end, to tell;
-        raises what the input raised)."""
+        ``wait=False``: ``None`` until it can tell, and ``on_news`` is called when it can);
+        raises what the input raised."""
         with self._changed:
             self._want(1)
             while not self._held and not self._source_done:
+                if not wait:
+                    return None
                 self._changed.wait()
             self._raise_error()
             return not self._held
@@ -267,8 +270,8 @@ class ListFeed:
         self.next_index = 0
         """The input index of the next item a call takes."""
 
-    def is_empty(self) -> bool:
-        """Whether the list is empty."""
+    def is_empty(self, wait: bool = True) -> bool:
+        """Whether the list is empty (known without waiting)."""
         return not self._items
 
     @property

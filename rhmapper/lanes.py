@@ -20,10 +20,11 @@ whole (the mapper was cancelled, no replica can start) fails every lane in it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from rhmapper.input_feed import SEQUENCES, InputFeed, ListFeed
 from rhmapper.remote_errors import add_note
@@ -116,6 +117,8 @@ class Lane:
         self.error: BaseException | None = None
         """The first failure to raise (an item's, or the shared run's)."""
         self.closed = False
+        self.listener: Callable[[], None] | None = None
+        """Called when the lane has news (an async reader's wake-up; see `avalues`)."""
 
     def room(self) -> int | None:
         """How many more items may be fed under the window (``None``: no bound)."""
@@ -134,13 +137,13 @@ class Lane:
                         self.error = self.error or value
                 self.sink.put(index, [value], ())
             self.received += len(values)
-            self.changed.notify_all()
+            self.notify_reader()
 
     def fail(self, error: BaseException) -> None:
         """The shared run failed as a whole: end with ``error``."""
         with self.changed:
             self.error = self.error or error
-            self.changed.notify_all()
+            self.notify_reader()
 
     def values(self) -> Iterator:
         """The lane's results one by one, raising its first failure; ends the lane when left."""
@@ -149,21 +152,60 @@ class Lane:
                 with self.changed:
                     while not self._has_news():
                         self.changed.wait()
-                    chunks = self.sink.drain()
-                    error, ended = self.error, self._ended()
-                for chunk in chunks:
-                    self.yielded += len(chunk)
-                    if self.window is not None:
-                        self._on_room()
-                    yield from chunk
-                if error is not None:
-                    raise error
-                if ended:
-                    if self.input_error is not None:
-                        raise self.input_error
-                    return
+                    news = self._take_news()
+                yield from self._values_of(news)
+                self._raise_or_end(news)
+        except _LaneEnded:
+            return
         finally:
             self.close()
+
+    async def avalues(self) -> AsyncIterator:
+        """`values` for an event loop: awaits the run's news instead of waiting for it."""
+        loop = asyncio.get_running_loop()
+        news_came = asyncio.Event()
+        self.listener = lambda: loop.call_soon_threadsafe(news_came.set)
+        try:
+            while True:
+                news_came.clear()
+                with self.changed:
+                    news = self._take_news() if self._has_news() else None
+                if news is None:
+                    await news_came.wait()
+                    continue
+                for value in self._values_of(news):
+                    yield value
+                self._raise_or_end(news)
+        except _LaneEnded:
+            return
+        finally:
+            self.close()
+
+    def _take_news(self) -> tuple[list[list], BaseException | None, bool]:
+        """The results ready, the failure to raise and whether the lane ended (under the
+        lock)."""
+        return self.sink.drain(), self.error, self._ended()
+
+    def _values_of(self, news: tuple[list[list], BaseException | None, bool]) -> Iterator:
+        for chunk in news[0]:
+            self.yielded += len(chunk)
+            if self.window is not None:
+                self._on_room()
+            yield from chunk
+
+    def _raise_or_end(self, news: tuple[list[list], BaseException | None, bool]) -> None:
+        """Raise the lane's failure, or its input's once it ended (`_LaneEnded` if none)."""
+        _, error, ended = news
+        if error is not None:
+            raise error
+        if ended:
+            raise self.input_error or _LaneEnded()
+
+    def notify_reader(self) -> None:
+        """Wake the lane's reader (under the lock)."""
+        self.changed.notify_all()
+        if self.listener is not None:
+            self.listener()
 
     def collect(self) -> list:
         """All the lane's results, in input order for an ordered lane."""
@@ -257,7 +299,7 @@ class _SharedRun:
             except BaseException as error:  # noqa: B036 - the lane's input raised: its caller's
                 with lane.changed:
                     lane.input_done, lane.input_error = True, error
-                    lane.changed.notify_all()
+                    lane.notify_reader()
                 self._lanes.remove(lane)
                 continue
             with lane.changed:
@@ -265,7 +307,7 @@ class _SharedRun:
                 if lane.feed.exhausted:
                     lane.input_done = True
                     self._lanes.remove(lane)
-                    lane.changed.notify_all()
+                    lane.notify_reader()
             if items:
                 self._buffer.extend(zip(itertools.repeat(lane), itertools.count(start), items))
                 return True
@@ -306,6 +348,10 @@ class _SharedRun:
         for lane, values in by_lane.items():
             if not lane.closed:
                 lane.receive(values)
+
+
+class _LaneEnded(Exception):
+    """The lane gave all its results (ends its reader's loop)."""
 
 
 def equal_kwargs(first: dict | None, second: dict | None) -> bool:

@@ -13,13 +13,15 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from rhmapper.arguments import spec_of
+from rhmapper.async_verbs import AsyncVerbs
 from rhmapper.checks import check_count, check_seconds
 from rhmapper.connect import ensure_ray
-from rhmapper.durable import Checkpointing, absolute_if_local, map_fingerprint
+from rhmapper.durable import Checkpointing, absolute_if_local
 from rhmapper.env import Env
 from rhmapper.errors import RhmapperError
-from rhmapper.input_feed import SEQUENCES
-from rhmapper.module import Module, is_async_callable
+from rhmapper.map_inputs import check_inputs, items_of, stream_source
+from rhmapper.module import Module, is_async_callable, target_fingerprint
+from rhmapper.pacing import Pacer
 from rhmapper.options import MapOptions, MapSettings, StreamOptions
 from rhmapper.pool_verbs import PoolVerbs
 from rhmapper.progress import Progress
@@ -37,7 +39,7 @@ if TYPE_CHECKING:  # annotations only: not a run-time dependency
     from typing_extensions import Unpack
 
 
-class Mapper(PoolVerbs):
+class Mapper(AsyncVerbs, PoolVerbs):
     """Maps a function, or a method of a stateful class, over inputs on a pool of Ray actors.
 
     Build one with `mapper`. A ``Mapper`` holds its replicas until `shutdown` (or the
@@ -103,7 +105,7 @@ class Mapper(PoolVerbs):
             ...     m.map([2, 3], [2, 2], retries=1)
             [4, 9]
         """
-        items, star = _items_of("map", iterables)
+        items, star = items_of("map", iterables)
         return self._collect(items, star, MapSettings.of(options, stream=False))
 
     def starmap(self, iterable: Iterable[Iterable], **options: Unpack[MapOptions]) -> list:
@@ -114,7 +116,7 @@ class Mapper(PoolVerbs):
             ...     m.starmap([(2, 2), (3, 2)])
             [4, 9]
         """
-        _check_inputs("starmap", (iterable,))
+        check_inputs("starmap", (iterable,))
         return self._collect(list(iterable), True, MapSettings.of(options, stream=False))
 
     def imap(self, *iterables: Iterable, **options: Unpack[StreamOptions]) -> Iterator:
@@ -151,8 +153,7 @@ class Mapper(PoolVerbs):
             ...     m.call(2, 10)
             1024
         """
-        return self._collect([args], True, MapSettings(
-            kwargs=kwargs or None, batch_size="auto" if self._shared else 1, progress=False))[0]
+        return self._collect([args], True, self._call_settings(kwargs))[0]
 
     def broadcast(self, method: str, /, *args: Any, **kwargs: Any) -> list:
         """Call ``method`` once on every replica; a list of results in replica order.
@@ -167,7 +168,7 @@ class Mapper(PoolVerbs):
             [[('a', 2)], [('a', 2), ('b', 2)]]
         """
         self.spec.method_of(method)
-        return self._backend.broadcast(method, args, kwargs)
+        return self._backend.start_broadcast(method, args, kwargs).answers()
 
     def spawn_map(self, *iterables: Iterable, name: str,
                   keep_seconds: float = spawned.DEFAULT_KEEP_SECONDS,
@@ -204,7 +205,7 @@ class Mapper(PoolVerbs):
             raise ValueError(f"spawn_map needs a name (a non-empty str) to find the map again, "
                              f"got {name!r}")
         self._check_open()
-        items, star = _items_of("spawn_map", iterables)
+        items, star = items_of("spawn_map", iterables)
         plan = self._plan(star, MapSettings.of(options, stream=False), collect=True,
                           total=len(items), window=None)
         return self._backend.spawn(name, plan, items, keep_seconds, max_result_bytes)
@@ -240,7 +241,8 @@ class Mapper(PoolVerbs):
                         is_async=is_async_callable(target), batched=batched is not None)
         checkpoint = None if settings.checkpoint is None else Checkpointing(
             absolute_if_local(settings.checkpoint),
-            self._fingerprint(method, settings.kwargs, star), settings.overwrite)
+            target_fingerprint(self.spec.target, method, settings.kwargs, star),
+            settings.overwrite)
         return MapPlan(call=call, retries=Retries.of(settings.retries), checkpoint=checkpoint,
                        return_exceptions=settings.return_exceptions, timeout=settings.timeout,
                        batch_size=settings.batch_size if batched is None
@@ -250,16 +252,8 @@ class Mapper(PoolVerbs):
                        **({} if batched is None else
                           {"max_wait_seconds": batched.max_wait_ms / 1000}))
 
-    def _fingerprint(self, method: str | None, kwargs: dict | None, star: bool) -> dict[str, str]:
-        target = self.spec.target
-        if isinstance(target, Module):
-            name, build_args = _qualified_name(target.cls), (target.args, target.kwargs)
-        else:
-            name, build_args = _qualified_name(target), None
-        return map_fingerprint(name, method, build_args, kwargs, star)
-
     def _run(self, plan: MapPlan, source: Iterator | list, progress: bool | None,
-             total: int | None) -> Iterator[list]:
+             total: int | None, pacer: Pacer | None = None) -> Iterator[list]:
         self._check_open()
         bar = Progress(progress, total, self.env.name)
         cancelled = threading.Event()
@@ -269,7 +263,7 @@ class Mapper(PoolVerbs):
             bar.update(done, stats, ready)
 
         try:
-            yield from self._backend.run(plan, source, on_progress, cancelled)
+            yield from self._backend.run(plan, source, on_progress, cancelled, pacer)
         finally:
             self._cancel_events.discard(cancelled)
             bar.close()
@@ -284,17 +278,23 @@ class Mapper(PoolVerbs):
         return results
 
     def _stream(self, iterables: tuple, ordered: bool, settings: MapSettings) -> Iterator:
-        _check_inputs("imap", iterables)
-        star = len(iterables) > 1
-        first = iterables[0]
-        source = (zip(*iterables, strict=True) if star
-                  else first if isinstance(first, SEQUENCES) else iter(first))
+        check_inputs("imap", iterables)
+        source, star = stream_source(iterables)
         if self._shares(settings):
             return self._lane_values(star, settings, source, ordered)
-        total = min(operator.length_hint(iterable, -1) for iterable in iterables)
-        plan = self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
-                          window=settings.window)
+        plan = self._stream_plan(iterables, star, ordered, settings)
         return self._values(self._run(plan, source, settings.progress, plan.total))
+
+    def _stream_plan(self, iterables: tuple, star: bool, ordered: bool,
+                     settings: MapSettings) -> MapPlan:
+        total = min(operator.length_hint(iterable, -1) for iterable in iterables)
+        return self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
+                          window=settings.window)
+
+    def _call_settings(self, kwargs: dict) -> MapSettings:
+        """The settings of `call`: one item, shared batches on a batched mapper."""
+        return MapSettings(kwargs=kwargs or None, batch_size="auto" if self._shared else 1,
+                           progress=False)
 
     # -- shared runs of a batched mapper ----------------------------------------------------
 
@@ -336,12 +336,6 @@ class Mapper(PoolVerbs):
                 yield chunk.pop()
 
 
-def _qualified_name(target: Any) -> str:
-    """``module.qualname`` of a function or class (its ``repr`` if it has none)."""
-    qualname = getattr(target, "__qualname__", None)
-    return repr(target) if qualname is None else f"{getattr(target, '__module__', '')}.{qualname}"
-
-
 def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:
     """Where the maps of a mapper of ``spec`` run: here, or on its host on the cluster."""
     if spec.clusters:
@@ -353,30 +347,6 @@ def _backend_of(spec: MapperSpec, on_cluster: bool) -> Backend:
 
         return ClusterBackend(spec, spec.env.actor_options(), board)
     return spec.local_backend()
-
-
-def _items_of(verb: str, iterables: tuple) -> tuple[list, bool]:
-    """The items of a map over ``iterables`` (tuples of arguments if more than one), and whether
-    they are tuples (a single list is used as it is, not copied)."""
-    _check_inputs(verb, iterables)
-    if len(iterables) == 1 and type(iterables[0]) is list:
-        return iterables[0], False
-    columns = [list(iterable) for iterable in iterables]
-    lengths = [len(column) for column in columns]
-    if len(set(lengths)) > 1:
-        raise ValueError(f"{verb}() inputs have unequal lengths {lengths}; pass equally long "
-                         "iterables")
-    return (columns[0] if len(columns) == 1 else list(zip(*columns))), len(columns) > 1
-
-
-def _check_inputs(verb: str, iterables: tuple) -> None:
-    if not iterables:
-        raise TypeError(f"{verb}() needs at least one iterable of inputs")
-    for iterable in iterables:
-        if callable(iterable) and not hasattr(iterable, "__iter__"):
-            raise TypeError(
-                f"{verb}() takes only the inputs, got the callable {iterable!r}: the function is "
-                f"given to rm.mapper(fn, ...) once; then call m.{verb}(inputs)")
 
 
 def mapper(

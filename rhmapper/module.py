@@ -20,6 +20,7 @@ import ray
 
 from rhmapper import _ray_compat
 from rhmapper.batch_runner import run_batch, run_batch_async
+from rhmapper.durable import map_fingerprint
 from rhmapper.wire import BatchReply, CallRequest, RawValue, RemoteFailure
 
 
@@ -271,3 +272,25 @@ def replica_info(instance: Any) -> dict[str, Any]:
     return {"node_id": context.get_node_id(), "pid": os.getpid(),
             "max_concurrency": _ray_compat.current_actor_max_concurrency(),
             "fingerprint": getattr(instance, "_rhmapper_fingerprint", None)}
+
+
+def target_fingerprint(target: Any, method: str | None, kwargs: dict | None,
+                       star: bool) -> dict[str, str]:
+    """`rhmapper.durable.map_fingerprint` of a map of a mapper's ``target``: a function, or the
+    `Module` its replicas build.
+
+    Examples:
+        >>> target_fingerprint(pow, None, None, True)["target"]
+        'builtins.pow'
+    """
+    if isinstance(target, Module):
+        name, build_args = _qualified_name(target.cls), (target.args, target.kwargs)
+    else:
+        name, build_args = _qualified_name(target), None
+    return map_fingerprint(name, method, build_args, kwargs, star)
+
+
+def _qualified_name(target: Any) -> str:
+    """``module.qualname`` of a function or class (its ``repr`` if it has none)."""
+    qualname = getattr(target, "__qualname__", None)
+    return repr(target) if qualname is None else f"{getattr(target, '__module__', '')}.{qualname}"

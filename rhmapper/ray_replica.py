@@ -16,7 +16,7 @@ from rhmapper.compiled import CompiledCalls
 from rhmapper.module import replica_info, run_call
 from rhmapper.pool_setup import put_kwargs
 from rhmapper.pool_records import ReplicaRecord
-from rhmapper.remote_errors import remote_error
+from rhmapper.remote_errors import add_note, remote_error
 from rhmapper.sizing import approx_bytes
 from rhmapper.wire import BatchReply, CallRequest, CallSpec, Guard, RemoteFailure
 
@@ -120,14 +120,19 @@ class RayReplica(ReplicaRecord):
         return self.compiled.submit(CallRequest(method, [args], True, put_kwargs(kwargs) or None),
                                     functools.partial(_unpicklable_item, 0, [args]))
 
-    def answer_of_broadcast(self, answer: ray.ObjectRef | Future) -> Any:
-        """The value `broadcast` returned (or its error, raised)."""
-        if not isinstance(answer, Future):
-            return ray.get(answer)
-        reply = BatchReply.from_wire(answer.result()).unpacked()
-        if reply.failures:
-            raise remote_error(reply.failures[0])
-        return reply.values[0]
+    def answer_of_broadcast(self, method: str, answer: ray.ObjectRef | Future) -> Any:
+        """The value the `broadcast` of ``method`` returned (or its error, noted with this
+        replica's name, raised)."""
+        try:
+            if not isinstance(answer, Future):
+                return ray.get(answer)
+            reply = BatchReply.from_wire(answer.result()).unpacked()
+            if reply.failures:
+                raise remote_error(reply.failures[0])
+            return reply.values[0]
+        except Exception as error:  # noted with the replica, then raised as it is
+            add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {self.name}")
+            raise
 
 
 LARGE_ITEM_BYTES = 2**20

@@ -19,6 +19,7 @@ pool, and are dropped from it when they die, but are never killed by it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 import ray
 
 from rhmapper.autoscaling import Autoscale, ScalingPolicy
+from rhmapper.broadcasts import Broadcast
 from rhmapper.call_sender import CallSender, on_its_cluster, wait_for_answers
 from rhmapper.compiled import CompiledCalls
 from rhmapper.env import Env
@@ -41,7 +43,6 @@ from rhmapper.pool_setup import actor_name, pool_fingerprint
 from rhmapper.pool_state import PoolState
 from rhmapper.ray_replica import RayReplica
 from rhmapper.replica_launcher import ReplicaLauncher
-from rhmapper.remote_errors import add_note
 from rhmapper.slots import Inbox, SlotIndex
 from rhmapper.stacks import stacks_of
 from rhmapper.ticker import Ticker
@@ -205,6 +206,7 @@ class ReplicaPool(CallSender):
         with self._wakeup:
             self._events.append(event)
             self._wakeup.notify_all()
+            self.slots.pool_news()
 
     def wait(self, inbox: Inbox, timeout: float) -> list:
         """Wait until calls of ``inbox`` answer or the pool changes (a replica became ready, an
@@ -224,21 +226,21 @@ class ReplicaPool(CallSender):
         return stacks_of(processes)
 
     @on_its_cluster
-    def broadcast(self, method: str, args: tuple, kwargs: dict) -> list:
-        """Call ``method`` on every replica at once; their answers, in pool order."""
+    def start_broadcast(self, method: str, args: tuple, kwargs: dict) -> Broadcast:
+        """Call ``method`` on every replica at once (see `rhmapper.broadcasts.Broadcast`)."""
         if self.compiled_graphs:  # a starting replica has no graph yet to take it
             self.wait_ready()
         with self._lock:  # a mapped call sent meanwhile sees the broadcast ahead of it
-            replicas = list(self.replicas)
-            answers = [replica.broadcast(method, args, kwargs) for replica in replicas]
-        results = []
-        for replica, answer in zip(replicas, answers):
-            try:
-                results.append(replica.answer_of_broadcast(answer))
-            except Exception as error:  # noted with the replica, then raised as it is
-                add_note(error, f"rhmapper: broadcast of {method!r} failed on replica {replica.name}")
-                raise
-        return results
+            sent = [(replica, replica.broadcast(method, args, kwargs))
+                    for replica in self.replicas]
+        return Broadcast(
+            [answer if isinstance(answer, concurrent.futures.Future) else answer.future()
+             for _, answer in sent],
+            functools.partial(self._broadcast_answers, method, sent))
+
+    @on_its_cluster
+    def _broadcast_answers(self, method: str, sent: list[tuple[RayReplica, Any]]) -> list:
+        return [replica.answer_of_broadcast(method, answer) for replica, answer in sent]
 
     def ready_replicas(self) -> int | str:
         """How many replicas take calls now, for the progress bar; of an autoscaled pool, also

@@ -34,6 +34,7 @@ from rhmapper.call_sizing import CallSizer
 from rhmapper.deadlines import Deadlines
 from rhmapper.errors import MapCancelledError, NoReplicasError
 from rhmapper.input_feed import SEQUENCES, InputFeed, ListFeed
+from rhmapper.pacing import PAUSE, Pacer
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.results import OnValues, ResultBook, SentCall
 from rhmapper.slots import Inbox, SlotIndex
@@ -186,11 +187,18 @@ class MapRun:
         on_progress: Callable[[int, MapStats], None] | None = None,
         cancelled: threading.Event | None = None,
         on_values: OnValues | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self._pool = pool
         self._plan = plan
         self._cancelled = cancelled or threading.Event()
         self._inbox = Inbox()
+        self._pacer = pacer
+        """Set when the map is stepped by `rhmapper.async_driver` (it pauses, never blocks)."""
+        if pacer is not None:
+            self._inbox.on_put = pacer.wake
+        self._starved = False
+        """The last dispatch had items to send and no free slot for them."""
         self._feed: InputFeed | ListFeed = (
             ListFeed(source, plan.max_call_bytes) if isinstance(source, SEQUENCES)
             else InputFeed(source, plan.max_call_bytes, plan.max_wait_seconds,
@@ -226,7 +234,9 @@ class MapRun:
     def chunks(self) -> Iterator[list]:
         """Run the map; yield lists of results as the plan's ordering allows."""
         feed, book = self._feed, self._book
-        if feed.is_empty():
+        while (empty := feed.is_empty(wait=self._pacer is None)) is None:
+            yield from self._pause(WAIT_TICK_SECONDS)  # its input's first item wakes it
+        if empty:
             return  # an empty input ends at once, whether or not any replica is ready yet
         map_id = self._board.map_started(self._view)
         book.announce()
@@ -240,6 +250,8 @@ class MapRun:
                     yield from book.drain()
                     return
                 self._inbox.owed = len(self._in_flight)
+                if self._pacer is not None and not self._inbox:
+                    yield from self._pause(self._wait_seconds())
                 for token in self._wait():
                     if token in self._in_flight:  # else it timed out while its answer came
                         self._complete(token)
@@ -253,6 +265,12 @@ class MapRun:
             feed.close()
             self._pool.slots.backlog.report(self._inbox, 0, None)
             self._cancel_all()
+
+    def _pause(self, seconds: float) -> Iterator[list]:
+        """Yield `PAUSE` to the async driver, to be stepped again after ``seconds`` or news."""
+        assert self._pacer is not None
+        self._pacer.pause(time.monotonic() + seconds, self._pool.slots if self._starved else None)
+        yield PAUSE
 
     def _report_backlog(self) -> None:
         """Tell the pool's autoscaler how many items wait (still to send, or to retry; within
@@ -270,6 +288,7 @@ class MapRun:
         its feed's thread, so a slow or blocking iterator holds up no other map, nor this map's
         results."""
         with self._pool.slots.lock:
+            self._starved = False
             self._dispatch_locked()
 
     def _dispatch_locked(self) -> None:
@@ -289,12 +308,14 @@ class MapRun:
                     continue
             replica = slots.least_loaded(spare)
             if replica is None:
+                self._starved = bool(book.due) or not self._feed.exhausted
                 return
             max_items = replica.max_items(self._plan.call)
             queued = replica.in_flight >= replica.capacity
             if queued and not replica.queues_ahead:
                 return
-            work = self._take_fresh(max_items, queued, spare)
+            work = self._sizer.next_call(self._feed, slots, self._book.emitted, max_items,
+                                         queued, spare)
             if work is None:
                 return
             self._send(replica, *work, False)
@@ -319,25 +340,6 @@ class MapRun:
     def _others_busy(self, replica: Replica) -> bool:
         """Whether this map has calls in flight on replicas other than ``replica``."""
         return len(self._in_flight) > self._in_flight_on.get(replica, 0)
-
-    def _take_fresh(self, max_items: int | None, queued: bool, spare: int
-                    ) -> tuple[int, list] | None:
-        """The first index and the next items from the input for one call (``None``: none to
-        send now). A call that would wait in its replica's queue (``queued``) is sent only if it
-        is short. An input feed short of items pulls the items of every call the free slots
-        would take now."""
-        feed = self._feed
-        if feed.exhausted:
-            return None
-        slots = self._pool.slots
-        size = self._sizer.batch_size(slots.total, feed.next_index, self._book.emitted)
-        if max_items is not None:
-            size = min(size, max_items)
-        if size <= 0:
-            return None
-        if queued and not self._sizer.short_enough_to_queue(size):
-            return None
-        return feed.take(size, calls=max(1, slots.free(spare)))
 
     # -- completion -------------------------------------------------------------------------
 
@@ -381,7 +383,8 @@ class MapRun:
         ``timeout`` for one to come back; then the items it could not start get ``TimeoutError``
         values (`_fail_unstarted`), as items that missed their deadline."""
         try:
-            answered = self._pool.wait(self._inbox, self._wait_seconds())
+            answered = self._pool.wait(self._inbox,
+                                       0.0 if self._pacer is not None else self._wait_seconds())
         except NoReplicasError as error:
             timeout = self._plan.timeout
             if not (error.benched and timeout is not None and self._plan.return_exceptions):
@@ -390,7 +393,8 @@ class MapRun:
             self._benched_since = self._benched_since or now
             waited = now - self._benched_since
             if waited < timeout:
-                time.sleep(min(WAIT_TICK_SECONDS, timeout - waited))
+                if self._pacer is None:  # a paused map waits its next pause instead
+                    time.sleep(min(WAIT_TICK_SECONDS, timeout - waited))
             else:
                 self._fail_unstarted(str(error))
             return []

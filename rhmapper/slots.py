@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import heapq
 import threading
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from rhmapper.autoscaling import Backlog
 from rhmapper.pool_stats import PoolBoard
@@ -67,6 +67,16 @@ class SlotIndex:
         for the autoscaler."""
         self.board = PoolBoard()
         """What the maps of the pool (or pools) of these slots did (`Mapper.stats`)."""
+        self.news_listener: Callable[[], None] | None = None
+        """Called (from any thread) when slots may have freed: a call answered, a replica
+        became ready, an abandoned call gave its slot back. Set by `rhmapper.async_driver`,
+        whose maps wait for slots without a thread of their own."""
+
+    def pool_news(self) -> None:
+        """Slots may have freed (see `news_listener`)."""
+        listener = self.news_listener
+        if listener is not None:
+            listener()
 
     def __len__(self) -> int:
         """How many replicas are ready."""
@@ -182,6 +192,9 @@ class Inbox:
         self._done: collections.deque = collections.deque()
         self.owed = 0
         """How many calls of this map are in flight (the map sets it before it waits)."""
+        self.on_put: Callable[[], None] | None = None
+        """Called after each `put` (from the putting thread): wakes a map that waits without
+        a thread of its own (`rhmapper.pacing.Pacer`)."""
 
     def __bool__(self) -> bool:
         return bool(self._done)
@@ -189,6 +202,8 @@ class Inbox:
     def put(self, token: Any) -> None:
         """The call ``token`` answered."""
         self._done.append(token)
+        if self.on_put is not None:
+            self.on_put()
 
     def take(self) -> list:
         """The calls that answered since the last `take`."""

@@ -18,6 +18,8 @@ import pytest
     "rhmapper.digests", "rhmapper.checkpoint_layout", "rhmapper.checkpoint_store",
     "rhmapper.checkpoint_read", "rhmapper.durable", "rhmapper.saved_results",
     "rhmapper.latency", "rhmapper.pool_stats", "rhmapper.diagnosis", "rhmapper.slow_calls", "rhmapper.deadlines",
+    "rhmapper.pacing", "rhmapper.async_driver", "rhmapper.async_run", "rhmapper.map_inputs",
+    "rhmapper.broadcasts",
 ])
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

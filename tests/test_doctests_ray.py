@@ -19,7 +19,7 @@ import rhmapper as rm
     "rhmapper.spawned", "rhmapper.clusters",
     "rhmapper.compiled", "rhmapper.ray_replica", "rhmapper.pool_setup", "rhmapper.replica_launcher",
     "rhmapper.call_sender", "rhmapper.arguments", "rhmapper.pool_verbs", "rhmapper.batching",
-    "rhmapper.autoscaling", "rhmapper.metrics", "rhmapper.stacks",
+    "rhmapper.autoscaling", "rhmapper.metrics", "rhmapper.stacks", "rhmapper.async_verbs",
 ])
 def test_ray_edge_examples_run(ray_local, name):
     module = importlib.import_module(name)  # (`rhmapper.mapper` alone is the function)
