@@ -22,10 +22,11 @@ loop (an ``asyncio.Runner``) for every async part. Three measurements:
    concurrent ``acall`` s, each batch run with ``asyncio.gather``, against the same work as blocking
    ``m.map`` / ``m.call`` in a ``ThreadPoolExecutor(max_workers=--threads)`` (a new one per run,
    awaited from the same loop with ``run_in_executor``); every value is checked, ``--rounds``
-   alternating rounds, medians. A second ticker on the loop samples ``threading.enumerate()``
-   every ~1 ms during each run: the threads counted "extra" are those that were not alive before
-   the run, plus the ``rhmapper-async`` driver thread (started by the first async map, so alive
-   before). Goal: correct values, at most one extra thread for the async verbs.
+   alternating rounds, medians. Part 2's ticker runs on the loop during each run (its lag is
+   reported too) and samples ``threading.enumerate()`` at every tick: the threads counted
+   "extra" are those that were not alive before the run, plus, for the async verbs, the
+   ``rhmapper-async`` driver thread (started by the first async map, so alive before).
+   Goal: correct values, at most one extra thread for the async verbs.
 
 Usage::
 
@@ -285,6 +286,7 @@ def many(runner: asyncio.Runner, contender: Rhmapper, maps: int, map_items: int,
         walls: dict[str, list] = {name: [] for name in contenders}
         most: dict[str, list] = {name: [] for name in contenders}
         growth: dict[str, list] = {name: [] for name in contenders}
+        lags: dict[str, list] = {name: [] for name in contenders}
         names_seen: dict[str, collections.Counter] = {name: collections.Counter()
                                                       for name in contenders}
         for round_ in range(rounds):
@@ -296,6 +298,7 @@ def many(runner: asyncio.Runner, contender: Rhmapper, maps: int, map_items: int,
                 if values != expected:
                     raise AssertionError(f"{label}, {name}: wrong values")
                 walls[name].append(elapsed)
+                lags[name] += ticker.lags
                 peak, seen = extra_threads(before, ticker, driver=name == "async")
                 most[name].append(peak)
                 names_seen[name] |= collections.Counter(seen)  # the most of one run
@@ -305,7 +308,8 @@ def many(runner: asyncio.Runner, contender: Rhmapper, maps: int, map_items: int,
             row[name] = {"wall_s": statistics.median(walls[name]), "runs_s": walls[name],
                          "extra_threads_max": max(most[name]),
                          "active_count_growth_max": max(growth[name]),
-                         "extra_thread_names": dict(names_seen[name])}
+                         "extra_thread_names": dict(names_seen[name]),
+                         "loop_lag": lag_stats(lags[name])}
         ratios = [a / b for a, b in zip(walls["async"], walls["threads"])]
         row["ratio"] = row["async"]["wall_s"] / row["threads"]["wall_s"]
         row["per_round_ratios"] = ratios
@@ -353,6 +357,10 @@ def report(args, rows: list, lag: dict, many_rows: list, loads: tuple) -> None:
               f"{a['extra_threads_max']} ({a['active_count_growth_max']:+d}) | "
               f"{t['extra_threads_max']} ({t['active_count_growth_max']:+d}) | | | <= 1 | "
               f"{'yes' if a['extra_threads_max'] <= 1 else 'NO'} |")
+        a_lag, t_lag = a["loop_lag"], t["loop_lag"]
+        print(f"| {row['case']}: loop lag p99 (max) | {a_lag['p99_ms']:.2f} ms "
+              f"({a_lag['max_ms']:.1f}) | {t_lag['p99_ms']:.2f} ms ({t_lag['max_ms']:.1f}) | "
+              f"{a_lag['p99_ms'] / t_lag['p99_ms']:.2f} | | | |")
     for row in many_rows:
         for name in ("async", "threads"):
             names = row[name]["extra_thread_names"].items()

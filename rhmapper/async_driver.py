@@ -174,7 +174,10 @@ class AsyncDriver:
         """Heap of (wake at, timer number, tie-break, stepper) of sleeping steppers."""
         self._tie = itertools.count()
         self._starved: dict[Any, dict[Stepper, None]] = {}
-        """Per pool's slots, its sleeping starved steppers, in the order they slept."""
+        """Per pool's slots, its sleeping starved steppers, in the order they slept. A stepper
+        that ends its step not starved while the pool has free slots wakes the first of them:
+        a chain of maps that each sent work (or needed none), never a loop of maps that cannot
+        use the free slots."""
         self._news: collections.Counter = collections.Counter()
         """Per pool's slots, pieces of news not yet handed to starved steppers."""
         self._thread: threading.Thread | None = None
@@ -250,23 +253,21 @@ class AsyncDriver:
                 self.lock.wait(timers[0][0] - now if timers else None)
 
     def _step(self, stepper: Stepper) -> None:
-        was_starved = stepper.pacer.starved_on
         goes_on = stepper.step()
         pacer = stepper.pacer
         with self.lock:
             if not goes_on:
                 stepper.state = _DONE
-                return
-            if stepper.woken or stepper.closing or not pacer.paused:
+            elif stepper.woken or stepper.closing or not pacer.paused:
                 stepper.woken = False
                 self._make_ready(stepper)
             elif stepper.held():
                 stepper.state = _HELD
             else:
                 self._sleep(stepper)
-            if (was_starved is not None and pacer.starved_on is None
-                    and was_starved.free() > 0):
-                self._hand_news(was_starved, 1)  # it sent work and slots are left: the next
+            slots = pacer.slots
+            if pacer.starved_on is None and slots is not None and slots.free() > 0:
+                self._hand_news(slots, 1)  # slots are left that it did not want: the next
 
     def _sleep(self, stepper: Stepper) -> None:
         pacer = stepper.pacer

@@ -44,6 +44,9 @@ class Pacer:
         self.starved_on: Any = None
         """The `rhmapper.slots.SlotIndex` whose free slots the map waits for (``None``: it
         waits for no slot)."""
+        self.slots: Any = None
+        """The `rhmapper.slots.SlotIndex` of the map's pool (``None``: it has none here, as a
+        map run by the mapper's host on the cluster)."""
 
     def pause(self, wake_at: float, starved_on: Any) -> None:
         """The map would wait until ``wake_at`` (or news); ``starved_on``: the slots it has

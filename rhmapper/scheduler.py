@@ -196,7 +196,7 @@ class MapRun:
         self._pacer = pacer
         """Set when the map is stepped by `rhmapper.async_driver` (it pauses, never blocks)."""
         if pacer is not None:
-            self._inbox.on_put = pacer.wake
+            self._inbox.on_put, pacer.slots = pacer.wake, pool.slots
         self._starved = False
         """The last dispatch had items to send and no free slot for them."""
         self._feed: InputFeed | ListFeed = (

@@ -10,6 +10,7 @@ given when nothing is done.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import random
 import threading
@@ -169,16 +170,7 @@ class FakePool:
         self._input_news.set()
 
     def wait(self, inbox: Inbox, timeout: float) -> list:
-        self.waits += 1
-        answered = [token for token in self.abandoned if not token.hung]
-        for token in answered:
-            self.abandoned.remove(token)
-        self._carry_out(self.state.handle(*map(Drained, answered), Tick(time.monotonic())))
-        self._start_ready()
-        if not inbox.owed and not self.slots:
-            error = self.state.idle_error()
-            if error is not None:
-                raise error
+        self._handle_events(inbox)
         answering = [token for token in self._pending if token.inbox is inbox and not token.hung]
         if not answering:
             if not inbox:
@@ -190,6 +182,20 @@ class FakePool:
         for token in done:
             self._pending.remove(token)
         return done
+
+    def _handle_events(self, inbox: Inbox) -> None:
+        """What a pool does at each wait: abandoned calls answer (unless hung), replicas
+        start, and a map with nothing in flight and no replica to take work raises why."""
+        self.waits += 1
+        answered = [token for token in self.abandoned if not token.hung]
+        for token in answered:
+            self.abandoned.remove(token)
+        self._carry_out(self.state.handle(*map(Drained, answered), Tick(time.monotonic())))
+        self._start_ready()
+        if not inbox.owed and not self.slots:
+            error = self.state.idle_error()
+            if error is not None:
+                raise error
 
     def fetch(self, token: FakeCall, replica: FakeReplica) -> BatchReply:
         self.state.calls.fetched(token, time.monotonic())
@@ -228,3 +234,76 @@ class FakePool:
         self.lost_count += 1
         self._carry_out(self.state.handle(Died(replica, str(reason))))
         self._start_ready()  # a replacement starts at once
+
+
+class AnsweringPool(FakePool):
+    """A `FakePool` whose calls answer by themselves, ``call_seconds`` after they were sent,
+    from a thread of the pool (as Ray's callbacks do): the answer goes to its map's inbox (which
+    wakes a map stepped by `rhmapper.async_driver`), the pool's slots get news, and the slot
+    frees at the next ``wait`` of any map (as `rhmapper.replicas.ReplicaPool.handle_events`
+    does). `close` stops its thread."""
+
+    def __init__(self, replicas: int, call_seconds: float = 0.001, **options) -> None:
+        super().__init__(replicas, **options)
+        self.call_seconds = call_seconds
+        self._changed = threading.Condition()
+        self._due: list = []
+        """Heap of (when it answers, number, call) of the calls in flight."""
+        self._numbers = itertools.count()
+        self._live: set = set()
+        """Calls sent and not answered nor abandoned."""
+        self._answered: list = []
+        """Calls answered since the last ``wait`` (their slots free there)."""
+        self._closed = False
+        self._thread = threading.Thread(target=self._answer_due, daemon=True)
+        self._thread.start()
+
+    def submit(self, replica: FakeReplica, call: CallSpec, start: int, items: list,
+               budget: float | None, inbox: Inbox) -> FakeCall:
+        token = super().submit(replica, call, start, items, budget, inbox)
+        with self._changed:
+            self._live.add(token)
+            heapq.heappush(self._due, (time.monotonic() + self.call_seconds,
+                                       next(self._numbers), token))
+            self._changed.notify_all()
+        return token
+
+    def wait(self, inbox: Inbox, timeout: float) -> list:
+        with self._changed:
+            answered, self._answered = self._answered, []
+        for token in answered:
+            self.state.calls.answered(token)
+        self._handle_events(inbox)
+        with self._changed:
+            if not inbox:
+                self._changed.wait(timeout)
+        return inbox.take()
+
+    def abandon(self, token: FakeCall, replica: FakeReplica, deadline: float | None) -> None:
+        with self._changed:
+            self._live.discard(token)
+        super().abandon(token, replica, deadline)
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(10)
+
+    def _answer_due(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed and not (
+                        self._due and self._due[0][0] <= time.monotonic()):
+                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                if self._closed:
+                    return
+                _, _, token = heapq.heappop(self._due)
+                if token.hung or token not in self._live:
+                    continue
+                self._live.discard(token)
+                self._pending.remove(token)
+                self._answered.append(token)
+                token.inbox.put(token)
+                self._changed.notify_all()
+            self.slots.pool_news()

@@ -243,9 +243,14 @@ def test_a_queued_call_whose_client_disconnects_never_runs(slow_service):
 
 @pytest.mark.timeout(240)
 def test_the_mapper_stays_usable_after_clients_leave(slow_service):
-    """Five clients ask for slow inputs at once and all leave: one of those calls ran (and was
-    cancelled), the others never started. Then 20 clients at once each get their own answer,
-    each input run exactly once, on the same replica, and no map is left open."""
+    """Five clients ask for slow inputs at once and all leave: none of those calls finished
+    (each either never started or was cancelled while it ran). Then 20 clients at once each get
+    their own answer, each input run exactly once, on the same replica, and no map is left
+    open.
+
+    The five leave a few milliseconds apart (each client opens its own connection): when the
+    first one's call is cancelled, the replica may start the call of one still connected,
+    which is then cancelled in turn. The queued case alone is the test above."""
     server, log = slow_service
     leaving = [-10.0 - i for i in range(5)]
     staying = [100.0 + i for i in range(20)]
@@ -261,7 +266,8 @@ def test_the_mapper_stays_usable_after_clients_leave(slow_service):
     answers = [(response.status_code, response.json()) for response in responses]
     assert answers == [(200, {"x": x, "prediction": 10 * x + 1}) for x in staying]
     left = {f"{x:g}": events_of(log, f"{x:g}") for x in leaving}
-    assert sorted(left.values()) == [[]] * 4 + [["start", "cancelled"]], left
+    assert all(ran in ([], ["start", "cancelled"]) for ran in left.values()), left
+    assert ["start", "cancelled"] in left.values(), "a leaving client's call ran first"
     ran = collections.Counter((event, x) for event, x, _ in events(log)
                               if float(x) in staying)
     assert ran == {(event, f"{x:g}"): 1 for x in staying for event in ("start", "finish")}

@@ -27,6 +27,7 @@ WITHOUT_RAY = """
     from rhmapper.wire import CallRequest, CallSpec, Guard, ReplicaDied
     from rhmapper import checkpoint_layout, checkpoint_read, checkpoint_store, digests  # durable
     from rhmapper import durable, saved_results
+    from rhmapper import async_driver, async_run, pacing, map_inputs, broadcasts  # asyncio
     from tests.fakes import FakePool, ReplicaKiller
 
     def flaky(x):
