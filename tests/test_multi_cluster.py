@@ -95,6 +95,12 @@ BOTH_CLUSTERS = """
     from_users = users.map(range(20), batch_size=1)
     calls = dict(zip(users.clusters, users.broadcast("calls_made")))  # counted in each actor
     broadcast = users.broadcast("tag", 1)
+    import asyncio
+    async def asynchronously():  # the async verbs over both clusters, on one event loop
+        return (await users.abroadcast("tag", 2), await users.amap(range(30), batch_size=1),
+                [r async for r in users.aimap(range(10), window=3)],
+                await asyncio.gather(*(users.acall(x) for x in range(40))))
+    abroadcast, amapped, aimapped, acalled = asyncio.run(asynchronously())
     cluster_of = {node: address for address, node in node_of.items()}
     def per_cluster(tagged_values):
         return {address: sum(1 for _, node in tagged_values if cluster_of.get(node) == address)
@@ -105,7 +111,12 @@ BOTH_CLUSTERS = """
                       "user_per_cluster": per_cluster(from_users),
                       "broadcast_per_cluster": per_cluster(broadcast),
                       "broadcast_values": [v for v, _ in broadcast], "refused": refused,
-                      "calls": calls, "longest": longest.first_item, "stack": stack}))
+                      "calls": calls, "longest": longest.first_item, "stack": stack,
+                      "abroadcast_per_cluster": per_cluster(abroadcast),
+                      "abroadcast_values": [v for v, _ in abroadcast],
+                      "amap_per_cluster": per_cluster(amapped + acalled),
+                      "amap": [v for v, _ in amapped], "aimap": [v for v, _ in aimapped],
+                      "acall": [v for v, _ in acalled]}))
 """
 
 
@@ -134,6 +145,11 @@ def test_one_map_spreads_over_both_clusters(heads):
     assert sum(result["per_cluster"].values()) == 60, "every item ran on one of the two clusters"
     assert result["broadcast_values"] == [1, 1]
     assert sorted(result["broadcast_per_cluster"].values()) == [1, 1], "one actor per cluster"
+    assert result["abroadcast_values"] == [2, 2]
+    assert sorted(result["abroadcast_per_cluster"].values()) == [1, 1], "one actor per cluster"
+    assert result["amap"] == list(range(30)) and result["aimap"] == list(range(10))
+    assert result["acall"] == list(range(40))
+    assert all(count > 0 for count in result["amap_per_cluster"].values()), result
     assert result["calls"] == result["user_per_cluster"], "each actor ran its cluster's calls"
     assert "was not created over one of this mapper's cluster connections" in result["refused"]
     assert "with m.connection(address):" in result["refused"], result["refused"]
