@@ -93,7 +93,7 @@ async def predict(request: Request) -> Response:
         return JSONResponse({"error": "pass a number: /predict?x=3"}, status_code=400)
     mapper: rm.Mapper = request.app.state.mapper
     try:
-        prediction = await mapper.acall(x)
+        prediction = await cancel_on_disconnect(request, mapper.acall(x))
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: the client is gone
     return JSONResponse({"x": x, "prediction": prediction})

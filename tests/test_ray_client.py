@@ -244,9 +244,18 @@ RAY_SEMANTICS = """
     with rm.mapper(async_double, replicas=1, env=rm.Env(name="client_async",
                                                         compute={"CPU": 0.5})) as m:
         doubled = m.map([ray.put(x) for x in range(6)])
+
+        async def asynchronously():  # the async verbs of a Ray Client driver
+            return (await m.amap(range(8)), [r async for r in m.aimap(range(5), window=2)],
+                    await asyncio.gather(*(m.acall(x) for x in range(20))),
+                    await users.abroadcast("work", 1))
+
+        amapped, aimapped, acalled, abroadcast = asyncio.run(asynchronously())
     print(json.dumps({"client": ray.util.client.ray.is_connected(),
                       "values": [value for _, value in tagged],
-                      "tags": sorted({tag for tag, _ in tagged}), "doubled": doubled}))
+                      "tags": sorted({tag for tag, _ in tagged}), "doubled": doubled,
+                      "amap": amapped, "aimap": aimapped, "acall": acalled,
+                      "abroadcast": sorted(abroadcast)}))
 """
 
 
@@ -258,10 +267,13 @@ def test_users_actors_async_functions_and_refs_over_ray_client(head):
     assert result["values"] == [10 * x for x in range(12)]
     assert result["tags"] == ["a", "b"]
     assert result["doubled"] == [2 * x for x in range(6)]
+    assert result["amap"] == [2 * x for x in range(8)] and result["aimap"] == [0, 2, 4, 6, 8]
+    assert result["acall"] == [2 * x for x in range(20)]
+    assert result["abroadcast"] == [["a", 10], ["b", 10]]
 
 
 ON_CLUSTER = """
-    import json
+    import asyncio, json
     import ray
     import rhmapper as rm
 
@@ -276,6 +288,12 @@ ON_CLUSTER = """
     with rm.mapper(cube, replicas=2, env=rm.Env(compute={"CPU": 0.5}), on_cluster=True) as m:
         values = m.map(range(300), batch_size=1)
         streamed = list(m.imap(range(50), window=8))
+
+        async def asynchronously():  # the async verbs of a Ray Client driver, map on the cluster
+            return (await m.amap(range(40)), [r async for r in m.aimap(range(9), window=2)],
+                    await asyncio.gather(*(m.acall(x) for x in range(20))))
+
+        amapped, aimapped, acalled = asyncio.run(asynchronously())
     with rm.mapper(picky, replicas=1, on_cluster=True) as m:
         try:
             m.map(range(4))
@@ -283,7 +301,8 @@ ON_CLUSTER = """
         except LookupError as caught:
             error = {"type": type(caught).__name__, "note": caught.__notes__[-1]}
     print(json.dumps({"client": ray.util.client.ray.is_connected(), "values": values,
-                      "streamed": streamed, "error": error}))
+                      "streamed": streamed, "error": error, "amap": amapped, "aimap": aimapped,
+                      "acall": acalled}))
 """
 
 
@@ -294,6 +313,9 @@ def test_mapper_on_the_cluster_over_ray_client(head):
     assert result["client"] is True
     assert result["values"] == [x ** 3 for x in range(300)]
     assert result["streamed"] == [x ** 3 for x in range(50)]
+    assert result["amap"] == [x ** 3 for x in range(40)]
+    assert result["aimap"] == [x ** 3 for x in range(9)]
+    assert result["acall"] == [x ** 3 for x in range(20)]
     assert result["error"]["type"] == "LookupError"
     assert result["error"]["note"].startswith("rhmapper: item 2 failed on replica picky_")
 
