@@ -30,6 +30,7 @@ import collections
 import heapq
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -183,6 +184,11 @@ class AsyncDriver:
         self._thread: threading.Thread | None = None
 
     @classmethod
+    def _forget_shared(cls) -> None:
+        """In a forked child: the parent's driver and its thread are not there."""
+        cls._shared, cls._shared_lock = None, threading.Lock()
+
+    @classmethod
     def shared(cls) -> AsyncDriver:
         """The process's driver."""
         with cls._shared_lock:
@@ -195,7 +201,7 @@ class AsyncDriver:
         with self.lock:
             stepper._driver = self
             self._ready.append(stepper)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():  # (a forked child)
                 self._thread = threading.Thread(target=self._loop, name="rhmapper-async",
                                                 daemon=True)
                 self._thread.start()
@@ -305,3 +311,6 @@ class AsyncDriver:
         if starved is not None:
             starved.pop(stepper, None)
         self.lock.notify()
+
+
+os.register_at_fork(after_in_child=AsyncDriver._forget_shared)

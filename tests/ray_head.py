@@ -187,8 +187,12 @@ def start_head(num_cpus: int = 2, timeout: float = 90.0, extra_args: Sequence[st
         >>> head = start_head(); head.dashboard_url  # doctest: +SKIP
         'http://127.0.0.1:41234'
     """
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=client_env(),
-                   capture_output=True, check=False)  # creates ~/.ray/auth_token only if missing
+    env = client_env()
+    token_file = env.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray",
+                                                                "auth_token")
+    if not env.get("RAY_AUTH_TOKEN") and not os.path.exists(token_file):  # (1-2 s otherwise)
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True,
+                       check=False)  # creates ~/.ray/auth_token
     temp_dir = tempfile.mkdtemp(prefix="rhm-", dir="/tmp")
     ports = free_ports(9)
     while gcs_port is not None and gcs_port in ports[1:]:

@@ -254,6 +254,50 @@ def test_an_ended_async_map_never_starts_its_other_calls(backend, tmp_path):
         assert run_bounded(m.amap([0.0, 0.0], kwargs={"log": log}), seconds=60)
 
 
+# -- combinations ------------------------------------------------------------------------------
+
+def test_async_maps_nested_in_an_aimap_loop_and_beside_blocking_maps_end(backend):
+    """An ``acall`` and an ``amap`` inside an ``aimap`` loop whose window is full, two ``aimap`` s
+    read in turn, and blocking maps from a thread meanwhile: each ends, every value right."""
+    with rm.mapper(times_ten, replicas=2, env=rm.Env(compute={"CPU": 0.25}),
+                   on_cluster=backend == "on_cluster") as m:
+        beside: list = []
+
+        async def main():
+            blocking = threading.Thread(
+                target=lambda: beside.extend(m.map(range(200), batch_size=3)), daemon=True)
+            blocking.start()
+            nested = []
+            async for result in m.aimap(range(8), window=2, batch_size=1):
+                nested.append((result, await m.acall(result), (await m.amap([result]))[0]))
+            async with contextlib.aclosing(m.aimap(range(20), window=2)) as first, \
+                    contextlib.aclosing(m.aimap(range(100, 120), window=2)) as second:
+                zipped = [(await anext(first), await anext(second)) for _ in range(20)]
+            await asyncio.to_thread(blocking.join, 60)
+            return nested, zipped, blocking.is_alive()
+
+        nested, zipped, still_blocking = run_bounded(main())
+        assert nested == [(10 * x, 100 * x, 100 * x) for x in range(8)]
+        assert zipped == [(10 * x, 10 * (x + 100)) for x in range(20)]
+        assert not still_blocking and beside == [10 * x for x in range(200)]
+
+
+def test_a_checkpointed_amap_resumes_without_running_its_saved_items(tmp_path):
+    log = str(tmp_path / "starts.log")
+    checkpoint = str(tmp_path / "checkpoint")
+    with rm.mapper(logged_nap, replicas=2, env=rm.Env(compute={"CPU": 0.25})) as m:
+        async def main():
+            first = await m.amap([0.0] * 20, kwargs={"log": log}, checkpoint=checkpoint)
+            again = await m.amap([0.0] * 20, kwargs={"log": log}, checkpoint=checkpoint)
+            streamed = [r async for r in m.aimap([0.0] * 20, kwargs={"log": log},
+                                                  checkpoint=checkpoint)]
+            return first, again, streamed
+
+        first, again, streamed = run_bounded(main())
+        assert first == again == streamed and len(first) == 20
+        assert len(started(log)) == 20  # the runs after the first ran nothing
+
+
 # -- one loop, many maps -----------------------------------------------------------------------
 
 def test_a_hundred_amaps_and_a_thousand_acalls_use_one_driver_thread():
