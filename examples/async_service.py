@@ -9,8 +9,8 @@ no Ray cluster around, the mapper starts a local Ray itself. It serves on 127.0.
 What it shows:
   * the mapper is made once, when the app starts (Starlette's ``lifespan``), and shut down when
     the server stops; every request shares its two replicas, each of which built its `Model` once;
-  * a handler awaits ``m.acall(x)``: the event loop never blocks, so a few hundred requests can
-    wait for the replicas at once (one thread of rhmapper drives all their calls);
+  * a handler awaits ``m.acall(x)``: the event loop never blocks, so many requests can wait for
+    the replicas at once (one thread of rhmapper drives all their calls, whatever their number);
   * a client that disconnects cancels its call (`cancel_on_disconnect`). Starlette does not
     cancel a handler whose client went away, so the helper races the call against the
     ``http.disconnect`` message and cancels the call if the client leaves first: a call still
