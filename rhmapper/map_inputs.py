@@ -83,7 +83,14 @@ def is_async_iterable(source: Any) -> bool:
 
 
 async def listed(iterables: tuple) -> tuple:
-    """``iterables`` with each async iterable read into a list (on the running loop)."""
+    """``iterables`` with each async iterable read into a list (on the running loop).
+
+    Examples:
+        >>> async def letters():
+        ...     yield "a"
+        >>> asyncio.run(listed((letters(), [1])))
+        (['a'], [1])
+    """
     read = []
     for iterable in iterables:
         read.append([item async for item in iterable] if is_async_iterable(iterable)
