@@ -3,7 +3,9 @@ block the event loop, and how many threads many concurrent async maps take.
 
 One process, one local Ray (``num_cpus=4``), bench.py's ``rhmapper`` contender (4 replicas of
 0.5 CPU) on bench.py's ``tiny`` and ``sleep`` workloads, both mappers alive throughout, one event
-loop (an ``asyncio.Runner``) for every async part. Three measurements:
+loop (an ``asyncio.Runner``) for every async part. Before each part (and each workload of
+part 1) the script waits for a quiet host, as bench.py does (``--quiet-host``). Three
+measurements:
 
 1. **Throughput**: ``await m.amap(xs)`` against ``m.map(xs)`` (called from plain code, no loop
    running) on the same mapper, timed in alternating order (map, amap, amap, map, ...) for
@@ -30,7 +32,7 @@ loop (an ``asyncio.Runner``) for every async part. Three measurements:
 
 Usage::
 
-    python benchmarks/async_verbs.py                          # the defaults (~2 min)
+    python benchmarks/async_verbs.py                          # the defaults (~1 min)
     python benchmarks/async_verbs.py --tiny-items 100000 --rounds 2 --lag-rounds 3 --maps 10 \\
         --calls 100                                           # a quick pass
 
@@ -54,7 +56,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable
 
-import bench  # noqa: F401  (sets RAY_AUTH_MODE and ships the workloads by value)
+import bench  # sets RAY_AUTH_MODE and ships the workloads by value
 import ray
 from bench_contenders import RAY_CPUS, Rhmapper
 from bench_workloads import build_workloads
@@ -161,7 +163,7 @@ def throughput(runner: asyncio.Runner, contender: Rhmapper, rounds: int) -> dict
         contender.check(values)
         return elapsed, cpu
 
-    async def amap() -> tuple[float, float]:
+    async def amap() -> tuple[float, float, list]:
         started, cpu = time.perf_counter(), time.process_time()
         values = await m.amap(items, progress=False)
         return time.perf_counter() - started, time.process_time() - cpu, values
@@ -388,6 +390,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="concurrent acalls")
     parser.add_argument("--threads", type=int, default=100,
                         help="workers of the blocking baseline's ThreadPoolExecutor")
+    parser.add_argument("--quiet-host", type=float, default=0.25,
+                        help="before each part, wait until at most this share of the host's "
+                             "cores is busy, as bench.py does (1 turns the wait off)")
+    parser.add_argument("--quiet-timeout", type=float, default=60.0,
+                        help="seconds to wait for a quiet host before going on with a warning")
     parser.add_argument("--only", default="throughput,lag,many",
                         help="parts to run, of throughput,lag,many")
     args = parser.parse_args()
@@ -402,17 +409,24 @@ def main() -> None:
     lag: dict = {}
     many_rows: list = []
     contenders = {name: Rhmapper(wl, None) for name, wl in workloads.items()}
+
+    def settle() -> None:
+        bench.wait_for_quiet_host(args.quiet_host, args.quiet_timeout)
+
     try:
         for contender in contenders.values():  # both alive throughout
             contender.start()
             contender.warm()
         with asyncio.Runner() as runner:
             if "throughput" in parts:
-                rows = [throughput(runner, contender, args.rounds)
-                        for contender in contenders.values()]
+                for contender in contenders.values():
+                    settle()
+                    rows.append(throughput(runner, contender, args.rounds))
             if "lag" in parts:
+                settle()
                 lag = loop_lag(runner, contenders["tiny"], args.lag_items, args.lag_rounds)
             if "many" in parts:
+                settle()
                 many_rows = many(runner, contenders["tiny"], args.maps, args.map_items,
                                  args.calls, args.threads, args.rounds)
     finally:

@@ -144,9 +144,9 @@ class AsyncVerbs:
         if self._shares(settings):
             return [value async for value in
                     self._lane(star, settings, items, ordered=True).avalues()]
-        plan = self._plan(star, settings, collect=True, total=len(items), window=None)
-        return await AsyncRun(
-            lambda pacer: self._run(plan, items, settings.progress, len(items), pacer)).collect()
+        return await AsyncRun(lambda pacer: self._run(  # the plan is made in the driver thread
+            self._plan(star, settings, collect=True, total=len(items), window=None), items,
+            settings.progress, len(items), pacer)).collect()
 
     async def _astream(self: Mapper, iterables: tuple, ordered: bool, settings: MapSettings
                        ) -> AsyncIterator:
@@ -161,9 +161,8 @@ class AsyncVerbs:
                 async for value in lane.avalues():
                     yield value
                 return
-            plan = self._stream_plan(iterables, star, ordered, settings)
-            run = AsyncRun(lambda pacer: self._run(plan, source, settings.progress, plan.total,
-                                                   pacer), room=plan.window)
+            run = AsyncRun(lambda pacer: self._stream_run(iterables, source, star, ordered,
+                                                          settings, pacer), room=settings.window)
             async for value in run.values():
                 yield value
         finally:

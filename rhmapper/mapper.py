@@ -282,14 +282,15 @@ class Mapper(AsyncVerbs, PoolVerbs):
         source, star = stream_source(iterables)
         if self._shares(settings):
             return self._lane_values(star, settings, source, ordered)
-        plan = self._stream_plan(iterables, star, ordered, settings)
-        return self._values(self._run(plan, source, settings.progress, plan.total))
+        return self._values(self._stream_run(iterables, source, star, ordered, settings))
 
-    def _stream_plan(self, iterables: tuple, star: bool, ordered: bool,
-                     settings: MapSettings) -> MapPlan:
+    def _stream_run(self, iterables: tuple, source: Iterator | list, star: bool, ordered: bool,
+                    settings: MapSettings, pacer: Pacer | None = None) -> Iterator[list]:
+        """The chunks of a streaming map (``imap``) of ``source``."""
         total = min(operator.length_hint(iterable, -1) for iterable in iterables)
-        return self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
+        plan = self._plan(star, settings, ordered=ordered, total=total if total >= 0 else None,
                           window=settings.window)
+        return self._run(plan, source, settings.progress, plan.total, pacer)
 
     def _call_settings(self, kwargs: dict) -> MapSettings:
         """The settings of `call`: one item, shared batches on a batched mapper."""
