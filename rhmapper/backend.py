@@ -35,7 +35,7 @@ from rhmapper.results import OnValues
 from rhmapper.scheduler import MapRun
 from rhmapper.diagnosis import Diagnosis
 from rhmapper.metrics import RayMetrics
-from rhmapper.pool_stats import MapperStats
+from rhmapper.pool_stats import MapperStats, MapSnapshot
 
 if TYPE_CHECKING:
     from rhmapper.clusters import MultiClusterPool
@@ -283,6 +283,11 @@ class LocalBackend:
         with self.pool.slots.lock:
             replicas = list(self.pool.replicas)
         return self.pool.slots.board.snapshot(replicas)
+
+    def map_snapshot(self, stats: MapStats, ended_at: float | None) -> MapSnapshot:
+        """The snapshot of the map of this pool counting in ``stats`` (see
+        `rhmapper.pool_stats.PoolBoard.map_snapshot`)."""
+        return self.pool.slots.board.map_snapshot(stats, ended_at)
 
     def diagnose(self, limit: int, stacks: bool) -> Diagnosis:
         calls = self.pool.slots.board.longest_calls(limit)

@@ -370,7 +370,7 @@ class MapperHost:
             state = "done"
         else:
             state = "cancelled" if isinstance(hosted.error, MapCancelledError) else "failed"
-        snapshot = self._backend.pool.slots.board.map_snapshot(hosted.stats, hosted.finished_at)
+        snapshot = self._backend.map_snapshot(hosted.stats, hosted.finished_at)
         return {"done": hosted.done, "total": self._spawned[name][1],
                 "failed": hosted.stats.failures, "state": state, "stats": snapshot}
 
