@@ -24,7 +24,7 @@ from rhmapper.errors import MapCancelledError
 from rhmapper.host import MAX_CONCURRENCY, TAKE_WAIT_SECONDS, MapperHost
 from rhmapper.input_feed import SEQUENCES, InputFeed
 from rhmapper.names import NAMESPACE, new_host_name
-from rhmapper.pacing import PAUSE, Pacer
+from rhmapper.pacing import Pacer
 from rhmapper.pool_setup import put_kwargs, upload_local_dirs
 from rhmapper.plan import DEFAULT_MAX_WAIT_SECONDS, DEFAULT_WINDOW, MapPlan
 from rhmapper.remote_errors import add_note
@@ -136,8 +136,7 @@ class ClusterBackend:
         feeder = _Feeder(source, plan.window, plan.total if plan.collect else None,
                          plan.max_wait_seconds, on_news=tell)
         while pacer is not None and feeder.is_empty(wait=False) is None:
-            pacer.pause(time.monotonic() + TAKE_WAIT_SECONDS, None)
-            yield PAUSE  # the input's first item (or end) wakes it
+            yield from pacer.pauses(TAKE_WAIT_SECONDS)  # the input's first item (or end) wakes it
         # The host streams a list's results in order as they come (not all at the end), so
         # that sending them overlaps with the map.
         hosted_plan = dataclasses.replace(plan, collect=False, ordered=True) if plan.collect else plan
@@ -157,8 +156,7 @@ class ClusterBackend:
                 if pacer is None:
                     news.wait(feeder.wait_seconds())
                 elif not news.is_set():
-                    pacer.pause(time.monotonic() + feeder.wait_seconds(), None)
-                    yield PAUSE
+                    yield from pacer.pauses(feeder.wait_seconds())
                 news.clear()  # then what set it is read: the answer, or the input
                 if not answer.done():
                     continue

@@ -154,9 +154,8 @@ class Lane:
                         self.changed.wait()
                     news = self._take_news()
                 yield from self._values_of(news)
-                self._raise_or_end(news)
-        except _LaneEnded:
-            return
+                if self._ended_by(news):
+                    return
         finally:
             self.close()
 
@@ -175,9 +174,8 @@ class Lane:
                     continue
                 for value in self._values_of(news):
                     yield value
-                self._raise_or_end(news)
-        except _LaneEnded:
-            return
+                if self._ended_by(news):
+                    return
         finally:
             self.close()
 
@@ -193,13 +191,15 @@ class Lane:
                 self._on_room()
             yield from chunk
 
-    def _raise_or_end(self, news: tuple[list[list], BaseException | None, bool]) -> None:
-        """Raise the lane's failure, or its input's once it ended (`_LaneEnded` if none)."""
+    def _ended_by(self, news: tuple[list[list], BaseException | None, bool]) -> bool:
+        """Whether the lane ended with ``news``; raises the lane's failure, or its input's
+        once it ended."""
         _, error, ended = news
         if error is not None:
             raise error
-        if ended:
-            raise self.input_error or _LaneEnded()
+        if ended and self.input_error is not None:
+            raise self.input_error
+        return ended
 
     def notify_reader(self) -> None:
         """Wake the lane's reader (under the lock)."""
@@ -348,10 +348,6 @@ class _SharedRun:
         for lane, values in by_lane.items():
             if not lane.closed:
                 lane.receive(values)
-
-
-class _LaneEnded(Exception):
-    """The lane gave all its results (ends its reader's loop)."""
 
 
 def equal_kwargs(first: dict | None, second: dict | None) -> bool:

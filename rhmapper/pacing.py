@@ -14,7 +14,8 @@ Pure Python, no Ray.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 PAUSE: list = []
 """What a paused map yields (every layer passes it up as an empty chunk). Never mutated: the
@@ -32,6 +33,8 @@ class Pacer:
         (True, 12.5)
         >>> pacer.wake(); woken
         [True]
+        >>> list(pacer.pauses(0.5)) == [PAUSE] and pacer.paused
+        True
     """
 
     def __init__(self, wake: Callable[[], None]) -> None:
@@ -52,3 +55,9 @@ class Pacer:
         """The map would wait until ``wake_at`` (or news); ``starved_on``: the slots it has
         work for, and none of which is free."""
         self.paused, self.wake_at, self.starved_on = True, wake_at, starved_on
+
+    def pauses(self, seconds: float, starved_on: Any = None) -> Iterator[list]:
+        """`pause` for ``seconds`` (or news) and yield `PAUSE`: ``yield from`` it where a
+        blocking map would wait."""
+        self.pause(time.monotonic() + seconds, starved_on)
+        yield PAUSE

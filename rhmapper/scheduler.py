@@ -34,7 +34,7 @@ from rhmapper.call_sizing import CallSizer
 from rhmapper.deadlines import Deadlines
 from rhmapper.errors import MapCancelledError, NoReplicasError
 from rhmapper.input_feed import SEQUENCES, InputFeed, ListFeed
-from rhmapper.pacing import PAUSE, Pacer
+from rhmapper.pacing import Pacer
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.results import OnValues, ResultBook, SentCall
 from rhmapper.slots import Inbox, SlotIndex
@@ -269,8 +269,7 @@ class MapRun:
     def _pause(self, seconds: float) -> Iterator[list]:
         """Yield `PAUSE` to the async driver, to be stepped again after ``seconds`` or news."""
         assert self._pacer is not None
-        self._pacer.pause(time.monotonic() + seconds, self._pool.slots if self._starved else None)
-        yield PAUSE
+        return self._pacer.pauses(seconds, self._pool.slots if self._starved else None)
 
     def _report_backlog(self) -> None:
         """Tell the pool's autoscaler how many items wait (still to send, or to retry; within
