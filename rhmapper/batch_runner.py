@@ -23,6 +23,7 @@ from ray.actor import ActorHandle
 
 from rhmapper import _ray_compat
 from rhmapper.batching import BatchedCall
+from rhmapper.digests import input_digests
 from rhmapper.signals import EndSignal, ended
 from rhmapper.wire import (
     BatchReply,
@@ -282,9 +283,15 @@ def _caller(target: Callable, star: bool, kwargs: dict | None) -> Callable[[Any]
 
 
 def _reply(values: list, failures: dict[int, RemoteFailure], seconds: float,
-           not_started: tuple[int, str] | None) -> BatchReply:
+           not_started: tuple[int, str] | None, digests: bytes | None = None) -> BatchReply:
     values, failures, packed = pack_values(values, failures, _is_ray_reference)
-    return BatchReply(values, failures or None, seconds, packed, not_started)
+    return BatchReply(values, failures or None, seconds, packed, not_started, digests)
+
+
+def _digests(request: CallRequest, items: list) -> bytes | None:
+    """The digests of the call's items if it asks for them (a checkpointed map's: made here,
+    before its items run, so an item its target changes in place is digested as it came)."""
+    return input_digests(items, request.plain) if request.digests else None
 
 
 _RAY_REFERENCES = (ray.ObjectRef, ActorHandle, ray.ObjectRefGenerator)
@@ -320,17 +327,18 @@ def run_batch(instance: Any, request: CallRequest) -> BatchReply:
         return _reply([None] * len(items), {}, 0.0, (0, reason))
     items, failures = (items, {}) if request.plain else resolve_refs(items, star)
     kwargs = shared_kwargs(request.kwargs) if request.kwargs else None
+    digests = _digests(request, items)
     started = time.perf_counter()  # the items' own time: what sizes the next calls
     if request.batched:
         batch, call, positions = _batched_call(target, items, star, kwargs, failures, call_guard)
         _run_to_its_end(_call_spans(batch, lambda start, stop: _settled(call(start, stop))))
         return _batched_reply(batch, positions, failures, len(items),
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, digests)
     values, not_started = _call_items(target, items, star, kwargs, failures, call_guard)
     pending = _awaitable_positions(values)
     if pending:
         asyncio.run(_await_into(values, failures, pending))
-    return _reply(values, failures, time.perf_counter() - started, not_started)
+    return _reply(values, failures, time.perf_counter() - started, not_started, digests)
 
 
 async def run_batch_async(instance: Any, request: CallRequest) -> BatchReply:
@@ -354,16 +362,17 @@ async def run_batch_async(instance: Any, request: CallRequest) -> BatchReply:
         return _reply([None] * len(items), {}, 0.0, (0, reason))
     items, failures = (items, {}) if request.plain else await resolve_refs_async(items, star)
     kwargs = await shared_kwargs_async(request.kwargs) if request.kwargs else None
+    digests = _digests(request, items)
     started = time.perf_counter()
     if request.batched:
         batch, call, positions = _batched_call(target, items, star, kwargs, failures,
                                                CallGuard(None))
         await _call_spans(batch, call)
         return _batched_reply(batch, positions, failures, len(items),
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, digests)
     values, _ = _call_items(target, items, star, kwargs, failures, CallGuard(None))
     await _await_into(values, failures, _awaitable_positions(values))
-    return _reply(values, failures, time.perf_counter() - started, None)
+    return _reply(values, failures, time.perf_counter() - started, None, digests)
 
 
 def _batched_call(target: Callable, items: list, star: bool, kwargs: dict | None,
@@ -387,14 +396,14 @@ def _batched_call(target: Callable, items: list, star: bool, kwargs: dict | None
 
 
 def _batched_reply(batch: BatchedCall, positions: list[int], failures: dict[int, RemoteFailure],
-                   size: int, seconds: float) -> BatchReply:
+                   size: int, seconds: float, digests: bytes | None) -> BatchReply:
     values: list = [None] * size
     for position, value in zip(positions, batch.values):
         values[position] = value
     for index, error in batch.errors.items():
         failures[positions[index]] = RemoteFailure.capture(error)
     not_started = batch.not_started and (positions[batch.not_started[0]], batch.not_started[1])
-    return _reply(values, failures, seconds, not_started)
+    return _reply(values, failures, seconds, not_started, digests)
 
 
 async def _call_spans(batch: BatchedCall, call: Callable[[int, int], Any]) -> None:

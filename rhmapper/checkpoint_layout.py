@@ -4,29 +4,34 @@ the manifest, and the shards of results, each written whole or not at all.
 ```text
 <uri>/manifest.json                       format, version, fingerprint, created-at, total,
                                           complete count
-<uri>/shards/<first index>-<uuid8>.arrow  an Arrow IPC file: index int64, digest
-                                          fixed_size_binary(16), value large_binary (pickled),
-                                          sorted by index, in record batches of about 256 KiB
+<uri>/shards/<first index>-<uuid8>.arrow  an Arrow IPC file of runs, by first index: a run is
+                                          the results of one call, a row of
+                                            indexes  list<int64>   ascending
+                                            digests  large_binary  16 bytes per index
+                                            values   large_binary  the pickled list of results
+                                          in record batches of about 256 KiB (a larger run alone)
 ```
 
-A shard is whole or absent: on a filesystem that renames atomically (local, HDFS) it is written as
-``….arrow.tmp`` and renamed into place; on an object store (S3, GCS, Azure), where an upload
-appears whole when it completes, it is written under its final name. Readers ignore ``.tmp``
-files and any name not of a shard.
+A run's values are saved as the replica pickled them for the driver, and its digests as the
+replica made them (`rhmapper.digests`): saving a call's results costs the driver no work per
+result. A shard is whole or absent: on a filesystem that renames atomically (local, HDFS) it is
+written as ``….arrow.tmp`` and renamed into place; on an object store (S3, GCS, Azure), where an
+upload appears whole when it completes, it is written under its final name. Readers ignore
+``.tmp`` files and any name not of a shard.
 """
 
 from __future__ import annotations
 
 import array
-import bisect
 import datetime
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -38,12 +43,12 @@ _log = logging.getLogger(__name__)
 
 FORMAT = "rhmapper-checkpoint"
 """The manifest's ``format``: what tells a checkpoint from other files."""
-VERSION = 1
-"""The layout's version; a reader refuses a newer one."""
+VERSION = 2
+"""The layout's version: a reader refuses another (version 1 saved a row per result)."""
 MANIFEST = "manifest.json"
 SHARDS = "shards"
-ROW_BYTES = 8 + DIGEST_SIZE + 8
-"""Bytes a row takes besides its value: its index, its digest, where its value starts."""
+RESULT_BYTES = 8 + DIGEST_SIZE
+"""Bytes a result takes besides its value: its index and its digest."""
 BATCH_BYTES = 256 * 1024
 """Bytes of results per record batch: a reader holds one batch per shard it reads."""
 _SHARD_NAME = re.compile(r"^(\d+)-[0-9a-f]{8}\.arrow$")
@@ -139,10 +144,13 @@ class CheckpointLocation:
             raise CheckpointMismatchError(
                 f"{self.uri} holds a {MANIFEST} that is not an rhmapper checkpoint's: rhmapper "
                 "neither writes there nor deletes it. Use a new or empty location.")
-        if manifest.get("version", 0) > VERSION:
+        version = manifest.get("version", 0)
+        if version != VERSION:
+            advice = ("upgrade rhmapper" if version > VERSION else "read it with the rhmapper "
+                      "that wrote it, or pass overwrite=True to start afresh")
             raise CheckpointMismatchError(
-                f"checkpoint {self.uri} was written by a newer rhmapper (layout version "
-                f"{manifest['version']}, this one reads up to {VERSION}): upgrade rhmapper.")
+                f"checkpoint {self.uri} was written by {'a newer' if version > VERSION else 'an older'} "
+                f"rhmapper (layout version {version}, this one reads {VERSION}): {advice}.")
         return manifest
 
     def write_manifest(self, manifest: dict) -> None:
@@ -169,18 +177,18 @@ class CheckpointLocation:
                 shards.append(Shard(info.path, int(match.group(1))))
         return sorted(shards, key=lambda shard: (shard.first_index, shard.path))
 
-    def write_shard(self, rows: ShardRows) -> Shard:
-        """Write ``rows`` as one shard, sorted by index. Empties ``rows``: their buffers now
-        belong to the shard's record batches (no copy when they came in index order)."""
-        shard = Shard(f"{self.shards_path}/{rows.first_index:08d}-{uuid.uuid4().hex[:8]}.arrow",
-                      rows.first_index)
-        self._write_whole(shard.path, self._shard_writer(rows))
+    def write_shard(self, runs: PendingRuns) -> Shard:
+        """Write ``runs`` as one shard, by first index. Empties ``runs`` (their buffers now
+        belong to the shard's record batches)."""
+        shard = Shard(f"{self.shards_path}/{runs.first_index:08d}-{uuid.uuid4().hex[:8]}.arrow",
+                      runs.first_index)
+        self._write_whole(shard.path, self._shard_writer(runs))
         # The shard's record batches are freed: Arrow's allocator keeps their pages unless asked.
         self._pyarrow.default_memory_pool().release_unused()
         return shard
 
     def read_shard(self, shard: Shard, values: bool = True) -> Iterator[Any]:
-        """The record batches of ``shard``, one at a time; without their ``value`` column (not
+        """The record batches of ``shard``, one at a time; without their ``values`` column (not
         read) if ``values`` is False. A shard that is not a whole Arrow file raises
         `CheckpointCorruptError`."""
         options = self._pyarrow.ipc.IpcReadOptions(included_fields=None if values else [0, 1])
@@ -206,10 +214,10 @@ class CheckpointLocation:
             "short, e.g. by a machine crash before it reached the disk. Delete that file: a run "
             "of the map with this checkpoint computes its results again.")
 
-    def _shard_writer(self, rows: ShardRows) -> Callable[[Any], None]:
-        """What writes ``rows`` into a stream as an Arrow IPC file (``rows`` emptied)."""
-        schema = _schema(self._pyarrow, rows=len(rows))
-        batches = _record_batches(self._pyarrow, schema, rows)
+    def _shard_writer(self, runs: PendingRuns) -> Callable[[Any], None]:
+        """What writes ``runs`` into a stream as an Arrow IPC file (``runs`` emptied)."""
+        schema = _schema(self._pyarrow, rows=len(runs))
+        batches = _record_batches(self._pyarrow, schema, runs.take())
 
         def write(stream: Any) -> None:
             with self._pyarrow.ipc.new_file(stream, schema) as writer:
@@ -244,56 +252,87 @@ class CheckpointLocation:
             _log.warning("rhmapper: could not delete %s after a failed write", path, exc_info=True)
 
 
-class ShardRows:
-    """The rows of a shard as they come: indexes, input digests and pickled values, each kind in
-    one growing buffer (no Python object per row), ready to become a record batch without a copy.
+@dataclass(frozen=True)
+class Run:
+    """The results of one call: their input indexes (ascending), the inputs' digests one after
+    another, and the pickled list of their values.
 
     Examples:
-        >>> rows = ShardRows()
-        >>> rows.append(4, bytes(16), b"four"); rows.append(2, bytes(16), b"two")
-        >>> len(rows), bytes(rows.values), rows.first_index, rows.in_order
-        (2, b'fourtwo', 2, False)
+        >>> import pickle
+        >>> run = Run(array.array("q", [4, 5]), bytes(32), pickle.dumps(["four", "five"]))
+        >>> run.first_index, len(run)
+        (4, 2)
     """
 
-    def __init__(self) -> None:
-        self.clear()
+    indexes: array.array
+    digests: bytes
+    values: bytes
 
-    def clear(self) -> None:
-        """Start afresh, with new buffers (the old ones may be a record batch's now)."""
-        self.indexes = array.array("q")
-        self.digests = bytearray()
-        self.values = bytearray()
-        self.offsets = array.array("q", [0])
-        """Where each value starts in ``values``, and where the last ends."""
-        self.in_order = True
-        self.first_index = -1
-        """The smallest index (-1 when empty)."""
-        self._last = -1
-
-    def append(self, index: int, digest: bytes, value: bytes) -> None:
-        """Add the row of input ``index``: its ``digest`` (`DIGEST_SIZE` bytes) and its pickled
-        ``value``."""
-        self.extend([index], [digest], [value])
-
-    def extend(self, indexes: list[int], digests: list[bytes], values: list[bytes]) -> int:
-        """`append` each row of ``indexes``, ``digests`` and ``values``; the bytes of values
-        added."""
-        if indexes[0] < self._last or any(a > b for a, b in zip(indexes, indexes[1:])):
-            self.in_order = False
-        lowest = min(indexes)
-        if lowest < self.first_index or self.first_index < 0:
-            self.first_index = lowest
-        self._last = indexes[-1]
-        self.indexes.extend(indexes)
-        self.digests += b"".join(digests)
-        offset = len(self.values)
-        self.values += b"".join(values)
-        self.offsets.extend(itertools.islice(
-            itertools.accumulate(map(len, values), initial=offset), 1, None))
-        return len(self.values) - offset
+    @property
+    def first_index(self) -> int:
+        return self.indexes[0]
 
     def __len__(self) -> int:
         return len(self.indexes)
+
+
+class PendingRuns:
+    """The runs of the next shard as they come.
+
+    Examples:
+        >>> import pickle
+        >>> runs = PendingRuns()
+        >>> runs.add(range(4, 6), bytes(32), pickle.dumps(["four", "five"]))
+        >>> runs.add([2], bytes(16), pickle.dumps(["two"]))
+        >>> len(runs), runs.first_index, [run.first_index for run in runs.take()], len(runs)
+        (3, 2, [2, 4], 0)
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[Run] = []
+        self._count = 0
+        self.first_index = -1
+        """The smallest index (-1 when empty)."""
+
+    def add(self, indexes: Sequence[int], digests: bytes, values: bytes) -> None:
+        """Add the run of inputs ``indexes``, their ``digests`` and the pickled list of their
+        ``values`` (as `check_run` checks them)."""
+        run = Run(array.array("q", indexes), bytes(digests), values)
+        self._runs.append(run)
+        self._count += len(run)
+        if run.first_index < self.first_index or self.first_index < 0:
+            self.first_index = run.first_index
+
+    def take(self) -> list[Run]:
+        """The runs, by first index; empties this."""
+        runs = sorted(self._runs, key=lambda run: run.first_index)
+        self._runs, self._count, self.first_index = [], 0, -1
+        return runs
+
+    def __len__(self) -> int:
+        return self._count
+
+
+def check_run(indexes: Sequence[int], digests: bytes) -> None:
+    """Raise ValueError unless ``indexes`` (of a run) are 0 or more and ascend, and ``digests``
+    has `DIGEST_SIZE` bytes for each of them.
+
+    Examples:
+        >>> check_run(range(3), bytes(48)); check_run([1, 5], bytes(32))
+        >>> check_run([5, 1], bytes(32))
+        Traceback (most recent call last):
+        ...
+        ValueError: a run's indexes ascend, each once (they are the inputs of one call): [5, 1]
+    """
+    if len(digests) != DIGEST_SIZE * len(indexes):
+        raise ValueError(f"a digest has {DIGEST_SIZE} bytes (rhmapper.digests.input_digest): "
+                         f"{len(indexes)} indexes need {DIGEST_SIZE * len(indexes)} bytes of "
+                         f"digests, not {len(digests)}")
+    if len(indexes) and indexes[0] < 0:
+        raise ValueError(f"an input's index is 0 or more, not {indexes[0]}")
+    if not isinstance(indexes, range) and not all(map(operator.lt, indexes, indexes[1:])):
+        raise ValueError(f"a run's indexes ascend, each once (they are the inputs of one call): "
+                         f"{list(indexes)[:10]}")
 
 
 def new_manifest(fingerprint: dict[str, str], total: int | None = None) -> dict:
@@ -310,32 +349,47 @@ def new_manifest(fingerprint: dict[str, str], total: int | None = None) -> dict:
 
 
 def _schema(pyarrow: ModuleType, rows: int) -> Any:
-    """A shard's schema; its metadata counts the shard's rows (read from the footer alone)."""
-    return pyarrow.schema([("index", pyarrow.int64()), ("digest", pyarrow.binary(DIGEST_SIZE)),
-                           ("value", pyarrow.large_binary())], metadata={"rows": str(rows)})
+    """A shard's schema; its metadata counts the shard's results (read from the footer alone)."""
+    return pyarrow.schema([("indexes", pyarrow.list_(pyarrow.int64())),
+                           ("digests", pyarrow.large_binary()),
+                           ("values", pyarrow.large_binary())], metadata={"rows": str(rows)})
 
 
-def _record_batches(pyarrow: ModuleType, schema: Any, rows: ShardRows) -> list:
-    """``rows``, sorted by index, as record batches of about `BATCH_BYTES` each (one row if it
-    is larger), slices of one batch built on the rows' buffers; ``rows`` are emptied."""
-    count = len(rows)
-    offsets = pyarrow.py_buffer(rows.offsets)
-    whole = pyarrow.record_batch([
-        pyarrow.Array.from_buffers(pyarrow.int64(), count, [None, pyarrow.py_buffer(rows.indexes)]),
-        pyarrow.Array.from_buffers(pyarrow.binary(DIGEST_SIZE), count,
-                                   [None, pyarrow.py_buffer(rows.digests)]),
-        pyarrow.Array.from_buffers(pyarrow.large_binary(), count,
-                                   [None, offsets, pyarrow.py_buffer(rows.values)]),
-    ], schema=schema)
-    if not rows.in_order:
-        whole = whole.sort_by("index")  # a copy: the unsorted buffers go with ``rows``
-        offsets = whole.column(2).buffers()[1]
-    rows.clear()
-    ends = memoryview(offsets).cast("q")  # ends[i]: where value i starts; ends[count]: the end
-    batches, start = [], 0
-    while start < count:
-        stop = min(bisect.bisect_left(ends, ends[start] + BATCH_BYTES, start + 1, count + 1),
-                   count)
-        batches.append(whole.slice(start, stop - start))
-        start = stop
+def _record_batches(pyarrow: ModuleType, schema: Any, runs: list[Run]) -> list:
+    """``runs`` as record batches of about `BATCH_BYTES` of values each, a larger run alone
+    (its buffers not copied)."""
+    batches, group, group_bytes = [], [], 0
+    for run in runs:
+        group.append(run)
+        group_bytes += len(run.values)
+        if group_bytes >= BATCH_BYTES:
+            batches.append(_record_batch(pyarrow, schema, group))
+            group, group_bytes = [], 0
+    if group:
+        batches.append(_record_batch(pyarrow, schema, group))
     return batches
+
+
+def _record_batch(pyarrow: ModuleType, schema: Any, runs: list[Run]) -> Any:
+    """One record batch of ``runs``, a row each."""
+    counts = array.array("i", itertools.accumulate(map(len, runs), initial=0))
+    indexes = pyarrow.Array.from_buffers(pyarrow.int64(), counts[-1], [None, _joined(
+        pyarrow, [run.indexes for run in runs])])
+    return pyarrow.record_batch([
+        pyarrow.ListArray.from_arrays(pyarrow.Array.from_buffers(
+            pyarrow.int32(), len(counts), [None, pyarrow.py_buffer(counts)]), indexes),
+        _binary_array(pyarrow, [run.digests for run in runs]),
+        _binary_array(pyarrow, [run.values for run in runs]),
+    ], schema=schema)
+
+
+def _binary_array(pyarrow: ModuleType, blobs: list[bytes]) -> Any:
+    """A ``large_binary`` array of ``blobs`` (a single blob not copied)."""
+    offsets = array.array("q", itertools.accumulate(map(len, blobs), initial=0))
+    return pyarrow.Array.from_buffers(pyarrow.large_binary(), len(blobs),
+                                      [None, pyarrow.py_buffer(offsets), _joined(pyarrow, blobs)])
+
+
+def _joined(pyarrow: ModuleType, parts: list) -> Any:
+    """One Arrow buffer of ``parts`` (buffers), a single part not copied."""
+    return pyarrow.py_buffer(parts[0] if len(parts) == 1 else b"".join(parts))

@@ -1,14 +1,16 @@
 """Reading a checkpoint's results back in input order, with bounded memory.
 
-The shards are merged on their indexes: a shard is opened only when the merge reaches its first
-index, and an open shard holds one record batch (about 256 KiB) in memory. Shards written one
-after another by an ordered map hold runs of indexes that barely overlap, so few are open at a
-time however many there are.
+The runs (a call's results each, see `rhmapper.checkpoint_layout`) are merged on their indexes:
+a shard is opened only when the merge reaches its first index, a run is unpickled only when the
+merge reaches its first index, and an open shard holds one record batch (about 256 KiB, or one
+larger run) in memory. An ordered map's runs barely overlap, so few are open at a time however
+many there are.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -105,32 +107,53 @@ def _values_in_order(uri: str, results: Iterator[tuple[int, Any]], count: int) -
 
 
 def _merged(location: CheckpointLocation, shards: list[Shard]) -> Iterator[tuple[int, Any]]:
-    """``(index, value)`` of every row of ``shards`` (sorted by first index), by index; an index
-    found in two shards (two runs that wrote the same checkpoint at once) comes once."""
-    heap: list[tuple[int, int, bytes, Iterator[tuple[int, bytes]]]] = []
-    opened = 0
-    last = -1
+    """``(index, value)`` of every result of ``shards`` (sorted by first index), by index; an
+    index found in two runs (two runs of the map that wrote the same checkpoint at once) comes
+    once."""
+    waiting: list[tuple[int, int, list[int], bytes, Iterator]] = []
+    """The next run of each open shard: (first index, order, indexes, pickled values, the
+    shard's other runs)."""
+    open_runs: list[tuple[int, int, int, list[int], list]] = []
+    """Unpickled runs: (next index, order, position, indexes, values)."""
+    opened, order, last = 0, 0, -1
+
+    def wait_for_next(runs: Iterator[tuple[list[int], bytes]]) -> None:
+        nonlocal order
+        run = next(runs, None)
+        if run is not None:
+            order += 1
+            heapq.heappush(waiting, (run[0][0], order, run[0], run[1], runs))
+
     while True:
-        while opened < len(shards) and (not heap or shards[opened].first_index <= heap[0][0]):
-            rows = _rows(location, shards[opened])
-            first = next(rows, None)
-            if first is not None:
-                heapq.heappush(heap, (first[0], opened, first[1], rows))
+        top = open_runs[0][0] if open_runs else math.inf
+        while opened < len(shards) and shards[opened].first_index <= min(
+                top, waiting[0][0] if waiting else math.inf):
+            wait_for_next(_runs(location, shards[opened]))
             opened += 1
-        if not heap:
+        if waiting and waiting[0][0] <= top:
+            first, run_order, indexes, blob, runs = heapq.heappop(waiting)
+            heapq.heappush(open_runs, (first, run_order, 0, indexes, pickle.loads(blob)))
+            wait_for_next(runs)
+            continue
+        if not open_runs:
             return
-        index, order, blob, rows = heap[0]
-        following = next(rows, None)
-        if following is None:
-            heapq.heappop(heap)
-        else:
-            heapq.heapreplace(heap, (following[0], order, following[1], rows))
-        if index != last:
-            last = index
-            yield index, pickle.loads(blob)
+        _, run_order, position, indexes, values = heapq.heappop(open_runs)
+        limit = min(open_runs[0][0] if open_runs else math.inf,
+                    waiting[0][0] if waiting else math.inf,
+                    shards[opened].first_index if opened < len(shards) else math.inf)
+        while True:  # this run's results up to the next run's first: the first at least
+            index = indexes[position]
+            if index > last:
+                last = index
+                yield index, values[position]
+            position += 1
+            if position == len(indexes) or indexes[position] >= limit:
+                break
+        if position < len(indexes):
+            heapq.heappush(open_runs, (indexes[position], run_order, position, indexes, values))
 
 
-def _rows(location: CheckpointLocation, shard: Shard) -> Iterator[tuple[int, bytes]]:
-    """``(index, pickled value)`` of a shard's rows, one record batch in memory at a time."""
+def _runs(location: CheckpointLocation, shard: Shard) -> Iterator[tuple[list[int], bytes]]:
+    """``(indexes, pickled values)`` of a shard's runs, one record batch in memory at a time."""
     for batch in location.read_shard(shard):
         yield from zip(batch.column(0).to_pylist(), batch.column(2).to_pylist())

@@ -3,9 +3,9 @@ set of inputs already done), takes results as they finish and writes them in sha
 thread of its own.
 
 ```text
-results thread ── add(index, digest, value) ── pickle ─► pending rows ─► writer thread
-                                                      │ every flush_bytes or flush_seconds
-                                                      ▼
+results thread ── add_run(indexes, digests, pickled values) ─► pending runs ─► writer thread
+                                                           │ every flush_bytes or flush_seconds
+                                                           ▼
                         <uri>/shards/<first index>-<uuid8>.arrow (whole or absent)
 ```
 
@@ -22,14 +22,27 @@ import time
 from types import TracebackType
 from typing import Any
 
-from rhmapper.checkpoint_layout import ROW_BYTES, CheckpointLocation, ShardRows, new_manifest
-from rhmapper.digests import DIGEST_SIZE, pickled
+from collections.abc import Sequence
+
+from rhmapper.checkpoint_layout import (
+    RESULT_BYTES,
+    CheckpointLocation,
+    PendingRuns,
+    check_run,
+    new_manifest,
+)
+from rhmapper.digests import DIGEST_SIZE
+from rhmapper.wire import dumps
 from rhmapper.errors import CheckpointMismatchError, CheckpointWriteError
 
 _log = logging.getLogger(__name__)
 
-FLUSH_BYTES = 16 * 1024 * 1024
-"""A shard is written once this many bytes of results wait."""
+FLUSH_BYTES = 1024 * 1024
+"""A shard is written once this many bytes of results wait and the writer is free: while
+results come faster than it writes, each shard holds what came during the last write, so what
+waits when the map ends (written before its verb returns) is little."""
+BEHIND_BYTES = 32 * 1024 * 1024
+"""Adding results waits while this many bytes of them wait to be written, or are being."""
 FLUSH_SECONDS = 5.0
 """... or once its oldest result has waited this long at most: `FLUSH_SHARE` of the time the
 store has been open, between `FLUSH_SECONDS_MIN` and this (unless ``flush_seconds`` is given)."""
@@ -48,6 +61,8 @@ class DoneSet:
         (True, False, 1, 4)
         >>> 3 in done, 2 in done, 10**9 in done, done.digest(3)
         (True, False, False, b'dddddddddddddddd')
+        >>> done.add_many(range(4, 6), b"f" * 32), done.add_many(range(5, 7), b"g" * 32)
+        (None, 5)
     """
 
     def __init__(self) -> None:
@@ -60,25 +75,36 @@ class DoneSet:
     def add(self, index: int, digest: bytes) -> bool:
         """Record ``index`` as done with its input's ``digest``; False (and nothing changes) if
         it was done already."""
-        return self.add_many([index], [digest]) is None
+        return self.add_many([index], digest) is None
 
-    def add_many(self, indexes: list[int], digests: list[bytes]) -> int | None:
-        """Record each of ``indexes`` as done with its digest; the first index that was done
-        already, if any (then nothing changes)."""
-        flags, end = self._flags, max(indexes) + 1
+    def add_many(self, indexes: Sequence[int], digests: bytes) -> int | None:
+        """Record each of ``indexes`` (ascending) as done with its digest (``digests``: one
+        after another); the first index that was done already, if any (then nothing changes).
+        A range costs no Python code per index."""
+        if not indexes:
+            return None
+        flags, end = self._flags, indexes[-1] + 1
         if end > len(flags):
             grown = max(2 * len(flags), end)
             flags.extend(bytes(grown - len(flags)))
             self._digests.extend(bytes(grown * DIGEST_SIZE - len(self._digests)))
-        for position, index in enumerate(indexes):
-            if flags[index]:  # done before, or earlier in this call: undo this call's flags
-                for flagged in indexes[:position]:
-                    flags[flagged] = 0
-                return index
-            flags[index] = 1
-        stored = self._digests
-        for index, digest in zip(indexes, digests):
-            stored[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        if isinstance(indexes, range) and indexes.step == 1:
+            repeated = flags.find(1, indexes.start, indexes.stop)
+            if repeated >= 0:
+                return repeated
+            flags[indexes.start:indexes.stop] = bytes([1]) * len(indexes)
+            self._digests[indexes.start * DIGEST_SIZE:indexes.stop * DIGEST_SIZE] = digests
+        else:
+            for position, index in enumerate(indexes):
+                if flags[index]:  # done before, or earlier in this call: undo this call's flags
+                    for flagged in indexes[:position]:
+                        flags[flagged] = 0
+                    return index
+                flags[index] = 1
+            stored = self._digests
+            for position, index in enumerate(indexes):
+                stored[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = \
+                    digests[position * DIGEST_SIZE:(position + 1) * DIGEST_SIZE]
         self._count += len(indexes)
         self.end = max(self.end, end)
         return None
@@ -97,7 +123,8 @@ class DoneSet:
 class CheckpointStore:
     """One map's checkpoint, open for writing: what is done, and results added as they finish.
 
-    Open it with `CheckpointStore.open`. `add` is cheap (it pickles the value and queues it); a
+    Open it with `CheckpointStore.open`. `add_run` queues the results of a call as they came
+    from the replica (no work per result); `add_many` and `add` pickle values first. A
     thread of the store's own writes the queued results in a shard once ``flush_bytes`` of them
     wait or the oldest has waited ``flush_seconds`` (by default 1/50 of the time the store has
     been open, between 0.25 s and 5 s), whether or not more come. A failed write is
@@ -128,12 +155,13 @@ class CheckpointStore:
         self._manifest = manifest
         self._done = done
         self._flush_bytes = flush_bytes
+        self._behind_bytes = max(BEHIND_BYTES, 2 * flush_bytes)
         self._flush_seconds = flush_seconds
         self._opened_at = time.monotonic()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         """Rows were added, written or failed, or a flush or close was asked for."""
-        self._pending = ShardRows()
+        self._pending = PendingRuns()
         self._pending_bytes = 0
         self._oldest = 0.0
         """`time.monotonic()` when the oldest pending result was added."""
@@ -186,8 +214,12 @@ class CheckpointStore:
         done = DoneSet()
         for shard in location.shards():  # their digests, not their values, are read
             for batch in location.read_shard(shard, values=False):
-                for index, digest in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                    done.add(index, digest)
+                for indexes, digests in zip(batch.column(0).to_pylist(),
+                                            batch.column(1).to_pylist()):
+                    if done.add_many(indexes, digests) is not None:  # two runs wrote some
+                        for position, index in enumerate(indexes):
+                            done.add(index, digests[position * DIGEST_SIZE:
+                                                    (position + 1) * DIGEST_SIZE])
         if manifest is None:
             manifest = new_manifest(fingerprint, total)
         else:  # running again: not complete until this run says so
@@ -229,36 +261,39 @@ class CheckpointStore:
     def add(self, index: int, digest: bytes, value: Any) -> None:
         """Queue the result ``value`` of input ``index`` (whose digest is ``digest``) to be
         written. Waits while the writer is more than twice ``flush_bytes`` behind."""
-        self.add_many([index], [digest], [value])
+        self.add_run([index], digest, dumps([value]))
 
     def add_many(self, indexes: list[int], digests: list[bytes], values: list) -> None:
-        """`add` for several results at once (those of one call: one lock, no Python call per
-        result beyond pickling it)."""
-        if any(len(digest) != DIGEST_SIZE for digest in digests):
-            raise ValueError(f"a digest has {DIGEST_SIZE} bytes (rhmapper.digests.input_digest), "
-                             f"not {[len(digest) for digest in digests]}")
-        blobs = [pickled(value) for value in values]
+        """`add` for several results at once, saved as one run (``indexes`` ascending)."""
+        self.add_run(indexes, b"".join(digests), dumps(values))
+
+    def add_run(self, indexes: Sequence[int], digests: bytes, values: bytes) -> None:
+        """Queue the results of inputs ``indexes`` (ascending: those of one call) to be
+        written: ``digests``, the inputs' digests one after another, and ``values``, the
+        pickled list of their results. Waits while the writer is more than twice
+        ``flush_bytes`` behind."""
+        check_run(indexes, digests)
+        if not indexes:
+            return
         with self._lock:
             self._raise_failure()
             if self._closing:
                 raise ValueError(f"checkpoint {self.uri} is closed: open it again to add results")
-            if min(indexes) < 0:
-                raise ValueError(f"an input's index is 0 or more, not {min(indexes)}")
             repeated = self._done.add_many(indexes, digests)
             if repeated is not None:
                 raise ValueError(f"input {repeated} has a result in checkpoint {self.uri} "
                                  "already: add each input's result once (check is_done before "
                                  "running it)")
+            self._pending.add(indexes, digests, values)
             if not self._pending_bytes:
                 self._oldest = time.monotonic()
-                self._changed.notify_all()  # the writer now waits for this row's flush_seconds
-            added_bytes = self._pending.extend(indexes, digests, blobs)
+                self._changed.notify_all()  # the writer now waits for this run's flush_seconds
             self._added += len(indexes)
-            self._pending_bytes += added_bytes + ROW_BYTES * len(indexes)
+            self._pending_bytes += len(values) + RESULT_BYTES * len(indexes)
             if self._pending_bytes >= self._flush_bytes:
                 self._changed.notify_all()
-            if self._pending_bytes + self._writing_bytes > 2 * self._flush_bytes:
-                while (self._pending_bytes + self._writing_bytes > 2 * self._flush_bytes
+            if self._pending_bytes + self._writing_bytes > self._behind_bytes:
+                while (self._pending_bytes + self._writing_bytes > self._behind_bytes
                        and self._failure is None):
                     self._changed.wait()
                 self._raise_failure()
@@ -318,25 +353,25 @@ class CheckpointStore:
             ) from self._failure
 
     def _write_shards(self) -> None:
-        """The writer thread: write the pending rows as a shard when due, until closed or a
+        """The writer thread: write the pending runs as a shard when due, until closed or a
         write fails."""
         while self._write_next_shard():
             pass
 
     def _write_next_shard(self) -> bool:
-        """Wait until pending rows are due and write them; False once closed with nothing left,
-        or after a write failed. (The rows are freed on return, not kept while the next wait.)"""
+        """Wait until pending runs are due and write them; False once closed with nothing left,
+        or after a write failed. (The runs are freed on return, not kept while the next wait.)"""
         with self._lock:
             while not self._due():
                 if self._closing and not self._pending_bytes:
                     return False
                 self._changed.wait(self._oldest + self._interval() - time.monotonic()
                                    if self._pending_bytes else None)
-            rows, self._pending = self._pending, ShardRows()
+            runs, self._pending = self._pending, PendingRuns()
             self._writing_bytes, self._pending_bytes = self._pending_bytes, 0
-        count = len(rows)
+        count = len(runs)
         try:
-            self._location.write_shard(rows)  # empties rows
+            self._location.write_shard(runs)  # empties runs
         except Exception as error:  # raised from the next add, flush or close
             _log.warning("rhmapper: writing a shard of checkpoint %s failed", self.uri,
                          exc_info=True)
@@ -351,7 +386,7 @@ class CheckpointStore:
         return True
 
     def _due(self) -> bool:
-        """Whether the pending rows are to be written now (call with the lock held)."""
+        """Whether the pending runs are to be written now (call with the lock held)."""
         return self._pending_bytes > 0 and (
             self._closing or self._pending_bytes >= self._flush_bytes
             or self._flush_upto > self._written

@@ -21,12 +21,14 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
 from rhmapper.checkpoint_store import CheckpointStore
-from rhmapper.digests import input_digest
+from rhmapper.digests import input_digest, input_digests
 from rhmapper.errors import CheckpointMismatchError
 from rhmapper.plan import MapPlan
+from rhmapper.wire import dumps
 
 STORED_BATCH = 1024
 """Saved results are handed back in lists of up to this many."""
@@ -129,15 +131,16 @@ class DurableMap:
         """How many inputs the user's input had, once it is exhausted."""
 
     def inner_plan(self, plan: MapPlan) -> MapPlan:
-        """The plan of the inner map: no checkpoint, and the number of inputs without a result
-        if ``plan`` knows its total."""
+        """The plan of the inner map: no checkpoint, calls whose replies carry their items'
+        digests, and the number of inputs without a result if ``plan`` knows its total."""
         total = plan.total
         if total is not None:
             if self.store.done_end > total:
                 self._inputs = total
                 self._check_length()
             total -= self.stored_before
-        return dataclasses.replace(plan, checkpoint=None, total=total)
+        return dataclasses.replace(plan, checkpoint=None, total=total,
+                                   call=dataclasses.replace(plan.call, digests=True))
 
     def source(self, items: Iterable) -> Iterator | list:
         """The inputs to send: those without a result (the others' digests are checked); a
@@ -183,12 +186,16 @@ class DurableMap:
                 f"input has {self._inputs} items: to resume a map, give it the same inputs; "
                 "else use another checkpoint URI, or pass overwrite=True to start afresh")
 
-    def on_values(self, indexes: list[int], items: list, values: list) -> None:
-        """The inner map's items at ``indexes`` succeeded: save their results."""
+    def on_values(self, indexes: Sequence[int], items: list, values: list,
+                  digests: bytes | None = None, whole: bytes | None = None) -> None:
+        """The inner map's ``items`` at ``indexes`` succeeded: save their results as one run,
+        with the ``digests`` and the pickle of the ``values`` (``whole``) the replica made, or
+        made here when it did not (see `rhmapper.results.OnValues`)."""
         if self._index_of is not None:
             index_of = self._index_of
             indexes = [index_of[index] for index in indexes]
-        self.store.add_many(indexes, [input_digest(item) for item in items], values)
+        self.store.add_run(indexes, input_digests(items) if digests is None else digests,
+                           dumps(values) if whole is None else whole)
 
     def results(self, chunks: Iterator[list]) -> Iterator[list]:
         """The results of the user's map, from the inner map's ``chunks``: the saved ones and

@@ -98,7 +98,8 @@ class RayReplica(ReplicaRecord):
             # thread stamps its calls itself (`rhmapper.wire.CallRequest.sent_now`).
             sent_at = None if idle and self.compiled is None else now
             request = CallRequest(call.method, _large_items_by_ref(items, call.star), call.star,
-                                  call.kwargs, Guard(board, key, deadline, sent_at), call.batched)
+                                  call.kwargs, Guard(board, key, deadline, sent_at), call.batched,
+                                  call.digests)
             if not self.owned:
                 return self.handle.__ray_call__.remote(run_call, request.to_wire())
             if self.compiled is not None:

@@ -15,8 +15,10 @@ import collections
 import heapq
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
+from rhmapper.digests import DIGEST_SIZE
 from rhmapper.errors import ReplicaLostError, RhmapperError
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.remote_errors import add_note, user_error
@@ -25,8 +27,11 @@ from rhmapper.wire import BatchReply, ReplicaDied
 if TYPE_CHECKING:
     from rhmapper.scheduler import Replica
 
-OnValues = Callable[[list[int], list, list], None]
-"""``on_values(indexes, items, values)``: the map's items at ``indexes`` succeeded."""
+OnValues = Callable[[Sequence[int], list, list, "bytes | None", "bytes | None"], None]
+"""``on_values(indexes, items, values, digests, whole)``: the map's ``items`` at ``indexes``
+(ascending) succeeded with ``values``; ``digests`` are the items' digests if the replica made
+them, ``whole`` the one pickle of ``values`` if they travelled as one (a checkpoint saves both
+as they are)."""
 
 _RETRYING = object()
 """What `ResultBook._failed` returns when the item will run again."""
@@ -215,13 +220,7 @@ class ResultBook:
         """Take the reply of ``call``, whose first ``ran`` items ran: their values and failures,
         and the items it did not start (`BatchReply.not_started`)."""
         if self._on_values is not None:
-            failed = reply.failures or {}
-            ok = [position for position in range(min(ran, len(reply.values)))
-                  if position not in failed]
-            if ok:
-                self._on_values([call.start + position for position in ok],
-                                [call.items[position] for position in ok],
-                                [reply.values[position] for position in ok])
+            self._succeeded(call, reply, ran)
         holes: set[int] = set()
         if reply.not_started and reply.not_started[1] == "timeout" and len(call.items) > 1:
             holes = self._run_alone(call, ran)
@@ -239,6 +238,26 @@ class ResultBook:
             else:
                 reply.values[position] = outcome
         self._deliver(call, reply.values, holes)
+
+    def _succeeded(self, call: SentCall, reply: BatchReply, ran: int) -> None:
+        """Hand the items of ``call`` that succeeded to ``on_values``: a whole call as it came."""
+        count = len(reply.values)
+        if not reply.failures and not reply.not_started and ran >= count == len(call.items):
+            self._on_values(range(call.start, call.start + count), call.items, reply.values,
+                            reply.digests, reply.whole)
+            return
+        failed = reply.failures or {}
+        ok = [position for position in range(min(ran, count)) if position not in failed]
+        if ok:
+            digests = reply.digests
+            self._on_values(
+                [call.start + position for position in ok],
+                [call.items[position] for position in ok],
+                [reply.values[position] for position in ok],
+                None if digests is None else b"".join(
+                    digests[position * DIGEST_SIZE:(position + 1) * DIGEST_SIZE]
+                    for position in ok),
+                None)
 
     def timed_out(self, call: SentCall) -> None:
         """``call`` outlived its budget: a batch runs again item by item (`_run_alone`), a single

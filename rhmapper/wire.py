@@ -47,9 +47,12 @@ class CallSpec:
     kwargs: dict | None = None
     is_async: bool = False
     end_signal: Any = None
+    """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
     batched: bool = False
     """The target takes a whole batch (see ``rhmapper.batching``)."""
-    """What tells the replicas the map has ended (opaque here; see ``rhmapper.signals``)."""
+    digests: bool = False
+    """The replicas send back the digests of each call's inputs (a checkpointed map's; see
+    ``rhmapper.digests``)."""
 
 
 @dataclass(slots=True)
@@ -77,8 +80,9 @@ class CallRequest:
     """What one call asks of a replica: its method (``"fn"`` for a function replica), its
     items, whether each item is a tuple of positional arguments (else the single argument), the
     map's constant keyword arguments (each name's ``ObjectRef``, see `CallSpec`), its
-    `Guard` (``None``: the replica runs every item) and whether the target takes the whole
-    batch in one call (``batched``, see ``rhmapper.batching``).
+    `Guard` (``None``: the replica runs every item), whether the target takes the whole
+    batch in one call (``batched``, see ``rhmapper.batching``) and whether the reply carries
+    the items' digests (``digests``, see `BatchReply`).
 
     It travels as `to_wire`'s list of plain values, which Ray packs without pickling a class
     (items of plain data in one C pickle, other items as Ray serializes them), in one argument because Ray
@@ -90,10 +94,10 @@ class CallRequest:
         >>> request = CallRequest("fn", [1, 2], guard=Guard("board", "map-1", 30.0, 10.0))
         >>> wire = request.to_wire()
         >>> wire[0], wire[2:]
-        ('fn', [False, None, ['board', 'map-1', 30.0, 10.0], False])
+        ('fn', [False, None, ['board', 'map-1', 30.0, 10.0], False, False])
         >>> CallRequest.from_wire(wire) == request
         True
-        >>> CallRequest.from_wire(["fn", [(1, 2)], True, None, None, False]).star
+        >>> CallRequest.from_wire(["fn", [(1, 2)], True, None, None, False, False]).star
         True
     """
 
@@ -103,19 +107,20 @@ class CallRequest:
     kwargs: dict | None = None
     guard: Guard | None = None
     batched: bool = False
+    digests: bool = False
     plain: bool = field(default=False, compare=False)
     """Whether the items are known to be plain data, holding no ``ObjectRef`` (they came as a
     `plain_pickle`)."""
 
     def to_wire(self) -> list:
-        """This request as ``[method, items, star, kwargs, guard, batched]``, the guard as
+        """This request as ``[method, items, star, kwargs, guard, batched, digests]``, the guard as
         ``[board, key, deadline, sent_at]`` or ``None`` (see `from_wire`). Items of plain data
         travel as their `plain_pickle` (so the replica knows, without looking at each, that they
         hold no ``ObjectRef``); other items as they are, for Ray to serialize.
 
         Examples:
             >>> CallRequest("warm_up", [("a", 1)], star=True).to_wire()[2:]
-            [True, None, None, False]
+            [True, None, None, False, False]
             >>> type(CallRequest("fn", [("a", 1)]).to_wire()[1]), CallRequest("fn", [len]).to_wire()[1]
             (<class 'bytes'>, [<built-in function len>])
         """
@@ -123,22 +128,23 @@ class CallRequest:
         items = plain_pickle(self.items)
         return [self.method, self.items if items is None else items, self.star, self.kwargs,
                 None if guard is None else [guard.board, guard.key, guard.deadline, guard.sent_at],
-                self.batched]
+                self.batched, self.digests]
 
     @classmethod
     def from_wire(cls, wire: list | tuple) -> "CallRequest":
         """The request `to_wire` made.
 
         Examples:
-            >>> CallRequest.from_wire(["fn", [3], False, None, [None, None, None, 1.5], False]).guard
+            >>> CallRequest.from_wire(["fn", [3], False, None, [None, None, None, 1.5], False,
+            ...                        False]).guard
             Guard(board=None, key=None, deadline=None, sent_at=1.5)
         """
-        method, items, star, kwargs, guard, batched = wire
+        method, items, star, kwargs, guard, batched, digests = wire
         plain = isinstance(items, bytes)
         if plain:
             items = pickle.loads(items)
         return cls(method, items, star, kwargs, None if guard is None else Guard(*guard), batched,
-                   plain)
+                   digests, plain)
 
     def sent_now(self, now: float) -> "CallRequest":
         """This request as sent at ``now`` (``time.time()``) rather than when the driver made it:
@@ -162,7 +168,7 @@ class CallRequest:
         deadline = guard.deadline + max(0.0, now - guard.sent_at)
         return CallRequest(self.method, self.items, self.star, self.kwargs,
                            Guard(guard.board, guard.key, deadline, guard.sent_at), self.batched,
-                           self.plain)
+                           self.digests, self.plain)
 
 
 class ReplicaDied(Exception):
@@ -345,8 +351,11 @@ class BatchReply:
 
     ``packed`` says how the values travel (see `pack_values`): ``False`` as they are, ``True``
     one pickle per value, `WHOLE` all in one pickle (``values`` is ``[count, blob]``);
-    `unpacked` turns them back. ``not_started`` is the position from which the replica started no more items, and why
-    (``"cancelled"``: the map ended; ``"timeout"``: past the call's deadline).
+    `unpacked` turns them back, keeping that one pickle as ``whole`` (a checkpoint saves it as
+    it is). ``not_started`` is the position from which the replica started no more items, and
+    why (``"cancelled"``: the map ended; ``"timeout"``: past the call's deadline). ``digests``
+    are the digests of the call's items, one after another, when the request asked for them
+    (``rhmapper.digests.input_digests``).
 
     Examples:
         >>> reply = BatchReply(values=[2, None], failures={1: None}, seconds=0.1)
@@ -359,11 +368,14 @@ class BatchReply:
     seconds: float | None
     packed: bool | str = False
     not_started: tuple[int, str] | None = None
+    digests: bytes | None = None
+    whole: bytes | None = field(default=None, compare=False)
 
     def to_wire(self) -> list:
         """This reply as a plain list, which Ray packs without pickling a class (see
         `from_wire`)."""
-        return [self.values, self.failures, self.seconds, self.packed, self.not_started]
+        return [self.values, self.failures, self.seconds, self.packed, self.not_started,
+                self.digests]
 
     @classmethod
     def from_wire(cls, fields: list) -> "BatchReply":
@@ -373,8 +385,8 @@ class BatchReply:
             >>> BatchReply.from_wire(BatchReply([1], None, 0.5).to_wire()).seconds
             0.5
         """
-        values, failures, seconds, packed, not_started = fields
-        return cls(values, failures, seconds, packed, not_started and tuple(not_started))
+        values, failures, seconds, packed, not_started, digests = fields
+        return cls(values, failures, seconds, packed, not_started and tuple(not_started), digests)
 
     def unpacked(self) -> "BatchReply":
         """This reply with its values unpickled; a value that cannot be unpickled here fails
@@ -388,17 +400,19 @@ class BatchReply:
         if not self.packed:
             return self
         failures = dict(self.failures or {})
+        whole = None
         if self.packed == WHOLE:
-            count, blob = self.values
+            count, whole = self.values
             unreadable: dict[int, RemoteFailure] = {}
-            values = _unpack(0, blob, unreadable)
+            values = _unpack(0, whole, unreadable)
             if values is None:  # every value is of the one type that could not be unpickled
-                values = [None] * count
+                values, whole = [None] * count, None
                 failures = {**dict.fromkeys(range(count), unreadable[0]), **failures}
         else:
             values = [_unpack(position, value, failures)
                       for position, value in enumerate(self.values)]
-        return BatchReply(values, failures or None, self.seconds, False, self.not_started)
+        return BatchReply(values, failures or None, self.seconds, False, self.not_started,
+                          self.digests, whole)
 
 
 def _unpack(position: int, value: Any, failures: dict[int, RemoteFailure]) -> Any:

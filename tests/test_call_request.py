@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from rhmapper.digests import input_digests
 from rhmapper.wire import BatchReply, CallRequest, Guard, plain_pickle
 
 
@@ -17,16 +18,18 @@ def test_a_request_round_trips_through_its_wire_form():
                           guard=Guard("board_0", "map-7", 30.0, 10.0))
     unguarded = CallRequest("fn", [1, "x", None])
     batched = CallRequest("embed", [[0.5, 1.5]], batched=True)
-    for request in (guarded, unguarded, batched):
+    digested = CallRequest("fn", [1], digests=True)
+    for request in (guarded, unguarded, batched, digested):
         wire = request.to_wire()
-        assert type(wire) is list and len(wire) == 6
+        assert type(wire) is list and len(wire) == 7
         assert CallRequest.from_wire(wire) == request
         assert CallRequest.from_wire(tuple(wire)) == request
         assert CallRequest.from_wire(wire).plain and not request.plain
     assert guarded.to_wire()[2:] == [True, {"scale": "ref"}, ["board_0", "map-7", 30.0, 10.0],
-                                     False]
-    assert unguarded.to_wire()[2:] == [False, None, None, False]
-    assert batched.to_wire()[2:] == [False, None, None, True]
+                                     False, False]
+    assert unguarded.to_wire()[2:] == [False, None, None, False, False]
+    assert batched.to_wire()[2:] == [False, None, None, True, False]
+    assert digested.to_wire()[2:] == [False, None, None, False, True]
     assert pickle.loads(guarded.to_wire()[1]) == [(1, 2), (3, 4)]
 
 
@@ -58,14 +61,16 @@ def test_the_wire_form_pickles_no_class_of_rhmapper():
 def test_from_wire_reads_the_lists_the_pool_sends():
     """The literal shapes ``RayReplica.start`` and ``RayReplica.broadcast`` build."""
     items, kwargs, now = [5, 6], {"k": "ref"}, time.time()
-    started = CallRequest.from_wire(["fn", items, False, kwargs, ["b", "m", now + 3, now], False])
+    started = CallRequest.from_wire(["fn", items, False, kwargs, ["b", "m", now + 3, now], False,
+                                      False])
     assert (started.method, started.items, started.star, started.kwargs) == ("fn", items, False,
                                                                             kwargs)
     assert started.items is items
     assert started.guard == Guard(board="b", key="m", deadline=now + 3, sent_at=now)
-    idle = CallRequest.from_wire(["fn", items, False, None, [None, None, None, None], False])
+    idle = CallRequest.from_wire(["fn", items, False, None, [None, None, None, None], False,
+                                   False])
     assert idle.guard == Guard(None, None, None, None)
-    broadcast = CallRequest.from_wire(["warm_up", [("a", 1)], True, None, None, False])
+    broadcast = CallRequest.from_wire(["warm_up", [("a", 1)], True, None, None, False, False])
     assert (broadcast.method, broadcast.items, broadcast.star, broadcast.guard) == (
         "warm_up", [("a", 1)], True, None)
 
@@ -105,17 +110,20 @@ def test_a_replica_runs_the_wire_list_and_honours_its_guard(ray_local):
     try:
         now = time.time()
         # as RayReplica.start builds it: method, items, star, kwargs, [board, key, deadline,
-        # sent], batched
+        # sent], batched, digests
         ran = BatchReply.from_wire(ray.get(actor._rhmapper_run.remote(
-            ["add_one", [1, 2, 3], False, None, [None, None, now + 60, now], False]), timeout=60)
-        ).unpacked()
+            ["add_one", [1, 2, 3], False, None, [None, None, now + 60, now], False, True]),
+            timeout=60)).unpacked()
         assert ran.values == [2, 3, 4] and ran.failures is None and ran.not_started is None
+        assert ran.digests == input_digests([1, 2, 3])  # a checkpointed map's: made there
+        assert pickle.loads(ran.whole) == [2, 3, 4]  # the one pickle the values came in
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 3
         # past its deadline: the replica starts none of its items
         late = CallRequest("add_one", [4, 5], guard=Guard(None, None, now - 1, now - 2))
         refused = BatchReply.from_wire(ray.get(actor._rhmapper_run.remote(late.to_wire()),
                                                timeout=60)).unpacked()
         assert refused.not_started == (0, "timeout") and refused.values == [None, None]
+        assert refused.digests is None  # not asked for
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 3
         # your actors run the same entry point through __ray_call__
         via_ray_call = BatchReply.from_wire(ray.get(actor.__ray_call__.remote(
