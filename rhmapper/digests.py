@@ -1,7 +1,7 @@
 """Digests of a map's inputs: how a checkpoint tells that an input is the one whose result it holds.
 
 A digest is the 16-byte BLAKE2b hash of the input's *stable pickle*: its pickle (protocol 5) with
-every class and function written by its module and qualified name, never by value. Plain data
+every class and function written by its module and name, never by value. Plain data
 pickles as ``pickle.dumps`` pickles it; an instance of a class defined in the driver's
 ``__main__`` or inside a function pickles the same in the driver and in a replica that received
 it by value (cloudpickle's pickle of such a class holds an id drawn in each process). So the
@@ -13,8 +13,8 @@ The limit: an object whose pickle is not the same in every process looks changed
 differs between processes under hash randomisation (``PYTHONHASHSEED``); so does an object whose
 ``__reduce__`` returns such a set, or a process-specific value (an id, a time, an ``ObjectRef``).
 Pass such inputs as sorted lists or tuples, or set ``PYTHONHASHSEED`` to a fixed value in every
-run. Two functions of the same name and bytecode that differ only in their constants or closure
-have the same digest.
+run. Two classes of one name in one module (made in two functions, say) are not told apart, nor
+two functions of the same name and bytecode that differ only in their constants or closure.
 """
 
 from __future__ import annotations
@@ -44,10 +44,11 @@ class _StablePickler(pickle.Pickler):
     lists, tuples, dicts, sets and frozensets, so plain data costs nothing more."""
 
     def reducer_override(self, obj: Any) -> Any:
+        # By __name__: cloudpickle gives a class it rebuilds its __name__ as its __qualname__.
         if isinstance(obj, type):
-            return getattr, (obj.__module__, obj.__qualname__)
+            return getattr, (obj.__module__, obj.__name__)
         if isinstance(obj, types.FunctionType):
-            return getattr, (obj.__module__, obj.__qualname__, obj.__code__.co_code)
+            return getattr, (obj.__module__, obj.__name__, obj.__code__.co_code)
         return NotImplemented
 
 
