@@ -9,6 +9,7 @@ many there are.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import pickle
@@ -49,7 +50,7 @@ def read_checkpoint(uri: str, partial: bool = False) -> Iterator[Any]:
     location = CheckpointLocation(uri)
     manifest = _manifest(location)
     if partial:
-        return _merged(location, location.shards())
+        return stretch_pairs(_merged(location, location.shards()))
     count = manifest["complete_count"]
     if count is None:
         shards = location.shards()
@@ -76,6 +77,22 @@ def indexed_results(uri: str) -> Iterator[tuple[int, Any]]:
         >>> list(indexed_results(uri))
         [(5, None)]
     """
+    return stretch_pairs(result_stretches(uri))
+
+
+def result_stretches(uri: str) -> Iterator[tuple[list[int], list]]:
+    """The results done in the checkpoint at ``uri``, by index, as ``(indexes, values)``
+    stretches (lists: parts of one run each), for readers that take them a stretch at a time.
+
+    Examples:
+        >>> import tempfile
+        >>> from rhmapper.checkpoint_store import CheckpointStore
+        >>> folder = tempfile.TemporaryDirectory(); uri = folder.name
+        >>> with CheckpointStore.open(uri, {"target": "f"}) as store:
+        ...     store.add_many([3, 4], [bytes(16)] * 2, ["three", "four"])
+        >>> list(result_stretches(uri))
+        [([3, 4], ['three', 'four'])]
+    """
     location = CheckpointLocation(uri)
     _manifest(location)
     return _merged(location, location.shards())
@@ -91,14 +108,22 @@ def _manifest(location: CheckpointLocation) -> dict:
     return manifest
 
 
-def _values_in_order(uri: str, results: Iterator[tuple[int, Any]], count: int) -> Iterator[Any]:
-    """The values of ``results``, checked to be those of inputs ``0 .. count - 1``, each once."""
+def _values_in_order(uri: str, stretches: Iterator[tuple[list[int], list]], count: int
+                     ) -> Iterator[Any]:
+    """The values of ``stretches``, checked to be those of inputs ``0 .. count - 1``, each once."""
     expected = 0
-    for index, value in results:
-        if index != expected or expected == count:
+    for indexes, values in stretches:
+        if indexes[0] != expected:
             break
-        yield value
-        expected += 1
+        # A stretch ascends, each index once: it has no gap if its last index says so.
+        usable = (len(indexes) if indexes[-1] == expected + len(indexes) - 1 else
+                  next(position for position, index in enumerate(indexes)
+                       if index != expected + position))
+        usable = min(usable, count - expected)
+        yield from (values if usable == len(values) else values[:usable])
+        expected += usable
+        if usable < len(indexes):
+            break
     if expected != count:
         raise CheckpointIncompleteError(
             f"checkpoint {uri} is marked complete with {count} results, but the result of input "
@@ -106,10 +131,22 @@ def _values_in_order(uri: str, results: Iterator[tuple[int, Any]], count: int) -
             "with this checkpoint to compute the missing results.")
 
 
-def _merged(location: CheckpointLocation, shards: list[Shard]) -> Iterator[tuple[int, Any]]:
-    """``(index, value)`` of every result of ``shards`` (sorted by first index), by index; an
-    index found in two runs (two runs of the map that wrote the same checkpoint at once) comes
-    once."""
+def stretch_pairs(stretches: Iterator[tuple[list[int], list]]) -> Iterator[tuple[int, Any]]:
+    """The ``(index, value)`` pairs of ``(indexes, values)`` stretches.
+
+    Examples:
+        >>> list(stretch_pairs(iter([([0, 1], ["a", "b"]), ([5], ["f"])])))
+        [(0, 'a'), (1, 'b'), (5, 'f')]
+    """
+    for indexes, values in stretches:
+        yield from zip(indexes, values)
+
+
+def _merged(location: CheckpointLocation, shards: list[Shard]
+            ) -> Iterator[tuple[list[int], list]]:
+    """``(indexes, values)`` stretches of every result of ``shards`` (sorted by first index), by
+    index; an index found in two runs (two runs of the map that wrote the same checkpoint at
+    once) comes once."""
     waiting: list[tuple[int, int, list[int], bytes, Iterator]] = []
     """The next run of each open shard: (first index, order, indexes, pickled values, the
     shard's other runs)."""
@@ -141,16 +178,15 @@ def _merged(location: CheckpointLocation, shards: list[Shard]) -> Iterator[tuple
         limit = min(open_runs[0][0] if open_runs else math.inf,
                     waiting[0][0] if waiting else math.inf,
                     shards[opened].first_index if opened < len(shards) else math.inf)
-        while True:  # this run's results up to the next run's first: the first at least
-            index = indexes[position]
-            if index > last:
-                last = index
-                yield index, values[position]
-            position += 1
-            if position == len(indexes) or indexes[position] >= limit:
-                break
-        if position < len(indexes):
-            heapq.heappush(open_runs, (indexes[position], run_order, position, indexes, values))
+        # This run's results up to the next run's first (its first at least), but those
+        # another run gave already.
+        stop = bisect.bisect_left(indexes, limit, position + 1)
+        start = bisect.bisect_right(indexes, last, position, stop)
+        if start < stop:
+            last = indexes[stop - 1]
+            yield indexes[start:stop], values[start:stop]
+        if stop < len(indexes):
+            heapq.heappush(open_runs, (indexes[stop], run_order, stop, indexes, values))
 
 
 def _runs(location: CheckpointLocation, shard: Shard) -> Iterator[tuple[list[int], bytes]]:

@@ -22,7 +22,7 @@ import time
 from types import TracebackType
 from typing import Any
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from rhmapper.checkpoint_layout import (
     RESULT_BYTES,
@@ -31,8 +31,8 @@ from rhmapper.checkpoint_layout import (
     check_run,
     new_manifest,
 )
-from rhmapper.digests import DIGEST_SIZE
-from rhmapper.wire import dumps
+from rhmapper.digests import DIGEST_SIZE, input_digest, input_digests
+from rhmapper.wire import dumps, plain_pickle
 from rhmapper.errors import CheckpointMismatchError, CheckpointWriteError
 
 _log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ store has been open, between `FLUSH_SECONDS_MIN` and this (unless ``flush_second
 FLUSH_SHARE = 1 / 50
 """A crash loses at most this share of a map's time so far (a resume redoes at most that)."""
 FLUSH_SECONDS_MIN = 0.25
+CHECK_STRETCH = 65536
+"""Inputs whose digests `CheckpointStore.check_inputs` makes and compares at once."""
 
 
 class DoneSet:
@@ -117,7 +119,30 @@ class DoneSet:
 
     def digest(self, index: int) -> bytes:
         """The digest of a done input."""
-        return bytes(self._digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+        return self.digests(index, index + 1)
+
+    def digests(self, start: int, stop: int) -> bytes:
+        """The digests of the done inputs ``start .. stop - 1``, one after another."""
+        return bytes(self._digests[start * DIGEST_SIZE:stop * DIGEST_SIZE])
+
+    def stretches(self, end: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start, stop, done)`` of the stretches of inputs ``0 .. end - 1`` that are all
+        done or all not done, in order (found in C, not input by input).
+
+        Examples:
+            >>> done = DoneSet(); done.add_many(range(2, 5), bytes(48))
+            >>> list(done.stretches(7))
+            [(0, 2, False), (2, 5, True), (5, 7, False)]
+        """
+        flags, start = self._flags, 0
+        known = min(end, len(flags))  # past the flags, nothing is done
+        while start < end:
+            done = start < known and flags[start] == 1
+            stop = flags.find(0 if done else 1, start, known) if start < known else -1
+            if stop < 0:
+                stop = known if done else end
+            yield start, stop, done
+            start = stop
 
 
 class CheckpointStore:
@@ -216,6 +241,8 @@ class CheckpointStore:
             for batch in location.read_shard(shard, values=False):
                 for indexes, digests in zip(batch.column(0).to_pylist(),
                                             batch.column(1).to_pylist()):
+                    if indexes[-1] - indexes[0] == len(indexes) - 1:  # no gap: added in C
+                        indexes = range(indexes[0], indexes[-1] + 1)
                     if done.add_many(indexes, digests) is not None:  # two runs wrote some
                         for position, index in enumerate(indexes):
                             done.add(index, digests[position * DIGEST_SIZE:
@@ -257,6 +284,22 @@ class CheckpointStore:
                 f"(digest {digest.hex()}, the checkpoint's {self._done.digest(index).hex()}): "
                 "to resume a map, give it the same inputs in the same order; else use another "
                 "checkpoint URI, or pass overwrite=True to start afresh")
+
+    def stretches(self, end: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start, stop, done)``: inputs ``0 .. end - 1`` in stretches all with a result or all
+        without (see `DoneSet.stretches`)."""
+        return self._done.stretches(end)
+
+    def check_inputs(self, start: int, items: list) -> None:
+        """`check_input` for each of ``items``, inputs ``start ..`` all done: their digests made
+        and compared a stretch at a time (in C for plain data)."""
+        for offset in range(0, len(items), CHECK_STRETCH):
+            part = items[offset:offset + CHECK_STRETCH]
+            first = start + offset
+            digests = input_digests(part, plain=plain_pickle(part) is not None)
+            if digests != self._done.digests(first, first + len(part)):
+                for position, item in enumerate(part):  # which one: the first that differs
+                    self.check_input(first + position, input_digest(item))
 
     def add(self, index: int, digest: bytes, value: Any) -> None:
         """Queue the result ``value`` of input ``index`` (whose digest is ``digest``) to be

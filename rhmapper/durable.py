@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
 
+from rhmapper.checkpoint_read import result_stretches, stretch_pairs
 from rhmapper.checkpoint_store import CheckpointStore
 from rhmapper.digests import input_digest, input_digests
 from rhmapper.errors import CheckpointMismatchError
@@ -122,8 +123,9 @@ class DurableMap:
         self._read_back = checkpointing.read_back
         self.stored_before = self.store.done_count
         """How many inputs had a result saved when the map started."""
-        self._stored = (_indexed_results(self.store) if self.stored_before and self._read_back
-                        else iter(()))
+        self._stored = (result_stretches(self.store.uri) if self.stored_before and self._read_back
+                         else iter(()))
+        """The saved results, as ``(indexes, values)`` stretches by index."""
         self._index_of: array.array | None = None
         """The index in the user's input of each input sent, by its index in the inner map
         (``None``: the same, nothing was done before)."""
@@ -146,13 +148,26 @@ class DurableMap:
         """The inputs to send: those without a result (the others' digests are checked); a
         list stays a list (checked at once)."""
         if isinstance(items, list):
+            self._inputs = len(items)
             if not self.stored_before:
-                self._inputs = len(items)
                 return items
-            rest = list(self._unsaved(items))
             self._check_length()
-            return rest
+            return self._unsaved_of_list(items)
         return self._unsaved_then_checked(items)
+
+    def _unsaved_of_list(self, items: list) -> list:
+        """The items of ``items`` without a result, a stretch at a time (the others' digests
+        checked a stretch at a time)."""
+        store = self.store
+        rest: list = []
+        index_of = self._index_of = array.array("q")
+        for start, stop, done in store.stretches(len(items)):
+            if done:
+                store.check_inputs(start, items[start:stop])
+            else:
+                rest.extend(items[start:stop])
+                index_of.extend(range(start, stop))
+        return rest
 
     def _unsaved(self, items: Iterable) -> Iterator:
         store = self.store
@@ -204,7 +219,7 @@ class DurableMap:
         index in the user's input. Once every input has its result, the checkpoint is marked
         complete."""
         if self._indexed:
-            yield from _batched(iter(self._stored))
+            yield from (list(zip(indexes, values)) for indexes, values in self._stored)
             index_of = self._index_of
             yield from (chunks if index_of is None else
                         ([(index_of[index], value) for index, value in chunk] for chunk in chunks))
@@ -213,7 +228,7 @@ class DurableMap:
         elif self._ordered:
             yield from self._ordered_results(chunks)
         else:
-            yield from _batched(value for _, value in self._stored)
+            yield from (values for _, values in self._stored)
             yield from chunks
         self._complete()
 
@@ -223,8 +238,12 @@ class DurableMap:
             results = fresh
         else:
             results = [None] * (len(fresh) + self.stored_before)
-            for index, value in self._stored:
-                results[index] = value
+            for indexes, values in self._stored:
+                if indexes[-1] - indexes[0] == len(indexes) - 1:  # no gap: in place at once
+                    results[indexes[0]:indexes[-1] + 1] = values
+                else:
+                    for index, value in zip(indexes, values):
+                        results[index] = value
             for position, value in enumerate(fresh):
                 results[self._index_of[position]] = value
         self._complete()
@@ -246,7 +265,7 @@ class DurableMap:
     def _ordered_results(self, chunks: Iterator[list]) -> Iterator[list]:
         """Saved and new results by index: the saved ones before the first input without a
         result at once, then each new chunk with the saved ones between its values."""
-        saved, store = _SavedCursor(self._stored), self.store
+        saved, store = _SavedCursor(stretch_pairs(self._stored)), self.store
         first_missing = 0
         while store.is_done(first_missing):
             first_missing += 1
@@ -275,12 +294,6 @@ class _SavedCursor:
             value = self._next[1]
             self._next = next(self._saved, None)
             yield value
-
-
-def _indexed_results(store: CheckpointStore) -> Iterator[tuple[int, Any]]:
-    from rhmapper.checkpoint_read import indexed_results  # the shards there now: read lazily
-
-    return indexed_results(store.uri)
 
 
 def _batched(values: Iterator, size: int = STORED_BATCH) -> Iterator[list]:
