@@ -10,7 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
+import rhmapper.checkpoint_store
 import rhmapper.durable
+import rhmapper.errors
 from rhmapper.checkpoint_read import indexed_results
 from rhmapper.digests import input_digest, input_digests
 from rhmapper.durable import Checkpointing, DurableMap
@@ -93,3 +95,54 @@ def test_a_durable_map_saves_the_replicas_pickle_and_digests_without_making_its_
     with DurableMap(spec, ordered=True) as durable:
         assert durable.stored_before == 3
         durable.store.check_input(1, input_digest(4))  # the replica's digest is the driver's
+
+
+def saved_checkpoint(uri: str, runs: list[range]) -> None:
+    """A checkpoint of a map of ``square`` with the results of ``runs`` (of inputs
+    ``("item", i)``) saved."""
+    from rhmapper.checkpoint_store import CheckpointStore
+
+    with CheckpointStore.open(uri, {"target": "square"}) as store:
+        for indexes in runs:
+            items = [("item", index) for index in indexes]
+            store.add_run(indexes, input_digests(items), pickle.dumps([f"r{index}" for index in
+                                                                      indexes]))
+
+
+def test_a_resumed_list_sends_only_its_unsaved_items_and_checks_the_others_a_stretch_at_a_time(
+        tmp_path):
+    """Stretches longer than one check (`CHECK_STRETCH`) and stretches between gaps: the unsaved
+    items go on with their indexes in the user's input, a changed item far inside a stretch is
+    named by its index."""
+    from rhmapper.checkpoint_store import CHECK_STRETCH
+
+    uri = str(tmp_path)
+    total = CHECK_STRETCH + 5000
+    saved_checkpoint(uri, [range(0, 10), range(12, CHECK_STRETCH + 100),
+                           range(CHECK_STRETCH + 200, total - 1)])
+    spec = Checkpointing(uri, {"target": "square"})
+    items = [("item", index) for index in range(total)]
+    with DurableMap(spec, ordered=True) as durable:
+        rest = durable.source(items)
+        missing = [10, 11, *range(CHECK_STRETCH + 100, CHECK_STRETCH + 200), total - 1]
+        assert rest == [("item", index) for index in missing]
+        durable.on_values(range(len(rest)), rest, [f"r{item[1]}" for item in rest])
+        results = durable.collected([f"r{item[1]}" for item in rest])
+    assert results == [f"r{index}" for index in range(total)]
+    changed = list(items)
+    changed[CHECK_STRETCH + 50] = ("item", "changed")
+    with DurableMap(spec, ordered=True) as durable, pytest.raises(
+            rhmapper.errors.CheckpointMismatchError, match=f"input {CHECK_STRETCH + 50} differs"):
+        durable.source(changed)
+
+
+def test_inputs_that_are_not_plain_data_are_checked_one_by_one_and_named(tmp_path):
+    uri = str(tmp_path)
+    with rhmapper.checkpoint_store.CheckpointStore.open(uri, {"target": "f"}) as store:
+        items = [complex(index, 1) for index in range(50)]  # objects of a class: not plain
+        store.add_run(range(50), input_digests(items), pickle.dumps(list(range(50))))
+    store = rhmapper.checkpoint_store.CheckpointStore.open(uri, {"target": "f"})
+    store.check_inputs(0, items)
+    with pytest.raises(rhmapper.errors.CheckpointMismatchError, match="input 37 differs"):
+        store.check_inputs(0, items[:37] + [complex(0, 0)] + items[38:])
+    store.close()
