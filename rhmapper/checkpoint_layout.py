@@ -125,9 +125,9 @@ class CheckpointLocation:
         names = (info.base_name for info in self.filesystem.get_file_info(selector))
         return sorted(name for name in names if not name.endswith(".tmp"))
 
-    def read_manifest(self) -> dict | None:
-        """The manifest, or None if there is none; a manifest of another format or a newer version
-        raises `CheckpointMismatchError`."""
+    def read_manifest(self, any_version: bool = False) -> dict | None:
+        """The manifest, or None if there is none; a manifest of another format, or of another
+        layout version unless ``any_version``, raises `CheckpointMismatchError`."""
         path = f"{self.path}/{MANIFEST}"
         try:
             with self.filesystem.open_input_stream(path, compression=None) as stream:
@@ -145,7 +145,7 @@ class CheckpointLocation:
                 f"{self.uri} holds a {MANIFEST} that is not an rhmapper checkpoint's: rhmapper "
                 "neither writes there nor deletes it. Use a new or empty location.")
         version = manifest.get("version", 0)
-        if version != VERSION:
+        if version != VERSION and not any_version:
             advice = ("upgrade rhmapper" if version > VERSION else "read it with the rhmapper "
                       "that wrote it, or pass overwrite=True to start afresh")
             raise CheckpointMismatchError(
@@ -200,14 +200,6 @@ class CheckpointLocation:
         except self._pyarrow.ArrowInvalid as error:
             raise self._corrupt(shard, error) from error
 
-    def shard_rows(self, shard: Shard) -> int:
-        """How many results ``shard`` holds (read from its footer, not its data)."""
-        try:
-            with self.filesystem.open_input_file(shard.path) as file:
-                return int(self._pyarrow.ipc.open_file(file).schema.metadata[b"rows"])
-        except self._pyarrow.ArrowInvalid as error:
-            raise self._corrupt(shard, error) from error
-
     def _corrupt(self, shard: Shard, error: Exception) -> CheckpointCorruptError:
         return CheckpointCorruptError(
             f"shard {shard.path} of checkpoint {self.uri} cannot be read ({error}): it was cut "
@@ -216,7 +208,7 @@ class CheckpointLocation:
 
     def _shard_writer(self, runs: PendingRuns) -> Callable[[Any], None]:
         """What writes ``runs`` into a stream as an Arrow IPC file (``runs`` emptied)."""
-        schema = _schema(self._pyarrow, rows=len(runs))
+        schema = _schema(self._pyarrow)
         batches = _record_batches(self._pyarrow, schema, runs.take())
 
         def write(stream: Any) -> None:
@@ -323,6 +315,10 @@ def check_run(indexes: Sequence[int], digests: bytes) -> None:
         Traceback (most recent call last):
         ...
         ValueError: a run's indexes ascend, each once (they are the inputs of one call): [5, 1]
+        >>> check_run(range(5, 0, -1), bytes(80))
+        Traceback (most recent call last):
+        ...
+        ValueError: a run's indexes ascend, each once (they are the inputs of one call): [5, 4, 3, 2, 1]
     """
     if len(digests) != DIGEST_SIZE * len(indexes):
         raise ValueError(f"a digest has {DIGEST_SIZE} bytes (rhmapper.digests.input_digest): "
@@ -330,7 +326,8 @@ def check_run(indexes: Sequence[int], digests: bytes) -> None:
                          f"digests, not {len(digests)}")
     if len(indexes) and indexes[0] < 0:
         raise ValueError(f"an input's index is 0 or more, not {indexes[0]}")
-    if not isinstance(indexes, range) and not all(map(operator.lt, indexes, indexes[1:])):
+    if (indexes.step != 1 if isinstance(indexes, range)
+            else not all(map(operator.lt, indexes, indexes[1:]))):
         raise ValueError(f"a run's indexes ascend, each once (they are the inputs of one call): "
                          f"{list(indexes)[:10]}")
 
@@ -348,11 +345,11 @@ def new_manifest(fingerprint: dict[str, str], total: int | None = None) -> dict:
             "total": total, "complete_count": None}
 
 
-def _schema(pyarrow: ModuleType, rows: int) -> Any:
-    """A shard's schema; its metadata counts the shard's results (read from the footer alone)."""
+def _schema(pyarrow: ModuleType) -> Any:
+    """A shard's schema."""
     return pyarrow.schema([("indexes", pyarrow.list_(pyarrow.int64())),
                            ("digests", pyarrow.large_binary()),
-                           ("values", pyarrow.large_binary())], metadata={"rows": str(rows)})
+                           ("values", pyarrow.large_binary())])
 
 
 def _record_batches(pyarrow: ModuleType, schema: Any, runs: list[Run]) -> list:

@@ -53,8 +53,7 @@ def read_checkpoint(uri: str, partial: bool = False) -> Iterator[Any]:
         return stretch_pairs(_merged(location, location.shards()))
     count = manifest["complete_count"]
     if count is None:
-        shards = location.shards()
-        done = sum(location.shard_rows(shard) for shard in shards)
+        done = _done_count(location, location.shards())
         of_total = "" if manifest["total"] is None else f" of {manifest['total']}"
         raise CheckpointIncompleteError(
             f"checkpoint {uri} holds {done}{of_total} results: its map has not finished. Run the "
@@ -129,6 +128,18 @@ def _values_in_order(uri: str, stretches: Iterator[tuple[list[int], list]], coun
             f"checkpoint {uri} is marked complete with {count} results, but the result of input "
             f"{expected} is missing: a shard was deleted outside rhmapper. Run the map again "
             "with this checkpoint to compute the missing results.")
+
+
+def _done_count(location: CheckpointLocation, shards: list[Shard]) -> int:
+    """How many inputs have a result in ``shards`` (an index two runs saved counts once)."""
+    done = bytearray()
+    for shard in shards:
+        for batch in location.read_shard(shard, values=False):
+            for index in batch.column(0).flatten().to_pylist():
+                if index >= len(done):
+                    done.extend(bytes(max(index + 1, 2 * len(done)) - len(done)))
+                done[index] = 1
+    return done.count(1)
 
 
 def stretch_pairs(stretches: Iterator[tuple[list[int], list]]) -> Iterator[tuple[int, Any]]:

@@ -227,7 +227,7 @@ class CheckpointStore:
         """
         _check_fingerprint(fingerprint)
         location = CheckpointLocation(uri)
-        manifest = location.read_manifest()
+        manifest = location.read_manifest(any_version=overwrite)  # overwrite: any goes
         if manifest is None:
             _check_not_foreign(location, overwrite)
         elif manifest["fingerprint"] != fingerprint and not overwrite:

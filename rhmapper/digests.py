@@ -1,8 +1,10 @@
 """Digests of a map's inputs: how a checkpoint tells that an input is the one whose result it holds.
 
-A digest is the 16-byte BLAKE2b hash of the input's *stable pickle*: its pickle (protocol 5) with
-every class and function written by its module and name, never by value. Plain data
-pickles as ``pickle.dumps`` pickles it; an instance of a class defined in the driver's
+A digest is the 16-byte BLAKE2b hash of the input's *stable pickle*: its pickle by protocol 4
+(protocol 5 pickles a buffer, such as a numpy array's data, one way if it is read-only and
+another if not, and an array a replica receives is a read-only view of the driver's), with every
+class and function written by its module and name, never by value. Plain data pickles as
+``pickle.dumps(value, protocol=4)`` pickles it; an instance of a class defined in the driver's
 ``__main__`` or inside a function pickles the same in the driver and in a replica that received
 it by value (cloudpickle's pickle of such a class holds an id drawn in each process). So the
 replicas of a checkpointed map digest the inputs of their calls, off the driver, and a rerun's
@@ -33,22 +35,29 @@ DIGEST_SIZE = 16
 """Bytes in a digest."""
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
 """Types whose stable pickle is their plain pickle, made without a pickler object."""
-_plain_dumps = functools.partial(pickle.dumps, protocol=5)
+PROTOCOL = 4
+"""The pickle protocol of stable pickles (see the module docstring)."""
+_plain_dumps = functools.partial(pickle.dumps, protocol=PROTOCOL)
 _hasher = functools.partial(hashlib.blake2b, digest_size=DIGEST_SIZE)
 _digest_of = operator.methodcaller("digest")
 
 
 class _StablePickler(pickle.Pickler):
-    """The C pickler writing classes and functions by name (see the module docstring). It is
-    asked about every object but ``None``, booleans and exact ints, floats, strings, bytes,
-    lists, tuples, dicts, sets and frozensets, so plain data costs nothing more."""
+    """The C pickler writing classes (but builtins, which pickle by name anyway) and functions
+    by name (see the module docstring). It is asked about every object but ``None``, booleans
+    and exact ints, floats, strings, bytes, lists, tuples, dicts, sets and frozensets, so plain
+    data costs nothing more."""
 
     def reducer_override(self, obj: Any) -> Any:
         # By __name__: cloudpickle gives a class it rebuilds its __name__ as its __qualname__.
+        # A new string each time: whether two names are one object (and so pickled once) is not
+        # the same in a process that rebuilt the class or function.
         if isinstance(obj, type):
-            return getattr, (obj.__module__, obj.__name__)
+            if obj.__module__ == "builtins":  # as plain pickle names it (a bytearray's class)
+                return NotImplemented
+            return getattr, (f"{obj.__module__}:{obj.__name__}",)
         if isinstance(obj, types.FunctionType):
-            return getattr, (obj.__module__, obj.__name__, obj.__code__.co_code)
+            return getattr, (f"{obj.__module__}:{obj.__name__}:{obj.__code__.co_code.hex()}",)
         return NotImplemented
 
 
@@ -58,7 +67,8 @@ def stable_pickle(value: Any) -> bytes:
     cannot either.
 
     Examples:
-        >>> stable_pickle([1, "a", (2.5, None)]) == pickle.dumps([1, "a", (2.5, None)], protocol=5)
+        >>> plain = [1, "a", (2.5, None), bytearray(b"xy")]
+        >>> stable_pickle(plain) == pickle.dumps(plain, protocol=4)
         True
         >>> def local(): pass
         >>> b"local" in stable_pickle(local)
@@ -66,9 +76,9 @@ def stable_pickle(value: Any) -> bytes:
     """
     buffer = io.BytesIO()
     try:
-        _StablePickler(buffer, protocol=5).dump(value)
+        _StablePickler(buffer, protocol=PROTOCOL).dump(value)
     except (pickle.PicklingError, TypeError, AttributeError):
-        return cloudpickle.dumps(value, protocol=5)
+        return cloudpickle.dumps(value, protocol=PROTOCOL)
     return buffer.getvalue()
 
 

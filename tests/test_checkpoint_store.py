@@ -4,28 +4,36 @@
 Each test runs on both: results written in shards are read back (the done-set and digests by a
 store opened again, the values in input order by `read_checkpoint`), mismatches are named,
 storage that goes down mid-way fails the writes with what was not saved and loses nothing written
-before, and reading back holds a batch per shard, not the results.
+before, and reading back holds a batch per shard, not the results. Runs (a call's results each)
+that interleave across shards and within one, or that two runs of a map both saved, come back in
+input order, each result once; bad runs and checkpoints of another layout version are refused.
+Digests are those of stable pickles, the same in a process that got the input by value.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import os
+import pickle
 import random
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import cloudpickle
 import numpy as np
 import psutil
 import pytest
 
-from rhmapper.checkpoint_layout import CheckpointLocation
+from rhmapper.checkpoint_layout import CheckpointLocation, PendingRuns, new_manifest
 from rhmapper.checkpoint_read import indexed_results, read_checkpoint
 from rhmapper.checkpoint_store import CheckpointStore
-from rhmapper.digests import input_digest
+from rhmapper.digests import input_digest, input_digests, stable_pickle
 from rhmapper.errors import (
     CheckpointCorruptError,
     CheckpointIncompleteError,
@@ -363,3 +371,268 @@ def test_without_pyarrow_the_error_says_what_to_install(tmp_path, monkeypatch):
         CheckpointStore.open(str(tmp_path), FINGERPRINT)
     with pytest.raises(ImportError, match="checkpoint= needs pyarrow"):
         read_checkpoint(str(tmp_path))
+
+
+def _run(indexes: Sequence[int], value: Callable[[int], object] = lambda i: f"r{i}"
+         ) -> tuple[Sequence[int], bytes, bytes]:
+    """The run of inputs ``indexes`` as `CheckpointStore.add_run` and `PendingRuns.add` take it:
+    the indexes, the digests of ``("item", i)``, the pickled list of ``value(i)``."""
+    return (indexes, b"".join(input_digest(("item", index)) for index in indexes),
+            pickle.dumps([value(index) for index in indexes], protocol=5))
+
+
+@pytest.mark.timeout(120)
+def test_runs_interleaving_across_shards_come_back_in_input_order(storage):
+    """Runs of calls that finished out of order, in shards whose index ranges overlap: one
+    shard's runs interleave with another's ([10, 12, 14] here, [11, 13] in a later shard), and
+    within a shard two runs interleave, each in a record batch of its own (results of 100 KiB)."""
+
+    def value(index: int) -> object:
+        return index.to_bytes(4, "little") * 25_600 if index >= 30 else f"r{index}"
+
+    shards = [[range(0, 10), [10, 12, 14]], [range(20, 30)], [[11, 13], range(15, 20)],
+              [[31, 33], [30, 32, 34]]]
+    with CheckpointStore.open(storage.uri, FINGERPRINT, flush_seconds=600) as store:
+        for runs in shards:
+            for indexes in runs:
+                store.add_run(*_run(indexes, value))
+            store.flush()
+        assert store.done_count == 35 and store.done_end == 35
+        store.mark_complete(35)
+    assert storage.shard_count() == 4
+    assert list(read_checkpoint(storage.uri)) == [value(index) for index in range(35)]
+    assert list(read_checkpoint(storage.uri, partial=True)) == [
+        (index, value(index)) for index in range(35)]
+
+
+@pytest.mark.timeout(120)
+def test_a_range_run_and_a_list_run_are_done_with_their_digests_when_opened_again(storage):
+    """A range run takes DoneSet's fast path, a list run with gaps its slow one (as they do
+    when read back by a store opened again): both keep each index's own digest."""
+
+    def check(store: CheckpointStore, done: list[int], stretches: list[tuple]) -> None:
+        assert store.done_count == len(done) and store.done_end == 18
+        assert [index for index in range(20) if store.is_done(index)] == done
+        assert list(store.stretches(20)) == stretches
+        for index in done:
+            store.check_input(index, input_digest(("item", index)))
+        store.check_inputs(0, [("item", index) for index in range(8)])
+        with pytest.raises(CheckpointMismatchError, match="input 5 differs"):
+            store.check_inputs(2, [("item", index if index != 5 else -5) for index in range(2, 8)])
+        store.check_input(14, input_digest("anything"))  # not done: nothing to compare
+        for index, wrong in [(0, ("item", 1)), (3, ("item", 4)), (5, ("item", "changed")),
+                             (7, ("item", 6)), (13, ("item", 17))]:
+            with pytest.raises(CheckpointMismatchError) as raised:
+                store.check_input(index, input_digest(wrong))
+            assert str(raised.value).startswith(
+                f"input {index} differs from the input whose result checkpoint {storage.uri}")
+            assert f"the checkpoint's {input_digest(('item', index)).hex()}" in str(raised.value)
+
+    done = [*range(0, 8), 10, 13, 17]
+    stretches = [(0, 8, True), (8, 10, False), (10, 11, True), (11, 13, False), (13, 14, True),
+                 (14, 17, False), (17, 18, True), (18, 20, False)]
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        store.add_run(*_run(range(0, 8)))
+        store.add_run(*_run([10, 13, 17]))
+        check(store, done, stretches)
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        check(store, done, stretches)
+        store.add_run(*_run(range(8, 10)))  # the fast path on a store opened again
+        store.add_run(*_run([11, 12]))
+        check(store, [*range(0, 14), 17], [(0, 14, True), *stretches[5:]])
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        check(store, [*range(0, 14), 17], [(0, 14, True), *stretches[5:]])
+    assert list(indexed_results(storage.uri)) == [
+        (index, f"r{index}") for index in [*range(0, 14), 17]]
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_run_is_refused_and_nothing_of_it_is_added(storage):
+    store = CheckpointStore.open(storage.uri, FINGERPRINT)
+    try:
+        store.add_run(*_run(range(0, 5)))
+        store.add_run(*_run([7, 9]))
+        _, digests_of_8_9_10, values = _run([8, 9, 10])
+        refused = [
+            ([12, 11], bytes(32), "a run's indexes ascend, each once .*: \\[12, 11\\]"),
+            ([11, 12, 12], bytes(48), "a run's indexes ascend, each once .*: \\[11, 12, 12\\]"),
+            ([11, 12], bytes(16), "2 indexes need 32 bytes of digests, not 16"),
+            (range(11, 13), bytes(48), "2 indexes need 32 bytes of digests, not 48"),
+            ([-1, 11], bytes(32), "an input's index is 0 or more, not -1"),
+            (range(3, 6), bytes(48), "input 3 has a result in checkpoint .* already"),
+            (range(5, 8), bytes(48), "input 7 has a result in checkpoint .* already"),
+            ([8, 9, 10], digests_of_8_9_10, "input 9 has a result in checkpoint .* already"),
+        ]
+        for indexes, digests, message in refused:
+            with pytest.raises(ValueError, match=message):
+                store.add_run(indexes, digests, values)
+            assert store.done_count == 7 and store.done_end == 10, indexes
+            assert [index for index in range(14) if store.is_done(index)] == [0, 1, 2, 3, 4, 7, 9]
+        store.add_run(*_run([5, 8, 11]))  # what was refused was not flagged done
+        assert store.done_count == 10 and store.done_end == 12
+    finally:
+        store.close()
+    expected = [(index, f"r{index}") for index in [0, 1, 2, 3, 4, 5, 7, 8, 9, 11]]
+    assert list(indexed_results(storage.uri)) == expected
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        assert store.done_count == 10 and store.done_end == 12
+        store.check_input(8, input_digest(("item", 8)))  # 8's digest, not one refused
+    assert list(indexed_results(storage.uri)) == expected
+
+
+@pytest.mark.timeout(120)
+def test_an_index_saved_by_two_runs_of_the_map_comes_back_once(storage):
+    """Two runs of a map writing the same checkpoint at once (two stores, each unaware of the
+    other's results), and a third writer's shard of a retried item's one-result run."""
+    first = CheckpointStore.open(storage.uri, FINGERPRINT, flush_seconds=600)
+    second = CheckpointStore.open(storage.uri, FINGERPRINT, flush_seconds=600)
+    try:
+        first.add_run(*_run(range(0, 6)))
+        second.add_run(*_run([3, 4, 6, 7]))
+        second.flush()
+        first.flush()
+    finally:
+        second.close()
+        first.close()
+    third = PendingRuns()
+    third.add(*_run([5]))
+    third.add(*_run(range(7, 9)))
+    CheckpointLocation(storage.uri).write_shard(third)
+    assert storage.shard_count() == 3
+    expected = [(index, f"r{index}") for index in range(9)]
+    assert list(read_checkpoint(storage.uri, partial=True)) == expected
+    assert list(indexed_results(storage.uri)) == expected
+    with CheckpointStore.open(storage.uri, FINGERPRINT) as store:
+        assert store.done_count == 9 and store.done_end == 9
+        assert all(store.is_done(index) for index in range(9)) and not store.is_done(9)
+        for index in [3, 4, 5, 7]:
+            store.check_input(index, input_digest(("item", index)))
+        with pytest.raises(CheckpointMismatchError, match="input 4 differs"):
+            store.check_input(4, input_digest(("item", 3)))
+        with pytest.raises(ValueError, match="input 7 has a result"):
+            store.add_run(*_run([7]))
+        store.mark_complete(9)
+    assert list(read_checkpoint(storage.uri)) == [f"r{index}" for index in range(9)]
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_of_another_layout_version_is_refused_saying_what_to_do(storage):
+    _write(storage.uri, [0, 1])
+    location = CheckpointLocation(storage.uri)
+    for version, whose, advice in [(1, "an older", "read it with the rhmapper that wrote it"),
+                                   (3, "a newer", "upgrade rhmapper")]:
+        location.write_manifest({**new_manifest(FINGERPRINT, total=2), "version": version})
+        said = (f"checkpoint {storage.uri} was written by {whose} rhmapper (layout version "
+                f"{version}, this one reads 2): {advice}")
+        for refused in [lambda: CheckpointStore.open(storage.uri, FINGERPRINT),
+                        lambda: read_checkpoint(storage.uri),
+                        lambda: read_checkpoint(storage.uri, partial=True),
+                        lambda: indexed_results(storage.uri)]:
+            with pytest.raises(CheckpointMismatchError) as raised:
+                refused()
+            assert str(raised.value).startswith(said)
+        with location.filesystem.open_input_stream(f"{location.path}/manifest.json") as stream:
+            manifest = json.loads(stream.read())
+        assert manifest["version"] == version, "refused: the manifest is left as it was"
+        assert storage.shard_count() == 1, "refused: nothing deleted"
+    location.write_manifest(new_manifest(FINGERPRINT, total=2))
+    assert list(indexed_results(storage.uri)) == [(0, 0), (1, 1)]
+
+
+@pytest.mark.timeout(120)
+def test_many_runs_arriving_shuffled_in_several_shards_come_back_in_order(tmp_path):
+    """2,000 runs of 50 results of 1 KiB (100 MiB), added in a shuffled order in 8 shards: half
+    of them ranges, half every other index of 100 (runs that interleave two by two)."""
+    uri = str(tmp_path)
+    runs: list[Sequence[int]] = []
+    for start in range(0, 100_000, 100):
+        if start % 200:
+            runs += [range(start, start + 50), range(start + 50, start + 100)]
+        else:
+            runs += [list(range(start, start + 100, 2)), list(range(start + 1, start + 100, 2))]
+    random.Random(6).shuffle(runs)
+
+    def value(index: int) -> bytes:
+        return index.to_bytes(4, "little") * 256
+
+    digest = input_digest("same")
+    with CheckpointStore.open(uri, FINGERPRINT, flush_bytes=64 * MIB, flush_seconds=600) as store:
+        for number, indexes in enumerate(runs, 1):
+            store.add_run(indexes, digest * len(indexes),
+                          pickle.dumps([value(index) for index in indexes], protocol=5))
+            if number % 250 == 0:
+                store.flush()
+        assert store.done_count == 100_000
+        store.mark_complete(100_000)
+    assert len(CheckpointLocation(uri).shards()) == 8
+    read = 0
+    wrong = []
+    for index, got in enumerate(read_checkpoint(uri)):
+        read += 1
+        if got != value(index):
+            wrong.append(index)
+    assert read == 100_000 and wrong == []
+    assert [index for index, _ in read_checkpoint(uri, partial=True)] == list(range(100_000))
+
+
+@pytest.mark.timeout(120)
+def test_stable_pickles_are_plain_pickles_of_plain_data_and_name_classes_and_functions():
+    """Plain data: its plain pickle by protocol 4 (a value over 64 KiB too, pickled in frames of
+    its own).
+    Classes and functions made at run time: by module and name, so an instance sent by value to
+    another process (as cloudpickle sends it to a replica) digests the same there."""
+    plain = [1, -2**70, 2.5, "é", b"\x00\xff", None, True, (1, [2, {"k": (3.0,)}]), {3, 1, 2},
+             frozenset({5}), list(range(1000)), b"x" * (100 * 1024), ["y" * 70_000, b"z"],
+             {"big": bytearray(b"w" * 70_000)}]
+    for item in plain:
+        assert stable_pickle(item) == pickle.dumps(item, protocol=4), item
+        assert input_digest(item) == hashlib.blake2b(pickle.dumps(item, protocol=4),
+                                                     digest_size=16).digest()
+    assert input_digests(plain, plain=True) == input_digests(plain) == b"".join(
+        map(input_digest, plain))
+
+    def make_point_class() -> type:
+        class Point:
+            def __init__(self, x: int, label: str) -> None:
+                self.x, self.label = x, label
+        return Point
+
+    point, other_point = make_point_class(), make_point_class()  # one name: two class objects
+    pickled = stable_pickle(point(1, "a"))
+    assert b"tests.test_checkpoint_store" in pickled and b"Point" in pickled
+    assert b"_make_skeleton_class" in cloudpickle.dumps(point(1, "a"))  # by value, with an id:
+    assert re.search(rb"[0-9a-f]{32}", cloudpickle.dumps(point(1, "a")))
+    assert b"_make_skeleton_class" not in pickled and not re.search(rb"[0-9a-f]{32}", pickled)
+    assert input_digest(point(1, "a")) == input_digest(point(1, "a")) == input_digest(
+        other_point(1, "a"))
+    assert input_digest(point(2, "a")) != input_digest(point(1, "a")) != input_digest(
+        point(1, "b"))
+    increment, double = (lambda x: x + 1), (lambda x: x * 2)
+    assert input_digest(increment) != input_digest(double)
+    assert input_digest(increment) == input_digest((lambda: (lambda x: x + 1))())
+
+    # Two lambdas share one interned name here, not where cloudpickle rebuilt them.
+    items = [point(1, "a"), (point(2, "b"), [increment, double]), increment]
+    script = ("import sys, cloudpickle; from rhmapper.digests import input_digest; "
+              "print(*(input_digest(item).hex() for item in "
+              "cloudpickle.loads(sys.stdin.buffer.read())))")
+    there = subprocess.run([sys.executable, "-c", script], cwd=REPO_DIR, timeout=60,
+                           input=cloudpickle.dumps(items), capture_output=True,
+                           check=True).stdout.decode().split()
+    assert there == [input_digest(item).hex() for item in items]
+
+
+def test_an_array_digests_the_same_whether_or_not_it_is_read_only():
+    """A replica receives a numpy array as a read-only view of the driver's writable one
+    (protocol 5 would pickle the two apart)."""
+    import numpy as np
+
+    writable = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    read_only = writable.copy()
+    read_only.flags.writeable = False
+    assert pickle.dumps(writable, protocol=5) != pickle.dumps(read_only, protocol=5)
+    assert input_digest(writable) == input_digest(read_only)
+    assert input_digest({"x": writable}) == input_digest({"x": read_only})
+    changed = writable.copy()
+    changed[3, 7] += 1
+    assert input_digest(changed) != input_digest(writable)

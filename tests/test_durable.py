@@ -243,3 +243,40 @@ def test_inputs_of_a_class_made_in_a_function_resume_digested_by_the_replicas(
             m.map(changed, kwargs=kwargs, checkpoint=checkpoint)
         assert runs_of(runs, [shape.name for shape in shapes]) == second, (
             "a refused map ran items")
+
+
+def counted_total(array, runs: str, fail_at: int = -1) -> float:
+    """The sum of ``array``, named by its first element in ``runs``."""
+    name = str(int(array.flat[0]))
+    with open(os.path.join(runs, name), "a") as log:
+        log.write("run\n")
+    if int(array.flat[0]) == fail_at:
+        raise RuntimeError(f"array {name} fails on purpose")
+    return float(array.sum())
+
+
+def test_numpy_inputs_small_and_sent_by_reference_resume_without_a_mismatch(ray_local, tmp_path):
+    """A replica receives numpy arrays as read-only views (a large one through the object
+    store): its digests equal those the driver makes of the writable originals on the rerun."""
+    import numpy as np
+
+    checkpoint, runs = str(tmp_path / "ckpt"), tmp_path / "runs"
+    runs.mkdir()
+    arrays = [np.full(300_000 if index % 5 == 0 else 100, index, dtype=np.int64)
+              for index in range(20)]  # every fifth 2.4 MB: put in the object store alone
+    expected = [float(array.sum()) for array in arrays]
+    kwargs = {"runs": str(runs), "fail_at": 13}
+    with rm.mapper(counted_total, replicas=2) as m:
+        with pytest.raises(RuntimeError, match="array 13 fails on purpose"):
+            m.map(arrays, kwargs=kwargs, checkpoint=checkpoint, batch_size=2)
+        saved = dict(indexed_results(checkpoint))
+        assert saved and {index: expected[index] for index in saved} == saved
+        assert any(index % 5 == 0 for index in saved), "no large array was saved"
+        first = runs_of(runs, range(20))
+        values = m.map([array.copy() for array in arrays], kwargs=kwargs, checkpoint=checkpoint,
+                       return_exceptions=True)
+        assert isinstance(values[13], RuntimeError)
+        assert [v for i, v in enumerate(values) if i != 13] == [
+            v for i, v in enumerate(expected) if i != 13]
+        second = runs_of(runs, range(20))
+        assert all(second[index] == first[index] for index in saved), "a saved item ran again"
