@@ -3,7 +3,8 @@
 A digest is the 16-byte BLAKE2b hash of the input's *stable pickle*: its pickle by protocol 4
 (protocol 5 pickles a buffer, such as a numpy array's data, one way if it is read-only and
 another if not, and an array a replica receives is a read-only view of the driver's), with every
-class and function written by its module and name, never by value. Plain data pickles as
+class and function written by its module and name, never by value, and a bytearray its object
+reduces to (a writable Arrow buffer's) written as bytes. Plain data pickles as
 ``pickle.dumps(value, protocol=4)`` pickles it; an instance of a class defined in the driver's
 ``__main__`` or inside a function pickles the same in the driver and in a replica that received
 it by value (cloudpickle's pickle of such a class holds an id drawn in each process). So the
@@ -58,7 +59,15 @@ class _StablePickler(pickle.Pickler):
             return getattr, (f"{obj.__module__}:{obj.__name__}",)
         if isinstance(obj, types.FunctionType):
             return getattr, (f"{obj.__module__}:{obj.__name__}:{obj.__code__.co_code.hex()}",)
-        return NotImplemented
+        reduced = obj.__reduce_ex__(PROTOCOL)
+        if type(reduced) is not tuple:  # a global's name
+            return NotImplemented
+        if bytearray in map(type, reduced[1]):
+            # A buffer (an Arrow one, say) reduces to a bytearray when writable, to bytes when
+            # not, and what a replica receives is read-only.
+            arguments = tuple(bytes(arg) if type(arg) is bytearray else arg for arg in reduced[1])
+            return (reduced[0], arguments, *reduced[2:])
+        return reduced
 
 
 def stable_pickle(value: Any) -> bytes:

@@ -636,3 +636,18 @@ def test_an_array_digests_the_same_whether_or_not_it_is_read_only():
     changed = writable.copy()
     changed[3, 7] += 1
     assert input_digest(changed) != input_digest(writable)
+
+
+def test_arrow_data_digests_the_same_whether_its_buffers_are_writable_or_not():
+    """A writable Arrow buffer reduces to a bytearray, a read-only one (what a replica gets from
+    the object store) to bytes."""
+    import pyarrow as pa
+
+    data = b"".join(index.to_bytes(8, "little") for index in range(100))
+    writable = pa.Array.from_buffers(pa.int64(), 100, [None, pa.py_buffer(bytearray(data))])
+    read_only = pa.Array.from_buffers(pa.int64(), 100, [None, pa.py_buffer(data)])
+    assert writable.buffers()[1].is_mutable and not read_only.buffers()[1].is_mutable
+    assert pickle.dumps(writable, protocol=4) != pickle.dumps(read_only, protocol=4)
+    assert input_digest(writable) == input_digest(read_only)
+    assert input_digest(pa.table({"x": writable})) == input_digest(pa.table({"x": read_only}))
+    assert input_digest(read_only) != input_digest(pa.array(range(1, 101), pa.int64()))
