@@ -5,9 +5,16 @@ mapper on the cluster."""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime
+import decimal
+import enum
 import os
+import pathlib
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -280,3 +287,50 @@ def test_numpy_inputs_small_and_sent_by_reference_resume_without_a_mismatch(ray_
             v for i, v in enumerate(expected) if i != 13]
         second = runs_of(runs, range(20))
         assert all(second[index] == first[index] for index in saved), "a saved item ran again"
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def test_inputs_of_many_types_digest_alike_in_a_replica_and_on_the_driver(ray_local):
+    """What a replica receives (read-only arrays, rebuilt classes, Arrow buffers through the
+    object store) digests as the driver's originals do: else a rerun would call them changed."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import ray
+
+    from rhmapper.digests import input_digest
+
+    @dataclasses.dataclass(frozen=True)
+    class Record:
+        a: int
+        b: np.ndarray = dataclasses.field(compare=False)
+
+    inputs = {
+        "frame": pd.DataFrame({"x": np.arange(1000), "y": ["s"] * 1000}),
+        "large frame": pd.DataFrame(np.random.default_rng(0).random((2000, 100))),
+        "series": pd.Series(np.arange(50.0)), "table": pa.table({"x": list(range(100))}),
+        "array": np.arange(10), "structured": np.zeros(3, dtype=[("a", "i4"), ("b", "f8")]),
+        "scalar": np.float32(2.5), "record": Record(1, np.ones(3)), "enum": Color.RED,
+        "named tuple": Pair(1, "x"), "time": datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC),
+        "decimal": decimal.Decimal("1.25"), "uuid": uuid.UUID(int=5),
+        "path": pathlib.PurePosixPath("/a/b"), "complex": 1 + 2j,
+        "lambdas": [lambda x: x + 1, lambda x: x * 2],
+    }
+
+    @ray.remote
+    def digests_there(values: dict) -> dict:
+        from rhmapper.digests import input_digest
+
+        return {name: input_digest(value) for name, value in values.items()}
+
+    there = ray.get(digests_there.remote(inputs), timeout=60)
+    here = {name: input_digest(value) for name, value in inputs.items()}
+    assert [name for name in inputs if there[name] != here[name]] == []
+    assert ray.get(digests_there.remote({"alone": inputs["large frame"]}), timeout=60) == {
+        "alone": here["large frame"]}
