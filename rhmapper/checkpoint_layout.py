@@ -146,10 +146,11 @@ class CheckpointLocation:
                 "neither writes there nor deletes it. Use a new or empty location.")
         version = manifest.get("version", 0)
         if version != VERSION and not any_version:
-            advice = ("upgrade rhmapper" if version > VERSION else "read it with the rhmapper "
-                      "that wrote it, or pass overwrite=True to start afresh")
+            newer = version > VERSION
+            advice = ("upgrade rhmapper" if newer else "read it with the rhmapper that wrote "
+                      "it, or pass overwrite=True to start afresh")
             raise CheckpointMismatchError(
-                f"checkpoint {self.uri} was written by {'a newer' if version > VERSION else 'an older'} "
+                f"checkpoint {self.uri} was written by {'a newer' if newer else 'an older'} "
                 f"rhmapper (layout version {version}, this one reads {VERSION}): {advice}.")
         return manifest
 
@@ -244,7 +245,7 @@ class CheckpointLocation:
             _log.warning("rhmapper: could not delete %s after a failed write", path, exc_info=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Run:
     """The results of one call: their input indexes (ascending), the inputs' digests one after
     another, and the pickled list of their values.
@@ -262,6 +263,7 @@ class Run:
 
     @property
     def first_index(self) -> int:
+        """The smallest index of the run."""
         return self.indexes[0]
 
     def __len__(self) -> int:
@@ -318,7 +320,7 @@ def check_run(indexes: Sequence[int], digests: bytes) -> None:
         >>> check_run(range(5, 0, -1), bytes(80))
         Traceback (most recent call last):
         ...
-        ValueError: a run's indexes ascend, each once (they are the inputs of one call): [5, 4, 3, 2, 1]
+        ValueError: a run's indexes as a range have a step of 1, not -1: give them as a list
     """
     if len(digests) != DIGEST_SIZE * len(indexes):
         raise ValueError(f"a digest has {DIGEST_SIZE} bytes (rhmapper.digests.input_digest): "
@@ -326,10 +328,25 @@ def check_run(indexes: Sequence[int], digests: bytes) -> None:
                          f"digests, not {len(digests)}")
     if len(indexes) and indexes[0] < 0:
         raise ValueError(f"an input's index is 0 or more, not {indexes[0]}")
-    if (indexes.step != 1 if isinstance(indexes, range)
-            else not all(map(operator.lt, indexes, indexes[1:]))):
+    if isinstance(indexes, range) and indexes.step != 1:
+        raise ValueError(f"a run's indexes as a range have a step of 1, not {indexes.step}: give "
+                         "them as a list")
+    if not isinstance(indexes, range) and not all(map(operator.lt, indexes, indexes[1:])):
         raise ValueError(f"a run's indexes ascend, each once (they are the inputs of one call): "
                          f"{list(indexes)[:10]}")
+
+
+def gapless(indexes: Sequence[int]) -> Sequence[int]:
+    """Ascending ``indexes`` as a ``range`` when none is missing between the first and the last
+    (the usual run: one call's inputs), else as they are.
+
+    Examples:
+        >>> gapless([3, 4, 5]), gapless([3, 5]), gapless([])
+        (range(3, 6), [3, 5], [])
+    """
+    if len(indexes) and indexes[-1] - indexes[0] == len(indexes) - 1:
+        return range(indexes[0], indexes[-1] + 1)
+    return indexes
 
 
 def new_manifest(fingerprint: dict[str, str], total: int | None = None) -> dict:
@@ -357,6 +374,9 @@ def _record_batches(pyarrow: ModuleType, schema: Any, runs: list[Run]) -> list:
     (its buffers not copied)."""
     batches, group, group_bytes = [], [], 0
     for run in runs:
+        if len(run.values) >= BATCH_BYTES and group:
+            batches.append(_record_batch(pyarrow, schema, group))
+            group, group_bytes = [], 0
         group.append(run)
         group_bytes += len(run.values)
         if group_bytes >= BATCH_BYTES:

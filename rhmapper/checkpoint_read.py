@@ -16,8 +16,13 @@ import pickle
 from collections.abc import Iterator
 from typing import Any
 
-from rhmapper.checkpoint_layout import CheckpointLocation, Shard
-from rhmapper.errors import CheckpointIncompleteError, CheckpointNotFoundError
+from rhmapper.checkpoint_layout import CheckpointLocation, Shard, gapless
+from rhmapper.checkpoint_store import done_set_of
+from rhmapper.errors import (
+    CheckpointCorruptError,
+    CheckpointIncompleteError,
+    CheckpointNotFoundError,
+)
 
 
 def read_checkpoint(uri: str, partial: bool = False) -> Iterator[Any]:
@@ -53,7 +58,7 @@ def read_checkpoint(uri: str, partial: bool = False) -> Iterator[Any]:
         return stretch_pairs(_merged(location, location.shards()))
     count = manifest["complete_count"]
     if count is None:
-        done = _done_count(location, location.shards())
+        done = len(done_set_of(location))
         of_total = "" if manifest["total"] is None else f" of {manifest['total']}"
         raise CheckpointIncompleteError(
             f"checkpoint {uri} holds {done}{of_total} results: its map has not finished. Run the "
@@ -85,10 +90,11 @@ def result_stretches(uri: str) -> Iterator[tuple[list[int], list]]:
 
     Examples:
         >>> import tempfile
+        >>> import pickle
         >>> from rhmapper.checkpoint_store import CheckpointStore
         >>> folder = tempfile.TemporaryDirectory(); uri = folder.name
         >>> with CheckpointStore.open(uri, {"target": "f"}) as store:
-        ...     store.add_many([3, 4], [bytes(16)] * 2, ["three", "four"])
+        ...     store.add_run(range(3, 5), bytes(32), pickle.dumps(["three", "four"]))
         >>> list(result_stretches(uri))
         [([3, 4], ['three', 'four'])]
     """
@@ -114,8 +120,7 @@ def _values_in_order(uri: str, stretches: Iterator[tuple[list[int], list]], coun
     for indexes, values in stretches:
         if indexes[0] != expected:
             break
-        # A stretch ascends, each index once: it has no gap if its last index says so.
-        usable = (len(indexes) if indexes[-1] == expected + len(indexes) - 1 else
+        usable = (len(indexes) if isinstance(gapless(indexes), range) else
                   next(position for position, index in enumerate(indexes)
                        if index != expected + position))
         usable = min(usable, count - expected)
@@ -128,18 +133,6 @@ def _values_in_order(uri: str, stretches: Iterator[tuple[list[int], list]], coun
             f"checkpoint {uri} is marked complete with {count} results, but the result of input "
             f"{expected} is missing: a shard was deleted outside rhmapper. Run the map again "
             "with this checkpoint to compute the missing results.")
-
-
-def _done_count(location: CheckpointLocation, shards: list[Shard]) -> int:
-    """How many inputs have a result in ``shards`` (an index two runs saved counts once)."""
-    done = bytearray()
-    for shard in shards:
-        for batch in location.read_shard(shard, values=False):
-            for index in batch.column(0).flatten().to_pylist():
-                if index >= len(done):
-                    done.extend(bytes(max(index + 1, 2 * len(done)) - len(done)))
-                done[index] = 1
-    return done.count(1)
 
 
 def stretch_pairs(stretches: Iterator[tuple[list[int], list]]) -> Iterator[tuple[int, Any]]:
@@ -180,7 +173,13 @@ def _merged(location: CheckpointLocation, shards: list[Shard]
             opened += 1
         if waiting and waiting[0][0] <= top:
             first, run_order, indexes, blob, runs = heapq.heappop(waiting)
-            heapq.heappush(open_runs, (first, run_order, 0, indexes, pickle.loads(blob)))
+            values = pickle.loads(blob)
+            if len(values) != len(indexes):
+                raise CheckpointCorruptError(
+                    f"a run of checkpoint {location.uri} holds {len(values)} results for "
+                    f"{len(indexes)} inputs (from input {first}): it was changed outside "
+                    "rhmapper. Delete the checkpoint and run the map again.")
+            heapq.heappush(open_runs, (first, run_order, 0, indexes, values))
             wait_for_next(runs)
             continue
         if not open_runs:

@@ -17,23 +17,24 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
-
-from collections.abc import Iterator, Sequence
 
 from rhmapper.checkpoint_layout import (
     RESULT_BYTES,
     CheckpointLocation,
     PendingRuns,
     check_run,
+    gapless,
     new_manifest,
 )
-from rhmapper.digests import DIGEST_SIZE, input_digest, input_digests
-from rhmapper.wire import dumps, plain_pickle
+from rhmapper.digests import DIGEST_SIZE, digest_at, input_digest, input_digests
 from rhmapper.errors import CheckpointMismatchError, CheckpointWriteError
+from rhmapper.wire import dumps, plain_pickle
 
 _log = logging.getLogger(__name__)
 
@@ -105,8 +106,8 @@ class DoneSet:
                 flags[index] = 1
             stored = self._digests
             for position, index in enumerate(indexes):
-                stored[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = \
-                    digests[position * DIGEST_SIZE:(position + 1) * DIGEST_SIZE]
+                stored[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest_at(digests,
+                                                                                  position)
         self._count += len(indexes)
         self.end = max(self.end, end)
         return None
@@ -149,7 +150,7 @@ class CheckpointStore:
     """One map's checkpoint, open for writing: what is done, and results added as they finish.
 
     Open it with `CheckpointStore.open`. `add_run` queues the results of a call as they came
-    from the replica (no work per result); `add_many` and `add` pickle values first. A
+    from the replica (no work per result); `add` pickles one result first. A
     thread of the store's own writes the queued results in a shard once ``flush_bytes`` of them
     wait or the oldest has waited ``flush_seconds`` (by default 1/50 of the time the store has
     been open, between 0.25 s and 5 s), whether or not more come. A failed write is
@@ -185,11 +186,11 @@ class CheckpointStore:
         self._opened_at = time.monotonic()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        """Rows were added, written or failed, or a flush or close was asked for."""
+        """Runs were added, written or failed, or a flush or close was asked for."""
         self._pending = PendingRuns()
         self._pending_bytes = 0
         self._oldest = 0.0
-        """`time.monotonic()` when the oldest pending result was added."""
+        """`time.monotonic()` when the oldest pending run was added."""
         self._writing_bytes = 0
         self._added = 0
         self._written = 0
@@ -226,6 +227,9 @@ class CheckpointStore:
             0
         """
         _check_fingerprint(fingerprint)
+        if flush_seconds is not None and not 0 < flush_seconds < math.inf:
+            raise ValueError(f"flush_seconds is a number of seconds above 0, or None for 1/50 "
+                             f"of the time the map has run, not {flush_seconds!r}")
         location = CheckpointLocation(uri)
         manifest = location.read_manifest(any_version=overwrite)  # overwrite: any goes
         if manifest is None:
@@ -236,17 +240,7 @@ class CheckpointStore:
         if overwrite:
             location.delete()
             manifest = None
-        done = DoneSet()
-        for shard in location.shards():  # their digests, not their values, are read
-            for batch in location.read_shard(shard, values=False):
-                for indexes, digests in zip(batch.column(0).to_pylist(),
-                                            batch.column(1).to_pylist()):
-                    if indexes[-1] - indexes[0] == len(indexes) - 1:  # no gap: added in C
-                        indexes = range(indexes[0], indexes[-1] + 1)
-                    if done.add_many(indexes, digests) is not None:  # two runs wrote some
-                        for position, index in enumerate(indexes):
-                            done.add(index, digests[position * DIGEST_SIZE:
-                                                    (position + 1) * DIGEST_SIZE])
+        done = done_set_of(location)
         if manifest is None:
             manifest = new_manifest(fingerprint, total)
         else:  # running again: not complete until this run says so
@@ -290,12 +284,11 @@ class CheckpointStore:
         without (see `DoneSet.stretches`)."""
         return self._done.stretches(end)
 
-    def check_inputs(self, start: int, items: list) -> None:
-        """`check_input` for each of ``items``, inputs ``start ..`` all done: their digests made
-        and compared a stretch at a time (in C for plain data)."""
-        for offset in range(0, len(items), CHECK_STRETCH):
-            part = items[offset:offset + CHECK_STRETCH]
-            first = start + offset
+    def check_inputs(self, items: list, start: int, stop: int) -> None:
+        """`check_input` for ``items[start:stop]``, inputs that are all done: their digests made
+        and compared `CHECK_STRETCH` at a time (in C for plain data)."""
+        for first in range(start, stop, CHECK_STRETCH):
+            part = items[first:min(first + CHECK_STRETCH, stop)]
             digests = input_digests(part, plain=plain_pickle(part) is not None)
             if digests != self._done.digests(first, first + len(part)):
                 for position, item in enumerate(part):  # which one: the first that differs
@@ -303,18 +296,14 @@ class CheckpointStore:
 
     def add(self, index: int, digest: bytes, value: Any) -> None:
         """Queue the result ``value`` of input ``index`` (whose digest is ``digest``) to be
-        written. Waits while the writer is more than twice ``flush_bytes`` behind."""
+        written (see `add_run`)."""
         self.add_run([index], digest, dumps([value]))
-
-    def add_many(self, indexes: list[int], digests: list[bytes], values: list) -> None:
-        """`add` for several results at once, saved as one run (``indexes`` ascending)."""
-        self.add_run(indexes, b"".join(digests), dumps(values))
 
     def add_run(self, indexes: Sequence[int], digests: bytes, values: bytes) -> None:
         """Queue the results of inputs ``indexes`` (ascending: those of one call) to be
         written: ``digests``, the inputs' digests one after another, and ``values``, the
-        pickled list of their results. Waits while the writer is more than twice
-        ``flush_bytes`` behind."""
+        pickled list of their results. Waits while more than `BEHIND_BYTES` (or twice
+        ``flush_bytes``, if more) of results wait to be written or are being written."""
         check_run(indexes, digests)
         if not indexes:
             return
@@ -397,9 +386,16 @@ class CheckpointStore:
 
     def _write_shards(self) -> None:
         """The writer thread: write the pending runs as a shard when due, until closed or a
-        write fails."""
-        while self._write_next_shard():
-            pass
+        write fails. Whatever else ends it is raised from the next add, flush or close too,
+        rather than leaving them waiting for a writer that is gone."""
+        try:
+            while self._write_next_shard():
+                pass
+        except BaseException as error:  # noqa: B036 - handed to the threads that wait on it
+            _log.exception("rhmapper: the writer of checkpoint %s stopped", self.uri)
+            with self._lock:
+                self._failure = error
+                self._changed.notify_all()
 
     def _write_next_shard(self) -> bool:
         """Wait until pending runs are due and write them; False once closed with nothing left,
@@ -436,12 +432,37 @@ class CheckpointStore:
             or time.monotonic() - self._oldest >= self._interval())
 
     def _interval(self) -> float:
-        """How long the oldest pending row may wait: ``flush_seconds`` if given, else
+        """How long the oldest pending run may wait: ``flush_seconds`` if given, else
         `FLUSH_SHARE` of the time open, between `FLUSH_SECONDS_MIN` and `FLUSH_SECONDS`."""
         if self._flush_seconds is not None:
             return self._flush_seconds
         share = FLUSH_SHARE * (time.monotonic() - self._opened_at)
         return min(FLUSH_SECONDS, max(FLUSH_SECONDS_MIN, share))
+
+
+def done_set_of(location: CheckpointLocation) -> DoneSet:
+    """The inputs that have a result in the checkpoint at ``location``, with their digests (its
+    shards' indexes and digests read, not their values; an index two runs saved counts once).
+
+    Examples:
+        >>> import tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> with CheckpointStore.open(folder.name, {"target": "f"}) as store:
+        ...     store.add(4, bytes(16), "four")
+        >>> done = done_set_of(CheckpointLocation(folder.name))
+        >>> len(done), 4 in done
+        (1, True)
+    """
+    done = DoneSet()
+    for shard in location.shards():
+        for batch in location.read_shard(shard, values=False):
+            for indexes, digests in zip(batch.column(0).to_pylist(),
+                                        batch.column(1).to_pylist()):
+                indexes = gapless(indexes)  # a range is added in C
+                if done.add_many(indexes, digests) is not None:  # two runs wrote some
+                    for position, index in enumerate(indexes):
+                        done.add(index, digest_at(digests, position))
+    return done
 
 
 def _check_fingerprint(fingerprint: dict[str, str]) -> None:

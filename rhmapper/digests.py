@@ -22,6 +22,7 @@ two functions of the same name and bytecode that differ only in their constants 
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import hashlib
 import io
@@ -59,7 +60,10 @@ class _StablePickler(pickle.Pickler):
             return getattr, (f"{obj.__module__}:{obj.__name__}",)
         if isinstance(obj, types.FunctionType):
             return getattr, (f"{obj.__module__}:{obj.__name__}:{obj.__code__.co_code.hex()}",)
-        reduced = obj.__reduce_ex__(PROTOCOL)
+        if isinstance(obj, types.ModuleType):
+            return getattr, (f"module:{obj.__name__}",)
+        reducer = copyreg.dispatch_table.get(type(obj))  # a compiled pattern's, say
+        reduced = obj.__reduce_ex__(PROTOCOL) if reducer is None else reducer(obj)
         if type(reduced) is not tuple:  # a global's name
             return NotImplemented
         if bytearray in map(type, reduced[1]):
@@ -104,6 +108,16 @@ def input_digest(item: Any) -> bytes:
     """
     pickled = _plain_dumps(item) if type(item) in _SCALARS else stable_pickle(item)
     return _hasher(pickled).digest()
+
+
+def digest_at(digests: bytes, position: int) -> bytes:
+    """The digest at ``position`` of ``digests``, digests one after another.
+
+    Examples:
+        >>> digest_at(input_digests(["a", "b"]), 1) == input_digest("b")
+        True
+    """
+    return digests[position * DIGEST_SIZE:(position + 1) * DIGEST_SIZE]
 
 
 def input_digests(items: list, plain: bool = False) -> bytes:

@@ -20,10 +20,11 @@ import array
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from rhmapper.checkpoint_layout import gapless
 from rhmapper.checkpoint_read import result_stretches, stretch_pairs
 from rhmapper.checkpoint_store import CheckpointStore
 from rhmapper.digests import input_digest, input_digests
@@ -131,6 +132,8 @@ class DurableMap:
         (``None``: the same, nothing was done before)."""
         self._inputs: int | None = None
         """How many inputs the user's input had, once it is exhausted."""
+        self._star = False
+        """Whether each input is a tuple of arguments (set by `inner_plan`)."""
 
     def inner_plan(self, plan: MapPlan) -> MapPlan:
         """The plan of the inner map: no checkpoint, calls whose replies carry their items'
@@ -141,12 +144,16 @@ class DurableMap:
                 self._inputs = total
                 self._check_length()
             total -= self.stored_before
+        self._star = plan.call.star
         return dataclasses.replace(plan, checkpoint=None, total=total,
                                    call=dataclasses.replace(plan.call, digests=True))
 
     def source(self, items: Iterable) -> Iterator | list:
         """The inputs to send: those without a result (the others' digests are checked); a
-        list stays a list (checked at once)."""
+        list stays a list (checked at once). A starmap's inputs become tuples, as the replicas
+        may receive them: each side digests the same object."""
+        if self._star:
+            items = list(map(tuple, items)) if isinstance(items, list) else map(tuple, items)
         if isinstance(items, list):
             self._inputs = len(items)
             if not self.stored_before:
@@ -163,7 +170,7 @@ class DurableMap:
         index_of = self._index_of = array.array("q")
         for start, stop, done in store.stretches(len(items)):
             if done:
-                store.check_inputs(start, items[start:stop])
+                store.check_inputs(items, start, stop)
             else:
                 rest.extend(items[start:stop])
                 index_of.extend(range(start, stop))
@@ -202,15 +209,18 @@ class DurableMap:
                 "else use another checkpoint URI, or pass overwrite=True to start afresh")
 
     def on_values(self, indexes: Sequence[int], items: list, values: list,
-                  digests: bytes | None = None, whole: bytes | None = None) -> None:
+                  digests: bytes | None = None, values_pickle: bytes | None = None) -> None:
         """The inner map's ``items`` at ``indexes`` succeeded: save their results as one run,
-        with the ``digests`` and the pickle of the ``values`` (``whole``) the replica made, or
-        made here when it did not (see `rhmapper.results.OnValues`)."""
+        with the ``digests`` and the ``values_pickle`` the replica made, or made here when it did
+        not (see `rhmapper.results.OnValues`)."""
         if self._index_of is not None:
             index_of = self._index_of
-            indexes = [index_of[index] for index in indexes]
+            if isinstance(indexes, range):
+                indexes = gapless(index_of[indexes.start:indexes.stop])
+            else:
+                indexes = [index_of[index] for index in indexes]
         self.store.add_run(indexes, input_digests(items) if digests is None else digests,
-                           dumps(values) if whole is None else whole)
+                           dumps(values) if values_pickle is None else values_pickle)
 
     def results(self, chunks: Iterator[list]) -> Iterator[list]:
         """The results of the user's map, from the inner map's ``chunks``: the saved ones and
@@ -239,7 +249,7 @@ class DurableMap:
         else:
             results = [None] * (len(fresh) + self.stored_before)
             for indexes, values in self._stored:
-                if indexes[-1] - indexes[0] == len(indexes) - 1:  # no gap: in place at once
+                if isinstance(gapless(indexes), range):  # in place at once
                     results[indexes[0]:indexes[-1] + 1] = values
                 else:
                     for index, value in zip(indexes, values):

@@ -126,7 +126,8 @@ def run_call_compiled(instance: Any, wire: list) -> list:
         if isinstance(value, RawValue):
             failures[position] = RemoteFailure.capture(TypeError(_NO_REFERENCES_OVER_GRAPHS))
             values[position] = None
-    return BatchReply(values, failures, reply.seconds, True, reply.not_started).to_wire()
+    return BatchReply(values, failures, reply.seconds, True, reply.not_started,
+                      reply.digests).to_wire()
 
 
 async def run_call_async(instance: Any, wire: list) -> list:

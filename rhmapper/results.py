@@ -14,11 +14,11 @@ from __future__ import annotations
 import collections
 import heapq
 import time
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from rhmapper.digests import DIGEST_SIZE
+from rhmapper.digests import digest_at
 from rhmapper.errors import ReplicaLostError, RhmapperError
 from rhmapper.plan import MapPlan, MapStats
 from rhmapper.remote_errors import add_note, user_error
@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     from rhmapper.scheduler import Replica
 
 OnValues = Callable[[Sequence[int], list, list, "bytes | None", "bytes | None"], None]
-"""``on_values(indexes, items, values, digests, whole)``: the map's ``items`` at ``indexes``
-(ascending) succeeded with ``values``; ``digests`` are the items' digests if the replica made
-them, ``whole`` the one pickle of ``values`` if they travelled as one (a checkpoint saves both
-as they are)."""
+"""``on_values(indexes, items, values, digests, values_pickle)``: the map's ``items`` at
+``indexes`` (ascending) succeeded with ``values``; ``digests`` are the items' digests if the
+replica made them, ``values_pickle`` the one pickle of ``values`` if they travelled as one (a
+checkpoint saves both as they are)."""
 
 _RETRYING = object()
 """What `ResultBook._failed` returns when the item will run again."""
@@ -244,7 +244,7 @@ class ResultBook:
         count = len(reply.values)
         if not reply.failures and not reply.not_started and ran >= count == len(call.items):
             self._on_values(range(call.start, call.start + count), call.items, reply.values,
-                            reply.digests, reply.whole)
+                            reply.digests, reply.values_pickle)
             return
         failed = reply.failures or {}
         ok = [position for position in range(min(ran, count)) if position not in failed]
@@ -255,8 +255,7 @@ class ResultBook:
                 [call.items[position] for position in ok],
                 [reply.values[position] for position in ok],
                 None if digests is None else b"".join(
-                    digests[position * DIGEST_SIZE:(position + 1) * DIGEST_SIZE]
-                    for position in ok),
+                    digest_at(digests, position) for position in ok),
                 None)
 
     def timed_out(self, call: SentCall) -> None:

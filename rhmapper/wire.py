@@ -351,8 +351,8 @@ class BatchReply:
 
     ``packed`` says how the values travel (see `pack_values`): ``False`` as they are, ``True``
     one pickle per value, `WHOLE` all in one pickle (``values`` is ``[count, blob]``);
-    `unpacked` turns them back, keeping that one pickle as ``whole`` (a checkpoint saves it as
-    it is). ``not_started`` is the position from which the replica started no more items, and
+    `unpacked` turns them back, keeping that one pickle as ``values_pickle`` (a checkpoint saves
+    it as it is). ``not_started`` is the position from which the replica started no more items, and
     why (``"cancelled"``: the map ended; ``"timeout"``: past the call's deadline). ``digests``
     are the digests of the call's items, one after another, when the request asked for them
     (``rhmapper.digests.input_digests``).
@@ -369,7 +369,7 @@ class BatchReply:
     packed: bool | str = False
     not_started: tuple[int, str] | None = None
     digests: bytes | None = None
-    whole: bytes | None = field(default=None, compare=False)
+    values_pickle: bytes | None = field(default=None, compare=False)
 
     def to_wire(self) -> list:
         """This reply as a plain list, which Ray packs without pickling a class (see
@@ -400,19 +400,19 @@ class BatchReply:
         if not self.packed:
             return self
         failures = dict(self.failures or {})
-        whole = None
+        values_pickle = None
         if self.packed == WHOLE:
-            count, whole = self.values
+            count, values_pickle = self.values
             unreadable: dict[int, RemoteFailure] = {}
-            values = _unpack(0, whole, unreadable)
+            values = _unpack(0, values_pickle, unreadable)
             if values is None:  # every value is of the one type that could not be unpickled
-                values, whole = [None] * count, None
+                values, values_pickle = [None] * count, None
                 failures = {**dict.fromkeys(range(count), unreadable[0]), **failures}
         else:
             values = [_unpack(position, value, failures)
                       for position, value in enumerate(self.values)]
         return BatchReply(values, failures or None, self.seconds, False, self.not_started,
-                          self.digests, whole)
+                          self.digests, values_pickle)
 
 
 def _unpack(position: int, value: Any, failures: dict[int, RemoteFailure]) -> Any:

@@ -116,7 +116,7 @@ def test_a_replica_runs_the_wire_list_and_honours_its_guard(ray_local):
             timeout=60)).unpacked()
         assert ran.values == [2, 3, 4] and ran.failures is None and ran.not_started is None
         assert ran.digests == input_digests([1, 2, 3])  # a checkpointed map's: made there
-        assert pickle.loads(ran.whole) == [2, 3, 4]  # the one pickle the values came in
+        assert pickle.loads(ran.values_pickle) == [2, 3, 4]  # the one pickle the values came in
         assert ray.get(actor.runs_so_far.remote(), timeout=60) == 3
         # past its deadline: the replica starts none of its items
         late = CallRequest("add_one", [4, 5], guard=Guard(None, None, now - 1, now - 2))

@@ -416,9 +416,9 @@ def test_a_range_run_and_a_list_run_are_done_with_their_digests_when_opened_agai
         assert list(store.stretches(20)) == stretches
         for index in done:
             store.check_input(index, input_digest(("item", index)))
-        store.check_inputs(0, [("item", index) for index in range(8)])
+        store.check_inputs([("item", index) for index in range(8)], 0, 8)
         with pytest.raises(CheckpointMismatchError, match="input 5 differs"):
-            store.check_inputs(2, [("item", index if index != 5 else -5) for index in range(2, 8)])
+            store.check_inputs([("item", index if index != 5 else -5) for index in range(8)], 2, 8)
         store.check_input(14, input_digest("anything"))  # not done: nothing to compare
         for index, wrong in [(0, ("item", 1)), (3, ("item", 4)), (5, ("item", "changed")),
                              (7, ("item", 6)), (13, ("item", 17))]:
@@ -651,3 +651,57 @@ def test_arrow_data_digests_the_same_whether_its_buffers_are_writable_or_not():
     assert input_digest(writable) == input_digest(read_only)
     assert input_digest(pa.table({"x": writable})) == input_digest(pa.table({"x": read_only}))
     assert input_digest(read_only) != input_digest(pa.array(range(1, 101), pa.int64()))
+
+
+def test_an_input_holding_a_type_pickled_through_copyreg_digests_the_same_in_every_process():
+    """A compiled pattern pickles through ``copyreg``'s table, not its ``__reduce_ex__``; a
+    class of ``__main__`` beside it stays named, not pickled by value with a process's id."""
+    script = ("import dataclasses, re, sys; from rhmapper.digests import input_digest\n"
+              "@dataclasses.dataclass\nclass Rule:\n    name: str\n    pattern: re.Pattern\n"
+              "print(input_digest([Rule('x', re.compile('x+')), sys, re.compile('y')]).hex())")
+    digests = {subprocess.run([sys.executable, "-c", script], cwd=REPO_DIR, timeout=60,
+                              capture_output=True, text=True, check=True).stdout.strip()
+               for _ in range(2)}
+    assert len(digests) == 1 and len(digests.pop()) == 32
+
+
+def test_a_writer_that_stops_for_any_reason_fails_the_next_flush_instead_of_hanging(tmp_path):
+    with pytest.raises(ValueError, match="flush_seconds is a number of seconds above 0"):
+        CheckpointStore.open(str(tmp_path), {"target": "f"}, flush_seconds=float("inf"))
+    store = CheckpointStore.open(str(tmp_path), {"target": "f"}, flush_seconds=600)
+
+    def broken_due() -> bool:
+        raise OverflowError("a bug in the writer's wait, not in a write")
+
+    store._due = broken_due  # what the writer asks each time it wakes
+    store.add(0, input_digest(0), "zero")  # wakes it
+    with pytest.raises(CheckpointWriteError, match="1 results were not saved"):
+        store.flush()
+    with pytest.raises(CheckpointWriteError):
+        store.close()
+
+
+def test_a_run_whose_results_do_not_match_its_inputs_is_named_as_corrupt(tmp_path):
+    uri = str(tmp_path)
+    with CheckpointStore.open(uri, {"target": "f"}) as store:
+        store.add_run(range(3), input_digests([0, 1, 2]), pickle.dumps(["a", "b"]))
+        store.mark_complete(3)
+    with pytest.raises(CheckpointCorruptError, match="holds 2 results for 3 inputs"):
+        list(read_checkpoint(uri))
+
+
+def test_a_large_run_gets_a_record_batch_of_its_own_after_small_ones(tmp_path):
+    """A reader holds a batch per shard: a large run is not copied into its small neighbours'."""
+    import pyarrow.ipc
+
+    uri = str(tmp_path)
+    large = b"L" * (300 * 1024)
+    with CheckpointStore.open(uri, {"target": "f"}, flush_seconds=600) as store:
+        store.add_run([0, 1], input_digests([0, 1]), pickle.dumps([b"s", b"t"]))
+        store.add_run([2], input_digest(2), pickle.dumps([large]))
+        store.add_run([3], input_digest(3), pickle.dumps([b"u"]))
+    [shard] = CheckpointLocation(uri).shards()
+    reader = pyarrow.ipc.open_file(shard.path)
+    assert [reader.get_batch(number).column(0).to_pylist()
+            for number in range(reader.num_record_batches)] == [[[0, 1]], [[2]], [[3]]]
+    assert list(indexed_results(uri)) == [(0, b"s"), (1, b"t"), (2, large), (3, b"u")]

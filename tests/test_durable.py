@@ -132,6 +132,29 @@ def test_a_longer_input_resumes_and_star_maps_are_their_own_maps(squarer, tmp_pa
         squarer.starmap([(1, runs)], checkpoint=checkpoint)
 
 
+def test_a_starmap_of_lists_or_named_tuples_resumes(squarer, tmp_path):
+    """Its arguments may reach the replicas as tuples: digested as tuples on both sides."""
+    Arguments = collections.namedtuple("Arguments", "x runs fail_at")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for kind, make in [("lists", lambda x, fail_at: [x, str(runs), fail_at]),
+                       ("named", lambda x, fail_at: Arguments(100 + x, str(runs), fail_at))]:
+        checkpoint = str(tmp_path / kind)
+        offset = 0 if kind == "lists" else 100
+        with pytest.raises(RuntimeError, match=f"item {offset + 7} fails on purpose"):
+            squarer.starmap([make(x, offset + 7) for x in range(12)], checkpoint=checkpoint,
+                            batch_size=2)
+        saved = dict(indexed_results(checkpoint))
+        assert saved and 7 not in saved
+        first = runs_of(runs, [offset + x for x in range(12)])
+        assert squarer.starmap([make(x, -1) if x == 7 else make(x, offset + 7)
+                                for x in range(12)], checkpoint=checkpoint,
+                               return_exceptions=False) == [(offset + x) ** 2 for x in range(12)]
+        second = runs_of(runs, [offset + x for x in range(12)])
+        assert all(second[offset + x] == first[offset + x] for x in saved), (
+            f"a saved item of the {kind} ran again")
+
+
 def slow_square(x: int, runs: str) -> int:
     counted_square(x, runs)
     time.sleep(0.05)

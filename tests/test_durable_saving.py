@@ -49,12 +49,12 @@ def test_a_call_that_succeeded_whole_is_handed_on_as_it_came():
     book, saved = recording_book()
     items = [3, 4, 5]
     reply = replica_reply(items)
-    assert reply.whole is not None and pickle.loads(reply.whole) == [9, 16, 25]
+    assert reply.values_pickle is not None and pickle.loads(reply.values_pickle) == [9, 16, 25]
     book.record(SentCall(REPLICA, 10, items, False, None, None), reply, ran=3)
-    [(indexes, got_items, values, digests, whole)] = saved
+    [(indexes, got_items, values, digests, values_pickle)] = saved
     assert indexes == range(10, 13) and got_items is items and values == [9, 16, 25]
     assert digests is reply.digests and digests == input_digests(items)
-    assert whole is reply.whole
+    assert values_pickle is reply.values_pickle
 
 
 def test_a_call_with_a_failed_item_hands_on_only_the_others_with_their_own_digests():
@@ -62,10 +62,10 @@ def test_a_call_with_a_failed_item_hands_on_only_the_others_with_their_own_diges
     items = [3, 4, 5, 6]
     book.record(SentCall(REPLICA, 20, items, False, None, None),
                 replica_reply(items, failed={1: ValueError("four")}), ran=4)
-    [(indexes, got_items, values, digests, whole)] = saved
+    [(indexes, got_items, values, digests, values_pickle)] = saved
     assert list(indexes) == [20, 22, 23] and got_items == [3, 5, 6] and values == [9, 25, 36]
     assert digests == input_digest(3) + input_digest(5) + input_digest(6)
-    assert whole is None  # the one pickle held the failed item's hole: pickled again
+    assert values_pickle is None  # the one pickle held the failed item's hole: pickled again
 
 
 def test_a_call_cut_short_hands_on_only_the_items_that_ran():
@@ -73,9 +73,9 @@ def test_a_call_cut_short_hands_on_only_the_items_that_ran():
     items = [7, 8, 9]
     book.record(SentCall(REPLICA, 0, items, False, None, None),
                 replica_reply(items, not_started=(1, "cancelled")), ran=1)
-    [(indexes, got_items, values, digests, whole)] = saved
+    [(indexes, got_items, values, digests, values_pickle)] = saved
     assert list(indexes) == [0] and values == [49] and digests == input_digest(7)
-    assert whole is None
+    assert values_pickle is None
 
 
 def test_a_durable_map_saves_the_replicas_pickle_and_digests_without_making_its_own(
@@ -88,9 +88,9 @@ def test_a_durable_map_saves_the_replicas_pickle_and_digests_without_making_its_
     spec = Checkpointing(str(tmp_path), {"target": "square"})
     items = [3, 4, 5]
     reply = replica_reply(items)
-    assert reply.whole is not None and reply.digests is not None
+    assert reply.values_pickle is not None and reply.digests is not None
     with DurableMap(spec, ordered=True) as durable:
-        durable.on_values(range(0, 3), items, reply.values, reply.digests, reply.whole)
+        durable.on_values(range(0, 3), items, reply.values, reply.digests, reply.values_pickle)
     assert list(indexed_results(str(tmp_path))) == [(0, 9), (1, 16), (2, 25)]
     with DurableMap(spec, ordered=True) as durable:
         assert durable.stored_before == 3
@@ -142,7 +142,7 @@ def test_inputs_that_are_not_plain_data_are_checked_one_by_one_and_named(tmp_pat
         items = [complex(index, 1) for index in range(50)]  # objects of a class: not plain
         store.add_run(range(50), input_digests(items), pickle.dumps(list(range(50))))
     store = rhmapper.checkpoint_store.CheckpointStore.open(uri, {"target": "f"})
-    store.check_inputs(0, items)
+    store.check_inputs(items, 0, 50)
     with pytest.raises(rhmapper.errors.CheckpointMismatchError, match="input 37 differs"):
-        store.check_inputs(0, items[:37] + [complex(0, 0)] + items[38:])
+        store.check_inputs(items[:37] + [complex(0, 0)] + items[38:], 0, 50)
     store.close()
