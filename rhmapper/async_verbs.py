@@ -131,7 +131,8 @@ class AsyncVerbs:
         """
         self.spec.method_of(method)
         self._check_open()
-        sent = self._backend.start_broadcast(method, args, kwargs)
+        # In a thread: over compiled graphs, sending waits for starting replicas to be ready.
+        sent = await asyncio.to_thread(self._backend.start_broadcast, method, args, kwargs)
         await asyncio.gather(*(asyncio.wrap_future(future) for future in sent.futures),
                              return_exceptions=True)  # read in order by answers()
         return sent.answers()

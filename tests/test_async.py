@@ -328,6 +328,41 @@ def test_a_hundred_amaps_and_a_thousand_acalls_use_one_driver_thread():
         assert [t.name for t in before if t.name == "rhmapper-async"] == ["rhmapper-async"]
 
 
+class SlowStartingTally(Tally):
+    def __init__(self, seconds: float):
+        time.sleep(seconds)
+        super().__init__()
+
+
+def test_abroadcast_waits_for_starting_compiled_replicas_without_blocking_the_loop():
+    """A compiled graph is built once its replica is ready, and a broadcast over it waits for
+    that: in a thread, not on the loop, whose ticker keeps ticking meanwhile."""
+    with rm.mapper(rm.module(SlowStartingTally, 3.0), method="add", replicas=1,
+                   compiled_graphs=True, env=rm.Env(compute={"CPU": 0.25})) as m:
+        async def main():
+            ticks: list[float] = []
+            done = asyncio.Event()
+
+            async def tick():
+                while not done.is_set():
+                    ticks.append(time.perf_counter())
+                    await asyncio.sleep(0.01)
+
+            ticker = asyncio.create_task(tick())
+            await asyncio.sleep(0.05)  # ticking
+            started = time.perf_counter()
+            counts = await m.abroadcast("count")
+            waited = time.perf_counter() - started
+            done.set()
+            await ticker
+            return counts, waited, max(b - a for a, b in zip(ticks, ticks[1:]))
+
+        counts, waited, longest_gap = run_bounded(main())
+        assert counts == [0] and waited > 1.0, "the replica was ready before the broadcast"
+        assert longest_gap < 0.5, f"the loop stood still for {longest_gap:.2f} s"
+        assert m.map([1, 2]) == [2, 3] and m.broadcast("count") == [2]
+
+
 def test_the_loop_is_not_blocked_while_a_long_amap_runs():
     """A 1-ms ticker on the loop keeps ticking during a 4,000-item map of 0.5-ms items (the
     p99 goal is measured in benchmarks/async_verbs.py; this bounds the worst tick loosely)."""
