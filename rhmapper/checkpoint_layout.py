@@ -372,19 +372,15 @@ def _schema(pyarrow: ModuleType) -> Any:
 def _record_batches(pyarrow: ModuleType, schema: Any, runs: list[Run]) -> list:
     """``runs`` as record batches of about `BATCH_BYTES` of values each, a larger run alone
     (its buffers not copied)."""
-    batches, group, group_bytes = [], [], 0
+    groups: list[list[Run]] = []
+    group_bytes = 0
     for run in runs:
-        if len(run.values) >= BATCH_BYTES and group:
-            batches.append(_record_batch(pyarrow, schema, group))
-            group, group_bytes = [], 0
-        group.append(run)
+        if not groups or group_bytes >= BATCH_BYTES or len(run.values) >= BATCH_BYTES:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(run)
         group_bytes += len(run.values)
-        if group_bytes >= BATCH_BYTES:
-            batches.append(_record_batch(pyarrow, schema, group))
-            group, group_bytes = [], 0
-    if group:
-        batches.append(_record_batch(pyarrow, schema, group))
-    return batches
+    return [_record_batch(pyarrow, schema, group) for group in groups]
 
 
 def _record_batch(pyarrow: ModuleType, schema: Any, runs: list[Run]) -> Any:
